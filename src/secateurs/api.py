@@ -1,0 +1,214 @@
+"""The front door: ``prune()`` for one call, ``Pruner`` for training loops."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .batches import LossFn, model_inputs, take
+from .config import PruneConfig
+from .engine import Data, apply_masks, check, compute_masks, pruning
+from .errors import ConfigError, StateError
+from .masking import bake as bake_all
+from .masking import detach
+from .progress import progress as progress_bar
+from .report import Report, build_report
+from .schedules import OneShot, exponential_sparsity
+from .scope import Target, resolve
+
+
+def _data(
+    config: PruneConfig, calibration: Iterable[Any] | None, loss_fn: LossFn | None, example_inputs: Any, show: bool
+) -> Data:
+    batches = take(calibration, config.max_batches)
+    if example_inputs is None and batches:
+        example_inputs = model_inputs(batches[0])
+    return Data(batches, loss_fn, example_inputs, show)
+
+
+def prune(
+    model: nn.Module,
+    method: str = "magnitude",
+    sparsity: float | None = None,
+    *,
+    calibration: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    example_inputs: Any = None,
+    progress: bool = True,
+    **options: Any,
+) -> Report:
+    """Prune ``model`` in place and return a :class:`Report` of what changed.
+
+    ``options`` are the other :class:`PruneConfig` fields (``pattern``, ``allocation``,
+    ``scope``, ``mode``, ``iterations`` ...), so a recipe maps one-to-one:
+    ``prune(model, **load_recipe("recipe.yaml"), calibration=loader)``.
+    Every check runs before the model is touched; if anything fails, the model is
+    left exactly as it was.
+
+    Args:
+        calibration: iterable of batches for data-needing criteria (see ``secateurs.batches``).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for gradient criteria with unusual batches.
+        example_inputs: one input batch, used for MACs in the report and by SynFlow for its shape.
+        progress: show progress bars for work longer than a second.
+    """
+    config = PruneConfig(method=method, sparsity=sparsity, **options)
+    if not isinstance(config.schedule_, OneShot) or config.schedule_.at != 0:
+        raise ConfigError(
+            "prune() runs without training, so a training schedule cannot apply; use "
+            "secateurs.Pruner(model, ..., schedule=...) in your training loop, or iterations=N for "
+            "exponential rounds without training"
+        )
+    targets = resolve(model, config.scope_)
+    data = _data(config, calibration, loss_fn, example_inputs, progress)
+    check(targets, config, data)
+    rounds = config.rounds
+    with pruning(targets):
+        for k in progress_bar(range(1, rounds + 1), f"{config.criterion_.name} rounds", progress and rounds > 1):
+            step_sparsity = (
+                exponential_sparsity(k, rounds, config.final_sparsity) if rounds > 1 else config.final_sparsity
+            )
+            masks = compute_masks(model, targets, config, step_sparsity, data, round_=k)
+            apply_masks(targets, masks)
+    if config.mode == "bake":
+        for t in targets:
+            detach(t, bake=True)
+    return build_report(model, targets, config.pattern_, data.example_inputs, config.to_dict())
+
+
+@dataclass
+class StepEvent:
+    """What :meth:`Pruner.step` did. After ``rewound``, reset your optimizer and LR schedule."""
+
+    step: int
+    pruned: bool = False
+    sparsity: float | None = None
+    rewound: bool = False
+
+
+_PARAMETRIZED = re.compile(r"\.?parametrizations\.([^.]+)\.original$")
+
+
+def _plain_name(name: str) -> str:
+    """``fc.parametrizations.weight.original`` -> ``fc.weight`` (stable across masking)."""
+    return _PARAMETRIZED.sub(r".\1", name).lstrip(".")
+
+
+def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers by mask-independent names, masks excluded."""
+    state = {_plain_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    for n, b in model.named_buffers():
+        if ".parametrizations." not in n:
+            state[n] = b.detach().clone()
+    return state
+
+
+class Pruner:
+    """Prunes on a schedule inside your training loop::
+
+        pruner = Pruner(model, "magnitude", 0.9, allocation="global",
+                        schedule={"kind": "cubic", "start": 0, "end": 2000, "every": 100})
+        for batch in loader:
+            loss = ...; loss.backward(); optimizer.step()
+            event = pruner.step()
+            if event.rewound:            # lottery tickets: start training afresh
+                optimizer = make_optimizer(model)
+        pruner.finalize()                # bake the zeros (mode='bake') or keep the masks
+
+    Masks are parametrizations, so pruned weights get zero gradient and stay zero
+    whatever the optimizer does.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "magnitude",
+        sparsity: float | None = None,
+        *,
+        calibration: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        example_inputs: Any = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> None:
+        self.model = model
+        self.config = PruneConfig(method=method, sparsity=sparsity, **options)
+        self.targets: list[Target] = resolve(model, self.config.scope_)
+        self.data = _data(self.config, calibration, loss_fn, example_inputs, progress)
+        check(self.targets, self.config, self.data)
+        self.step_count = 0
+        self.current_sparsity = 0.0
+        schedule = self.config.schedule_
+        self._rewind_state: dict[str, Tensor] | None = None
+        if schedule.rewind_step == 0:
+            self._rewind_state = _trainable_state(model)
+
+    def step(self) -> StepEvent:
+        """Call once after every optimizer step."""
+        t = self.step_count
+        schedule = self.config.schedule_
+        event = StepEvent(step=t)
+        if schedule.rewind_step is not None and t + 1 == schedule.rewind_step and self._rewind_state is None:
+            self._rewind_state = _trainable_state(self.model)
+        target = schedule.sparsity_at(t, self.config.final_sparsity)
+        if target is not None:
+            self.prune_to(target)
+            event.pruned, event.sparsity = True, target
+            if self._rewind_state is not None:
+                self._rewind()
+                event.rewound = True
+        self.step_count += 1
+        return event
+
+    def prune_to(self, sparsity: float) -> None:
+        """Prune now to ``sparsity`` overall (what :meth:`step` calls on schedule)."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        check(self.targets, self.config, self.data)
+        with pruning(self.targets):
+            masks = compute_masks(self.model, self.targets, self.config, sparsity, self.data, self.step_count)
+            apply_masks(self.targets, masks)
+        self.current_sparsity = sparsity
+
+    def _rewind(self) -> None:
+        """Put every parameter and buffer back to the snapshot; masks stay."""
+        state = self._rewind_state or {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state[_plain_name(name)])
+            for name, b in self.model.named_buffers():
+                if name in state:
+                    b.copy_(state[name])
+
+    def report(self, example_inputs: Any = None) -> Report:
+        inputs = example_inputs if example_inputs is not None else self.data.example_inputs
+        return build_report(self.model, self.targets, self.config.pattern_, inputs, self.config.to_dict())
+
+    def finalize(self, bake: bool | None = None) -> nn.Module:
+        """End of training: bake the zeros into the weights (default when mode='bake')."""
+        if bake if bake is not None else self.config.mode == "bake":
+            bake_all(self.model)
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress of the schedule (masks live in the model's own state_dict)."""
+        return {
+            "step_count": self.step_count,
+            "current_sparsity": self.current_sparsity,
+            "config": self.config.to_dict(),
+            "rewind_state": self._rewind_state,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("config") != self.config.to_dict():
+            raise StateError(
+                "this pruner state was saved with a different configuration; build the Pruner with "
+                f"the saved config: {state.get('config')}"
+            )
+        self.step_count = int(state["step_count"])
+        self.current_sparsity = float(state["current_sparsity"])
+        self._rewind_state = state.get("rewind_state")

@@ -1,0 +1,84 @@
+"""The criterion contract: scores in, nothing else touched.
+
+A criterion turns :class:`~secateurs.evidence.Evidence` into one importance
+tensor per target, in the canonical ``(out, spatial, in)`` layout. Higher means
+keep. Class attributes declare what it needs and the preset it is usually run
+with, so ``prune(model, method="snip")`` does what the paper did.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..errors import ConfigError, DataRequiredError
+from ..evidence import Evidence, Need
+from ..layout import Layout, to_canonical
+from ..scope import Target
+
+
+class Criterion(ABC):
+    """Base class. Override :meth:`score` (per target) or :meth:`scores` (all at once)."""
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[Need]] = frozenset()
+    #: how element scores combine into a block's or channel's score
+    reduction: ClassVar[str] = "sum"
+    #: patterns this criterion is defined for (None: all)
+    patterns: ClassVar[tuple[str, ...] | None] = None
+    #: the paper's defaults, used when the user does not say otherwise
+    default_allocation: ClassVar[str] = "uniform"
+    default_comparison: ClassVar[str] = "layer"
+    default_iterations: ClassVar[int] = 1
+    #: can it score Embedding tables?
+    scores_embeddings: ClassVar[bool] = True
+
+    def scores(self, evidence: Evidence) -> dict[str, Tensor]:
+        """Importance per target name, canonical ``(O, S, I)`` layout."""
+        return {t.name: self.score(t, evidence) for t in evidence.targets}
+
+    def score(self, target: Target, evidence: Evidence) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score() or scores()")
+
+    def validate(self, targets: list[Target]) -> None:
+        """Refuse targets this criterion cannot score, before anything runs."""
+        if not self.scores_embeddings:
+            for t in targets:
+                if t.layout is Layout.EMBEDDING:
+                    raise ConfigError(
+                        f"criterion {self.name!r} needs float inputs, but {t.module_name!r} is an "
+                        "Embedding; exclude it from the scope or use magnitude"
+                    )
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def weight3(target: Target) -> Tensor:
+    """The effective weight, detached, as ``(O, S, I)`` in float32 or wider."""
+    w = target.weight.detach()
+    return to_canonical(w if w.is_floating_point() and w.element_size() >= 4 else w.float(), target.layout)
+
+
+def grad3(evidence: Evidence, target: Target, attribute: str) -> Tensor:
+    """A gradient statistic of ``target`` as ``(O, S, I)``."""
+    stats = evidence.gradients.get(target.name)
+    if stats is None:
+        raise DataRequiredError(f"no gradients were gathered for {target.name}")
+    return to_canonical(getattr(stats, attribute), target.layout)
+
+
+_REGISTRY: dict[str, type[Criterion]] = {}
+
+
+def register(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: make a criterion available by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Criterion]]:
+    return dict(_REGISTRY)

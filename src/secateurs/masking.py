@@ -1,0 +1,201 @@
+"""Application of masks: ``mask`` (ephemeral) and ``bake`` (permanent zeros).
+
+``mask`` registers a parametrization (``torch.nn.utils.parametrize``): the trained
+tensor stays the same ``nn.Parameter`` object (so an optimizer built earlier keeps
+working), ``copy.deepcopy`` works, the forward pass sees ``w * mask``, and the
+gradient of a pruned entry is exactly zero, so no optimizer step can revive it.
+The original values are kept, which makes masking reversible (:func:`unmask`).
+
+``bake`` writes the zeros into the weight and removes the parametrization, so the
+state_dict has exactly the original keys and loads into the unpruned class with
+``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import StateError
+from .io import atomic_path
+from .scope import Target
+
+MODES = ("mask", "bake")
+
+
+class WeightMask(nn.Module):
+    """The parametrization: multiply by a boolean mask stored as a buffer."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+
+def _our_parametrization(module: nn.Module, param: str) -> WeightMask | None:
+    if not parametrize.is_parametrized(module, param):
+        return None
+    for p in module.parametrizations[param]:
+        if isinstance(p, WeightMask):
+            return p
+    return None
+
+
+def current_mask(target: Target) -> Tensor | None:
+    """The boolean keep-mask on ``target`` (stored shape), or None if it is not masked."""
+    ours = _our_parametrization(target.module, target.param_name)
+    return None if ours is None else ours.mask
+
+
+def attach(target: Target, mask: Tensor) -> None:
+    """Mask ``target`` (replacing an existing secateurs mask in place)."""
+    mask = mask.to(device=target.parameter.device, dtype=torch.bool)
+    ours = _our_parametrization(target.module, target.param_name)
+    if ours is not None:
+        ours.mask.copy_(mask)
+        return
+    parametrize.register_parametrization(target.module, target.param_name, WeightMask(mask))
+
+
+def detach(target: Target, bake: bool) -> None:
+    """Remove the secateurs mask from ``target``; ``bake`` writes the zeros into the weight."""
+    module, param = target.module, target.param_name
+    ours = _our_parametrization(module, param)
+    if ours is None:
+        return
+    chain = module.parametrizations[param]
+    if len(chain) == 1:
+        parametrize.remove_parametrizations(module, param, leave_parametrized=bake)
+        return
+    # other parametrizations (e.g. the user's weight norm) stay: fold ours into the original
+    if bake:
+        with torch.no_grad():
+            chain.original.mul_(ours.mask)
+    index = next(i for i, p in enumerate(chain) if p is ours)
+    del chain[index]
+
+
+def bake_target(target: Target, mask: Tensor) -> None:
+    """Zero the pruned entries for good."""
+    if _our_parametrization(target.module, target.param_name) is not None:
+        attach(target, mask)
+        detach(target, bake=True)
+        return
+    with torch.no_grad():
+        target.parameter.mul_(mask.to(target.parameter.device, torch.bool))
+
+
+def masked_targets(model: nn.Module) -> list[Target]:
+    """Every weight of ``model`` that carries a secateurs mask."""
+    from .layout import layout_of
+
+    found = []
+    for name, module in model.named_modules():
+        parametrizations = getattr(module, "parametrizations", None)
+        if parametrizations is None:
+            continue
+        for param in parametrizations:
+            if _our_parametrization(module, param) is not None:
+                found.append(Target(name, module, layout_of(module), param))
+    return found
+
+
+def unmask(model: nn.Module) -> int:
+    """Drop every mask, restoring the dense weights. Returns how many were removed."""
+    targets = masked_targets(model)
+    for t in targets:
+        detach(t, bake=False)
+    return len(targets)
+
+
+def bake(model: nn.Module) -> int:
+    """Make every mask permanent (zeros in the weights, original state_dict keys)."""
+    targets = masked_targets(model)
+    for t in targets:
+        detach(t, bake=True)
+    return len(targets)
+
+
+@dataclass
+class MaskSnapshot:
+    """The mask state of some targets, to restore the model exactly after a failure."""
+
+    masks: dict[str, Tensor | None]
+    targets: Sequence[Target]
+
+    @classmethod
+    def take(cls, targets: Sequence[Target]) -> MaskSnapshot:
+        masks = {}
+        for t in targets:
+            m = current_mask(t)
+            masks[t.name] = None if m is None else m.clone()
+        return cls(masks, targets)
+
+    def restore(self) -> None:
+        for t in self.targets:
+            saved = self.masks[t.name]
+            if saved is None:
+                detach(t, bake=False)
+            else:
+                attach(t, saved)
+
+
+def save_masks(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write every mask of ``model`` to a safetensors file (uint8, 1 = keep), atomically."""
+    targets = masked_targets(model)
+    if not targets:
+        raise StateError("the model carries no secateurs masks; prune it with mode='mask' first")
+    tensors = {t.name: current_mask(t).to(torch.uint8).contiguous().cpu() for t in targets}
+    metadata = {"format": "secateurs.masks", "version": "1", "targets": json.dumps(sorted(tensors))}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_masks(model: nn.Module, path: str | os.PathLike, mode: str = "mask") -> list[str]:
+    """Re-attach masks saved by :func:`save_masks`. All names and shapes are checked
+    before any module is touched. ``mode='bake'`` applies them as permanent zeros."""
+    from .layout import layout_of
+
+    if mode not in MODES:
+        raise StateError(f"unknown mode {mode!r}; valid: {MODES}")
+    tensors = load_file(str(path))
+    modules = dict(model.named_modules())
+    plan: list[tuple[Target, Tensor]] = []
+    for name, mask in tensors.items():
+        module_name, _, param = name.rpartition(".")
+        module = modules.get(module_name)
+        if module is None:
+            raise StateError(f"mask {name!r} in {path} names no module of this model")
+        target = Target(module_name, module, layout_of(module), param)
+        if tuple(mask.shape) != tuple(target.shape):
+            raise StateError(
+                f"mask {name!r} has shape {tuple(mask.shape)} but the weight is {tuple(target.shape)}; "
+                "the masks belong to a different architecture"
+            )
+        plan.append((target, mask.bool()))
+    for target, mask in plan:
+        if mode == "mask":
+            attach(target, mask)
+        else:
+            bake_target(target, mask)
+    return [t.name for t, _ in plan]
+
+
+def effective_masks(targets: Sequence[Target]) -> Mapping[str, Tensor]:
+    """Keep-masks per target: the attached mask, or the nonzero pattern of a baked weight."""
+    out = {}
+    for t in targets:
+        m = current_mask(t)
+        out[t.name] = m if m is not None else t.weight.detach() != 0
+    return out

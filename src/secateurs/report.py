@@ -1,0 +1,211 @@
+"""What changed: per-layer table, totals, MACs, bytes, layer collapse; JSON out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .evaluation import count_macs, is_connected
+from .io import write_text
+from .layout import to_canonical
+from .masking import effective_masks
+from .patterns import NM, Block, Element, InputChannel, OutputChannel, Pattern
+from .scope import Target
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    shape: list[int]
+    params: int
+    nonzeros: int
+    sparsity: float
+    pattern_valid: bool | None
+    collapsed: bool  # every weight pruned
+    dead_outputs: int  # output rows with no surviving weight
+    dead_inputs: int  # input columns with no surviving weight
+    macs_dense: int | None = None
+    macs_effective: int | None = None
+    bytes_dense: int = 0
+    bytes_compressed: int = 0
+
+
+@dataclass
+class Report:
+    layers: list[LayerReport]
+    params: int  # every parameter of the model
+    nonzeros: int
+    target_params: int
+    target_nonzeros: int
+    macs_dense: int | None
+    macs_effective: int | None
+    bytes_dense: int
+    bytes_compressed: int
+    connected: bool | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Over the pruned targets."""
+        return 1.0 - self.target_nonzeros / max(self.target_params, 1)
+
+    @property
+    def model_sparsity(self) -> float:
+        return 1.0 - self.nonzeros / max(self.params, 1)
+
+    @property
+    def collapsed_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.collapsed]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(sparsity=self.sparsity, model_sparsity=self.model_sparsity, collapsed_layers=self.collapsed_layers)
+        return data
+
+    def to_json(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> str:
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            write_text(Path(path), text + "\n", overwrite=overwrite)
+        return text
+
+    def table(self) -> str:
+        head = f"{'layer':<28} {'shape':<16} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'valid':>5}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            valid = "-" if r.pattern_valid is None else ("yes" if r.pattern_valid else "NO")
+            flag = "  COLLAPSED" if r.collapsed else ""
+            shape = "x".join(map(str, r.shape))
+            lines.append(
+                f"{r.name[-28:]:<28} {shape:<16} {r.params:>9,} {r.nonzeros:>9,} {r.sparsity:>8.2%} {valid:>5}{flag}"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"targets: {self.target_nonzeros:,}/{self.target_params:,} nonzero ({self.sparsity:.2%} sparse); "
+            f"model: {self.nonzeros:,}/{self.params:,} ({self.model_sparsity:.2%} sparse)"
+        )
+        if self.macs_dense:
+            lines.append(
+                f"MACs: {self.macs_dense:,} dense -> {self.macs_effective:,} effective "
+                f"({self.macs_dense / max(self.macs_effective or 1, 1):.2f}x fewer)"
+            )
+        lines.append(
+            f"size: {_mb(self.bytes_dense)} dense -> {_mb(self.bytes_compressed)} compressed estimate "
+            f"({self.bytes_dense / max(self.bytes_compressed, 1):.2f}x smaller)"
+        )
+        if self.collapsed_layers:
+            lines.append(f"LAYER COLLAPSE: fully pruned: {', '.join(self.collapsed_layers)}")
+        if self.connected is False:
+            lines.append("DISCONNECTED: no path of surviving weights links the input to the output")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def compressed_bytes(pattern: Pattern | None, shape3: tuple[int, int, int], nonzeros: int, element_size: int) -> int:
+    """Bytes to store a pruned weight in the natural format of its pattern (never above dense).
+
+    element: a bitmask plus the surviving values; N:M: values plus ceil(log2 M) index bits
+    each; block: one bit per block plus surviving blocks; channels: surviving values
+    plus one bit per channel.
+    """
+    numel = math.prod(shape3)
+    dense = numel * element_size
+    values = nonzeros * element_size
+    if isinstance(pattern, NM):
+        estimate = values + math.ceil(nonzeros * math.ceil(math.log2(pattern.m)) / 8)
+    elif isinstance(pattern, Block):
+        estimate = values + math.ceil(numel / (pattern.height * pattern.width) / 8)
+    elif isinstance(pattern, OutputChannel):
+        estimate = values + math.ceil(shape3[0] / 8)
+    elif isinstance(pattern, InputChannel):
+        estimate = values + math.ceil(shape3[2] / 8)
+    else:
+        estimate = values + math.ceil(numel / 8)
+    return min(dense, estimate)
+
+
+def build_report(
+    model: nn.Module,
+    targets: Sequence[Target],
+    pattern: Pattern | None = None,
+    example_inputs: Any = None,
+    config: dict[str, Any] | None = None,
+) -> Report:
+    """Measure ``model`` as it is now. MACs and connectivity need ``example_inputs``."""
+    masks = effective_masks(targets)
+    macs = count_macs(model, example_inputs) if example_inputs is not None else None
+    target_ids = {id(t.parameter) for t in targets}
+    layers: list[LayerReport] = []
+    for t in targets:
+        keep = masks[t.name]
+        keep3 = to_canonical(keep, t.layout)
+        nonzeros = int(keep.sum())
+        params = t.numel
+        size = t.parameter.element_size()
+        dense_macs = macs.per_module.get(t.module_name) if macs else None
+        effective = round(dense_macs * nonzeros / params) if dense_macs is not None else None
+        valid = None if pattern is None or isinstance(pattern, Element) else pattern.is_valid(keep3)
+        layers.append(
+            LayerReport(
+                name=t.name,
+                type=type(t.module).__name__.removeprefix("Parametrized"),
+                shape=list(t.shape),
+                params=params,
+                nonzeros=nonzeros,
+                sparsity=1 - nonzeros / params,
+                pattern_valid=valid,
+                collapsed=nonzeros == 0,
+                dead_outputs=int((~keep3.any(dim=2).any(dim=1)).sum()),
+                dead_inputs=int((~keep3.any(dim=1).any(dim=0)).sum()),
+                macs_dense=dense_macs,
+                macs_effective=effective,
+                bytes_dense=params * size,
+                bytes_compressed=compressed_bytes(pattern, t.canonical_shape, nonzeros, size),
+            )
+        )
+    other = [p for p in _unique_parameters(model) if id(p) not in target_ids]
+    other_params = sum(p.numel() for p in other)
+    other_bytes = sum(p.numel() * p.element_size() for p in other)
+    target_params = sum(r.params for r in layers)
+    target_nonzeros = sum(r.nonzeros for r in layers)
+    other_nonzeros = sum(int((p != 0).sum()) for p in other)
+    macs_effective = None
+    if macs is not None:
+        saved = sum((r.macs_dense or 0) - (r.macs_effective or 0) for r in layers)
+        macs_effective = macs.total - saved
+    return Report(
+        layers=layers,
+        params=target_params + other_params,
+        nonzeros=target_nonzeros + other_nonzeros,
+        target_params=target_params,
+        target_nonzeros=target_nonzeros,
+        macs_dense=macs.total if macs else None,
+        macs_effective=macs_effective,
+        bytes_dense=sum(r.bytes_dense for r in layers) + other_bytes,
+        bytes_compressed=sum(r.bytes_compressed for r in layers) + other_bytes,
+        connected=is_connected(model, example_inputs) if example_inputs is not None else None,
+        config=config or {},
+    )
+
+
+def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
