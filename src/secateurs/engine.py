@@ -57,11 +57,11 @@ def check(targets: Sequence[Target], config: PruneConfig, data: Data) -> None:
         check_finite(t.weight.detach(), f"weight {t.name}")
 
 
-def compute_masks(
-    model: nn.Module, targets: Sequence[Target], config: PruneConfig, sparsity: float, data: Data, round_: int = 0
+def score_targets(
+    model: nn.Module, targets: Sequence[Target], config: PruneConfig, data: Data, round_: int = 0
 ) -> dict[str, Tensor]:
-    """Keep-masks (stored weight shape, bool) that bring the targets to ``sparsity``."""
-    criterion, pattern, comparison = config.criterion_, config.pattern_, config.comparison
+    """Run the criterion: gather its evidence, return canonical ``(O, S, I)`` scores per target."""
+    criterion = config.criterion_
     evidence = Evidence(
         model=model,
         targets=targets,
@@ -73,8 +73,15 @@ def compute_masks(
     )
     with preserved(model, targets):
         gather(evidence, criterion.needs)
-        scores = criterion.scores(evidence)
+        return criterion.scores(evidence)
 
+
+def select_masks(
+    targets: Sequence[Target], scores: dict[str, Tensor], config: PruneConfig, sparsity: float
+) -> dict[str, Tensor]:
+    """Keep-masks (stored weight shape, bool) from scores: pattern units, allocation, exact selection.
+    Units already pruned by an existing mask stay pruned and count toward the budget."""
+    criterion, pattern, comparison = config.criterion_, config.pattern_, config.comparison
     unit_scores: dict[str, Tensor] = {}
     dead: dict[str, Tensor] = {}
     alive: dict[str, Tensor] = {}
@@ -82,11 +89,10 @@ def compute_masks(
         score3 = scores[t.name].detach().double()
         check_finite(score3, f"{criterion.name} scores of {t.name}")
         existing = current_mask(t)
-        alive[t.name] = (
-            to_canonical(existing, t.layout)
-            if existing is not None
-            else torch.ones(t.canonical_shape, dtype=torch.bool)
-        ).to(score3.device)
+        if existing is None:
+            alive[t.name] = torch.ones(t.canonical_shape, dtype=torch.bool, device=score3.device)
+        else:
+            alive[t.name] = to_canonical(existing, t.layout).to(score3.device)
         unit_scores[t.name] = pattern.units(score3, comparison, criterion.reduction)
         dead[t.name] = pattern.units(alive[t.name].double(), comparison, "max") == 0
 
@@ -99,6 +105,13 @@ def compute_masks(
         keep3 = pattern.expand(keep_units, t.canonical_shape, comparison) & alive[t.name]
         masks[t.name] = from_canonical(keep3, t.layout, t.shape).to(t.parameter.device)
     return masks
+
+
+def compute_masks(
+    model: nn.Module, targets: Sequence[Target], config: PruneConfig, sparsity: float, data: Data, round_: int = 0
+) -> dict[str, Tensor]:
+    """Score then select; mutates nothing."""
+    return select_masks(targets, score_targets(model, targets, config, data, round_), config, sparsity)
 
 
 def apply_masks(targets: Sequence[Target], masks: dict[str, Tensor], bake: bool = False) -> None:

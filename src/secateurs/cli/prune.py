@@ -1,0 +1,94 @@
+"""``secateurs prune MODEL``: prune by recipe and/or flags, write weights, masks and a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..api import prune
+from ..errors import ConfigError
+from ..io import atomic_dir
+from ..masking import bake, save_masks
+from ..recipes import load_recipe, parse_recipe
+from .models import is_factory, load_model
+
+_FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "iterations", "seed", "max_batches")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="prune a model and save it", description=__doc__)
+    p.add_argument("model", help="'package.module:factory' (returns an nn.Module) or a Hugging Face directory")
+    p.add_argument("--weights", help="safetensors weights to load into a factory-built model")
+    p.add_argument("--recipe", help="YAML/JSON recipe; flags below override its keys")
+    p.add_argument("--method")
+    p.add_argument("--sparsity", type=float)
+    p.add_argument("--pattern", help="element | N:M (e.g. 2:4) | block:HxW | output_channel | input_channel")
+    p.add_argument("--allocation", help="uniform | global | erk | lamp")
+    p.add_argument("--mode", choices=("mask", "bake"))
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-batches", dest="max_batches", type=int)
+    p.add_argument("--include", nargs="+", help="module-name globs to prune (re:REGEX for regexes)")
+    p.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
+    p.add_argument("--data", help="'package.module:function' returning an iterable of calibration batches")
+    p.add_argument("--input-shape", help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
+    p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=run)
+
+
+def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    recipe: dict[str, Any] = dict(load_recipe(args.recipe)) if args.recipe else {}
+    for key in _FLAGS:
+        value = getattr(args, key)
+        if value is not None:
+            recipe[key] = value
+    if args.include or args.exclude:
+        scope = dict(recipe.get("scope") or {})
+        if args.include:
+            scope["include"] = args.include
+        if args.exclude:
+            scope["exclude"] = args.exclude
+        recipe["scope"] = scope
+    return parse_recipe(recipe, "command line")
+
+
+def _call(spec: str) -> Any:
+    if not is_factory(spec):
+        raise ConfigError(f"--data must be 'package.module:function', got {spec!r}")
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    model = load_model(args.model, args.weights)
+    calibration = _call(args.data) if args.data else None
+    example = torch.zeros(1, *map(int, args.input_shape.split(","))) if args.input_shape else None
+    report = prune(model, **recipe, calibration=calibration, example_inputs=example)
+    print(report.table())
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        save_masks_if_any(model, tmp / "masks.safetensors")
+        bake(model)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        else:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "report.json").write_text(report.to_json() + "\n")
+        (tmp / "recipe.json").write_text(json.dumps(report.config, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def save_masks_if_any(model: torch.nn.Module, path) -> None:
+    from ..masking import masked_targets
+
+    if masked_targets(model):
+        save_masks(model, path)
