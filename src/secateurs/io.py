@@ -16,7 +16,7 @@ class OutputExistsError(SecateursError, FileExistsError):
     """The output path exists and overwriting was not allowed."""
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> None:
+def refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
 
@@ -25,7 +25,7 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -41,7 +41,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; it becomes ``path`` only if the block succeeds."""
     path = Path(path)
-    _refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

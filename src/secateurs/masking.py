@@ -34,9 +34,11 @@ MODES = ("mask", "bake")
 class WeightMask(nn.Module):
     """The parametrization: multiply by a boolean mask stored as a buffer."""
 
-    def __init__(self, mask: Tensor) -> None:
+    def __init__(self, mask: Tensor, parameter_order: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
+        # removing a parametrization re-registers the weight last; remember where it was
+        self.parameter_order = parameter_order
 
     def forward(self, weight: Tensor) -> Tensor:
         return weight * self.mask
@@ -64,7 +66,8 @@ def attach(target: Target, mask: Tensor) -> None:
     if ours is not None:
         ours.mask.copy_(mask)
         return
-    parametrize.register_parametrization(target.module, target.param_name, WeightMask(mask))
+    order = tuple(target.module._parameters)
+    parametrize.register_parametrization(target.module, target.param_name, WeightMask(mask, order))
 
 
 def detach(target: Target, bake: bool) -> None:
@@ -76,6 +79,7 @@ def detach(target: Target, bake: bool) -> None:
     chain = module.parametrizations[param]
     if len(chain) == 1:
         parametrize.remove_parametrizations(module, param, leave_parametrized=bake)
+        _restore_order(module, ours.parameter_order)
         return
     # other parametrizations (e.g. the user's weight norm) stay: fold ours into the original
     if bake:
@@ -83,6 +87,16 @@ def detach(target: Target, bake: bool) -> None:
             chain.original.mul_(ours.mask)
     index = next(i for i, p in enumerate(chain) if p is ours)
     del chain[index]
+
+
+def _restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
+    """Put ``module._parameters`` back in registration order, so state_dict key order is unchanged."""
+    params = module._parameters
+    if set(order) != set(params):
+        return
+    items = [(name, params[name]) for name in order]
+    params.clear()
+    params.update(items)
 
 
 def bake_target(target: Target, mask: Tensor) -> None:
@@ -193,9 +207,5 @@ def load_masks(model: nn.Module, path: str | os.PathLike, mode: str = "mask") ->
 
 
 def effective_masks(targets: Sequence[Target]) -> Mapping[str, Tensor]:
-    """Keep-masks per target: the attached mask, or the nonzero pattern of a baked weight."""
-    out = {}
-    for t in targets:
-        m = current_mask(t)
-        out[t.name] = m if m is not None else t.weight.detach() != 0
-    return out
+    """Where each target's effective weight (masked, or baked) is nonzero: what really survives."""
+    return {t.name: t.weight.detach() != 0 for t in targets}

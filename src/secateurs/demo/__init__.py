@@ -1,0 +1,1 @@
+"""The demo: small models on scikit-learn's bundled digits (no download needed)."""

@@ -1,0 +1,6 @@
+"""Training helpers. The library drives *your* loop through ``Pruner.step()``; the minimal
+loop here exists for the CLI, the demo and the benchmarks only."""
+
+from .finetune import accuracy, train
+
+__all__ = ["accuracy", "train"]

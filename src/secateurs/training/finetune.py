@@ -1,0 +1,68 @@
+"""A minimal supervised loop: enough for the demo, CLI and benchmarks, not a framework."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batches import default_loss, model_device, run_model, to_device
+from ..progress import progress
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def adam(lr: float = 1e-3, weight_decay: float = 0.0) -> OptimizerFactory:
+    return lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def train(
+    model: nn.Module,
+    batches: Iterable[Any],
+    steps: int,
+    optimizer: OptimizerFactory | None = None,
+    pruner: Any = None,
+    show_progress: bool = False,
+) -> list[float]:
+    """Train for ``steps`` optimizer steps, cycling over ``batches``.
+
+    With a ``pruner``, ``pruner.step()`` runs after every optimizer step; when it
+    rewinds the weights (lottery tickets) the optimizer is rebuilt, as in Frankle &
+    Carbin (2019), so no stale momentum leaks into the rewound network.
+    """
+    make_optimizer = optimizer or adam()
+    opt = make_optimizer(model.parameters())
+    device = model_device(model)
+    losses = []
+    model.train()
+    cycle = itertools.cycle(batches)
+    for _ in progress(range(steps), "training", show_progress):
+        batch = to_device(next(cycle), device)
+        opt.zero_grad(set_to_none=True)
+        loss = default_loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if pruner is not None and pruner.step().rewound:
+            opt = make_optimizer(model.parameters())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
+    """Top-1 accuracy over ``(inputs, integer targets)`` batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    correct = total = 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        logits = run_model(model, batch)
+        correct += int((logits.argmax(-1) == batch[1]).sum())
+        total += int(batch[1].numel())
+    model.train(was_training)
+    return correct / max(total, 1)
