@@ -110,3 +110,45 @@ def test_nm_check_names_the_weight_and_its_input_size():
 def test_block_check_says_what_does_not_tile():
     with pytest.raises(PatternError, match=r"does not tile conv\.weight"):
         Block(4, 4).check("conv.weight", (6, 9, 8), "layer")
+
+
+def _reference_keep(scores, k, dead):
+    """The definition: stable ascending sort, dead first, prune max(k, #dead) per row."""
+    filled = scores.masked_fill(dead, float("-inf"))
+    order = torch.sort(filled, dim=1, stable=True).indices
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    for row in range(scores.shape[0]):
+        n = max(k, int(dead[row].sum()))
+        keep[row, order[row, :n]] = False
+    return keep
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    groups=st.integers(1, 4), units=st.integers(1, 12), k=st.integers(0, 12), levels=st.integers(1, 4),
+    dead_rate=st.floats(0, 0.6), seed=st.integers(0, 999),
+)  # fmt: skip
+def test_fast_selection_equals_a_stable_sort_with_ties_and_dead_units(groups, units, k, levels, dead_rate, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (groups, units), generator=g).float()  # few levels: many ties
+    dead = torch.rand(groups, units, generator=g) < dead_rate
+    k = min(k, units)
+    assert torch.equal(keep_mask(scores, k, dead), _reference_keep(scores, k, dead))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4), sparsity=st.floats(0, 0.99),
+       levels=st.integers(1, 5), seed=st.integers(0, 999))  # fmt: skip
+def test_global_counts_equal_a_stable_sort_of_all_scores(sizes, sparsity, levels, seed):
+    from secateurs.selection import global_prune_counts
+
+    g = torch.Generator().manual_seed(seed)
+    scores = {f"t{i}": torch.randint(0, levels, (1, n), generator=g).float() for i, n in enumerate(sizes)}
+    dead = {name: torch.rand(s.shape, generator=g) < 0.2 for name, s in scores.items()}
+    counts = global_prune_counts(scores, dict.fromkeys(scores, 1), dead, sparsity)
+    flat = torch.cat([s.masked_fill(dead[n], float("-inf")).reshape(-1) for n, s in scores.items()])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores.values())])
+    n_dead = sum(int(d.sum()) for d in dead.values())
+    cut = max(round(sparsity * flat.numel()), n_dead)
+    expected = torch.bincount(owner[torch.sort(flat, stable=True).indices[:cut]], minlength=len(scores))
+    assert list(counts.values()) == expected.tolist()

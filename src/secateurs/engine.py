@@ -86,7 +86,7 @@ def select_masks(
     dead: dict[str, Tensor] = {}
     alive: dict[str, Tensor] = {}
     for t in targets:
-        score3 = scores[t.name].detach().double()
+        score3 = scores[t.name].detach()
         check_finite(score3, f"{criterion.name} scores of {t.name}")
         existing = current_mask(t)
         if existing is None:

@@ -25,18 +25,29 @@ def check_finite(scores: Tensor, what: str) -> None:
 
 def keep_mask(unit_scores: Tensor, prune_per_group: int, dead: Tensor | None = None) -> Tensor:
     """Boolean keep-mask ``(groups, units)`` that prunes the ``prune_per_group`` lowest units
-    of each row. Units already ``dead`` are pruned first and count toward the number."""
-    scores = unit_scores.double()
-    if dead is not None:
-        scores = scores.masked_fill(dead, float("-inf"))
+    of each row. Units already ``dead`` are pruned first and count toward the number.
+
+    Ties at the threshold go to the lower index, exactly as a stable sort would order
+    them, but found with one ``kthvalue`` selection (linear time) instead of a sort.
+    """
+    scores = unit_scores if dead is None else unit_scores.masked_fill(dead, float("-inf"))
     groups, units = scores.shape
-    order = torch.sort(scores, dim=1, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(units, device=order.device).expand(groups, units))
-    k = torch.full((groups, 1), prune_per_group, device=order.device)
+    k = torch.full((groups, 1), prune_per_group, device=scores.device)
     if dead is not None:
         k = torch.maximum(k, dead.sum(dim=1, keepdim=True))
-    return rank >= k
+    k = k.clamp(max=units)
+    if units == 0 or int(k.max()) == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if bool((k == k[0]).all()):
+        threshold = torch.kthvalue(scores, max(int(k[0]), 1), dim=1, keepdim=True).values
+    else:  # rows with different counts (dead units): one sort
+        ordered = torch.sort(scores, dim=1).values
+        threshold = ordered.gather(1, (k - 1).clamp(min=0))
+    below = scores < threshold
+    at = scores == threshold
+    room = (k - below.sum(dim=1, keepdim=True)).clamp(min=0)
+    pruned = below | (at & (at.cumsum(dim=1) <= room))
+    return ~pruned
 
 
 def global_prune_counts(
@@ -49,14 +60,28 @@ def global_prune_counts(
 
     Units are weighted by their element count, so ``sparsity`` is a fraction of
     weights, not of units. Applying :func:`keep_mask` per target with these counts
-    reproduces the global ranking exactly (same stable order inside each target).
+    reproduces the global ranking exactly (ties go to the earlier target, then the
+    lower index, as in a stable sort of the concatenated scores).
     """
     names = list(unit_scores)
-    flat = [unit_scores[n].double().reshape(-1).masked_fill(dead[n].reshape(-1), float("-inf")) for n in names]
-    owner = torch.cat([torch.full((f.numel(),), i) for i, f in enumerate(flat)])
-    sizes = torch.cat([torch.full((f.numel(),), unit_numel[n], dtype=torch.float64) for n, f in zip(names, flat)])
-    order = torch.sort(torch.cat(flat), stable=True).indices
-    cumulative = sizes[order].cumsum(0)
+    flat = torch.cat([unit_scores[n].reshape(-1).masked_fill(dead[n].reshape(-1), float("-inf")) for n in names])
+    owner = torch.cat([torch.full((unit_scores[n].numel(),), i) for i, n in enumerate(names)]).to(flat.device)
+    sizes = {unit_numel[n] for n in names}
+    n_dead = int(sum(int(d.sum()) for d in dead.values()))
+    if len(sizes) == 1:  # equal units: a fraction of units is a fraction of weights; no sort needed
+        cut = min(max(round(sparsity * flat.numel()), n_dead), flat.numel())
+        if cut == 0:
+            return dict.fromkeys(names, 0)
+        threshold = torch.kthvalue(flat, cut).values
+        below = flat < threshold
+        at = flat == threshold
+        pruned = below | (at & (at.cumsum(0) <= cut - int(below.sum())))
+        counts = torch.bincount(owner[pruned], minlength=len(names))
+        return {n: int(c) for n, c in zip(names, counts)}
+
+    weights = torch.cat([torch.full((unit_scores[n].numel(),), unit_numel[n], dtype=torch.float64) for n in names])
+    order = torch.sort(flat, stable=True).indices
+    cumulative = weights[order.cpu()].cumsum(0)
     wanted = round(sparsity * float(cumulative[-1]))
     # the prefix whose element count lands nearest the target (ties: the larger prefix)
     first = int(torch.searchsorted(cumulative, torch.tensor(float(wanted), dtype=torch.float64)))
@@ -66,7 +91,6 @@ def global_prune_counts(
         over = float(cumulative[first]) - wanted
         under = wanted - (float(cumulative[first - 1]) if first else 0.0)
         cut = first + 1 if over <= under else first
-    n_dead = int(sum(int(d.sum()) for d in dead.values()))
     cut = max(cut, n_dead)
     counts = torch.bincount(owner[order[:cut]], minlength=len(names))
     return {n: int(c) for n, c in zip(names, counts)}
