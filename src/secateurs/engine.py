@@ -84,25 +84,28 @@ def select_masks(
     criterion, pattern, comparison = config.criterion_, config.pattern_, config.comparison
     unit_scores: dict[str, Tensor] = {}
     dead: dict[str, Tensor] = {}
-    alive: dict[str, Tensor] = {}
+    alive: dict[str, Tensor | None] = {}
     for t in targets:
         score3 = scores[t.name].detach()
         check_finite(score3, f"{criterion.name} scores of {t.name}")
+        unit_scores[t.name] = units = pattern.units(score3, comparison, criterion.reduction)
         existing = current_mask(t)
+        alive[t.name] = None if existing is None else to_canonical(existing, t.layout).to(score3.device)
         if existing is None:
-            alive[t.name] = torch.ones(t.canonical_shape, dtype=torch.bool, device=score3.device)
+            dead[t.name] = torch.zeros(units.shape, dtype=torch.bool, device=units.device)
         else:
-            alive[t.name] = to_canonical(existing, t.layout).to(score3.device)
-        unit_scores[t.name] = pattern.units(score3, comparison, criterion.reduction)
-        dead[t.name] = pattern.units(alive[t.name].double(), comparison, "max") == 0
+            dead[t.name] = pattern.units(alive[t.name].to(units.dtype), comparison, "max") == 0
 
     budget = Budget(targets, sparsity, config.final_sparsity, unit_scores, dead, pattern)
     counts = config.allocation_.prune_counts(budget)
 
     masks = {}
     for t in targets:
-        keep_units = keep_mask(unit_scores[t.name], counts[t.name], dead[t.name])
-        keep3 = pattern.expand(keep_units, t.canonical_shape, comparison) & alive[t.name]
+        has_dead = alive[t.name] is not None
+        keep_units = keep_mask(unit_scores[t.name], counts[t.name], dead[t.name] if has_dead else None)
+        keep3 = pattern.expand(keep_units, t.canonical_shape, comparison)
+        if has_dead:
+            keep3 = keep3 & alive[t.name]
         masks[t.name] = from_canonical(keep3, t.layout, t.shape).to(t.parameter.device)
     return masks
 

@@ -15,12 +15,15 @@ from .errors import NonFiniteError
 
 def check_finite(scores: Tensor, what: str) -> None:
     """Refuse NaN/Inf scores: a ranking over them is meaningless."""
-    if not torch.isfinite(scores).all():
-        bad = int((~torch.isfinite(scores)).sum())
-        raise NonFiniteError(
-            f"{what} has {bad} NaN/Inf value(s); check the weights and calibration data "
-            "(e.g. a diverged run or an fp16 overflow) before pruning"
-        )
+    # a finite sum proves every element finite (inf and nan propagate); only an overflowing
+    # sum needs the element-wise check, which allocates a mask as large as the tensor
+    if bool(torch.isfinite(scores.sum())) or bool(torch.isfinite(scores).all()):
+        return
+    bad = int((~torch.isfinite(scores)).sum())
+    raise NonFiniteError(
+        f"{what} has {bad} NaN/Inf value(s); check the weights and calibration data "
+        "(e.g. a diverged run or an fp16 overflow) before pruning"
+    )
 
 
 def keep_mask(unit_scores: Tensor, prune_per_group: int, dead: Tensor | None = None) -> Tensor:
@@ -34,7 +37,7 @@ def keep_mask(unit_scores: Tensor, prune_per_group: int, dead: Tensor | None = N
     groups, units = scores.shape
     k = torch.full((groups, 1), prune_per_group, device=scores.device)
     if dead is not None:
-        k = torch.maximum(k, dead.sum(dim=1, keepdim=True))
+        k = torch.maximum(k, torch.count_nonzero(dead, dim=1).unsqueeze(1))
     k = k.clamp(max=units)
     if units == 0 or int(k.max()) == 0:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -45,9 +48,10 @@ def keep_mask(unit_scores: Tensor, prune_per_group: int, dead: Tensor | None = N
         threshold = ordered.gather(1, (k - 1).clamp(min=0))
     below = scores < threshold
     at = scores == threshold
-    room = (k - below.sum(dim=1, keepdim=True)).clamp(min=0)
-    pruned = below | (at & (at.cumsum(dim=1) <= room))
-    return ~pruned
+    room = (k - torch.count_nonzero(below, dim=1).unsqueeze(1)).clamp(min=0)
+    if bool((torch.count_nonzero(at, dim=1).unsqueeze(1) <= room).all()):  # the usual case: no surplus ties
+        return ~(below | at)
+    return ~(below | (at & (at.cumsum(dim=1) <= room)))
 
 
 def global_prune_counts(
