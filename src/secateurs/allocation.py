@@ -30,7 +30,7 @@ class Budget:
     sparsity: float  # overall sparsity asked for at this step
     final_sparsity: float  # the run's final sparsity (to scale explicit per-layer values)
     unit_scores: dict[str, Tensor]  # (groups, units) per target
-    dead: dict[str, Tensor]  # (groups, units) bool: units already pruned
+    dead: dict[str, Tensor | None]  # (groups, units) bool: units already pruned; None: none are
     pattern: Pattern
 
 
@@ -85,7 +85,10 @@ class LAMPAllocation(Global):
     name = "lamp"
 
     def _scores(self, budget: Budget) -> dict[str, Tensor]:
-        return {name: lamp_normalize(s.masked_fill(budget.dead[name], 0.0)) for name, s in budget.unit_scores.items()}
+        return {
+            name: lamp_normalize(s if budget.dead[name] is None else s.masked_fill(budget.dead[name], 0.0))
+            for name, s in budget.unit_scores.items()
+        }
 
 
 class ERK(Allocation):

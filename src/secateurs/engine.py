@@ -83,7 +83,7 @@ def select_masks(
     Units already pruned by an existing mask stay pruned and count toward the budget."""
     criterion, pattern, comparison = config.criterion_, config.pattern_, config.comparison
     unit_scores: dict[str, Tensor] = {}
-    dead: dict[str, Tensor] = {}
+    dead: dict[str, Tensor | None] = {}  # None: no mask yet, nothing dead
     alive: dict[str, Tensor | None] = {}
     for t in targets:
         score3 = scores[t.name].detach()
@@ -91,20 +91,19 @@ def select_masks(
         unit_scores[t.name] = units = pattern.units(score3, comparison, criterion.reduction)
         existing = current_mask(t)
         alive[t.name] = None if existing is None else to_canonical(existing, t.layout).to(score3.device)
-        if existing is None:
-            dead[t.name] = torch.zeros(units.shape, dtype=torch.bool, device=units.device)
-        else:
+        if existing is not None:
             dead[t.name] = pattern.units(alive[t.name].to(units.dtype), comparison, "max") == 0
+        else:
+            dead[t.name] = None
 
     budget = Budget(targets, sparsity, config.final_sparsity, unit_scores, dead, pattern)
     counts = config.allocation_.prune_counts(budget)
 
     masks = {}
     for t in targets:
-        has_dead = alive[t.name] is not None
-        keep_units = keep_mask(unit_scores[t.name], counts[t.name], dead[t.name] if has_dead else None)
+        keep_units = keep_mask(unit_scores[t.name], counts[t.name], dead[t.name])
         keep3 = pattern.expand(keep_units, t.canonical_shape, comparison)
-        if has_dead:
+        if alive[t.name] is not None:
             keep3 = keep3 & alive[t.name]
         masks[t.name] = from_canonical(keep3, t.layout, t.shape).to(t.parameter.device)
     return masks

@@ -57,6 +57,11 @@ def canonical_shape(shape: torch.Size | tuple[int, ...], layout: Layout) -> tupl
     return shape[0], 1, shape[1]
 
 
+def channel_dims(layout: Layout) -> tuple[int, int]:
+    """Which stored dimensions are the output and the input channels."""
+    return (1, 0) if layout is Layout.TRANSPOSED else (0, 1)
+
+
 def to_canonical(weight: Tensor, layout: Layout) -> Tensor:
     """View or copy ``weight`` as ``(out, spatial, in)``."""
     if layout is Layout.CONV:

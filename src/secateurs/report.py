@@ -10,11 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .evaluation import count_macs, is_connected
 from .io import write_text
-from .layout import to_canonical
+from .layout import channel_dims, to_canonical
 from .masking import effective_masks
 from .patterns import NM, Block, Element, InputChannel, OutputChannel, Pattern
 from .scope import Target
@@ -151,13 +152,14 @@ def build_report(
     layers: list[LayerReport] = []
     for t in targets:
         keep = masks[t.name]
-        keep3 = to_canonical(keep, t.layout)
-        nonzeros = int(keep.sum())
+        nonzeros = int(torch.count_nonzero(keep))
         params = t.numel
         size = t.parameter.element_size()
         dense_macs = macs.per_module.get(t.module_name) if macs else None
         effective = round(dense_macs * nonzeros / params) if dense_macs is not None else None
-        valid = None if pattern is None or isinstance(pattern, Element) else pattern.is_valid(keep3)
+        needs_pattern = pattern is not None and not isinstance(pattern, Element)
+        valid = pattern.is_valid(to_canonical(keep, t.layout)) if needs_pattern else None
+        out_dim, in_dim = channel_dims(t.layout)
         layers.append(
             LayerReport(
                 name=t.name,
@@ -168,8 +170,8 @@ def build_report(
                 sparsity=1 - nonzeros / params,
                 pattern_valid=valid,
                 collapsed=nonzeros == 0,
-                dead_outputs=int((~keep3.any(dim=2).any(dim=1)).sum()),
-                dead_inputs=int((~keep3.any(dim=1).any(dim=0)).sum()),
+                dead_outputs=_dead(keep, out_dim),
+                dead_inputs=_dead(keep, in_dim),
                 macs_dense=dense_macs,
                 macs_effective=effective,
                 bytes_dense=params * size,
@@ -199,6 +201,12 @@ def build_report(
         connected=is_connected(model, example_inputs) if example_inputs is not None else None,
         config=config or {},
     )
+
+
+def _dead(keep: torch.Tensor, dim: int) -> int:
+    """Channels along ``dim`` with no surviving weight."""
+    others = tuple(d for d in range(keep.ndim) if d != dim)
+    return int(keep.shape[dim] - torch.count_nonzero(keep.any(dim=others)))
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:

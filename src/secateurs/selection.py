@@ -26,6 +26,10 @@ def check_finite(scores: Tensor, what: str) -> None:
     )
 
 
+def _with_dead(scores: Tensor, dead: Tensor | None) -> Tensor:
+    return scores if dead is None else scores.masked_fill(dead, float("-inf"))
+
+
 def keep_mask(unit_scores: Tensor, prune_per_group: int, dead: Tensor | None = None) -> Tensor:
     """Boolean keep-mask ``(groups, units)`` that prunes the ``prune_per_group`` lowest units
     of each row. Units already ``dead`` are pruned first and count toward the number.
@@ -33,7 +37,7 @@ def keep_mask(unit_scores: Tensor, prune_per_group: int, dead: Tensor | None = N
     Ties at the threshold go to the lower index, exactly as a stable sort would order
     them, but found with one ``kthvalue`` selection (linear time) instead of a sort.
     """
-    scores = unit_scores if dead is None else unit_scores.masked_fill(dead, float("-inf"))
+    scores = _with_dead(unit_scores, dead)
     groups, units = scores.shape
     k = torch.full((groups, 1), prune_per_group, device=scores.device)
     if dead is not None:
@@ -46,18 +50,24 @@ def keep_mask(unit_scores: Tensor, prune_per_group: int, dead: Tensor | None = N
     else:  # rows with different counts (dead units): one sort
         ordered = torch.sort(scores, dim=1).values
         threshold = ordered.gather(1, (k - 1).clamp(min=0))
+    keep = scores > threshold
+    # usual case: exactly k scores are <= the k-th smallest (no surplus ties at the threshold)
+    if groups == 1:
+        exact = units - int(torch.count_nonzero(keep)) == int(k[0])
+    else:
+        exact = bool((units - torch.count_nonzero(keep, dim=1).unsqueeze(1) == k).all())
+    if exact:
+        return keep
     below = scores < threshold
     at = scores == threshold
     room = (k - torch.count_nonzero(below, dim=1).unsqueeze(1)).clamp(min=0)
-    if bool((torch.count_nonzero(at, dim=1).unsqueeze(1) <= room).all()):  # the usual case: no surplus ties
-        return ~(below | at)
     return ~(below | (at & (at.cumsum(dim=1) <= room)))
 
 
 def global_prune_counts(
     unit_scores: dict[str, Tensor],
     unit_numel: dict[str, int],
-    dead: dict[str, Tensor],
+    dead: dict[str, Tensor | None],
     sparsity: float,
 ) -> dict[str, int]:
     """Rank all units of all targets together and return how many each target loses.
@@ -68,10 +78,10 @@ def global_prune_counts(
     lower index, as in a stable sort of the concatenated scores).
     """
     names = list(unit_scores)
-    flat = torch.cat([unit_scores[n].reshape(-1).masked_fill(dead[n].reshape(-1), float("-inf")) for n in names])
+    flat = torch.cat([_with_dead(unit_scores[n], dead[n]).reshape(-1) for n in names])
     owner = torch.cat([torch.full((unit_scores[n].numel(),), i) for i, n in enumerate(names)]).to(flat.device)
     sizes = {unit_numel[n] for n in names}
-    n_dead = int(sum(int(d.sum()) for d in dead.values()))
+    n_dead = sum(int(torch.count_nonzero(d)) for d in dead.values() if d is not None)
     if len(sizes) == 1:  # equal units: a fraction of units is a fraction of weights; no sort needed
         cut = min(max(round(sparsity * flat.numel()), n_dead), flat.numel())
         if cut == 0:
