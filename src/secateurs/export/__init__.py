@@ -1,0 +1,17 @@
+"""Export: compressed sparse checkpoints and Hugging Face directories of pruned models."""
+
+from __future__ import annotations
+
+from .compressed import CompressedSize, load_compressed, load_compressed_into, save_compressed
+from .hf import SPARSE_FILE, SavedModel, load_pruned, save_pruned
+
+__all__ = [
+    "SPARSE_FILE",
+    "CompressedSize",
+    "SavedModel",
+    "load_compressed",
+    "load_compressed_into",
+    "load_pruned",
+    "save_compressed",
+    "save_pruned",
+]

@@ -1,0 +1,211 @@
+"""A compressed sparse checkpoint that loads back bit-exact into the dense model.
+
+One safetensors file. Each pruned weight is stored in the cheapest of three formats:
+
+- ``bitmask``: one bit per entry (row-major, packed) plus the surviving values in order --
+  ``numel / 8 + nnz * itemsize`` bytes, the natural format of unstructured sparsity;
+- ``n:m``: along the input dimension (the axis sparse tensor cores group), exactly N values
+  of every M plus their positions in ``ceil(log2 M)`` bits each -- ``numel * N / M`` values and
+  an index stream of ``numel * N / M * log2(M) / 8`` bytes;
+- ``dense``, when neither is smaller (and for every other tensor: norms, embeddings, biases).
+
+"Nonzero" means "bits not all zero", so ``-0.0`` is kept as a value and the round trip is exact
+to the bit. Tensors that share storage (tied embeddings) are stored once and aliased.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..errors import StateError
+from ..io import atomic_path
+from ..layout import Layout, from_canonical, layout_of, to_canonical
+from ..patterns import NM
+
+FORMAT = "secateurs.sparse"
+VERSION = "1"
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass
+class CompressedSize:
+    """Bytes of a compressed checkpoint against the same tensors stored dense."""
+
+    path: str
+    file_bytes: int
+    dense_bytes: int
+    formats: dict[str, int]  # format -> number of tensors
+
+    @property
+    def ratio(self) -> float:
+        """Dense size / compressed size (higher is better)."""
+        return self.dense_bytes / max(self.file_bytes, 1)
+
+
+def bits_nonzero(tensor: Tensor) -> Tensor:
+    """True where the entry's bits are not all zero (so -0.0 counts as a value)."""
+    return tensor.contiguous().view(_INT_VIEW[tensor.element_size()]) != 0
+
+
+def _pack(bits: Tensor) -> Tensor:
+    return torch.from_numpy(np.packbits(bits.reshape(-1).cpu().numpy().astype(np.uint8), bitorder="little"))
+
+
+def _unpack(packed: Tensor, count: int) -> Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little").astype(bool))
+
+
+def _index_bits(m: int) -> int:
+    return max(1, math.ceil(math.log2(m)))
+
+
+def _encode_bitmask(tensor: Tensor) -> dict[str, Tensor]:
+    keep = bits_nonzero(tensor)
+    return {"bitmask": _pack(keep), "values": tensor.reshape(-1)[keep.reshape(-1)].contiguous()}
+
+
+def _decode_bitmask(parts: dict[str, Tensor], shape: list[int], dtype: torch.dtype) -> Tensor:
+    numel = math.prod(shape)
+    keep = _unpack(parts["bitmask"], numel)
+    out = torch.zeros(numel, dtype=dtype)
+    out[keep] = parts["values"]
+    return out.reshape(shape)
+
+
+def _nm_groups(tensor: Tensor, layout: Layout, m: int) -> Tensor:
+    """``(groups, m)`` view of the canonical weight along its input dimension."""
+    return to_canonical(tensor, layout).reshape(-1, m)
+
+
+def is_nm(tensor: Tensor, layout: Layout, pattern: NM) -> bool:
+    shape3 = to_canonical(tensor, layout).shape
+    if shape3[2] % pattern.m:
+        return False
+    return bool((bits_nonzero(_nm_groups(tensor, layout, pattern.m)).sum(1) <= pattern.n).all())
+
+
+def _encode_nm(tensor: Tensor, layout: Layout, pattern: NM) -> dict[str, Tensor]:
+    groups = _nm_groups(tensor, layout, pattern.m)
+    keep = bits_nonzero(groups)
+    # exactly N positions per group: the nonzeros first, padded with (exactly +0.0) zeros
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : pattern.n]
+    index = torch.sort(order, dim=1).values
+    values = torch.gather(groups, 1, index)
+    k = _index_bits(pattern.m)
+    bits = (index.reshape(-1, 1) >> torch.arange(k)) & 1
+    return {"values": values.reshape(-1).contiguous(), "indices": _pack(bits.bool())}
+
+
+def _decode_nm(parts: dict[str, Tensor], meta: dict, dtype: torch.dtype) -> Tensor:
+    n, m, shape = meta["n"], meta["m"], meta["shape"]
+    layout = Layout(meta["layout"])
+    values = parts["values"].reshape(-1, n)
+    k = _index_bits(m)
+    bits = _unpack(parts["indices"], values.numel() * k).reshape(-1, k).long()
+    index = (bits << torch.arange(k)).sum(1).reshape(-1, n)
+    groups = torch.zeros(values.shape[0], m, dtype=dtype).scatter_(1, index, values)
+    from ..layout import canonical_shape
+
+    return from_canonical(groups.reshape(canonical_shape(torch.Size(shape), layout)), layout, torch.Size(shape))
+
+
+def _layouts(model: nn.Module) -> dict[str, Layout]:
+    out = {}
+    for name, module in model.named_modules():
+        layout = layout_of(module)
+        if layout in (Layout.LINEAR, Layout.TRANSPOSED) and getattr(module, "weight", None) is not None:
+            out[f"{name}.weight" if name else "weight"] = layout
+    return out
+
+
+def _encode(name: str, tensor: Tensor, layout: Layout | None, pattern: NM | None) -> tuple[dict, dict[str, Tensor]]:
+    meta = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    dense_bytes = tensor.numel() * tensor.element_size()
+    if layout is not None and tensor.ndim == 2 and tensor.is_floating_point():
+        if pattern is not None and is_nm(tensor, layout, pattern):
+            parts = _encode_nm(tensor, layout, pattern)
+            if sum(p.numel() * p.element_size() for p in parts.values()) < dense_bytes:
+                return {**meta, "format": "n:m", "n": pattern.n, "m": pattern.m, "layout": layout.value}, parts
+        parts = _encode_bitmask(tensor)
+        if sum(p.numel() * p.element_size() for p in parts.values()) < dense_bytes:
+            return {**meta, "format": "bitmask"}, parts
+    return {**meta, "format": "dense"}, {"dense": tensor.contiguous()}
+
+
+def save_compressed(
+    model: nn.Module, path: str | os.PathLike, pattern: NM | None = None, overwrite: bool = False
+) -> CompressedSize:
+    """Write ``model.state_dict()`` to ``path`` compressed; N:M weights use ``pattern``'s format."""
+    state = model.state_dict()
+    layouts = _layouts(model)
+    tensors: dict[str, Tensor] = {}
+    entries: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    dense_bytes = 0
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        dense_bytes += tensor.numel() * tensor.element_size()
+        meta, parts = _encode(name, tensor, layouts.get(name), pattern)
+        entries[name] = meta
+        for part, value in parts.items():
+            tensors[f"{name}::{part}"] = value
+    metadata = {"format": FORMAT, "version": VERSION, "tensors": json.dumps(entries), "aliases": json.dumps(aliases)}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    formats: dict[str, int] = {}
+    for meta in entries.values():
+        formats[meta["format"]] = formats.get(meta["format"], 0) + 1
+    return CompressedSize(str(path), Path(path).stat().st_size, dense_bytes, formats)
+
+
+def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The dense state dict stored in a compressed checkpoint (aliases included)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise StateError(f"{path} is not a secateurs compressed checkpoint (format={metadata.get('format')!r})")
+        entries = json.loads(metadata["tensors"])
+        aliases = json.loads(metadata.get("aliases", "{}"))
+        state: dict[str, Tensor] = {}
+        for name, meta in entries.items():
+            dtype = getattr(torch, meta["dtype"])
+            fmt = meta["format"]
+            if fmt == "dense":
+                state[name] = f.get_tensor(f"{name}::dense")
+            elif fmt == "bitmask":
+                parts = {p: f.get_tensor(f"{name}::{p}") for p in ("bitmask", "values")}
+                state[name] = _decode_bitmask(parts, meta["shape"], dtype)
+            elif fmt == "n:m":
+                parts = {p: f.get_tensor(f"{name}::{p}") for p in ("values", "indices")}
+                state[name] = _decode_nm(parts, meta, dtype)
+            else:
+                raise StateError(f"{path}: tensor {name!r} has unknown format {fmt!r}")
+    for alias, target in aliases.items():
+        state[alias] = state[target]
+    return state
+
+
+def load_compressed_into(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a compressed checkpoint into ``model`` (strict: every key must match)."""
+    state = load_compressed(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StateError(
+            f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -1,0 +1,117 @@
+"""Save a pruned Hugging Face model: ``save_pretrained`` (dense with zeros) and/or compressed.
+
+A saved directory holds the config (and the tokenizer, when given), ``model.safetensors``
+from ``save_pretrained`` so ``from_pretrained`` works unchanged, and ``sparse.safetensors``,
+the compressed checkpoint (:mod:`secateurs.export.compressed`). :func:`load_pruned` loads
+either. The directory is written atomically and an existing one is refused unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, choices
+from ..hf import ModelLoadError
+from ..io import atomic_dir
+from ..patterns import NM
+from .compressed import CompressedSize, load_compressed_into, save_compressed
+
+SPARSE_FILE = "sparse.safetensors"
+FORMATS = ("hf", "compressed", "both")
+
+
+@dataclass
+class SavedModel:
+    path: str
+    dense_bytes: int  # the weights stored dense (save_pretrained's safetensors, or what it would be)
+    compressed: CompressedSize | None
+
+    def summary(self) -> str:
+        if self.compressed is None:
+            return f"wrote {self.path} (dense weights {self.dense_bytes / 2**20:.2f} MiB)"
+        c = self.compressed
+        return (
+            f"wrote {self.path}: compressed checkpoint {c.file_bytes / 2**20:.2f} MiB vs dense "
+            f"{c.dense_bytes / 2**20:.2f} MiB ({c.ratio:.2f}x smaller; formats {c.formats})"
+        )
+
+
+def save_pruned(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    format: str = "both",
+    pattern: NM | None = None,
+    overwrite: bool = False,
+    extra_files: Mapping[str, str] | None = None,
+) -> SavedModel:
+    """Write ``model`` (already baked: zeros in the weights) to the directory ``path``.
+
+    ``format``: ``'hf'`` (save_pretrained only), ``'compressed'`` (config + compressed
+    checkpoint) or ``'both'``. ``extra_files`` maps file names to text (report, recipe).
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown format {format!r}; valid: {choices(FORMATS)}")
+    if not hasattr(model, "save_pretrained"):
+        raise ConfigError(f"{type(model).__name__} has no save_pretrained(); save it with save_compressed()")
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        compressed = None
+        if format in ("hf", "both"):
+            model.save_pretrained(tmp)
+        else:
+            model.config.save_pretrained(tmp)
+            generation = getattr(model, "generation_config", None)
+            if generation is not None:
+                generation.save_pretrained(tmp)
+        if format in ("compressed", "both"):
+            compressed = save_compressed(model, tmp / SPARSE_FILE, pattern)
+            compressed.path = str(Path(path) / SPARSE_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        dense = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
+    if compressed is not None:
+        dense = dense or compressed.dense_bytes
+    return SavedModel(str(path), dense, compressed)
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) -> nn.Module:
+    """Load a directory written by :func:`save_pruned` (or any HF model directory).
+
+    ``prefer='compressed'`` reads ``sparse.safetensors`` even when dense weights are there
+    too; ``'auto'`` uses the dense weights when present (faster) and the compressed ones
+    otherwise.
+    """
+    from ..hf import load_hf_model
+
+    path = Path(path)
+    sparse = path / SPARSE_FILE
+    has_dense = any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    if sparse.is_file() and (prefer == "compressed" or not has_dense):
+        try:
+            import transformers
+        except ImportError as exc:
+            raise ModelLoadError("loading Hugging Face models needs transformers: pip install 'secateurs[hf]'") from exc
+        config = transformers.AutoConfig.from_pretrained(path)
+        model = _model_class(config)(config)
+        load_compressed_into(model, sparse)
+        return model.eval()
+    return load_hf_model(str(path), **kwargs)

@@ -1,0 +1,166 @@
+"""LLMPruneConfig: every argument of a layerwise LLM pruning run, validated once.
+
+Its own dataclass rather than more fields on :class:`~secateurs.PruneConfig`: a layerwise
+run has knobs a generic run does not (calibration segments, the block container, OWL,
+SparseGPT's solver options), SparseGPT is a solver rather than a criterion, and most
+generic options (schedules, global allocation, channel patterns) have no meaning here.
+It behaves the same way: ``prune_llm()``, recipe files and ``secateurs prune --calib``
+build one, unknown keys are refused with the valid ones, and ``to_dict()`` round-trips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import ConfigError, RecipeError, choices
+from ..patterns import NM, Element, Pattern, parse_pattern
+from ..scope import ScopeSpec
+from .methods import METHODS, LayerwiseMethod, make_method
+from .owl import DEFAULT_LAMBDA, DEFAULT_M, check_lambda
+
+ALLOCATIONS = ("uniform", "owl")
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LLMPruneConfig:
+    """Arguments of :func:`secateurs.llm.prune_llm`.
+
+    Args:
+        method: ``'magnitude'``, ``'wanda'`` or ``'sparsegpt'``.
+        sparsity: fraction of each block's weights to remove, in [0, 1); implied by N:M.
+        pattern: ``'element'`` (unstructured) or ``'N:M'`` such as ``'2:4'``.
+        allocation: ``'uniform'`` (every block at ``sparsity``) or ``'owl'`` (outlier-weighted).
+        owl_m: OWL's outlier threshold M (a score above M x the mean is an outlier).
+        owl_lambda: OWL's lambda: block sparsities range over ``sparsity +- lambda``.
+        nsamples: calibration segments (the literature's 128).
+        seqlen: tokens per segment; None: 2048 capped to the model's context.
+        batch_size: segments per forward pass.
+        seed: picks the calibration segments.
+        blocks: qualified name of the container of repeated blocks; None: found automatically.
+        scope: which layers inside the blocks: a :class:`ScopeSpec`, a dict of its fields, or
+            a list of include globs (module names such as ``'*.mlp.*'``).
+        method_options: SparseGPT's ``blocksize`` (128), ``dampening`` (0.01), ``max_retries`` (5).
+    """
+
+    method: str = "wanda"
+    sparsity: float | None = None
+    pattern: str | Mapping | Pattern = "element"
+    allocation: str = "uniform"
+    owl_m: float = DEFAULT_M
+    owl_lambda: float = DEFAULT_LAMBDA
+    nsamples: int = 128
+    seqlen: int | None = None
+    batch_size: int = 1
+    seed: int = 0
+    blocks: str | None = None
+    scope: ScopeSpec | Mapping | list | str | None = None
+    method_options: Mapping[str, Any] | None = None
+    # resolved views
+    method_: LayerwiseMethod = field(init=False, repr=False, compare=False)
+    pattern_: Pattern = field(init=False, repr=False, compare=False)
+    scope_: ScopeSpec = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown LLM pruning method {self.method!r}; valid: {choices(METHODS)}")
+        method = make_method(self.method, dict(self.method_options or {}))
+        pattern = parse_pattern(self.pattern)
+        if not isinstance(pattern, (Element, NM)):
+            raise ConfigError(
+                f"layerwise LLM pruning takes pattern 'element' or N:M (e.g. '2:4'), not {pattern.spec()!r}; "
+                "structured removal is the structural module's job"
+            )
+        sparsity = self._check_sparsity(pattern)
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; valid: {choices(ALLOCATIONS)}")
+        if self.allocation == "owl":
+            if isinstance(pattern, NM):
+                raise ConfigError("OWL varies sparsity per block, but N:M fixes it; use allocation='uniform' with N:M")
+            if not isinstance(self.owl_m, (int, float)) or not self.owl_m > 0:
+                raise ConfigError(f"owl_m must be positive, got {self.owl_m!r} (the paper uses 5)")
+            check_lambda(float(self.owl_lambda), sparsity)
+        _positive_int("nsamples", self.nsamples)
+        _positive_int("seqlen", self.seqlen, allow_none=True)
+        _positive_int("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            raise ConfigError(f"blocks must be a module name such as 'model.layers', got {self.blocks!r}")
+        scope = ScopeSpec.from_value(self.scope)
+        scope = replace(scope, skip_first=False, skip_last=False, types=("Linear", "Conv1D"), embeddings=False)
+        set_ = object.__setattr__
+        set_(self, "sparsity", sparsity)
+        set_(self, "method_", method)
+        set_(self, "pattern_", pattern)
+        set_(self, "scope_", scope)
+
+    def _check_sparsity(self, pattern: Pattern) -> float:
+        s = self.sparsity
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0):
+            raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r} (0.5 removes half the weights)")
+        if isinstance(pattern, NM):
+            implied = 1.0 - pattern.density
+            if s is not None and abs(s - implied) > 1e-9:
+                raise ConfigError(
+                    f"pattern {pattern.spec()} implies sparsity {implied:g}, but sparsity={s} was given; drop one"
+                )
+            return implied
+        if s is None:
+            raise ConfigError("sparsity is required (a number in [0, 1)), unless pattern is N:M")
+        return float(s)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method_.needs.value != "nothing" or self.allocation == "owl"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (a valid recipe) that rebuilds this config."""
+        return {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "pattern": self.pattern_.spec(),
+            "allocation": self.allocation,
+            "owl_m": self.owl_m,
+            "owl_lambda": self.owl_lambda,
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "blocks": self.blocks,
+            "scope": {k: v for k, v in self.scope_.to_dict().items() if k in ("include", "exclude")},
+            "method_options": dict(self.method_options) if self.method_options else None,
+        }
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> LLMPruneConfig:
+        """Strict: unknown keys are an error naming them and listing the valid ones."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
+        unknown = set(data) - set(cls.keys())
+        if unknown:
+            raise RecipeError(f"{source} has unknown key(s) {sorted(unknown)}; valid keys: {choices(cls.keys())}")
+        try:
+            return cls(**data)
+        except RecipeError:
+            raise
+        except ConfigError as exc:
+            raise RecipeError(f"{source}: {exc}") from exc

@@ -1,0 +1,80 @@
+"""Perplexity with the protocol of the Wanda and SparseGPT papers.
+
+Join the evaluation text, tokenize it once, cut it into non-overlapping windows of the
+context length (the tail shorter than a window is dropped), and report
+``exp(mean NLL)`` over every predicted token; each window predicts its tokens 2..L from the
+ones before it, with no context carried across windows. Any text file works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibration import CalibrationError, default_seqlen, model_context, token_stream
+from ..errors import ConfigError
+from ..progress import progress as progress_bar
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    windows: int
+    seqlen: int
+    tokens: int  # tokens of the text (the tail past the last full window is not scored)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    return name.endswith(("ForCausalLM", "LMHeadModel")) or bool(getattr(config, "is_decoder", False))
+
+
+def perplexity(
+    model: nn.Module,
+    text: Any,
+    tokenizer: Any = None,
+    seqlen: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> Perplexity:
+    """Perplexity of a causal LM on ``text`` (a file path, list of texts, dataset or token ids)."""
+    if not is_causal_lm(model):
+        raise ConfigError(
+            f"perplexity needs a causal language model with an LM head; {type(model).__name__} is not one "
+            "(masked LMs such as BERT have no left-to-right perplexity)"
+        )
+    seqlen = seqlen or default_seqlen(model)
+    context = model_context(model)
+    if context is not None and seqlen > context:
+        raise ConfigError(f"seqlen={seqlen} is longer than the model's context of {context} tokens")
+    stream = token_stream(text, tokenizer)
+    windows = stream.numel() // seqlen
+    if windows == 0:
+        raise CalibrationError(
+            f"the evaluation text has {stream.numel()} tokens, fewer than one window of seqlen={seqlen}"
+        )
+    ids = stream[: windows * seqlen].reshape(windows, seqlen)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in progress_bar(range(0, windows, batch_size), "perplexity", progress):
+                batch = ids[start : start + batch_size].to(device)
+                logits = model(batch, use_cache=False).logits.float()
+                nll = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                total += float(nll)
+    finally:
+        model.train(was_training)
+    mean = total / (windows * (seqlen - 1))
+    return Perplexity(math.exp(mean), mean, windows, seqlen, stream.numel())

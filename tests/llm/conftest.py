@@ -1,0 +1,103 @@
+"""Tiny randomly initialised Hugging Face models (one per architecture family) and token data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+HIDDEN = 32
+FFN = 64
+CONTEXT = 64
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        )
+    )  # fmt: skip
+
+
+def _mistral():
+    return transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, sliding_window=16,
+        )
+    )  # fmt: skip
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        )
+    )  # fmt: skip
+
+
+def _opt():
+    return transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=CONTEXT, word_embed_proj_dim=HIDDEN,
+        )
+    )  # fmt: skip
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=CONTEXT)
+    )
+
+
+def _bert():
+    return transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=FFN, max_position_embeddings=CONTEXT,
+        )
+    )  # fmt: skip
+
+
+ARCHITECTURES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "opt": _opt, "gpt2": _gpt2, "bert": _bert}
+
+
+def tiny(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return ARCHITECTURES[name]().eval()
+
+
+@pytest.fixture(params=list(ARCHITECTURES))
+def any_model(request) -> tuple[str, torch.nn.Module]:
+    return request.param, tiny(request.param)
+
+
+@pytest.fixture
+def llama() -> torch.nn.Module:
+    return tiny("llama")
+
+
+@pytest.fixture
+def segments() -> torch.Tensor:
+    """8 calibration segments of 32 token ids."""
+    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def state_bits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dict, as raw bits (so -0.0 != +0.0 and NaNs compare)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().clone().contiguous()
+        out[k] = v.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[v.element_size()])
+    return out
+
+
+def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
