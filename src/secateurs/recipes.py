@@ -18,13 +18,14 @@ from .config import PruneConfig
 from .errors import RecipeError
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> dict[str, Any]:
-    """Validate plain data as a recipe and return it as keyword arguments."""
-    PruneConfig.from_dict(data, source)
+def parse_recipe(data: Any, source: str = "recipe", schema: Any = PruneConfig) -> dict[str, Any]:
+    """Validate plain data as a recipe and return it as keyword arguments.
+    ``schema`` is the config class whose strict ``from_dict`` checks it (e.g. ``LLMPruneConfig``)."""
+    schema.from_dict(data, source)
     return dict(data)
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+def load_recipe(path: str | os.PathLike, schema: Any = PruneConfig) -> dict[str, Any]:
     """Read and validate a ``.yaml``/``.yml``/``.json`` recipe (YAML via ``safe_load``)."""
     path = Path(path)
     try:
@@ -35,4 +36,4 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"recipe {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-    return parse_recipe(data if data is not None else {}, str(path))
+    return parse_recipe(data if data is not None else {}, str(path), schema)

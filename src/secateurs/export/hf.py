@@ -65,7 +65,8 @@ def save_pruned(
         compressed = None
         if format in ("hf", "both"):
             model.save_pretrained(tmp)
-        else:
+        else:  # what save_pretrained writes, minus the weights
+            model.config.architectures = [type(model).__name__]
             model.config.save_pretrained(tmp)
             generation = getattr(model, "generation_config", None)
             if generation is not None:
@@ -90,7 +91,7 @@ def _model_class(config: Any) -> Any:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel
+    return transformers.AutoModel.from_config
 
 
 def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) -> nn.Module:
