@@ -20,6 +20,7 @@ from .progress import progress as progress_bar
 from .report import Report, build_report
 from .schedules import OneShot, exponential_sparsity
 from .scope import Target, resolve
+from .structural.report import StructuralReport
 
 
 def _data(
@@ -41,14 +42,15 @@ def prune(
     example_inputs: Any = None,
     progress: bool = True,
     **options: Any,
-) -> Report:
+) -> Report | StructuralReport:
     """Prune ``model`` in place and return a :class:`Report` of what changed.
 
     ``options`` are the other :class:`PruneConfig` fields (``pattern``, ``allocation``,
     ``scope``, ``mode``, ``iterations`` ...), so a recipe maps one-to-one:
     ``prune(model, **load_recipe("recipe.yaml"), calibration=loader)``.
     Every check runs before the model is touched; if anything fails, the model is
-    left exactly as it was.
+    left exactly as it was. ``mode='remove'`` removes whole channels, heads, hidden
+    dimensions or blocks for real and returns a :class:`StructuralReport`.
 
     Args:
         calibration: iterable of batches for data-needing criteria (see ``secateurs.batches``).
@@ -63,8 +65,12 @@ def prune(
             "secateurs.Pruner(model, ..., schedule=...) in your training loop, or iterations=N for "
             "exponential rounds without training"
         )
-    targets = resolve(model, config.scope_)
     data = _data(config, calibration, loss_fn, example_inputs, progress)
+    if config.mode == "remove":
+        from .structural.pipeline import prune_structured
+
+        return prune_structured(model, config, data)
+    targets = resolve(model, config.scope_)
     check(targets, config, data)
     rounds = config.rounds
     with pruning(targets):
@@ -137,6 +143,11 @@ class Pruner:
     ) -> None:
         self.model = model
         self.config = PruneConfig(method=method, sparsity=sparsity, **options)
+        if self.config.mode == "remove":
+            raise ConfigError(
+                "mode='remove' changes tensor shapes, which an optimizer in a training loop cannot follow; "
+                "train with masks (mode='mask'), then call prune(model, ..., mode='remove') between phases"
+            )
         self.targets: list[Target] = resolve(model, self.config.scope_)
         self.data = _data(self.config, calibration, loss_fn, example_inputs, progress)
         check(self.targets, self.config, self.data)

@@ -34,18 +34,22 @@ class PruneConfig:
             None takes the method's default (e.g. global for SNIP).
         comparison: ``'layer'`` or ``'row'`` (rank within output rows, as Wanda); None: method default.
         scope: :class:`ScopeSpec`, a dict of its fields, or a list of include globs.
-        mode: ``'mask'`` (reversible parametrization) or ``'bake'`` (zeros in the weights).
+        mode: ``'mask'`` (reversible parametrization), ``'bake'`` (zeros in the weights) or
+            ``'remove'`` (structural: tensors shrink; ``pattern`` is then ``'channel'``, ``'head'``,
+            ``'hidden'``, ``'layer'`` or a ``+`` combination, see ``docs/structural.md``).
         schedule: for :class:`Pruner`: ``{'kind': 'cubic', 'start': 0, 'end': 1000, 'every': 100}`` ...
         iterations: pruning rounds inside one ``prune()`` call, on an exponential schedule
             (SynFlow's 100); None: method default.
         method_options: keyword arguments of the criterion (e.g. ``{'norm': 2}``).
         max_batches: use at most this many calibration batches.
         seed: seeds every random choice (random criterion).
+        structural: options of ``mode='remove'`` (``round_to``, ``max_ratio``, ``keep_at_least``,
+            ``gqa`` ...), see :class:`secateurs.structural.StructuralOptions`.
     """
 
     method: str | Criterion = "magnitude"
     sparsity: float | None = None
-    pattern: str | Mapping | Pattern = "element"
+    pattern: str | Mapping | Pattern | None = None  # None: 'element' (mask/bake), 'channel' (remove)
     allocation: str | Mapping[str, float] | Allocation | None = None
     comparison: str | None = None
     scope: ScopeSpec | Mapping | list | str | None = None
@@ -55,21 +59,35 @@ class PruneConfig:
     method_options: Mapping[str, Any] | None = None
     max_batches: int | None = None
     seed: int = 0
+    structural: Mapping[str, Any] | None = None
     # resolved views, filled by __post_init__
     criterion_: Criterion = field(init=False, repr=False, compare=False)
     pattern_: Pattern = field(init=False, repr=False, compare=False)
     allocation_: Allocation = field(init=False, repr=False, compare=False)
     scope_: ScopeSpec = field(init=False, repr=False, compare=False)
     schedule_: Schedule = field(init=False, repr=False, compare=False)
+    structural_: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         criterion = make_criterion(self.method, dict(self.method_options) if self.method_options else None)
-        pattern = parse_pattern(self.pattern)
+        removing = self.mode == "remove"
+        if criterion.structural_only and not removing:
+            raise ConfigError(f"method {criterion.name!r} scores whole structures; use mode='remove'")
+        if removing:
+            from .structural.options import StructuralOptions, parse_granularity
+
+            pattern = parse_granularity(self.pattern)
+            object.__setattr__(self, "structural_", StructuralOptions.from_value(self.structural))
+        else:
+            pattern = parse_pattern(self.pattern)
+            object.__setattr__(self, "structural_", None)
+            if self.structural is not None:
+                raise ConfigError("structural options apply only with mode='remove'")
         sparsity = self._check_sparsity(pattern)
         allocation = make_allocation(self.allocation or criterion.default_allocation, default=sparsity)
         comparison = self.comparison or criterion.default_comparison
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r}; valid: {choices(MODES)}")
+        if self.mode not in (*MODES, "remove"):
+            raise ConfigError(f"unknown mode {self.mode!r}; valid: {choices((*MODES, 'remove'))}")
         if allocation.needs_single_group and (comparison == "row" or isinstance(pattern, NM)):
             raise ConfigError(
                 f"allocation {allocation.name!r} ranks whole layers against each other, but "
@@ -80,7 +98,7 @@ class PruneConfig:
             raise ConfigError(
                 f"N:M fixes the sparsity of every group; allocation must be 'uniform', not {allocation!r}"
             )
-        if criterion.patterns is not None and pattern.name not in criterion.patterns:
+        if criterion.patterns is not None and pattern.name not in criterion.patterns and not removing:
             raise ConfigError(
                 f"method {criterion.name!r} scores whole {criterion.patterns[0]}s; use pattern="
                 f"{criterion.patterns[0]!r} (got {pattern.spec()!r})"
@@ -97,6 +115,10 @@ class PruneConfig:
         set_(self, "allocation_", allocation)
         set_(self, "scope_", ScopeSpec.from_value(self.scope))
         set_(self, "schedule_", make_schedule(self.schedule))
+        if removing:
+            from .structural.options import check_remove
+
+            check_remove(self)
 
     def _check_sparsity(self, pattern: Pattern) -> float | None:
         s = self.sparsity
@@ -147,6 +169,7 @@ class PruneConfig:
             "method_options": options or None,
             "max_batches": self.max_batches,
             "seed": self.seed,
+            "structural": None if self.structural_ is None else self.structural_.to_dict(),
         }
 
     def fingerprint(self) -> str:

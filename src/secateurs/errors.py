@@ -37,6 +37,10 @@ class StateError(SecateursError, RuntimeError):
     """An object is used in the wrong order, e.g. loading masks whose shapes do not match."""
 
 
+class StructureError(SecateursError, RuntimeError):
+    """Structural removal cannot follow an op or module, or the pruned model fails its forward check."""
+
+
 def choices(values: Iterable[str]) -> str:
     """Format the allowed values for an error message."""
     return ", ".join(sorted(repr(v) for v in values))

@@ -64,3 +64,25 @@ def is_connected(model: nn.Module, example_inputs: Any) -> bool | None:
         ones = torch.ones_like(example_inputs, dtype=torch.float64, device=model_device(probe))
         out = logits_of(probe(ones))
     return bool(out.abs().sum() > 0)
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one forward pass on ``example_inputs`` (eval mode, no autograd).
+    Compare two models with ratios measured in the same process, one right after the other."""
+    import statistics
+    import time
+
+    was_training = model.training
+    model.eval()
+    inputs = to_device(example_inputs, model_device(model))
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                start = time.perf_counter()
+                run_model(model, inputs)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)

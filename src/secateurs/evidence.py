@@ -41,6 +41,20 @@ class ActivationStats:
     output_abs_sum: Tensor  # (out_channels,): sum of |y_i|
     output_nonpositive: Tensor  # (out_channels,): count of y_i <= 0, i.e. zero after ReLU
     positions: int = 0
+    input_sum: Tensor | None = None  # (in_channels,): sum of x_j, for input means and variances (FLAP)
+    input_positions: int = 0
+
+    @property
+    def input_mean(self) -> Tensor:
+        if self.input_sum is None:
+            raise DataRequiredError("this layer takes integer inputs (an Embedding); it has no input statistics")
+        return self.input_sum / max(self.input_positions, 1)
+
+    @property
+    def input_variance(self) -> Tensor:
+        """Unbiased variance of each input channel over all calibration positions."""
+        n = max(self.input_positions, 2)
+        return ((self.input_sq_sum - self.input_sum.square() / n) / (n - 1)).clamp_min(0.0)
 
     @property
     def input_norm(self) -> Tensor:
@@ -140,6 +154,9 @@ def _gather_activations(evidence: Evidence) -> None:
                 x = _channels_last(args[0].detach().float(), target.layout)
                 sq = x.square().sum(0).double()
                 s.input_sq_sum = sq if s.input_sq_sum is None else s.input_sq_sum + sq.to(s.input_sq_sum.device)
+                total = x.sum(0).double()
+                s.input_sum = total if s.input_sum is None else s.input_sum + total.to(s.input_sum.device)
+                s.input_positions += x.shape[0]
             s.output_abs_sum = s.output_abs_sum.to(y.device) + y.abs().sum(0).double()
             s.output_nonpositive = s.output_nonpositive.to(y.device) + (y <= 0).sum(0).double()
             s.positions += y.shape[0]

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError, choices
-from . import activation, gradient, magnitude, second_order, synflow  # noqa: F401  (registration)
+from . import activation, gradient, magnitude, second_order, structural, synflow  # noqa: F401  (registration)
 from .activation import Activation, APoZ, Wanda
 from .base import Criterion, register, registry
 from .gradient import SNIP, Gradient, GraSP, Taylor
 from .magnitude import LAMP, Magnitude, Random, lamp_normalize
 from .second_order import OBD
+from .structural import FLAP, FPGM, BlockInfluence, BNScale, GroupCriterion, as_group_criterion
 from .synflow import SynFlow
 
 
@@ -32,6 +33,12 @@ def make_criterion(method: str | Criterion, options: dict[str, Any] | None = Non
 __all__ = [
     "APoZ",
     "Activation",
+    "BNScale",
+    "BlockInfluence",
+    "FLAP",
+    "FPGM",
+    "GroupCriterion",
+    "as_group_criterion",
     "Criterion",
     "Gradient",
     "GraSP",

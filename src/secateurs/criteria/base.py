@@ -34,6 +34,8 @@ class Criterion(ABC):
     default_iterations: ClassVar[int] = 1
     #: can it score Embedding tables?
     scores_embeddings: ClassVar[bool] = True
+    #: defined only for whole structures (BatchNorm scale, FLAP, block influence): mode='remove'
+    structural_only: ClassVar[bool] = False
 
     def scores(self, evidence: Evidence) -> dict[str, Tensor]:
         """Importance per target name, canonical ``(O, S, I)`` layout."""

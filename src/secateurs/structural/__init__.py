@@ -1,0 +1,1 @@
+"""Structural pruning: remove channels, neurons, heads, hidden dims and blocks for real."""

@@ -1,0 +1,72 @@
+"""Applying steps with a forward check, all or nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batches import model_device, run_model, to_device
+from ..errors import StructureError
+from ..evidence import preserved
+from .step import Step, apply_step
+from .surgery import Surgery
+from .tracer import _outputs, module_stack
+
+
+def run(model: nn.Module, inputs: Any) -> Any:
+    """One forward in eval mode without gradients (the tracer's calling convention)."""
+    inputs = to_device(inputs, model_device(model))
+    if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
+        inputs = {"use_cache": False, **inputs}
+    return run_model(model, inputs) if isinstance(inputs, dict | torch.Tensor) else model(*inputs)
+
+
+def output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
+    with preserved(model, []), torch.no_grad():
+        model.eval()
+        return [tuple(y.shape) for y in _outputs(run(model, inputs))]
+
+
+def forward_check(model: nn.Module, inputs: Any, expected: list[tuple[int, ...]] | None) -> None:
+    """The pruned model must run and give outputs of the same shapes. Code with a hard-coded
+    size (``x.view(-1, 512)``) fails here, and the error names the module that failed."""
+    with preserved(model, []), torch.no_grad(), module_stack(model) as stack:
+        model.eval()
+        try:
+            got = [tuple(y.shape) for y in _outputs(run(model, inputs))]
+        except Exception as exc:
+            where = stack[-1] if stack else "the model's top-level forward"
+            raise StructureError(
+                f"the pruned model fails in {where!r}: {type(exc).__name__}: {exc}. Its code probably assumes "
+                f"the old sizes (a hard-coded shape?); the model was restored. Exclude {where!r} from the scope, "
+                "or make its forward read sizes from the tensors"
+            ) from exc
+    if expected is not None and got != expected:
+        raise StructureError(
+            f"the pruned model's outputs changed shape ({expected} -> {got}); the model was restored. "
+            "Exclude the layers that feed the outputs from the scope"
+        )
+
+
+def apply_steps(
+    model: nn.Module, steps: Sequence[Step], example_inputs: Any = None, check: bool = True, after=None
+) -> Surgery:
+    """Apply ``steps``; ``after(model, edit)`` runs last (HF config updates). If anything fails,
+    including the forward check on ``example_inputs``, the model is restored exactly."""
+    expected = output_shapes(model, example_inputs) if check and example_inputs is not None else None
+    edit = Surgery(model)
+    try:
+        for step in steps:
+            apply_step(model, step, edit)
+        if after is not None:
+            after(model, edit)
+        if expected is not None:
+            forward_check(model, example_inputs, expected)
+    except BaseException:
+        edit.undo()
+        raise
+    edit.commit()
+    return edit

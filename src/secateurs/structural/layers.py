@@ -1,0 +1,124 @@
+"""Whole blocks: find the repeated blocks, score them, drop them.
+
+Removing block i of a residual stack is the same as replacing it by the identity;
+we delete it from its container (``ModuleList`` / ``Sequential``), so the saved
+model is a plain, shallower model (``num_hidden_layers`` updated for transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..batches import model_device, run_model, to_device
+from ..errors import ConfigError, DataRequiredError, StructureError
+from ..evidence import preserved
+from ..progress import progress
+from .step import Step
+
+
+def find_blocks(model: nn.Module, container: str | None = None) -> tuple[str, list[nn.Module]]:
+    """The repeated blocks: the ``ModuleList`` / ``Sequential`` whose children all share one class,
+    with the most parameters (``model.layers``, ``transformer.h``, ``encoder.layer`` ...)."""
+    from .hf import blocks_of
+
+    known = blocks_of(model) if container is None else None
+    if known is not None:
+        return known
+    if container is not None:
+        try:
+            found = model.get_submodule(container)
+        except AttributeError as exc:
+            raise StructureError(f"the model has no module {container!r} holding blocks") from exc
+        return container, list(found.children())
+    best, best_size = None, -1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList | nn.Sequential):
+            continue
+        children = list(module.children())
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = name, size
+    if best is None:
+        raise StructureError(
+            "no repeated blocks found (a ModuleList or Sequential of two or more modules of one class); "
+            "name them with remove_layers(..., container='model.layers')"
+        )
+    return best, list(model.get_submodule(best).children())
+
+
+def _hidden(x: Any) -> Tensor | None:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
+        return x[0]
+    return None
+
+
+def block_influence(
+    model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[Any], show_progress: bool = False
+) -> Tensor:
+    """ShortGPT (Men et al. 2024, arXiv:2403.03853): ``BI_i = 1 - mean_t cos(x_i,t, x_{i+1},t)``
+    over every calibration token, from hooks on each block's input and output hidden states."""
+    if not batches:
+        raise DataRequiredError("block influence needs calibration batches (calibration=...)")
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    counts = torch.zeros(len(blocks), dtype=torch.float64)
+    seen: dict[int, Tensor] = {}
+
+    def pre(i: int):
+        def hook(module, args, kwargs):
+            x = _hidden(args) if args else _hidden(kwargs.get("hidden_states"))
+            if x is not None:
+                seen[i] = x.detach()
+
+        return hook
+
+    def post(i: int):
+        def hook(module, args, kwargs, output):
+            x, y = seen.pop(i, None), _hidden(output)
+            if x is None or y is None or x.shape != y.shape:
+                return
+            cos = F.cosine_similarity(x.double().flatten(0, -2), y.double().flatten(0, -2), dim=-1)
+            sums[i] += float((1.0 - cos).sum())
+            counts[i] += cos.numel()
+
+        return hook
+
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(post(i), with_kwargs=True))
+    device = model_device(model)
+    try:
+        with preserved(model, []), torch.no_grad():
+            model.eval()
+            for batch in progress(batches, "block influence", show_progress):
+                run_model(model, to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+    if bool((counts == 0).any()):
+        missing = [i for i in range(len(blocks)) if counts[i] == 0]
+        raise StructureError(f"blocks {missing} never received a hidden state of their output's shape")
+    return sums / counts
+
+
+def layer_step(container: str, removed: Sequence[int]) -> Step:
+    return Step(dropped={container: sorted(int(i) for i in removed)}, kind="layers")
+
+
+def how_many(total: int, sparsity: float, keep_at_least: int) -> int:
+    n = round(sparsity * total)
+    if n > total - keep_at_least:
+        raise ConfigError(
+            f"the model has {total} blocks; sparsity {sparsity} removes {n}, but at least {keep_at_least} must stay "
+            "(keep_at_least); lower the sparsity"
+        )
+    return n
