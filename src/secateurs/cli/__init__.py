@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import SecateursError
-from . import demo, prune, report
+from . import demo, eval, prune, report
 
-SUBCOMMANDS = (prune, report, demo)
+SUBCOMMANDS = (prune, eval, report, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..io import atomic_dir
 from ..masking import bake, save_masks
 from ..recipes import load_recipe, parse_recipe
+from . import llm_prune
 from .models import is_factory, load_model
 
 _FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "iterations", "seed", "max_batches")
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    llm_prune.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -67,6 +69,8 @@ def _call(spec: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if llm_prune.wants_layerwise(args, is_factory(args.model)):
+        return llm_prune.run(args)
     recipe = recipe_from_args(args)
     model = load_model(args.model, args.weights)
     calibration = _call(args.data) if args.data else None

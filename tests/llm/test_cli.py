@@ -1,0 +1,154 @@
+"""`secateurs prune <hf-dir> --calib ...` and `secateurs eval`: what a user types, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from secateurs.cli import main
+from secateurs.export import SPARSE_FILE, load_pruned
+
+from .conftest import assert_same_bits, state_bits, tiny
+
+TEXT = "".join(f"def function_{i}(x):\n    return x * {i} + len('pruning')\n\n" for i in range(400))
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"], show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny("llama").save_pretrained(path)
+    _tokenizer(96).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_prune_sparsegpt_writes_hf_and_compressed_checkpoints(model_dir, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", str(calib),
+            "--nsamples", "8", "--seqlen", "32", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "50.00% sparse" in printed and "x smaller" in printed
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", SPARSE_FILE, "report.json", "recipe.json", "tokenizer.json"} <= names
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.5) and report["calibration"] == {"nsamples": 8, "seqlen": 32}
+    dense = load_pruned(out)
+    assert_same_bits(state_bits(load_pruned(out, prefer="compressed")), state_bits(dense))
+
+
+def test_prune_two_four_with_a_recipe_and_then_eval(model_dir, calib, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: wanda\npattern: '2:4'\nnsamples: 4\nseqlen: 32\n")
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir), "--recipe", str(recipe), "--calib", str(calib), "--out", str(out),
+                 "--format", "compressed"]) == 0  # fmt: skip
+    assert not (out / "model.safetensors").exists()
+    capsys.readouterr()
+    results = tmp_path / "ppl.json"
+    assert main(["eval", str(out), "--ppl", str(calib), "--seqlen", "32", "--json", str(results)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    ppl = json.loads(results.read_text())["perplexity"][str(calib)]
+    assert ppl["windows"] > 10 and ppl["perplexity"] > 1
+
+
+def test_recipe_json_written_by_prune_is_a_valid_recipe(model_dir, calib, tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--method", "wanda", "--sparsity", "0.6", "--owl", "--owl-lambda", "0.1",
+            "--calib", str(calib), "--nsamples", "4", "--seqlen", "32", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    again = tmp_path / "again"
+    assert main(["prune", str(model_dir), "--recipe", str(out / "recipe.json"), "--calib", str(calib),
+                 "--out", str(again)]) == 0  # fmt: skip
+    assert_same_bits(state_bits(load_pruned(again)), state_bits(load_pruned(out)))
+
+
+def test_an_existing_output_is_refused_before_pruning(model_dir, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["prune", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib), "--out", str(out)]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+def test_calibration_shorter_than_one_segment_is_a_clear_error(model_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass\n")
+    args = ["prune", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(short),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "tokens, but one segment needs seqlen=64" in err and "Traceback" not in err
+
+
+def test_a_hub_id_without_network_suggests_a_local_path(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, as with no network
+    calib = tmp_path / "c.txt"
+    calib.write_text(TEXT)
+    args = ["prune", "some-org/some-llm", "--method", "sparsegpt", "--sparsity", "0.5", "--calib", str(calib),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    assert "local directory" in capsys.readouterr().err
+
+
+def test_sparsegpt_without_calibration_says_to_add_it(model_dir, tmp_path, capsys):
+    args = ["prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "--calib" in capsys.readouterr().err
+
+
+def test_generic_flags_that_do_not_apply_are_refused(model_dir, calib, tmp_path, capsys):
+    args = ["prune", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib),
+            "--mode", "mask", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    assert "--mode does not apply" in capsys.readouterr().err
+
+
+def test_magnitude_on_a_hf_directory_without_calib_keeps_the_generic_path(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 0
+    assert (out / "masks.safetensors").is_file()  # the generic path's output
+
+
+def test_eval_without_anything_to_evaluate_is_refused(model_dir, capsys):
+    assert main(["eval", str(model_dir)]) == 2
+    assert "--ppl" in capsys.readouterr().err
+
+
+def test_eval_of_the_dense_model_matches_the_api(model_dir, calib, capsys):
+    from secateurs.llm import perplexity
+
+    assert main(["eval", str(model_dir), "--ppl", str(calib), "--seqlen", "32"]) == 0
+    printed = capsys.readouterr().out
+    expected = perplexity(load_pruned(model_dir), str(calib), _tokenizer_of(model_dir), seqlen=32, progress=False)
+    assert f"{expected.perplexity:.4f}" in printed
+    torch.manual_seed(0)
+
+
+def _tokenizer_of(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
