@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batches import LossFn, model_inputs, take
+from .batches import LossFn, first_sample, model_inputs, take
 from .config import PruneConfig
 from .engine import Data, apply_masks, check, compute_masks, pruning
 from .errors import ConfigError, StateError
@@ -28,7 +28,7 @@ def _data(
 ) -> Data:
     batches = take(calibration, config.max_batches)
     if example_inputs is None and batches:
-        example_inputs = model_inputs(batches[0])
+        example_inputs = first_sample(model_inputs(batches[0]))
     return Data(batches, loss_fn, example_inputs, show)
 
 
@@ -55,7 +55,8 @@ def prune(
     Args:
         calibration: iterable of batches for data-needing criteria (see ``secateurs.batches``).
         loss_fn: ``loss_fn(model, batch) -> scalar`` for gradient criteria with unusual batches.
-        example_inputs: one input batch, used for MACs in the report and by SynFlow for its shape.
+        example_inputs: one input batch, used for MACs in the report and by SynFlow for its shape;
+            default: the first sample of the first calibration batch.
         progress: show progress bars for work longer than a second.
     """
     config = PruneConfig(method=method, sparsity=sparsity, **options)

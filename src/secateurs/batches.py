@@ -50,6 +50,17 @@ def model_inputs(batch: Any) -> Any:
     return batch
 
 
+def first_sample(inputs: Any) -> Any:
+    """The first sample of a batch, batch dimension kept (reports count MACs per sample)."""
+    if isinstance(inputs, Tensor):
+        return inputs[:1]
+    if isinstance(inputs, Mapping):
+        return {k: first_sample(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(first_sample(v) for v in inputs)
+    return inputs
+
+
 def run_model(model: nn.Module, batch: Any) -> Any:
     """Forward one batch, following the conventions in this module's docstring."""
     inputs = model_inputs(batch)
