@@ -1,0 +1,89 @@
+"""Each method does, on a real (small) run, what its paper says it does.
+
+Trained and pruned on scikit-learn's digits; numbers are deterministic under the
+seeds used here. `bench/criteria_digits.py` prints the full table over several seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from secateurs import prune
+from secateurs.demo.data import load_digits
+from secateurs.demo.models import digits_cnn, digits_mlp
+from secateurs.training import accuracy, train
+
+EVERY_LAYER = {"skip_first": False, "skip_last": False}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    return data, data.batches(64, 0), data.batches(512, train=False)
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(digits):
+    _, batches, _ = digits
+    torch.manual_seed(0)
+    model = digits_mlp()
+    train(model, batches, 300)
+    return model
+
+
+def _pruned_accuracy(model, digits, method, sparsity, **options):
+    _, batches, test = digits
+    pruned = copy.deepcopy(model)
+    prune(pruned, method, sparsity, calibration=batches[:4], progress=False, **options)
+    return accuracy(pruned, test)
+
+
+def test_post_training_criteria_beat_random_pruning(trained_mlp, digits):
+    """Magnitude (Han et al. 2015), LAMP, OBD, Taylor, gradient and Wanda all keep more accuracy
+    than removing the same number of weights at random (no fine-tuning)."""
+    random = _pruned_accuracy(trained_mlp, digits, "random", 0.8)
+    assert accuracy(trained_mlp, digits[2]) > 0.95
+    margins = {m: _pruned_accuracy(trained_mlp, digits, m, 0.8) - random
+               for m in ("magnitude", "lamp", "obd", "taylor", "gradient", "wanda")}  # fmt: skip
+    assert all(margin > 0.05 for margin in margins.values()), margins
+    assert margins["magnitude"] > 0.4 and margins["lamp"] > 0.4
+
+
+def test_lamp_beats_global_magnitude_at_extreme_sparsity(trained_mlp, digits):
+    """Lee et al. 2021: LAMP's layer-adaptive budgets outperform one global magnitude threshold."""
+    lamp = _pruned_accuracy(trained_mlp, digits, "lamp", 0.95, scope=EVERY_LAYER)
+    global_magnitude = _pruned_accuracy(trained_mlp, digits, "magnitude", 0.95, allocation="global",
+                                        scope=EVERY_LAYER)  # fmt: skip
+    assert lamp > global_magnitude + 0.1
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow"])
+def test_pruning_at_initialisation_beats_random_masks_after_training(digits, method):
+    """SNIP, GraSP and SynFlow masks chosen before training train to far better accuracy than
+    random masks of the same sparsity; global magnitude at init collapses (Tanaka et al. 2020)."""
+    data, batches, test = digits
+
+    def trained(m, **options):
+        torch.manual_seed(0)
+        model = digits_mlp()
+        prune(model, m, 0.95, allocation="global", scope=EVERY_LAYER, calibration=batches[:4],
+              example_inputs=data.x_test[:1], progress=False, **options)  # fmt: skip
+        train(model, batches, 300)
+        return accuracy(model, test)
+
+    assert trained(method) > trained("random") + 0.2
+
+
+def test_neuron_criteria_keep_more_than_random_neurons(digits):
+    """Removing 30% of CNN filters by activation, APoZ (Hu et al. 2016), Taylor or L1 norm
+    (Li et al. 2017) hurts less than removing random filters."""
+    _, batches, test = digits
+    torch.manual_seed(0)
+    model = digits_cnn()
+    train(model, batches, 300)
+    scores = {m: _pruned_accuracy(model, digits, m, 0.3, pattern="output_channel")
+              for m in ("random", "activation", "apoz", "taylor", "magnitude")}  # fmt: skip
+    assert all(scores[m] > scores["random"] + 0.02 for m in scores if m != "random"), scores
