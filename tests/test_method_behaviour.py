@@ -80,7 +80,7 @@ def test_pruning_at_initialisation_beats_random_masks_after_training(digits, met
 def test_neuron_criteria_keep_more_than_random_neurons(digits):
     """Removing 30% of CNN filters by activation, APoZ (Hu et al. 2016), Taylor or L1 norm
     (Li et al. 2017) hurts less than removing random filters."""
-    _, batches, test = digits
+    _, batches, _ = digits
     torch.manual_seed(0)
     model = digits_cnn()
     train(model, batches, 300)
