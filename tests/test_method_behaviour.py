@@ -42,13 +42,15 @@ def _pruned_accuracy(model, digits, method, sparsity, **options):
 
 
 def test_post_training_criteria_beat_random_pruning(trained_mlp, digits):
-    """Magnitude (Han et al. 2015), LAMP, OBD, Taylor, gradient and Wanda all keep more accuracy
-    than removing the same number of weights at random (no fine-tuning)."""
+    """Magnitude (Han et al. 2015), LAMP, OBD and Wanda keep far more accuracy than removing the
+    same number of weights at random, in one shot and without fine-tuning. (First-order Taylor and
+    gradient scores vanish on a converged network and are not one-shot criteria; Taylor's paper
+    setting, filter pruning, is tested below.)"""
     random = _pruned_accuracy(trained_mlp, digits, "random", 0.8)
     assert accuracy(trained_mlp, digits[2]) > 0.95
     margins = {m: _pruned_accuracy(trained_mlp, digits, m, 0.8) - random
-               for m in ("magnitude", "lamp", "obd", "taylor", "gradient", "wanda")}  # fmt: skip
-    assert all(margin > 0.05 for margin in margins.values()), margins
+               for m in ("magnitude", "lamp", "obd", "wanda")}  # fmt: skip
+    assert all(margin > 0.15 for margin in margins.values()), margins
     assert margins["magnitude"] > 0.4 and margins["lamp"] > 0.4
 
 
