@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..io import OutputExistsError
 from ..patterns import NM
 
-LAYERWISE_ONLY = ("sparsegpt",)
+LAYERWISE_ONLY = ("sparsegpt", "shortgpt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,8 +54,10 @@ def llm_recipe(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("mode", "iterations", "max_batches", "data", "weights", "input_shape"):
         if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} does not apply to layerwise LLM pruning (--calib)")
-    if args.allocation not in (None, "uniform", "owl"):
-        raise ConfigError(f"layerwise LLM pruning takes --allocation uniform or owl (--owl), not {args.allocation!r}")
+    if args.allocation not in (None, "uniform", "owl", "global"):
+        raise ConfigError(
+            f"LLM pruning takes --allocation uniform, owl (--owl) or, for flap, global; not {args.allocation!r}"
+        )
     recipe: dict[str, Any] = dict(load_recipe(args.recipe, LLMPruneConfig)) if args.recipe else {}
     for key in ("method", "sparsity", "pattern", "allocation", "seed", "nsamples", "seqlen", "batch_size"):
         if getattr(args, key, None) is not None:
@@ -104,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(report.table())
+    files = {"report.json": report.to_json() + "\n", "recipe.json": json.dumps(config.to_dict(), indent=2) + "\n"}
+    if config.structural:
+        _save_structural(model, args.out, tokenizer, files, args.overwrite)
+        return 0
     pattern = config.pattern_ if isinstance(config.pattern_, NM) else None
     saved = save_pruned(
         model,
@@ -112,13 +118,24 @@ def run(args: argparse.Namespace) -> int:
         format=args.format or "both",
         pattern=pattern,
         overwrite=args.overwrite,
-        extra_files={
-            "report.json": report.to_json() + "\n",
-            "recipe.json": json.dumps(config.to_dict(), indent=2) + "\n",
-        },
+        extra_files=files,
     )
     print(saved.summary())
     return 0
+
+
+def _save_structural(model: Any, out: str, tokenizer: Any, files: dict[str, str], overwrite: bool) -> None:
+    """The structural module's directory (weights, pruning plan, config), plus tokenizer and report."""
+    from ..io import atomic_dir
+    from ..structural import save_pruned
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_pruned(model, tmp, overwrite=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    print(f"wrote {out} (structurally pruned: load it with secateurs.structural.load_pruned or `secateurs eval`)")
 
 
 def _tokenizer(path: str) -> Any:

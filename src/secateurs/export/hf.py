@@ -104,6 +104,10 @@ def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) ->
     from ..hf import load_hf_model
 
     path = Path(path)
+    if (path / "pruning_plan.json").is_file():  # structurally pruned (FLAP, ShortGPT ...)
+        from ..structural import load_pruned as load_removed
+
+        return load_removed(path)
     sparse = path / SPARSE_FILE
     has_dense = any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
     if sparse.is_file() and (prefer == "compressed" or not has_dense):

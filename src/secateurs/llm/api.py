@@ -116,7 +116,7 @@ def prune_llm(
     rollback: bool = True,
     progress: bool = True,
     **options: Any,
-) -> LLMReport:
+) -> LLMReport | Any:
     """Prune a transformer in place, one block at a time, and report what changed.
 
     ``options`` are the other :class:`LLMPruneConfig` fields (``pattern``, ``allocation``,
@@ -133,6 +133,9 @@ def prune_llm(
         rollback: keep the original weights until the run ends, so a failure leaves the
             model bit-identical (costs a CPU copy of the pruned weights).
         progress: show a progress bar over the blocks.
+
+    Returns an :class:`LLMReport`; for ``'flap'`` and ``'shortgpt'`` (structures really removed
+    by :mod:`secateurs.structural`) its :class:`~secateurs.structural.StructuralReport`.
     """
     unknown = set(options) - set(LLMPruneConfig.keys())
     if unknown:
@@ -146,6 +149,10 @@ def prune_llm(
                 "data: pass calibration='calib.txt' (CLI: --calib calib.txt)"
             )
         segments, seqlen = calibration_segments(model, calibration, tokenizer, config)
+    if config.structural:
+        from .structured import remove_structures
+
+        return remove_structures(model, config, segments, progress)
     start = time.perf_counter()
     result = run(model, config, segments, device=device, rollback=rollback, show_progress=progress)
     seconds = time.perf_counter() - start

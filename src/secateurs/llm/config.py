@@ -23,6 +23,9 @@ from .methods import METHODS, LayerwiseMethod, make_method
 from .owl import DEFAULT_LAMBDA, DEFAULT_M, check_lambda
 
 ALLOCATIONS = ("uniform", "owl")
+#: structured methods of the structural module, run on the same calibration segments
+STRUCTURAL_METHODS = ("flap", "shortgpt")
+STRUCTURAL_ALLOCATIONS = ("uniform", "global")
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -37,10 +40,14 @@ class LLMPruneConfig:
     """Arguments of :func:`secateurs.llm.prune_llm`.
 
     Args:
-        method: ``'magnitude'``, ``'wanda'`` or ``'sparsegpt'``.
-        sparsity: fraction of each block's weights to remove, in [0, 1); implied by N:M.
+        method: ``'magnitude'``, ``'wanda'`` or ``'sparsegpt'`` (layerwise, unstructured or N:M);
+            ``'flap'`` (remove heads and MLP neurons) or ``'shortgpt'`` (remove whole blocks),
+            which run the structural module's removal on the same calibration segments.
+        sparsity: fraction of each block's weights to remove, in [0, 1); implied by N:M. For
+            ``flap`` the fraction of head and neuron parameters, for ``shortgpt`` of the blocks.
         pattern: ``'element'`` (unstructured) or ``'N:M'`` such as ``'2:4'``.
-        allocation: ``'uniform'`` (every block at ``sparsity``) or ``'owl'`` (outlier-weighted).
+        allocation: ``'uniform'`` (every block at ``sparsity``) or ``'owl'`` (outlier-weighted);
+            for ``flap`` ``'global'`` (its adaptive ranking, the default) or ``'uniform'``.
         owl_m: OWL's outlier threshold M (a score above M x the mean is an outlier).
         owl_lambda: OWL's lambda: block sparsities range over ``sparsity +- lambda``.
         nsamples: calibration segments (the literature's 128).
@@ -56,7 +63,7 @@ class LLMPruneConfig:
     method: str = "wanda"
     sparsity: float | None = None
     pattern: str | Mapping | Pattern = "element"
-    allocation: str = "uniform"
+    allocation: str | None = None
     owl_m: float = DEFAULT_M
     owl_lambda: float = DEFAULT_LAMBDA
     nsamples: int = 128
@@ -67,13 +74,17 @@ class LLMPruneConfig:
     scope: ScopeSpec | Mapping | list | str | None = None
     method_options: Mapping[str, Any] | None = None
     # resolved views
-    method_: LayerwiseMethod = field(init=False, repr=False, compare=False)
+    method_: LayerwiseMethod | None = field(init=False, repr=False, compare=False)  # None: FLAP, ShortGPT
     pattern_: Pattern = field(init=False, repr=False, compare=False)
     scope_: ScopeSpec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown LLM pruning method {self.method!r}; valid: {choices(METHODS)}")
+        if self.method not in METHODS and self.method not in STRUCTURAL_METHODS:
+            valid = choices((*METHODS, *STRUCTURAL_METHODS))
+            raise ConfigError(f"unknown LLM pruning method {self.method!r}; valid: {valid}")
+        if self.method in STRUCTURAL_METHODS:
+            self._init_structural()
+            return
         method = make_method(self.method, dict(self.method_options or {}))
         pattern = parse_pattern(self.pattern)
         if not isinstance(pattern, (Element, NM)):
@@ -82,6 +93,7 @@ class LLMPruneConfig:
                 "structured removal is the structural module's job"
             )
         sparsity = self._check_sparsity(pattern)
+        object.__setattr__(self, "allocation", self.allocation or "uniform")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"unknown allocation {self.allocation!r}; valid: {choices(ALLOCATIONS)}")
         if self.allocation == "owl":
@@ -105,6 +117,34 @@ class LLMPruneConfig:
         set_(self, "pattern_", pattern)
         set_(self, "scope_", scope)
 
+    def _init_structural(self) -> None:
+        """FLAP / ShortGPT: removal by the structural module; only the shared keys apply."""
+        pattern = parse_pattern(self.pattern)
+        if not isinstance(pattern, Element):
+            raise ConfigError(f"{self.method} removes whole structures; drop pattern={pattern.spec()!r}")
+        allocation = self.allocation or ("global" if self.method == "flap" else "uniform")
+        allowed = STRUCTURAL_ALLOCATIONS if self.method == "flap" else ("uniform",)
+        if allocation not in allowed:
+            raise ConfigError(f"{self.method} takes allocation {choices(allowed)}, not {allocation!r}")
+        if self.method_options:
+            raise ConfigError(f"{self.method} takes no method_options here (see docs/structural.md for its API)")
+        sparsity = self._check_sparsity(pattern)
+        if not sparsity > 0:
+            raise ConfigError(f"{self.method} needs a sparsity above 0, got {sparsity}")
+        _positive_int("nsamples", self.nsamples)
+        _positive_int("seqlen", self.seqlen, allow_none=True)
+        _positive_int("batch_size", self.batch_size)
+        set_ = object.__setattr__
+        set_(self, "sparsity", sparsity)
+        set_(self, "allocation", allocation)
+        set_(self, "method_", None)
+        set_(self, "pattern_", pattern)
+        set_(self, "scope_", ScopeSpec.from_value(self.scope))
+
+    @property
+    def structural(self) -> bool:
+        return self.method in STRUCTURAL_METHODS
+
     def _check_sparsity(self, pattern: Pattern) -> float:
         s = self.sparsity
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0):
@@ -122,6 +162,8 @@ class LLMPruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.method_ is None:  # FLAP and ShortGPT measure activations
+            return True
         return self.method_.needs.value != "nothing" or self.allocation == "owl"
 
     def to_dict(self) -> dict[str, Any]:

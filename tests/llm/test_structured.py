@@ -1,0 +1,79 @@
+"""FLAP and ShortGPT through prune_llm and the CLI (removal itself is the structural module's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secateurs import ConfigError
+from secateurs.llm import LLMPruneConfig, prune_llm
+
+from .conftest import tiny
+
+structural = pytest.importorskip("secateurs.structural")
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_flap_removes_heads_and_neurons_and_the_model_still_runs(segments):
+    model = tiny("llama")
+    before = _params(model)
+    report = prune_llm(model, "flap", 0.3, calibration=segments, progress=False)
+    assert _params(model) < before
+    assert report.params_ratio < 1.0
+    with torch.no_grad():
+        assert torch.isfinite(model(segments[:2]).logits).all()
+
+
+def test_shortgpt_removes_whole_blocks(segments):
+    model = tiny("llama")
+    report = prune_llm(model, "shortgpt", 0.5, calibration=segments, progress=False)
+    assert len(model.model.layers) == 1 and model.config.num_hidden_layers == 1
+    assert len(report.removed_blocks) == 1
+
+
+def test_shortgpt_refuses_a_sparsity_that_removes_no_block(segments):
+    with pytest.raises(ConfigError, match="removes between 1 and 1"):
+        prune_llm(tiny("llama"), "shortgpt", 0.1, calibration=segments, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "flap", "sparsity": 0.3, "pattern": "2:4"}, "removes whole structures"),
+        ({"method": "shortgpt", "sparsity": 0.5, "allocation": "owl"}, "takes allocation"),
+        ({"method": "flap", "sparsity": 0.3, "method_options": {"x": 1}}, "no method_options"),
+    ],
+)
+def test_structural_methods_refuse_options_that_do_not_apply(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LLMPruneConfig(**kwargs)
+
+
+def test_flap_defaults_to_its_global_adaptive_ranking():
+    assert LLMPruneConfig(method="flap", sparsity=0.2).allocation == "global"
+    assert LLMPruneConfig(method="wanda", sparsity=0.2).allocation == "uniform"
+
+
+def test_cli_flap_saves_a_loadable_directory_and_eval_reads_it(tmp_path, capsys):
+    from secateurs.cli import main
+    from secateurs.export import load_pruned
+
+    from .test_cli import TEXT, _tokenizer
+
+    src = tmp_path / "tiny"
+    tiny("llama").save_pretrained(src)
+    _tokenizer(96).save_pretrained(src)
+    calib = tmp_path / "c.txt"
+    calib.write_text(TEXT)
+    out = tmp_path / "out"
+    args = ["prune", str(src), "--method", "flap", "--sparsity", "0.3", "--calib", str(calib),
+            "--nsamples", "4", "--seqlen", "32", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "pruning_plan.json").is_file() and (out / "tokenizer.json").is_file()
+    loaded = load_pruned(out)
+    assert _params(loaded) < _params(tiny("llama"))
+    assert main(["eval", str(out), "--ppl", str(calib), "--seqlen", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
