@@ -101,3 +101,20 @@ def test_perplexity_refuses_text_shorter_than_one_window():
 def test_perplexity_refuses_windows_longer_than_the_context():
     with pytest.raises(ConfigError, match="longer than the model's context of 64"):
         perplexity(tiny("llama"), torch.arange(1000), seqlen=128)
+
+
+def test_zero_shot_without_lm_eval_says_how_to_install(monkeypatch):
+    import builtins
+
+    from secateurs.llm.zeroshot import zero_shot
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name.startswith("lm_eval"):
+            raise ImportError("No module named 'lm_eval'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(ConfigError, match=r"pip install 'lm-eval\[hf\]'"):
+        zero_shot(tiny("llama"), None, ["arc_easy"])

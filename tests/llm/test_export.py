@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from secateurs.export import SPARSE_FILE, load_compressed, load_pruned, save_compressed, save_pruned
 from secateurs.io import OutputExistsError
@@ -91,3 +93,30 @@ def test_an_existing_directory_is_refused_without_overwrite(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     save_pruned(model, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 6),
+    m=st.sampled_from([4, 8]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_any_sparse_weight_round_trips_bit_exact(tmp_path_factory, rows, groups, m, dtype, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(groups * m, rows, bias=False)
+    with torch.no_grad():
+        w = torch.randn(rows, groups * m, generator=g)
+        w[torch.rand(w.shape, generator=g) > density] = 0.0
+        w[torch.rand(w.shape, generator=g) < 0.05] = -0.0
+        layer.weight.copy_(w)
+    model = torch.nn.Sequential(layer.to(dtype))
+    nm = NM(m // 2, m)
+    path = tmp_path_factory.mktemp("h") / "w.safetensors"
+    save_compressed(model, path, nm)
+    restored = load_compressed(path)["0.weight"]
+    assert restored.dtype == dtype
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(restored.view(bits), model[0].weight.detach().view(bits))
