@@ -73,8 +73,18 @@ def test_gradient_taylor_and_obd_use_batch_gradient_statistics():
     _, taylor = _scores(model, "taylor", batches)
     _, obd = _scores(model, "obd", batches)
     torch.testing.assert_close(grad["0.weight"].squeeze(1), g.abs().mean(0))
-    torch.testing.assert_close(taylor["0.weight"].squeeze(1), (w * g.mean(0)).abs())
+    # signed, one slice per batch; units take the batch mean of |sum|
+    torch.testing.assert_close(taylor["0.weight"].squeeze(2), (w * g).float(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(obd["0.weight"].squeeze(1), 0.5 * w.square() * g.square().mean(0))
+
+
+def test_taylor_scores_a_filter_by_the_absolute_value_of_its_summed_contributions():
+    model, batches = _two_layer(), _data()
+    g = _batch_grads(copy.deepcopy(model), batches)
+    contribution = (model[0].weight.detach() * g).sum(dim=2).abs().mean(0)  # per output neuron
+    prune(model, "taylor", 0.4, pattern="output_channel", calibration=batches, scope=ALL)
+    kept = model[0].weight.detach().abs().sum(dim=1) > 0
+    assert kept.tolist() == (contribution > contribution.sort().values[1]).tolist()
 
 
 def test_gathering_gradients_leaves_grads_buffers_and_flags_alone(cnn, cnn_batches):

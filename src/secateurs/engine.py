@@ -88,9 +88,13 @@ def select_masks(
     for t in targets:
         score3 = scores[t.name].detach()
         check_finite(score3, f"{criterion.name} scores of {t.name}")
-        unit_scores[t.name] = units = pattern.units(score3, comparison, criterion.reduction)
+        if criterion.signed:  # per-batch first-order contributions: mean over batches of |unit sum|
+            units = torch.stack([pattern.units(b, comparison, "sum").abs() for b in score3]).mean(0)
+        else:
+            units = pattern.units(score3, comparison, criterion.reduction)
+        unit_scores[t.name] = units
         existing = current_mask(t)
-        alive[t.name] = None if existing is None else to_canonical(existing, t.layout).to(score3.device)
+        alive[t.name] = None if existing is None else to_canonical(existing, t.layout).to(units.device)
         if existing is not None:
             dead[t.name] = pattern.units(alive[t.name].to(units.dtype), comparison, "max") == 0
         else:

@@ -29,6 +29,7 @@ from .scope import Target
 class Need(str, Enum):
     ACTIVATIONS = "activations"  # input/output statistics of each target
     GRADIENTS = "gradients"  # loss gradients accumulated over the calibration batches
+    BATCH_GRADIENTS = "batch_gradients"  # ... and kept per batch (memory: one copy per batch)
     DATA_PASSES = "data_passes"  # the criterion runs its own passes over calibration data
     INPUT_SHAPE = "input_shape"  # data-free passes that still need an input shape (SynFlow)
 
@@ -79,6 +80,7 @@ class GradientStats:
     abs_sum: Tensor
     sq_sum: Tensor
     batches: int = 0
+    per_batch: list[Tensor] = field(default_factory=list)  # only with Need.BATCH_GRADIENTS
 
     @property
     def mean(self) -> Tensor:
@@ -175,7 +177,7 @@ def _gather_activations(evidence: Evidence) -> None:
     evidence.activations = stats
 
 
-def _gather_gradients(evidence: Evidence) -> None:
+def _gather_gradients(evidence: Evidence, keep_batches: bool) -> None:
     loss_fn = evidence.loss_fn or default_loss
     model, device = evidence.model, model_device(evidence.model)
     params = {t.name: t.parameter for t in evidence.targets}
@@ -202,6 +204,8 @@ def _gather_gradients(evidence: Evidence) -> None:
                 s.abs_sum += g.abs()
                 s.sq_sum += g.square()
                 s.batches += 1
+                if keep_batches:
+                    s.per_batch.append(g.float())
     evidence.gradients = stats
 
 
@@ -209,5 +213,5 @@ def gather(evidence: Evidence, needs: frozenset[Need]) -> None:
     """Fill ``evidence`` with what ``needs`` asks for (validation happens in the engine)."""
     if Need.ACTIVATIONS in needs:
         _gather_activations(evidence)
-    if Need.GRADIENTS in needs:
-        _gather_gradients(evidence)
+    if needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}:
+        _gather_gradients(evidence, keep_batches=Need.BATCH_GRADIENTS in needs)

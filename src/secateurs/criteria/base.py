@@ -26,6 +26,9 @@ class Criterion(ABC):
     needs: ClassVar[frozenset[Need]] = frozenset()
     #: how element scores combine into a block's or channel's score
     reduction: ClassVar[str] = "sum"
+    #: scores are signed first-order loss contributions, one slice per calibration batch
+    #: (shape ``(batches, O, S, I)``): a unit scores the batch mean of |sum of its elements|
+    signed: ClassVar[bool] = False
     #: patterns this criterion is defined for (None: all)
     patterns: ClassVar[tuple[str, ...] | None] = None
     #: the paper's defaults, used when the user does not say otherwise

@@ -28,14 +28,24 @@ class Gradient(Criterion):
 
 @register
 class Taylor(Criterion):
-    """First-order Taylor estimate of the loss change from removing w: |w * dL/dw|,
-    with the gradient averaged over batches (Molchanov et al. 2017, arXiv:1611.06440)."""
+    """First-order Taylor estimate of the loss change from removing weights (Molchanov et
+    al. 2017, arXiv:1611.06440): for a unit (a weight, a block, a filter), the mean over
+    batches of ``|sum of w * dL/dw|`` over its weights. The sum comes before the absolute
+    value, as in the paper's filter criterion, so opposite contributions cancel as they do
+    in the loss; the absolute value comes before the batch mean, so a converged network,
+    whose mean gradient is near zero, is still ranked by how much each unit moves the loss.
+    Keeps one gradient per calibration batch."""
 
     name = "taylor"
-    needs = frozenset({Need.GRADIENTS})
+    needs = frozenset({Need.GRADIENTS, Need.BATCH_GRADIENTS})
+    signed = True
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
-        return (weight3(target).double() * grad3(evidence, target, "mean")).abs()
+        stats = evidence.gradients.get(target.name)
+        if stats is None or not stats.per_batch:
+            raise DataRequiredError(f"no per-batch gradients were gathered for {target.name}")
+        w = weight3(target)
+        return torch.stack([w * to_canonical(g, target.layout) for g in stats.per_batch])
 
 
 @register
