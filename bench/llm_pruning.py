@@ -8,7 +8,7 @@ calibration segments of ``pydoc-calib.txt`` go to llm-compressor's SparseGPT and
 in a venv this script creates under ``bench/.envs/``; their pruned weights are evaluated by the
 same perplexity code.
 
-    .venv/bin/python bench/llm_pruning.py [--peers 50%,2:4] [--no-peers] [--quick]
+    .venv/bin/python bench/llm_pruning.py [--peers 50%,2:4] [--eval-windows 200] [--no-peers] [--quick]
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ CALIB = SHARED / "data" / "pydoc-calib.txt"
 TEST = SHARED / "data" / "pydoc-test.txt"
 PEER_ENV = BENCH / ".envs" / "llmcompressor"
 PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "transformers>=5.15,<5.18"]
-SETTINGS = {  # name -> (sparsity, pattern, OWL)
+SETTINGS = {  # name -> (sparsity, pattern, OWL), in the order they are run
     "50%": (0.5, "element", False),
     "2:4": (None, "2:4", False),
-    "4:8": (None, "4:8", False),
-    "70%": (0.7, "element", False),
     "70% OWL": (0.7, "element", True),
+    "70%": (0.7, "element", False),
+    "4:8": (None, "4:8", False),
 }
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -143,7 +143,7 @@ def table(rows: list[dict], peers: list[dict], dense: dict) -> str:
     lines = [
         "| setting | method | perplexity | vs dense | prune time | peak RSS | compressed / dense |",
         "|---|---|---:|---:|---:|---:|---:|",
-        f"| dense | - | {dense['perplexity']:.2f} | - | - | - | - |",
+        f"| dense | - | {dense['perplexity']:.2f} (all windows: {dense['full']['perplexity']:.3f}) | - | - | - | - |",
     ]
     for r in rows:
         size = f"{r['compressed_bytes'] / 2**20:.1f} / {r['dense_bytes'] / 2**20:.1f} MiB"
@@ -183,9 +183,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.nsamples, args.eval_windows, args.peers = 16, args.eval_windows or 40, "50%"
-    common = ["--nsamples", str(args.nsamples), "--batch-size", str(args.batch_size)]
-    if args.eval_windows:
-        common += ["--eval-windows", str(args.eval_windows)]
+    full = ["--nsamples", str(args.nsamples), "--batch-size", str(args.batch_size)]
+    common = [*full, "--eval-windows", str(args.eval_windows)] if args.eval_windows else full
     if args.worker:
         args.method, args.setting = args.worker
         print(json.dumps(worker(args)))
@@ -198,12 +197,34 @@ def main() -> None:
     from _common import machine, write_results
 
     started = time.perf_counter()
-    dense = _run([sys.executable, __file__, "--worker", "dense", "50%", *common])
-    print(f"dense: ppl {dense['perplexity']:.3f}", flush=True)
+    dense = {"full": _run([sys.executable, __file__, "--worker", "dense", "50%", *full])}
+    print(f"dense: ppl {dense['full']['perplexity']:.3f} on every window", flush=True)
+    dense.update(_run([sys.executable, __file__, "--worker", "dense", "50%", *common]) if args.eval_windows else {})
+    dense.setdefault("perplexity", dense["full"]["perplexity"])
+    print(f"dense: ppl {dense['perplexity']:.3f} on the evaluated windows", flush=True)
     settings = ["50%"] if args.quick else list(SETTINGS)
     peer_settings = [] if args.no_peers else [s.strip() for s in args.peers.split(",") if s.strip()]
     python = ensure_peer_env() if peer_settings else None
     rows, peers = [], []
+
+    def save(partial: bool) -> None:
+        text = table(rows, peers, dense)
+        payload = {
+            "machine": machine(),
+            "model": str(MODEL.name),
+            "calibration": {"file": CALIB.name, "nsamples": args.nsamples, "seqlen": 256, "seed": 0},
+            "evaluation": {"file": TEST.name, "seqlen": 256, "windows": args.eval_windows or "all"},
+            "batch_size": args.batch_size,
+            "peer": {"name": "llm-compressor", "pins": PEER_PINS},
+            "dense": dense,
+            "secateurs": rows,
+            "llm_compressor": peers,
+            "table": text,
+            "total_seconds": time.perf_counter() - started,
+            "partial": partial,
+        }
+        write_results("llm_pruning" if not args.quick else "llm_pruning_quick", payload)
+
     with tempfile.TemporaryDirectory() as tmp:
         segments_file = Path(tmp) / "segments.pt"
         torch.save(_segments(args.nsamples, 256), segments_file)
@@ -212,26 +233,14 @@ def main() -> None:
                 r = _run([sys.executable, __file__, "--worker", method, setting, *common])
                 rows.append({"setting": setting, "method": method, **r})
                 print(f"{setting:>8} {method:>10}: ppl {r['perplexity']:.3f}  {r['seconds']:.1f} s", flush=True)
+                save(partial=True)
                 if setting in peer_settings and method in ("wanda", "sparsegpt"):
                     r = run_peer(python, method, setting, segments_file, common)
                     peers.append({"setting": setting, "method": method, **r})
                     print(f"  llm-compressor: ppl {r['perplexity']:.3f}  {r['seconds']:.1f} s", flush=True)
-    text = table(rows, peers, dense)
-    print(text)
-    payload = {
-        "machine": machine(),
-        "model": str(MODEL.name),
-        "calibration": {"file": CALIB.name, "nsamples": args.nsamples, "seqlen": 256, "seed": 0},
-        "evaluation": {"file": TEST.name, "seqlen": 256, "windows": args.eval_windows or "all"},
-        "batch_size": args.batch_size,
-        "peer": {"name": "llm-compressor", "pins": PEER_PINS},
-        "dense": dense,
-        "secateurs": rows,
-        "llm_compressor": peers,
-        "table": text,
-        "total_seconds": time.perf_counter() - started,
-    }
-    write_results("llm_pruning" if not args.quick else "llm_pruning_quick", payload)
+                    save(partial=True)
+    print(table(rows, peers, dense))
+    save(partial=False)
 
 
 if __name__ == "__main__":
