@@ -78,3 +78,26 @@ def test_caches_are_not_captured(llama, segments):
     _, blocks = find_blocks(llama)
     inputs = capture_inputs(llama, blocks, [segments[:2]])
     assert "Cache" not in repr(inputs.calls[0].kwargs)
+
+
+def test_blocks_called_differently_get_their_own_calls(segments):
+    """Qwen2 with sliding-window attention on some layers: those blocks get other masks."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1,
+    )  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    _, blocks = find_blocks(model)
+    batches = list(batched(segments, 3))  # shapes (3, 32), (3, 32), (2, 32)
+    inputs = capture_inputs(model, blocks, batches)
+    assert inputs.own_calls  # at least one block is called unlike block 0
+    with torch.no_grad():
+        expected = [model(b, output_hidden_states=True).hidden_states for b in batches]
+    for i in range(len(blocks) - 1):
+        propagate(blocks[i], i, inputs)
+        for b in range(len(batches)):
+            torch.testing.assert_close(inputs.hidden[b], expected[b][i + 1], rtol=1e-5, atol=1e-5)

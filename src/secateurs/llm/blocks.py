@@ -173,10 +173,8 @@ class BlockInputs:
     own_calls: dict[int, dict[tuple[int, ...], Call]] = field(default_factory=dict)
 
     def call(self, block_index: int, batch_index: int) -> Call:
-        own = self.own_calls.get(block_index)
-        if own is None:
-            return self.calls[batch_index]
-        return own[tuple(self.hidden[batch_index].shape[:2])]
+        own = self.own_calls.get(block_index, {}).get(tuple(self.hidden[batch_index].shape[:2]))
+        return self.calls[batch_index] if own is None else own
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -266,8 +264,6 @@ def _with_own_calls(
             if first is not None and call.same_as(first):
                 continue
             inputs.own_calls.setdefault(index, {})[shape] = call
-    if any(len(own) != len(probes) for own in inputs.own_calls.values()):
-        raise ConfigError("blocks are called differently for different batch shapes in an unsupported way")
     return inputs
 
 
