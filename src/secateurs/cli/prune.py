@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", type=float)
     p.add_argument("--pattern", help="element | N:M (e.g. 2:4) | block:HxW | output_channel | input_channel")
     p.add_argument("--allocation", help="uniform | global | erk | lamp")
-    p.add_argument("--mode", choices=("mask", "bake"))
+    p.add_argument("--mode", choices=("mask", "bake", "remove"), help="remove: structural (tensors really shrink)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-batches", dest="max_batches", type=int)
@@ -40,6 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     llm_prune.add_arguments(p)
+    g = p.add_argument_group("structural removal (--mode remove --pattern channel, head, hidden, layer, head+channel)")
+    g.add_argument("--round-to", dest="round_to", type=int, help="keep channel counts a multiple of this (e.g. 8)")
+    g.add_argument("--max-ratio", dest="max_ratio", type=float, help="remove at most this fraction of any group")
+    g.add_argument("--gqa", choices=("auto", "kv_groups", "query_heads"), help="how grouped-KV attention loses heads")
     p.set_defaults(run=run)
 
 
@@ -49,6 +53,9 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key)
         if value is not None:
             recipe[key] = value
+    structural = {k: getattr(args, k) for k in ("round_to", "max_ratio", "gqa") if getattr(args, k, None) is not None}
+    if structural:
+        recipe["structural"] = {**(recipe.get("structural") or {}), **structural}
     if args.include or args.exclude:
         scope = dict(recipe.get("scope") or {})
         if args.include:
@@ -69,14 +76,16 @@ def _call(spec: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    if llm_prune.wants_layerwise(args, is_factory(args.model)):
+    if args.mode != "remove" and llm_prune.wants_layerwise(args, is_factory(args.model)):
         return llm_prune.run(args)
     recipe = recipe_from_args(args)
     model = load_model(args.model, args.weights)
-    calibration = _call(args.data) if args.data else None
+    calibration = _call(args.data) if args.data else _text_calibration(model, args) if args.calib else None
     example = torch.zeros(1, *map(int, args.input_shape.split(","))) if args.input_shape else None
     report = prune(model, **recipe, calibration=calibration, example_inputs=example)
     print(report.table())
+    if recipe.get("mode") == "remove":
+        return _write_structural(model, report, args)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         save_masks_if_any(model, tmp / "masks.safetensors")
         bake(model)
@@ -88,6 +97,29 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "report.json").write_text(report.to_json() + "\n")
         (tmp / "recipe.json").write_text(json.dumps(report.config, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _text_calibration(model: torch.nn.Module, args: argparse.Namespace) -> list[torch.Tensor]:
+    """``--calib FILE`` with ``--mode remove``: seeded segments of token ids, one per batch."""
+    from ..calibration import DEFAULT_NSAMPLES, default_seqlen, sample_segments
+    from .llm_prune import _tokenizer
+
+    tokenizer = _tokenizer(args.tokenizer or args.model)
+    seqlen = args.seqlen or default_seqlen(model)
+    segments = sample_segments(args.calib, tokenizer, args.nsamples or DEFAULT_NSAMPLES, seqlen, args.seed or 0)
+    return [s.unsqueeze(0) for s in segments]
+
+
+def _write_structural(model: torch.nn.Module, report: Any, args: argparse.Namespace) -> int:
+    """Weights + pruning plan (+ save_pretrained with the updated config for transformers models)."""
+    from ..structural import save_pruned
+
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        save_pruned(model, tmp, overwrite=True)
+        (tmp / "report.json").write_text(report.to_json() + "\n")
+        (tmp / "recipe.json").write_text(json.dumps(report.config, indent=2, default=str) + "\n")
+    print(f"wrote {args.out} (load it with secateurs.structural.load_pruned)")
     return 0
 
 

@@ -160,16 +160,15 @@ _register_conv1d()
 # -- config -------------------------------------------------------------------------------------
 _LLAMA_KEYS = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
                "ffn": "intermediate_size", "layers": "num_hidden_layers", "head_dim": "head_dim",
-               "ffn_module": "mlp.gate_proj", "attention": "self_attn", "blocks": "layers"}  # fmt: skip
+               "ffn_module": "mlp.gate_proj", "attention": "self_attn"}  # fmt: skip
 FAMILIES: dict[str, dict[str, str]] = {
     **{k: _LLAMA_KEYS for k in ("llama", "qwen2", "qwen3", "mistral", "gemma")},
     "opt": {"hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "ffn_dim", "layers": "num_hidden_layers",
-            "embed": "word_embed_proj_dim", "ffn_module": "fc1", "attention": "self_attn", "blocks": "decoder.layers"},
+            "embed": "word_embed_proj_dim", "ffn_module": "fc1", "attention": "self_attn"},
     "gpt2": {"hidden": "n_embd", "heads": "n_head", "ffn": "n_inner", "layers": "n_layer", "ffn_module": "mlp.c_fc",
-             "attention": "attn", "blocks": "h"},
+             "attention": "attn"},
     "bert": {"hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "intermediate_size",
-             "layers": "num_hidden_layers", "ffn_module": "intermediate.dense", "attention": "attention.self",
-             "blocks": "encoder.layer"},
+             "layers": "num_hidden_layers", "ffn_module": "intermediate.dense", "attention": "attention.self"},
 }  # fmt: skip
 
 
@@ -187,21 +186,11 @@ def example_inputs(model: nn.Module, length: int = 8) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def blocks_of(model: nn.Module) -> tuple[str, list[nn.Module]] | None:
-    """The decoder / encoder layers of a supported transformers model (even when only one is left)."""
-    keys = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
-    if keys is None:
-        return None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (name == keys["blocks"] or name.endswith("." + keys["blocks"])):
-            return name, list(module.children())
-    return None
-
-
 def _layer_values(model: nn.Module, keys: dict[str, str]) -> dict[str, list[int]]:
+    from ..llm.blocks import find_blocks
     from .handlers import handler_for
 
-    _, blocks = blocks_of(model)
+    _, blocks = find_blocks(model)
     values: dict[str, list[int]] = {"heads": [], "kv_heads": [], "ffn": [], "hidden": [], "head_dim": []}
     for block in blocks:
         attn = block.get_submodule(keys["attention"])
@@ -241,8 +230,10 @@ def sync_config(model: nn.Module, edit: Surgery) -> list[str]:
 
 def _renumber_layers(model: nn.Module, edit: Surgery) -> None:
     """After blocks were removed: every ``layer_idx`` is its new position (KV caches index by it)."""
+    from ..llm.blocks import find_blocks
+
     config = model.config
-    _, blocks = blocks_of(model)
+    _, blocks = find_blocks(model)
     old_types = getattr(config, "layer_types", None)
     new_types = []
     for i, block in enumerate(blocks):

@@ -11,7 +11,6 @@ interpolation can be replayed on them unchanged; ids stay exact below 2**53.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,12 +19,13 @@ NONE = -1.0
 
 
 class UnionFind:
-    """Disjoint sets over ids handed out in contiguous blocks."""
+    """Disjoint sets over ids handed out in contiguous blocks. Every operation is vectorised:
+    unions link roots in bulk (smaller id wins) and pointer jumping flattens the forest."""
 
     def __init__(self) -> None:
-        self._parent = np.zeros(0, dtype=np.int64)
+        self._parent = torch.zeros(0, dtype=torch.long)
         self._size = 0
-        self._roots: np.ndarray | None = None
+        self._flat = True
 
     def __len__(self) -> int:
         return self._size
@@ -34,20 +34,24 @@ class UnionFind:
         """``n`` fresh ids, each its own class."""
         start = self._size
         if start + n > len(self._parent):
-            grown = np.arange(max(2 * len(self._parent), start + n, 1024), dtype=np.int64)
+            grown = torch.arange(max(2 * len(self._parent), start + n, 1024), dtype=torch.long)
             grown[:start] = self._parent[:start]
             self._parent = grown
-        self._parent[start : start + n] = np.arange(start, start + n)
+        self._parent[start : start + n] = torch.arange(start, start + n)
         self._size += n
-        self._roots = None
         return torch.arange(start, start + n, dtype=LABEL_DTYPE)
 
-    def _find(self, i: int) -> int:
-        parent = self._parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def _flatten(self) -> None:
+        if self._flat:
+            return
+        p = self._parent[: self._size]
+        while True:
+            jumped = p[p]
+            if torch.equal(jumped, p):
+                break
+            p = jumped
+        self._parent[: self._size] = p
+        self._flat = True
 
     def union(self, a: Tensor, b: Tensor) -> None:
         """Merge ``a[k]`` with ``b[k]`` for every k where both are ids (not -1)."""
@@ -55,28 +59,23 @@ class UnionFind:
         both = (a >= 0) & (b >= 0) & (a != b)
         if not bool(both.any()):
             return
-        pairs = torch.stack([a[both], b[both]], dim=1).long().unique(dim=0).tolist()
-        for x, y in pairs:
-            rx, ry = self._find(x), self._find(y)
-            if rx != ry:
-                self._parent[max(rx, ry)] = min(rx, ry)
-                self._roots = None
+        x, y = a[both].long(), b[both].long()
+        while True:
+            self._flatten()
+            rx, ry = self._parent[x], self._parent[y]
+            differ = rx != ry
+            if not bool(differ.any()):
+                return
+            x, y, rx, ry = x[differ], y[differ], rx[differ], ry[differ]
+            # link roots: the larger id points to the smaller (duplicates: one wins, the rest next round)
+            self._parent[torch.maximum(rx, ry)] = torch.minimum(rx, ry)
+            self._flat = False
 
     def roots(self, ids: Tensor) -> Tensor:
-        """The class (smallest id) of every id; -1 stays -1. Vectorised pointer jumping."""
-        if self._roots is None:
-            parent = self._parent[: self._size].copy()
-            while True:
-                jumped = parent[parent]
-                if np.array_equal(jumped, parent):
-                    break
-                parent = jumped
-            self._roots = parent
+        """The class (smallest id) of every id; -1 stays -1."""
+        self._flatten()
         flat = ids.reshape(-1).long()
-        valid = flat >= 0
-        out = torch.full_like(flat, -1)
-        if bool(valid.any()):
-            out[valid] = torch.from_numpy(self._roots[flat[valid].numpy()])
+        out = torch.where(flat >= 0, self._parent[flat.clamp_min(0)], flat)
         return out.reshape(ids.shape)
 
 

@@ -17,40 +17,11 @@ from torch import Tensor, nn
 from ..batches import model_device, run_model, to_device
 from ..errors import ConfigError, DataRequiredError, StructureError
 from ..evidence import preserved
+from ..llm.blocks import find_blocks
 from ..progress import progress
 from .step import Step
 
-
-def find_blocks(model: nn.Module, container: str | None = None) -> tuple[str, list[nn.Module]]:
-    """The repeated blocks: the ``ModuleList`` / ``Sequential`` whose children all share one class,
-    with the most parameters (``model.layers``, ``transformer.h``, ``encoder.layer`` ...)."""
-    from .hf import blocks_of
-
-    known = blocks_of(model) if container is None else None
-    if known is not None:
-        return known
-    if container is not None:
-        try:
-            found = model.get_submodule(container)
-        except AttributeError as exc:
-            raise StructureError(f"the model has no module {container!r} holding blocks") from exc
-        return container, list(found.children())
-    best, best_size = None, -1
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList | nn.Sequential):
-            continue
-        children = list(module.children())
-        if len(children) < 2 or len({type(c) for c in children}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if size > best_size:
-            best, best_size = name, size
-    if best is None:
-        raise StructureError(
-            "no repeated blocks found (a ModuleList or Sequential of two or more modules of one class); "
-            "name them with remove_layers(..., container='model.layers')"
-        )
-    return best, list(model.get_submodule(best).children())
+__all__ = ["block_influence", "find_blocks", "how_many", "layer_step"]
 
 
 def _hidden(x: Any) -> Tensor | None:

@@ -72,6 +72,8 @@ class StructuralOptions:
             (FLAP); None: the method's default.
         check: run the pruned model on the example inputs and restore it if that fails.
         latency: measure CPU latency before and after for the report.
+        blocks: qualified name of the container of repeated blocks for ``pattern='layer'``
+            (``'model.layers'``); None: found automatically.
     """
 
     round_to: int = 1
@@ -81,6 +83,7 @@ class StructuralOptions:
     bias_compensation: bool | None = None
     check: bool = True
     latency: bool = True
+    blocks: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_to, int) or self.round_to < 1:

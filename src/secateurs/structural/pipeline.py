@@ -116,7 +116,7 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
 
 def _blocks(model, config, data) -> tuple[Step, list[str]]:
     criterion = config.criterion_
-    container, blocks = layers.find_blocks(model)
+    container, blocks = layers.find_blocks(model, config.structural_.blocks)
     n = layers.how_many(len(blocks), config.final_sparsity, config.structural_.keep_at_least)
     if criterion.name == "random":
         gen = torch.Generator().manual_seed(config.seed * 1_000_003)

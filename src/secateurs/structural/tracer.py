@@ -72,6 +72,17 @@ def module_stack(model: nn.Module, on_enter=None, on_exit=None) -> Iterator[list
             h.remove()
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Label bookkeeping is thousands of tiny ops: worker threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _mark_inputs(t: Trace, inputs: Any) -> None:
     for x in tensors_in(inputs if not isinstance(inputs, dict) else list(inputs.values())):
         if x.is_floating_point() and t.labels(x) is None:
@@ -113,7 +124,7 @@ def trace_model(model: nn.Module, example_inputs: Any, options: dict | None = No
     inputs = to_device(example_inputs, model_device(model))
     if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
         inputs = {"use_cache": False, **inputs}
-    with preserved(model, []), torch.no_grad(), module_stack(model, enter, leave) as stack:
+    with preserved(model, []), torch.no_grad(), _one_thread(), module_stack(model, enter, leave) as stack:
         t.path = stack
         model.eval()
         _mark_inputs(t, inputs)

@@ -1,0 +1,67 @@
+"""One-call entry points for LLMs, on top of ``prune(..., mode='remove')``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .report import StructuralReport
+
+
+def prune_heads_and_neurons(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    calibration: Iterable[Any] | None = None,
+    method: str = "flap",
+    allocation: str | dict[str, float] | None = None,
+    example_inputs: Any = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    **structural: Any,
+) -> StructuralReport:
+    """Remove attention heads and MLP neurons of a transformer (FLAP by default, An et al. 2024,
+    arXiv:2312.11983: fluctuation metric, global adaptive ranking, bias compensation).
+
+    ``sparsity`` is the fraction of the heads' and neurons' parameters to remove (global
+    allocation) or of each layer's heads and neurons (``allocation='uniform'``).
+    ``calibration``: batches of token ids (tensors or dicts). ``structural``: options of
+    :class:`~secateurs.structural.StructuralOptions` (``gqa``, ``round_to`` ...).
+    """
+    from ..api import prune
+
+    return prune(
+        model, method, sparsity, pattern="head+channel", mode="remove", allocation=allocation,
+        calibration=calibration, example_inputs=example_inputs, max_batches=max_batches, progress=progress,
+        structural=structural or None,
+    )  # fmt: skip
+
+
+def remove_layers(
+    model: nn.Module,
+    n_layers: int,
+    *,
+    calibration: Iterable[Any] | None = None,
+    method: str = "block_influence",
+    example_inputs: Any = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    **structural: Any,
+) -> StructuralReport:
+    """Remove ``n_layers`` whole blocks, those with the lowest ShortGPT block influence
+    (Men et al. 2024, arXiv:2403.03853) on ``calibration``; ``method='random'`` needs no data.
+    ``blocks='model.layers'`` names the container when it cannot be found automatically."""
+    from ..api import prune
+    from .layers import find_blocks
+
+    total = len(find_blocks(model, structural.get("blocks"))[1])
+    if not 0 < n_layers < total:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"n_layers must be between 1 and {total - 1} (the model has {total} blocks), got {n_layers}")
+    return prune(
+        model, method, n_layers / total, pattern="layer", mode="remove", calibration=calibration,
+        example_inputs=example_inputs, max_batches=max_batches, progress=progress, structural=structural or None,
+    )  # fmt: skip
