@@ -14,6 +14,7 @@ from .errors import (
     ScopeError,
     SecateursError,
     StateError,
+    StructureError,
 )
 from .masking import bake, load_masks, save_masks, unmask
 from .recipes import load_recipe
@@ -42,6 +43,7 @@ __all__ = [
     "ScopeSpec",
     "SecateursError",
     "StateError",
+    "StructureError",
     "StepEvent",
     "bake",
     "build_report",

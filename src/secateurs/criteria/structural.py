@@ -214,6 +214,11 @@ def as_group_criterion(criterion: Criterion) -> GroupCriterion:
         return GroupLAMP()
     if type(criterion) is Random:
         return GroupRandom()
+    if criterion.signed:
+        raise ConfigError(
+            f"method {criterion.name!r} returns per-batch signed contributions, which mode='remove' cannot "
+            "reduce over units; give it a GroupCriterion form, or use 'taylor'"
+        )
     return ElementAdapter(criterion)
 
 

@@ -38,11 +38,13 @@ def forward_check(model: nn.Module, inputs: Any, expected: list[tuple[int, ...]]
         try:
             got = [tuple(y.shape) for y in _outputs(run(model, inputs))]
         except Exception as exc:
-            where = stack[-1] if stack else "the model's top-level forward"
+            name = stack[-1] if stack else ""
+            where = f"{name!r} ({type(model.get_submodule(name)).__name__})" if name else (
+                f"the top-level forward of {type(model).__name__}")  # fmt: skip
             raise StructureError(
-                f"the pruned model fails in {where!r}: {type(exc).__name__}: {exc}. Its code probably assumes "
-                f"the old sizes (a hard-coded shape?); the model was restored. Exclude {where!r} from the scope, "
-                "or make its forward read sizes from the tensors"
+                f"the pruned model fails in {where}: {type(exc).__name__}: {exc}. Its code probably assumes the "
+                "old sizes (a hard-coded shape?); the model was restored. Make that forward read sizes from its "
+                "tensors, or exclude the layers feeding it from the scope"
             ) from exc
     if expected is not None and got != expected:
         raise StructureError(

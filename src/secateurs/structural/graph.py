@@ -46,6 +46,7 @@ class Group:
     ports: list[PortView] = field(default_factory=list)
     frozen: int = 0
     frozen_reasons: list[str] = field(default_factory=list)
+    blocked: list[tuple[str, str]] = field(default_factory=list)  # (module, reason): ops the graph cannot follow
 
     @property
     def units(self) -> int:
@@ -104,9 +105,11 @@ class DependencyGraph:
         t = self.trace
         fixed = set(t.roots(torch.cat(t.fixed)).tolist()) if t.fixed else set()
         blocked: dict[int, str] = {}
+        blocked_at: dict[int, tuple[str, str]] = {}
         for b in t.blocked:
             for r in t.roots(b.ids).tolist():
                 blocked.setdefault(r, b.reason)
+                blocked_at.setdefault(r, (b.module, b.reason))
         sources = list(t.sources.values())
         roots = [t.roots(s.ids) for s in sources]
         # sources that share a class belong to one group
@@ -148,6 +151,7 @@ class DependencyGraph:
                 rows=rows,
                 frozen=len(ordered) - len(free),
                 frozen_reasons=reasons,
+                blocked=list(dict.fromkeys(blocked_at[c] for c in ordered if c in blocked_at and c not in fixed)),
             )
             for u, c in enumerate(free):
                 unit_of[c] = (gi, u)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import PruneConfig
 from ..criteria.structural import GroupCriterion, as_group_criterion
 from ..engine import Data
-from ..errors import ConfigError, DataRequiredError, ScopeError
+from ..errors import ConfigError, DataRequiredError, ScopeError, StructureError
 from ..evidence import Evidence, Need, gather, preserved
 from ..scope import ScopeSpec, _matches
 from ..selection import keep_mask
@@ -31,17 +31,30 @@ from .units import GroupEvidence
 
 
 def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: ScopeSpec) -> list[Group]:
-    """Groups of the asked kinds whose producers the scope includes and which touch no excluded module."""
+    """Groups of the asked kinds whose producers the scope includes and which touch no excluded module.
+
+    A group that passes through an op or module the graph cannot follow is an error, never a
+    silent skip: exclude that module, or register a handler for its type."""
     chosen = []
     for g in graph.groups:
-        if g.kind not in kinds or g.units == 0:
+        if g.kind not in kinds or (g.units == 0 and not g.blocked):
             continue
         owners = [s.owner for s in g.sources]
         if not any(_matches(o, scope.include) or _matches(g.name, scope.include) for o in owners):
             continue
-        if scope.exclude and any(_matches(m, scope.exclude) for m in g.modules):
+        touched = [*g.modules, *(m for m, _ in g.blocked)]
+        if scope.exclude and any(_matches(m, scope.exclude) for m in touched):
             continue
-        chosen.append(g)
+        if g.blocked:
+            module, reason = g.blocked[0]
+            kind = type(graph.model.get_submodule(module)).__name__ if module else type(graph.model).__name__
+            raise StructureError(
+                f"group {g.name!r} cannot be removed: {reason}. Either exclude it "
+                f"(scope={{'exclude': [{module or g.name!r}]}}) or teach the graph this module: "
+                f"secateurs.structural.register_handler({kind}, YourHandler()) (see docs/structural.md)"
+            )
+        if g.units:
+            chosen.append(g)
     if not chosen:
         present = {g.kind for g in graph.groups if g.units}
         frozen = sorted({r for g in graph.groups if g.kind in kinds for r in g.frozen_reasons})
@@ -57,7 +70,7 @@ def _evidence(model: nn.Module, criterion: GroupCriterion, groups: list[Group], 
     criterion.check_groups(groups, modules)
     targets = criterion.targets(groups, modules)
     criterion.validate(targets)
-    if criterion.needs & {Need.ACTIVATIONS, Need.GRADIENTS, Need.DATA_PASSES} and not data.batches:
+    if criterion.needs - {Need.INPUT_SHAPE} and not data.batches:
         raise DataRequiredError(
             f"method {criterion.name!r} needs calibration data; pass calibration=<iterable of batches>"
         )

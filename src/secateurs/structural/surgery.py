@@ -41,7 +41,7 @@ class Surgery:
         self.model = model
         self._undo: list[Callable[[], None]] = []
         self._cuts: dict[int, tuple[Tensor, dict[int, Tensor], str]] = {}
-        self._holders = holders(model)
+        self._holders: dict[int, list[tuple[nn.Module, str]]] = {}
 
     # -- cutting tensors --------------------------------------------------------------------
     def cut(self, module: nn.Module, name: str, dim: int, keep: Tensor, where: str = "") -> None:
@@ -60,6 +60,7 @@ class Surgery:
         dims[dim] = keep
 
     def apply_cuts(self) -> None:
+        self._holders = holders(self.model)  # earlier steps replaced tensors
         touched: list[nn.Module] = []
         for tensor, dims, _ in self._cuts.values():
             new = tensor.detach()

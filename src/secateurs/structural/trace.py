@@ -56,6 +56,7 @@ class Source:
 class Blocked:
     ids: Tensor
     reason: str
+    module: str  # where it happened ('' for the top-level forward)
 
 
 @dataclass
@@ -161,7 +162,11 @@ class Trace:
         ids = ids.reshape(-1)
         ids = ids[ids >= 0]
         if ids.numel():
-            self.blocked.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason))
+            module = self.path[-1] if self.path else ""
+            self.blocked.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason, module))
 
     def where(self) -> str:
-        return repr(self.path[-1]) if self.path and self.path[-1] else "the model's top-level forward"
+        if not self.path or not self.path[-1]:
+            return f"the top-level forward of {type(self.model).__name__}"
+        name = self.path[-1]
+        return f"{name!r} ({type(self._modules[name]).__name__})" if name in self._modules else repr(name)
