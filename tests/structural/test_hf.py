@@ -92,13 +92,16 @@ def test_query_head_pruning_takes_the_same_number_from_every_kv_group():
     assert heads and all(g.rows == 2 and g.units == 4 for g in heads)
 
 
-def test_flap_removes_heads_and_neurons_with_bias_compensation():
+def test_flap_model_with_added_biases_and_uneven_layers_reloads_from_its_plan(tmp_path):
     model = _model("llama").eval()
     calibration = [torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     report = prune_heads_and_neurons(model, 0.3, calibration=calibration, progress=False, latency=False)
     assert report.after.params < report.before.params
     assert any(layer.mlp.down_proj.bias is not None for layer in model.model.layers)  # compensation biases
-    assert model(**IDS).logits.shape == (2, 7, VOCAB)
+    logits = model(**IDS).logits
+    save_pruned(model, tmp_path / "m")
+    assert not json.loads((tmp_path / "m" / "pruning_plan.json").read_text())["config_expressible"]
+    assert torch.equal(load_pruned(tmp_path / "m")(**IDS).logits, logits)
 
 
 def test_remove_layers_by_block_influence_updates_layer_indices_and_config():
