@@ -72,6 +72,8 @@ class PrunedMultiheadAttention(nn.Module):
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         inner = self.num_heads * self.head_dim
+        if self.in_proj_weight is not None and query is key is value:  # self-attention: one GEMM, as stock
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(inner, dim=-1)
         b = self.in_proj_bias.split(inner) if self.in_proj_bias is not None else (None, None, None)
         if self.in_proj_weight is not None:
             wq, wk, wv = self.in_proj_weight.split(inner)
@@ -86,10 +88,10 @@ class PrunedMultiheadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         batched = query.dim() == 3
         if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            query, key, value = _same_op(query, key, value, lambda x: x.unsqueeze(1))
             key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
         elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            query, key, value = _same_op(query, key, value, lambda x: x.transpose(0, 1))
         # (L, N, E) from here on, as in F.multi_head_attention_forward
         tgt, bsz = query.shape[:2]
         q, k, v = self._project(query, key, value)
@@ -126,6 +128,15 @@ class PrunedMultiheadAttention(nn.Module):
         if not batched:
             return out.squeeze(1), weights
         return (out.transpose(0, 1) if self.batch_first else out), weights
+
+
+def _same_op(query: Tensor, key: Tensor, value: Tensor, op) -> tuple[Tensor, Tensor, Tensor]:
+    """Apply ``op`` to each input once, keeping self-attention's ``query is key is value``."""
+    done: dict[int, Tensor] = {}
+    for x in (query, key, value):
+        if id(x) not in done:
+            done[id(x)] = op(x)
+    return done[id(query)], done[id(key)], done[id(value)]
 
 
 def _additive(attn_mask, key_padding_mask, bsz, heads, tgt, src, dtype) -> Tensor | None:
