@@ -16,7 +16,6 @@ This is the ``reconstruct`` application mode: surviving weights change, pruned o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
