@@ -121,20 +121,20 @@ def test_free_parameters_used_in_forward_are_cut_with_their_channels():
         def __init__(self):
             super().__init__()
             self.proj = nn.Linear(4, 8)
-            self.cls = nn.Parameter(torch.randn(1, 1, 8))
-            self.pos = nn.Parameter(torch.randn(1, 6, 8))
+            self.cls = nn.Parameter(torch.randn(1, 2, 8))  # two register tokens
+            self.pos = nn.Parameter(torch.randn(1, 5, 8))
             self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 2)
 
         def forward(self, x):
-            h = self.proj(x)
-            h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1) + self.pos
+            h = self.proj(x).unsqueeze(1) + self.pos  # one vector broadcast over the positions
+            h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1)
             return self.fc2(torch.relu(self.fc1(h)) + h)[:, 0]
 
     torch.manual_seed(0)
-    net, x = WithPositions().eval(), torch.randn(2, 5, 4)
+    net, x = WithPositions().eval(), torch.randn(3, 4)
     _prune(net, "channel", x)
     assert net.proj.out_features == net.cls.shape[2] == net.pos.shape[2] == net.fc2.in_features == 4
-    assert net(x).shape == (2, 2)
+    assert net(x).shape == (3, 2)
 
 
 def test_a_user_handler_makes_an_opaque_module_prunable():

@@ -103,29 +103,31 @@ def pointwise(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     target = _first_float(out)
     if target is None:
         return
-    labelled = [lab for x in tensors_in((args, kwargs)) if (lab := t.labels(x)) is not None]
+    labelled = [(x, lab) for x in tensors_in((args, kwargs)) if (lab := t.labels(x)) is not None]
     aligned = []
-    for lab in labelled:
+    for x, lab in labelled:
         got = _align(lab, target.shape)
         if got is None:
             t.block(lab, f"{_op_name(func)} in {t.where()} combines tensors of shapes it cannot align")
             return
-        aligned.append(got)
+        aligned.append((*got, t.parametric(x)))
     if not aligned:
         return
-    varying = [set(varying_dims(t.roots(lab))) for lab, _ in aligned]
-    combined = None
-    for i, (lab, stretched) in enumerate(aligned):
+    # channel axes: where activations vary (a parameter's per-element ids vary everywhere)
+    varying = [set() if param else set(varying_dims(t.roots(lab))) for lab, _, param in aligned]
+    combined, parametric = None, True
+    for i, (lab, stretched, param) in enumerate(aligned):
         others = set().union(*(v for j, v in enumerate(varying) if j != i))
         if stretched & others:
             continue  # broadcast over channels: read by every channel, tied to none
+        parametric &= param
         if combined is None:
             combined = lab
         else:
             t.couple(combined, lab)
             combined = torch.where(combined >= 0, combined, lab)
     if combined is not None:
-        t.set(target, combined.clone())
+        t.set(target, combined.clone(), parametric)
 
 
 # -- shape and indexing: replay on labels ------------------------------------------------------
@@ -165,18 +167,19 @@ def _spread(t: Trace, inputs: list[Tensor]) -> int:
 def replay(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     """Run the same call on the labels. If the result spreads classes over more axes than the
     input did, one channel axis was split in two: block it (the split would not survive pruning)."""
-    inputs = [lab for x in tensors_in((args, kwargs)) if (lab := t.labels(x)) is not None]
-    if not inputs:
+    sources = [x for x in tensors_in((args, kwargs)) if t.labels(x) is not None]
+    if not sources:
         return
     lab_out = func(*_substitute(t, args), **_substitute(t, kwargs))
-    before = _spread(t, inputs)
+    parametric = all(t.parametric(x) for x in sources)
+    before = _spread(t, [t.labels(x) for x in sources])
     for o, lab in _pairs(out, lab_out):
         if not o.is_floating_point():
             continue
         roots = t.roots(lab)
-        if len(varying_dims(roots)) > before:
+        if not parametric and len(varying_dims(roots)) > before:
             t.block(roots, f"{_op_name(func)} in {t.where()} splits a channel axis into several axes")
-        t.set(o, lab)
+        t.set(o, lab, parametric)
 
 
 @rule("split split_with_sizes chunk unbind tensor_split hsplit vsplit", torch, torch.Tensor)
@@ -225,18 +228,22 @@ def concatenate(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> Non
     labs = [(x, t.labels(x)) for x in pieces]
     if all(lab is None for _, lab in labs):
         return
+    labs = [(x, lab) for x, lab in labs if lab is not None or x.is_floating_point()]
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     stacking = func in (torch.stack, torch.hstack, torch.vstack)
     if not stacking:
         dim = dim % pieces[0].ndim
-        channel_axis = any(lab is not None and dim in varying_dims(t.roots(lab)) for _, lab in labs)
+        channel_axis = any(
+            lab is not None and not t.parametric(x) and dim in varying_dims(t.roots(lab)) for x, lab in labs
+        )
         if not channel_axis:
-            present = [lab.narrow(dim, 0, 1) for _, lab in labs if lab is not None and lab.shape[dim]]
-            base = present[0]
-            for other in present[1:]:
+            slices = [lab.narrow(dim, k, 1) for _, lab in labs if lab is not None for k in range(lab.shape[dim])]
+            base = slices[0]
+            for other in slices[1:]:
                 t.couple(base, other)
                 base = torch.where(base >= 0, base, other)
-            t.set(out, base.expand_as(out).clone())
+            parametric = all(lab is None or t.parametric(x) for x, lab in labs)
+            t.set(out, base.expand_as(out).clone(), parametric)
             return
     replay(t, func, args, kwargs, out)
 

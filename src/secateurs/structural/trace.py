@@ -73,6 +73,7 @@ class Trace:
 
     def __post_init__(self) -> None:
         self._labels = WeakIdKeyDictionary()
+        self._parametric = WeakIdKeyDictionary()  # labels still per element of a parameter, no channel yet
         self._modules = dict(self.model.named_modules())
         self._by_tensor: dict[tuple[int, int | None], Port] = {}
         self._free: dict[int, tuple[str, str]] = {}
@@ -92,16 +93,26 @@ class Trace:
             module, attr = self._free[id(x)]
             lab = self.uf.new(x.numel()).reshape(x.shape)
             self._labels[x] = lab
+            self._parametric[x] = True
             self.port(module, attr, None, lab, "free", "")
         return lab
+
+    def parametric(self, x: Tensor) -> bool:
+        """Are ``x``'s labels the per-element ids of parameters (a position table, a class token)
+        rather than channels? Such labels vary along every axis without meaning anything."""
+        return bool(self._parametric.get(x, False))
 
     def tracked(self, x: object) -> bool:
         """Does ``x`` carry (or would it get) labels? Cheap: assigns nothing."""
         return isinstance(x, Tensor) and (x in self._labels or id(x) in self._free) and x.is_floating_point()
 
-    def set(self, x: Tensor, lab: Tensor) -> None:
+    def set(self, x: Tensor, lab: Tensor, parametric: bool = False) -> None:
         if isinstance(x, Tensor) and x.is_floating_point() and tuple(lab.shape) == tuple(x.shape):
             self._labels[x] = lab.to(LABEL_DTYPE)
+            if parametric:
+                self._parametric[x] = True
+            else:
+                self._parametric.pop(x, None)
 
     def roots(self, lab: Tensor) -> Tensor:
         return self.uf.roots(lab)
