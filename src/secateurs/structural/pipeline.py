@@ -23,6 +23,7 @@ from . import hf, layers
 from .allocate import prune_counts, select
 from .apply import apply_steps
 from .graph import DependencyGraph, Group
+from .handlers import handler_for
 from .plan import start_plan
 from .report import GroupChange, StructuralReport, measure
 from .step import Step
@@ -121,7 +122,7 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
     for name, delta in deltas.items():
         if modules[name].bias is None:
             step.new_parameters[f"{name}.bias"] = [len(delta)]
-            step.updates.setdefault(name, "linear")
+            step.updates.setdefault(name, handler_for(modules[name]).name)
     changes = [GroupChange(g.name, g.kind, g.units, g.units - len(removed.get(g.name, [])), len(g.modules))
                for g in groups]  # fmt: skip
     return step, changes, deltas
