@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .allocation import Allocation, Explicit, Uniform, make_allocation
 from .criteria import Criterion, make_criterion
@@ -21,9 +21,44 @@ from .patterns import NM, Pattern, parse_pattern
 from .schedules import OneShot, Schedule, make_schedule
 from .scope import ScopeSpec
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+class RecipeConfig:
+    """What every run configuration shares: strict construction from plain data (recipes),
+    and a stable name. Subclasses are dataclasses with ``to_dict()`` returning a valid recipe."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short stable hash naming this configuration (OpenLTH-style)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Self:
+        """Strict: unknown keys are an error naming them and listing the valid ones."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
+        unknown = set(data) - set(cls.keys())
+        if unknown:
+            raise RecipeError(f"{source} has unknown key(s) {sorted(unknown)}; valid keys: {choices(cls.keys())}")
+        try:
+            return cls(**data)
+        except RecipeError:
+            raise
+        except ConfigError as exc:
+            raise RecipeError(f"{source}: {exc}") from exc
+
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(RecipeConfig):
     """Arguments of a pruning run. See the README's method table for ``method`` names.
 
     Args:
@@ -171,27 +206,3 @@ class PruneConfig:
             "seed": self.seed,
             "structural": None if self.structural_ is None else self.structural_.to_dict(),
         }
-
-    def fingerprint(self) -> str:
-        """A short stable hash naming this configuration (OpenLTH-style)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.init]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> PruneConfig:
-        """Strict: unknown keys are an error naming them and listing the valid ones."""
-        if not isinstance(data, Mapping):
-            raise RecipeError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
-        unknown = set(data) - set(cls.keys())
-        if unknown:
-            raise RecipeError(f"{source} has unknown key(s) {sorted(unknown)}; valid keys: {choices(cls.keys())}")
-        try:
-            return cls(**data)
-        except RecipeError:
-            raise
-        except ConfigError as exc:
-            raise RecipeError(f"{source}: {exc}") from exc

@@ -39,8 +39,28 @@ class LayerReport:
     bytes_compressed: int = 0
 
 
+class JsonReport:
+    """Every report is plain data: ``to_dict()`` for code, ``to_json()`` for files and tools."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> str:
+        """The report as JSON; also written (atomically, never clobbering unless asked) to ``path``."""
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            write_text(Path(path), text + "\n", overwrite=overwrite)
+        return text
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def table(self) -> str:
+        raise NotImplementedError
+
+
 @dataclass
-class Report:
+class Report(JsonReport):
     layers: list[LayerReport]
     params: int  # every parameter of the model
     nonzeros: int
@@ -71,12 +91,6 @@ class Report:
         data.update(sparsity=self.sparsity, model_sparsity=self.model_sparsity, collapsed_layers=self.collapsed_layers)
         return data
 
-    def to_json(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
-        if path is not None:
-            write_text(Path(path), text + "\n", overwrite=overwrite)
-        return text
-
     def table(self) -> str:
         head = f"{'layer':<28} {'shape':<16} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'valid':>5}"
         lines = [head, "-" * len(head)]
@@ -106,9 +120,6 @@ class Report:
         if self.connected is False:
             lines.append("DISCONNECTED: no path of surviving weights links the input to the output")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 def _mb(n: int) -> str:

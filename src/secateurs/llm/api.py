@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,15 +12,14 @@ from torch import Tensor, nn
 
 from ..calibration import default_seqlen, model_context, sample_segments
 from ..errors import ConfigError, choices
-from ..io import write_text
-from ..report import Report, build_report
+from ..report import JsonReport, Report, build_report
 from .config import LLMPruneConfig
 from .methods import LayerResult
 from .runner import run
 
 
 @dataclass
-class LLMReport:
+class LLMReport(JsonReport):
     """What :func:`prune_llm` did: the per-layer sparsity report plus the layerwise details."""
 
     report: Report
@@ -53,12 +49,6 @@ class LLMReport:
         data["sparsity"] = self.sparsity
         return data
 
-    def to_json(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
-        if path is not None:
-            write_text(Path(path), text + "\n", overwrite=overwrite)
-        return text
-
     def table(self) -> str:
         lines = [self.report.table()]
         method = self.config.get("method")
@@ -74,9 +64,6 @@ class LLMReport:
                 f"({layer.retries} retr{'y' if layer.retries == 1 else 'ies'})"
             )
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 def _default_tokenizer(model: nn.Module) -> Any:

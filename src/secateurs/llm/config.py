@@ -10,13 +10,12 @@ build one, unknown keys are refused with the valid ones, and ``to_dict()`` round
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ConfigError, RecipeError, choices
+from ..config import RecipeConfig
+from ..errors import ConfigError, choices
 from ..patterns import NM, Element, Pattern, parse_pattern
 from ..scope import ScopeSpec
 from .methods import METHODS, LayerwiseMethod, make_method
@@ -36,7 +35,7 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 @dataclass(frozen=True)
-class LLMPruneConfig:
+class LLMPruneConfig(RecipeConfig):
     """Arguments of :func:`secateurs.llm.prune_llm`.
 
     Args:
@@ -183,26 +182,3 @@ class LLMPruneConfig:
             "scope": {k: v for k, v in self.scope_.to_dict().items() if k in ("include", "exclude")},
             "method_options": dict(self.method_options) if self.method_options else None,
         }
-
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.init]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> LLMPruneConfig:
-        """Strict: unknown keys are an error naming them and listing the valid ones."""
-        if not isinstance(data, Mapping):
-            raise RecipeError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
-        unknown = set(data) - set(cls.keys())
-        if unknown:
-            raise RecipeError(f"{source} has unknown key(s) {sorted(unknown)}; valid keys: {choices(cls.keys())}")
-        try:
-            return cls(**data)
-        except RecipeError:
-            raise
-        except ConfigError as exc:
-            raise RecipeError(f"{source}: {exc}") from exc
