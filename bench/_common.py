@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,3 +48,13 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path}")
     return path
+
+
+def ensure_venv(path: Path, pins: tuple[str, ...]) -> Path:
+    """A peer tool's own venv at ``path`` (created once, with ``pins``); returns its python."""
+    python = path / "bin" / "python"
+    if not python.exists():
+        print(f"creating {path} ({' '.join(pins)}) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
+    return python

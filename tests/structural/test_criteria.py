@@ -10,7 +10,7 @@ import secateurs
 from secateurs.criteria.structural import FLAP, GroupLAMP, GroupTaylor, as_group_criterion
 from secateurs.engine import Data
 from secateurs.structural import DependencyGraph
-from secateurs.structural.pipeline import _evidence
+from secateurs.structural.pipeline import score_groups
 
 
 def _scores(model, x, method, batches=(), pattern=("channel",), **options):
@@ -18,8 +18,8 @@ def _scores(model, x, method, batches=(), pattern=("channel",), **options):
     graph = DependencyGraph(model, x)
     groups = [g for g in graph.groups if g.kind in pattern and g.units]
     criterion = as_group_criterion(config.criterion_)
-    ev = _evidence(model, criterion, groups, config, Data(list(batches), None, x, False))
-    return graph, criterion, ev, criterion.group_scores(ev)
+    ev, scores = score_groups(model, criterion, groups, config, Data(list(batches), None, x, False))
+    return graph, criterion, ev, scores
 
 
 def test_bn_scale_ranks_channels_by_the_batchnorm_gamma():

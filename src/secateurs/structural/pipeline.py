@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from ..config import PruneConfig
 from ..criteria.structural import GroupCriterion, as_group_criterion
-from ..engine import Data
+from ..engine import Data, evidence_for
 from ..errors import ConfigError, DataRequiredError, ScopeError, StructureError
-from ..evidence import Evidence, Need, gather, preserved
+from ..evidence import Need
 from ..scope import ScopeSpec, _matches
 from ..selection import keep_mask
 from . import hf, layers
@@ -66,8 +66,8 @@ def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: Scop
     return chosen
 
 
-def _evidence(model: nn.Module, criterion: GroupCriterion, groups: list[Group], config: PruneConfig, data: Data):
-    modules = dict(model.named_modules())
+def _check_evidence(criterion: GroupCriterion, groups: list[Group], modules: dict, data: Data) -> list:
+    """Everything a criterion can refuse before it runs; returns the weights to gather evidence for."""
     criterion.check_groups(groups, modules)
     targets = criterion.targets(groups, modules)
     criterion.validate(targets)
@@ -75,18 +75,18 @@ def _evidence(model: nn.Module, criterion: GroupCriterion, groups: list[Group], 
         raise DataRequiredError(
             f"method {criterion.name!r} needs calibration data; pass calibration=<iterable of batches>"
         )
-    evidence = Evidence(
-        model=model,
-        targets=targets,
-        batches=data.batches,
-        loss_fn=data.loss_fn,
-        example_inputs=data.example_inputs,
-        generator=torch.Generator().manual_seed(config.seed * 1_000_003),
-        show_progress=data.show_progress,
-    )
-    with preserved(model, targets):
-        gather(evidence, criterion.needs)
-    return GroupEvidence(model, groups, evidence, modules)
+    return targets
+
+
+def score_groups(
+    model: nn.Module, criterion: GroupCriterion, groups: list[Group], config: PruneConfig, data: Data
+) -> tuple[GroupEvidence, dict[str, Tensor]]:
+    """The criterion's unit scores per group (and the evidence, for bias compensation)."""
+    modules = dict(model.named_modules())
+    targets = _check_evidence(criterion, groups, modules, data)
+    with evidence_for(model, targets, criterion, config, data) as evidence:
+        ev = GroupEvidence(model, groups, evidence, modules)
+        return ev, criterion.group_scores(ev)
 
 
 def _compensation_after(step: Step, deltas: dict[str, Tensor]):
@@ -109,8 +109,7 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
     graph = DependencyGraph(model, inputs, gqa=opts.gqa)
     groups = candidate_groups(graph, config.pattern_.kinds, config.scope_)
     criterion = as_group_criterion(config.criterion_)
-    ev = _evidence(model, criterion, groups, config, data)
-    scores = criterion.group_scores(ev)
+    ev, scores = score_groups(model, criterion, groups, config, data)
     counts = prune_counts(groups, scores, config.allocation_, config.final_sparsity, opts)
     removed = select(groups, scores, counts)
     step = graph.step(removed)
