@@ -8,26 +8,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batches import model_device, run_model, to_device
 from ..errors import StructureError
 from ..evidence import preserved
 from .step import Step, apply_step
 from .surgery import Surgery
-from .tracer import _outputs, module_stack
-
-
-def run(model: nn.Module, inputs: Any) -> Any:
-    """One forward in eval mode without gradients (the tracer's calling convention)."""
-    inputs = to_device(inputs, model_device(model))
-    if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
-        inputs = {"use_cache": False, **inputs}
-    return run_model(model, inputs) if isinstance(inputs, dict | torch.Tensor) else model(*inputs)
+from .tracer import call_model, module_stack, outputs_of
 
 
 def output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
     with preserved(model, []), torch.no_grad():
         model.eval()
-        return [tuple(y.shape) for y in _outputs(run(model, inputs))]
+        return [tuple(y.shape) for y in outputs_of(call_model(model, inputs))]
 
 
 def forward_check(model: nn.Module, inputs: Any, expected: list[tuple[int, ...]] | None) -> None:
@@ -36,7 +27,7 @@ def forward_check(model: nn.Module, inputs: Any, expected: list[tuple[int, ...]]
     with preserved(model, []), torch.no_grad(), module_stack(model) as stack:
         model.eval()
         try:
-            got = [tuple(y.shape) for y in _outputs(run(model, inputs))]
+            got = [tuple(y.shape) for y in outputs_of(call_model(model, inputs))]
         except Exception as exc:
             name = stack[-1] if stack else ""
             where = f"{name!r} ({type(model.get_submodule(name)).__name__})" if name else (

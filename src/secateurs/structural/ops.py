@@ -355,21 +355,17 @@ for _f in [*_SPATIAL, *_functions("interpolate upsample upsample_nearest upsampl
 
 
 # -- layer functions on a module's own parameters ------------------------------------------------
-def _param_name(t: Trace, p: Tensor | None) -> tuple[str, str] | None:
-    return t._free.get(id(p)) if isinstance(p, Tensor) else None
-
-
 @rule("linear", F)
 def linear(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
     b = args[2] if len(args) > 2 else kwargs.get("bias")
-    owner = _param_name(t, w)
+    owner = t.owner_of(w)
     if owner is None:  # a weight computed at run time (hypernetworks): not a layer we can cut
         _block_all(t, func, args, kwargs)
         return
     from .handlers import linear_ports
 
-    linear_ports(t, owner[0], x, out, weight=owner[1], bias=(_param_name(t, b) or (None, None))[1], functional=True)
+    linear_ports(t, owner[0], x, out, weight=owner[1], bias=(t.owner_of(b) or (None, None))[1], functional=True)
 
 
 @rule("matmul mm bmm __matmul__", torch, torch.Tensor)
@@ -381,7 +377,7 @@ def matmul(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if t.labels(a) is not None or t.labels(b) is not None:
             _block_all(t, func, args, kwargs)
         return
-    owner = _param_name(t, b)
+    owner = t.owner_of(b)
     if owner is not None and b.ndim == 2 and t.labels(a) is not None:
         vec = t.channel(a, -1)
         t.port(owner[0], owner[1], 0, vec, "in", owner[0])

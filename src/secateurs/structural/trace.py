@@ -102,6 +102,10 @@ class Trace:
         rather than channels? Such labels vary along every axis without meaning anything."""
         return bool(self._parametric.get(x, False))
 
+    def owner_of(self, x: object) -> tuple[str, str] | None:
+        """``(module, attribute)`` if ``x`` is one of the model's parameters or float buffers."""
+        return self._free.get(id(x)) if isinstance(x, Tensor) else None
+
     def tracked(self, x: object) -> bool:
         """Does ``x`` carry (or would it get) labels? Cheap: assigns nothing."""
         return isinstance(x, Tensor) and (x in self._labels or id(x) in self._free) and x.is_floating_point()

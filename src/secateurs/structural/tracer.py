@@ -91,13 +91,22 @@ def _mark_inputs(t: Trace, inputs: Any) -> None:
             t.fix(lab)
 
 
-def _outputs(output: Any) -> list[Tensor]:
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """One forward as the graph sees it: a dict as keyword arguments (transformers caches off), a
+    tuple as positional arguments, anything else as the single input."""
+    inputs = to_device(inputs, model_device(model))
+    if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
+        inputs = {"use_cache": False, **inputs}
+    return run_model(model, inputs) if isinstance(inputs, dict | Tensor) else model(*inputs)
+
+
+def outputs_of(output: Any) -> list[Tensor]:
     if isinstance(output, Tensor):
         return [output]
     if isinstance(output, dict):  # includes transformers' ModelOutput
-        return [t for v in output.values() for t in _outputs(v)]
+        return [t for v in output.values() for t in outputs_of(v)]
     if isinstance(output, (list, tuple)):
-        return [t for v in output for t in _outputs(v)]
+        return [t for v in output for t in outputs_of(v)]
     return []
 
 
@@ -121,16 +130,14 @@ def trace_model(model: nn.Module, example_inputs: Any, options: dict | None = No
             handler_for(module).trace(t, stack[-1], module, args, kwargs, output)
             t.owners[stack[-1]] = module
 
-    inputs = to_device(example_inputs, model_device(model))
-    if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
-        inputs = {"use_cache": False, **inputs}
     with preserved(model, []), torch.no_grad(), _one_thread(), module_stack(model, enter, leave) as stack:
         t.path = stack
         model.eval()
+        inputs = to_device(example_inputs, model_device(model))
         _mark_inputs(t, inputs)
         try:
             with _Recorder(t, inside):
-                output = run_model(model, inputs) if isinstance(inputs, dict | Tensor) else model(*inputs)
+                output = call_model(model, inputs)
         except StructureError:
             raise
         except Exception as exc:
@@ -139,7 +146,7 @@ def trace_model(model: nn.Module, example_inputs: Any, options: dict | None = No
                 f"tracing failed in {where!r} ({type(exc).__name__}: {exc}); check example_inputs "
                 "(one batch the model accepts: a tensor, a tuple of positional inputs, or a dict of kwargs)"
             ) from exc
-    for y in _outputs(output):
+    for y in outputs_of(output):
         lab = t.labels(y)
         if lab is not None:
             t.fix(lab)
