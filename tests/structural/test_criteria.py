@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import secateurs
+from secateurs import ConfigError
 from secateurs.criteria.structural import FLAP, GroupLAMP, GroupTaylor, as_group_criterion
 from secateurs.engine import Data
 from secateurs.structural import DependencyGraph
@@ -119,3 +121,9 @@ def test_block_influence_removes_the_block_that_changes_its_input_least():
                              calibration=batches, progress=False, structural={"latency": False})  # fmt: skip
     assert report.removed_blocks == ["1.1"]
     assert len(net[1]) == 2
+
+
+def test_a_criterion_refuses_groups_it_cannot_read_before_anything_runs():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    with pytest.raises(ConfigError, match=r"'bn_scale' reads the scale of an affine BatchNorm.*\['0'\]"):
+        secateurs.prune(net, "bn_scale", 0.5, mode="remove", example_inputs=torch.randn(2, 4), progress=False)

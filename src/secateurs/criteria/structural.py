@@ -51,8 +51,21 @@ class GroupCriterion(Criterion):
         """Weights whose activations / gradients the engine should gather."""
         return []
 
+    #: what the criterion reads, for the error when a group offers none of it (see :meth:`_views`)
+    reads: ClassVar[str] = ""
+
+    def _views(self, group: Group, modules: dict[str, nn.Module]):
+        """The ports of ``group`` this criterion reads (criteria with a :attr:`reads` override it)."""
+        return iter(group.ports)
+
     def check_groups(self, groups: list[Group], modules: dict[str, nn.Module]) -> None:
         """Refuse groups this criterion cannot score, before anything runs."""
+        empty = [g.name for g in groups if next(iter(self._views(g, modules)), None) is None]
+        if empty:
+            raise ConfigError(
+                f"method {self.name!r} reads {self.reads}, and groups {empty[:5]} have none; exclude them "
+                "from the scope or use method='magnitude'"
+            )
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -153,6 +166,7 @@ class ElementAdapter(GroupCriterion):
     Embedding a unit touches (only producers for criteria defined on outputs, e.g. APoZ)."""
 
     structural_only = False
+    reads = "the weights of Linear / Conv layers"
 
     def __init__(self, element: Criterion) -> None:
         self.element = element
@@ -179,14 +193,6 @@ class ElementAdapter(GroupCriterion):
             for view, module, layout in self._views(g, modules):
                 found.setdefault(view.port.module, Target(view.port.module, module, layout))
         return list(found.values())
-
-    def check_groups(self, groups, modules):
-        empty = [g.name for g in groups if not any(True for _ in self._views(g, modules))]
-        if empty:
-            raise ConfigError(
-                f"method {self.name!r} scores Linear/Conv weights, and groups {empty[:5]} have none it can use; "
-                "use method='magnitude' or exclude them from the scope"
-            )
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         units = _units()
@@ -230,19 +236,12 @@ class BNScale(GroupCriterion):
 
     name = "bn_scale"
     default_allocation = "global"
+    reads = "the scale of an affine BatchNorm"
 
     def _views(self, group: Group, modules: dict[str, nn.Module]):
         for view in group.ports:
             if view.port.param == "weight" and isinstance(modules[view.port.module], nn.modules.batchnorm._BatchNorm):
                 yield view
-
-    def check_groups(self, groups, modules):
-        empty = [g.name for g in groups if not any(True for _ in self._views(g, modules))]
-        if empty:
-            raise ConfigError(
-                f"bn_scale ranks channels by their BatchNorm scale, and groups {empty[:5]} have no affine BatchNorm; "
-                "exclude them from the scope or use method='magnitude'"
-            )
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         units = _units()
@@ -263,11 +262,10 @@ class FPGM(GroupCriterion):
     producing layers of a unit."""
 
     name = "fpgm"
+    reads = "the filters that produce a unit"
 
-    def check_groups(self, groups, modules):
-        for g in groups:
-            if not any(v.port.role in ("out", "pass") and v.port.dim is not None for v in g.ports):
-                raise ConfigError(f"fpgm needs the filters that produce group {g.name!r}, and it has none")
+    def _views(self, group, modules):
+        return (v for v in group.ports if v.port.role in ("out", "pass") and v.port.dim is not None)
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         units = _units()
@@ -292,6 +290,7 @@ class FLAP(GroupCriterion):
     into the next layer's bias (bias compensation), so no retraining is needed."""
 
     name = "flap"
+    reads = "the inputs of the Linear layer that consumes a unit"
     needs = frozenset({Need.ACTIVATIONS})
     default_allocation = "global"
     compensates = True
@@ -306,14 +305,6 @@ class FLAP(GroupCriterion):
     def targets(self, groups, modules):
         found = {v.port.module: Target(v.port.module, m, lay) for g in groups for v, m, lay in self._views(g, modules)}
         return list(found.values())
-
-    def check_groups(self, groups, modules):
-        empty = [g.name for g in groups if not any(True for _ in self._views(g, modules))]
-        if empty:
-            raise ConfigError(
-                f"flap scores the inputs of the Linear layer that consumes each unit; groups {empty[:5]} feed none "
-                "(exclude them from the scope)"
-            )
 
     def _stats(self, ev: GroupEvidence, name: str):
         stats = ev.evidence.activations.get(f"{name}.weight")
