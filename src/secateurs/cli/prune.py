@@ -115,8 +115,16 @@ def _write_structural(model: torch.nn.Module, report: Any, args: argparse.Namesp
     """Weights + pruning plan (+ save_pretrained with the updated config for transformers models)."""
     from ..structural import save_pruned
 
+    tokenizer = None
+    if hasattr(model, "save_pretrained") and not is_factory(args.model):
+        try:
+            tokenizer = llm_prune._tokenizer(args.tokenizer or args.model)
+        except ConfigError:  # a model without a tokenizer (vision, or weights only)
+            tokenizer = None
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         save_pruned(model, tmp, overwrite=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / "report.json").write_text(report.to_json() + "\n")
         (tmp / "recipe.json").write_text(json.dumps(report.config, indent=2, default=str) + "\n")
     print(f"wrote {args.out} (load it with secateurs.structural.load_pruned)")
