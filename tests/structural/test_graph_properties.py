@@ -1,4 +1,4 @@
-"""Invariants on randomly generated CNN / MLP graphs with residual adds, concat, chunk and grouped convs.
+"""Invariants on random CNN / MLP graphs with residual adds, concat, chunk, split and grouped convs.
 
 Removing units whose producing weights are all zero must leave the outputs unchanged
 (ARCHITECTURE invariant 3), and the pruned model must run forward and backward.
@@ -40,6 +40,10 @@ class RandomNet(nn.Module):
             elif op == "chunk":
                 a, b = values[args[0]].chunk(2, dim=1)
                 values += [a, torch.relu(b)]
+            elif op == "split":  # fixed sizes: those channels are frozen, the rest still prunable
+                src, first = args
+                a, b = values[src].split([first, values[src].shape[1] - first], dim=1)
+                values += [a, b]
         y = values[-1]
         if self.image:
             y = nn.functional.adaptive_avg_pool2d(y, 1).flatten(1)
@@ -70,7 +74,7 @@ def random_nets(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
     add_layer(0, draw(st.integers(2, 6)) * 2)
     for _ in range(draw(st.integers(1, 5))):
         src = draw(st.integers(1, len(widths) - 1))
-        kind = draw(st.sampled_from(["layer", "grouped", "depthwise", "residual", "cat", "chunk"]))
+        kind = draw(st.sampled_from(["layer", "grouped", "depthwise", "residual", "cat", "chunk", "split"]))
         c = widths[src]
         if kind == "residual":
             name = f"l{len(layers)}"
@@ -85,6 +89,10 @@ def random_nets(draw: st.DrawFn) -> tuple[RandomNet, torch.Tensor]:
         elif kind == "chunk" and c % 2 == 0:
             program.append(("chunk", src))
             widths += [c // 2, c // 2]
+        elif kind == "split" and c >= 2:
+            first = draw(st.integers(1, c - 1))
+            program.append(("split", src, first))
+            widths += [first, c - first]
         elif kind == "grouped" and image and c % 2 == 0:
             add_layer(src, draw(st.integers(1, 4)) * 2, groups=2)
         elif kind == "depthwise" and image:
