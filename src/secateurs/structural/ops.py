@@ -141,7 +141,7 @@ def _substitute(t: Trace, obj: Any) -> Any:
     """Arguments for the replay: float tensors become their labels; indices stay as they are."""
     if isinstance(obj, Tensor):
         if not obj.is_floating_point():
-            return obj
+            return obj.cpu()  # labels live on the CPU whatever the model's device
         lab = t.labels(obj)
         return lab if lab is not None else full_none(obj.shape)
     if type(obj) in (list, tuple) and tensors_in(obj):
