@@ -79,6 +79,13 @@ def _is_dataset(source: Any) -> bool:
     return hasattr(source, "column_names") and hasattr(source, "__getitem__") and not isinstance(source, Tensor)
 
 
+def _is_file(source: str | os.PathLike) -> bool:
+    try:
+        return Path(source).is_file()
+    except OSError:  # e.g. raw text passed as a path: "File name too long"
+        return False
+
+
 def token_stream(source: Any, tokenizer: Any = None, text_column: str = "text") -> Tensor:
     """Any accepted source except ready ``(N, L)`` segments, as one 1-D stream of token ids."""
     if isinstance(source, Tensor):
@@ -92,7 +99,7 @@ def token_stream(source: Any, tokenizer: Any = None, text_column: str = "text") 
             )
         return tokenize("\n\n".join(source[text_column]), tokenizer)
     if isinstance(source, (str, os.PathLike)):
-        if not Path(source).is_file():
+        if not _is_file(source):
             raise CalibrationError(
                 f"calibration file {source} does not exist "
                 "(a string is read as a path; pass raw text as a list of strings)"

@@ -101,3 +101,10 @@ def test_counts_must_be_positive_integers(bad):
 
     with pytest.raises(ConfigError, match="positive integer"):
         sample_segments(torch.arange(100), nsamples=bad, seqlen=8)
+
+
+def test_raw_text_passed_as_a_path_gets_the_clear_error_not_an_os_error():
+    from secateurs.calibration import CalibrationError, token_stream
+
+    with pytest.raises(CalibrationError, match="pass raw text as a list of strings"):
+        token_stream("word " * 2000)
