@@ -25,6 +25,22 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+def check_sparsity(value: Any, pattern: Pattern, required: bool = True) -> float | None:
+    """A sparsity in [0, 1), or the one an N:M pattern implies (giving both must agree)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0):
+        raise ConfigError(f"sparsity must be a number in [0, 1), got {value!r} (0.9 removes 90% of weights)")
+    if isinstance(pattern, NM):
+        implied = 1.0 - pattern.density
+        if value is not None and abs(value - implied) > 1e-9:
+            raise ConfigError(
+                f"pattern {pattern.spec()} implies sparsity {implied:g}, but sparsity={value} was given; drop one"
+            )
+        return implied
+    if value is None and required:
+        raise ConfigError("sparsity is required (a number in [0, 1)), unless pattern is N:M")
+    return None if value is None else float(value)
+
+
 class RecipeConfig:
     """What every run configuration shares: strict construction from plain data (recipes),
     and a stable name. Subclasses are dataclasses with ``to_dict()`` returning a valid recipe."""
@@ -156,19 +172,7 @@ class PruneConfig(RecipeConfig):
             check_remove(self)
 
     def _check_sparsity(self, pattern: Pattern) -> float | None:
-        s = self.sparsity
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0):
-            raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r} (0.9 removes 90% of weights)")
-        if isinstance(pattern, NM):
-            implied = 1.0 - pattern.density
-            if s is not None and abs(s - implied) > 1e-9:
-                raise ConfigError(
-                    f"pattern {pattern.spec()} implies sparsity {implied:g}, but sparsity={s} was given; drop one"
-                )
-            return implied
-        if s is None and not isinstance(self.allocation, Mapping):
-            raise ConfigError("sparsity is required (a number in [0, 1)), unless pattern is N:M")
-        return None if s is None else float(s)
+        return check_sparsity(self.sparsity, pattern, required=not isinstance(self.allocation, Mapping))
 
     @property
     def final_sparsity(self) -> float:

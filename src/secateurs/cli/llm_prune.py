@@ -50,6 +50,7 @@ def wants_layerwise(args: argparse.Namespace, is_factory: bool) -> bool:
 def llm_recipe(args: argparse.Namespace) -> dict[str, Any]:
     from ..llm.config import LLMPruneConfig
     from ..recipes import load_recipe, parse_recipe
+    from .prune import apply_scope_flags  # prune imports this module at load time
 
     for flag in ("mode", "iterations", "max_batches", "data", "weights", "input_shape"):
         if getattr(args, flag, None) is not None:
@@ -74,13 +75,7 @@ def llm_recipe(args: argparse.Namespace) -> dict[str, Any]:
         options["blocksize"] = args.blocksize
     if options:
         recipe["method_options"] = options
-    if args.include or args.exclude:
-        scope = dict(recipe.get("scope") or {})
-        if args.include:
-            scope["include"] = args.include
-        if args.exclude:
-            scope["exclude"] = args.exclude
-        recipe["scope"] = scope
+    apply_scope_flags(recipe, args)
     recipe.setdefault("method", "wanda")
     return parse_recipe(recipe, "command line", LLMPruneConfig)
 

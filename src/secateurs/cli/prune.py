@@ -56,6 +56,12 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
     structural = {k: getattr(args, k) for k in ("round_to", "max_ratio", "gqa") if getattr(args, k, None) is not None}
     if structural:
         recipe["structural"] = {**(recipe.get("structural") or {}), **structural}
+    apply_scope_flags(recipe, args)
+    return parse_recipe(recipe, "command line")
+
+
+def apply_scope_flags(recipe: dict[str, Any], args: argparse.Namespace) -> None:
+    """--include / --exclude override the recipe's scope globs."""
     if args.include or args.exclude:
         scope = dict(recipe.get("scope") or {})
         if args.include:
@@ -63,7 +69,6 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if args.exclude:
             scope["exclude"] = args.exclude
         recipe["scope"] = scope
-    return parse_recipe(recipe, "command line")
 
 
 def _call(spec: str) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import RecipeConfig
+from ..config import RecipeConfig, check_sparsity
 from ..errors import ConfigError, choices
 from ..patterns import NM, Element, Pattern, parse_pattern
 from ..scope import ScopeSpec
@@ -145,19 +145,7 @@ class LLMPruneConfig(RecipeConfig):
         return self.method in STRUCTURAL_METHODS
 
     def _check_sparsity(self, pattern: Pattern) -> float:
-        s = self.sparsity
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0):
-            raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r} (0.5 removes half the weights)")
-        if isinstance(pattern, NM):
-            implied = 1.0 - pattern.density
-            if s is not None and abs(s - implied) > 1e-9:
-                raise ConfigError(
-                    f"pattern {pattern.spec()} implies sparsity {implied:g}, but sparsity={s} was given; drop one"
-                )
-            return implied
-        if s is None:
-            raise ConfigError("sparsity is required (a number in [0, 1)), unless pattern is N:M")
-        return float(s)
+        return float(check_sparsity(self.sparsity, pattern, required=True))  # type: ignore[arg-type]
 
     @property
     def needs_calibration(self) -> bool:
