@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..evaluation import count_macs, measure_latency
-from ..io import write_text
+from ..report import JsonReport
 
 
 @dataclass
@@ -39,7 +36,7 @@ def measure(model: nn.Module, example_inputs: Any, latency: bool = True) -> Meas
 
 
 @dataclass
-class StructuralReport:
+class StructuralReport(JsonReport):
     groups: list[GroupChange]
     before: Measure
     after: Measure
@@ -79,12 +76,6 @@ class StructuralReport:
         )
         return data
 
-    def to_json(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
-        if path is not None:
-            write_text(Path(path), text + "\n", overwrite=overwrite)
-        return text
-
     def table(self) -> str:
         head = f"{'group':<40} {'kind':<8} {'units':>14} {'modules':>8}"
         lines = [head, "-" * len(head)]
@@ -109,6 +100,3 @@ class StructuralReport:
             )
         lines.append(f"pruning took {self.seconds:.2f} s")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
