@@ -13,31 +13,25 @@ FFN = 64
 CONTEXT = 64
 
 
-def _llama():
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        )
+def _gqa_decoder(model_cls: str, **extra):
+    """Llama-family decoders share one config shape: grouped-query attention, 2 KV heads for 4 queries."""
+    config = getattr(transformers, model_cls.replace("ForCausalLM", "Config"))(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, **extra,
     )  # fmt: skip
+    return getattr(transformers, model_cls)(config)
+
+
+def _llama():
+    return _gqa_decoder("LlamaForCausalLM")
 
 
 def _mistral():
-    return transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, sliding_window=16,
-        )
-    )  # fmt: skip
+    return _gqa_decoder("MistralForCausalLM", sliding_window=16)
 
 
 def _qwen2():
-    return transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        )
-    )  # fmt: skip
+    return _gqa_decoder("Qwen2ForCausalLM")
 
 
 def _opt():
