@@ -32,7 +32,7 @@ MODEL = SHARED / "models" / "pydoc-llama-12m"
 CALIB = SHARED / "data" / "pydoc-calib.txt"
 TEST = SHARED / "data" / "pydoc-test.txt"
 PEER_ENV = BENCH / ".envs" / "llmcompressor"
-PEER_PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "transformers>=5.15,<5.18"]
+PEER_PINS = ("torch==2.13.0", "llmcompressor==0.14.0.1", "transformers>=5.15,<5.18")
 SETTINGS = {  # name -> (sparsity, pattern, OWL), in the order they are run
     "50%": (0.5, "element", False),
     "2:4": (None, "2:4", False),
@@ -116,15 +116,6 @@ def _run(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ensure_peer_env() -> Path:
-    python = PEER_ENV / "bin" / "python"
-    if not python.exists():
-        print(f"creating {PEER_ENV} ({' '.join(PEER_PINS)}) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_ENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PINS], check=True)
-    return python
-
-
 def run_peer(python: Path, method: str, setting: str, segments_file: Path, common: list[str]) -> dict:
     sparsity, pattern, owl = SETTINGS[setting]
     mask = "0:0" if pattern == "element" else pattern
@@ -194,7 +185,7 @@ def main() -> None:
         print(json.dumps(peer_worker(args)))
         return
     sys.path.insert(0, str(BENCH))
-    from _common import machine, write_results
+    from _common import ensure_venv, machine, write_results
 
     started = time.perf_counter()
     dense = {"full": _run([sys.executable, __file__, "--worker", "dense", "50%", *full])}
@@ -204,7 +195,7 @@ def main() -> None:
     print(f"dense: ppl {dense['perplexity']:.3f} on the evaluated windows", flush=True)
     settings = ["50%"] if args.quick else list(SETTINGS)
     peer_settings = [] if args.no_peers else [s.strip() for s in args.peers.split(",") if s.strip()]
-    python = ensure_peer_env() if peer_settings else None
+    python = ensure_venv(PEER_ENV, PEER_PINS) if peer_settings else None
     rows, peers = [], []
 
     def save(partial: bool) -> None:
