@@ -147,7 +147,8 @@ class Pruner:
         if self.config.mode == "remove":
             raise ConfigError(
                 "mode='remove' changes tensor shapes, which an optimizer in a training loop cannot follow; "
-                "train with masks (mode='mask'), then call prune(model, ..., mode='remove') between phases"
+                "train with masks (mode='mask'), then secateurs.bake(model) and prune(model, ..., mode='remove') "
+                "between phases"
             )
         self.targets: list[Target] = resolve(model, self.config.scope_)
         self.data = _data(self.config, calibration, loss_fn, example_inputs, progress)

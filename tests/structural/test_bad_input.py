@@ -6,6 +6,8 @@ import pytest
 import torch
 from structural_nets import TinyTransformer, resnet_like
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
 
 import secateurs
 from conftest import assert_unchanged, fingerprint
@@ -130,3 +132,25 @@ def test_an_existing_output_is_not_overwritten(tmp_path):
     save_pruned(model, tmp_path / "m")
     with pytest.raises(OutputExistsError, match="exists"):
         save_pruned(model, tmp_path / "m")
+
+
+def test_masked_or_reparametrized_weights_are_refused_before_removal():
+    """Slicing a weight under a mask would leave the mask at the old shape: refuse, name the fix."""
+    model = resnet_like(width=8).eval()
+    secateurs.prune(model, "magnitude", 0.5, pattern="channel")
+    before = fingerprint(model)
+    with pytest.raises(StructureError, match=r"carry secateurs masks .*secateurs.bake\(model\)"):
+        _remove(model)
+    assert_unchanged(model, before)
+    secateurs.bake(model)
+    _remove(model)  # baked zeros are ordinary weights
+
+    model = resnet_like(width=8).eval()
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    torch_prune.l1_unstructured(conv, "weight", 0.5)
+    with pytest.raises(StructureError, match=r"torch.nn.utils.prune masks \(weight_orig\)"):
+        _remove(model)
+    torch_prune.remove(conv, "weight")
+    parametrize.register_parametrization(conv, "weight", nn.Identity())
+    with pytest.raises(StructureError, match=r"parametrized tensors \['weight'\].*remove_parametrizations"):
+        _remove(model)

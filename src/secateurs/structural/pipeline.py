@@ -140,8 +140,38 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     return layers.layer_step(container, gone), [f"{container}.{i}" for i in gone]
 
 
+def refuse_reparametrized(model: nn.Module) -> None:
+    """Removal slices tensors in place; a mask or parametrization over a weight would be cut apart
+    from it (or silently re-applied at the old shape), so both are refused up front."""
+    from ..masking import masked_targets
+
+    masked = [t.name for t in masked_targets(model)]
+    if masked:
+        shown = ", ".join(masked[:3]) + (f" and {len(masked) - 3} more" if len(masked) > 3 else "")
+        raise StructureError(
+            f"mode='remove' changes tensor shapes, but {len(masked)} weight(s) carry secateurs masks ({shown}): "
+            "make them permanent first with secateurs.bake(model) (keeps the zeros), or drop them with "
+            "secateurs.unmask(model)"
+        )
+    for name, module in model.named_modules():
+        if getattr(module, "parametrizations", None):
+            raise StructureError(
+                f"module {name or '<root>'!r} ({type(module).__name__}) has parametrized tensors "
+                f"{sorted(module.parametrizations)}, which removal cannot resize: remove them first with "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, name)"
+            )
+        orig = [n for n, _ in module.named_parameters(recurse=False) if n.endswith("_orig")]
+        if orig and any(hasattr(module, n[: -len("_orig")] + "_mask") for n in orig):
+            raise StructureError(
+                f"module {name or '<root>'!r} ({type(module).__name__}) carries torch.nn.utils.prune masks "
+                f"({', '.join(orig)}), which removal cannot resize: call torch.nn.utils.prune.remove(module, "
+                "'weight') first, or prune with secateurs"
+            )
+
+
 def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> StructuralReport:
     opts = config.structural_
+    refuse_reparametrized(model)
     inputs = data.example_inputs if data.example_inputs is not None else hf.example_inputs(model)
     if inputs is None:
         raise DataRequiredError(
@@ -174,6 +204,7 @@ def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> Struc
 def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check: bool = True, **options: Any) -> Step:
     """Remove chosen units (``{group_name: unit_indices}``) from ``model``; returns the applied step.
     Group names come from ``DependencyGraph(model, example_inputs).groups``."""
+    refuse_reparametrized(model)
     graph = DependencyGraph(model, example_inputs, **options)
     step = graph.step(removed)
     plan = start_plan(model)
