@@ -59,6 +59,11 @@ class JsonReport:
         raise NotImplementedError
 
 
+def _fit(name: str, width: int) -> str:
+    """Keep the informative end of a long qualified name (``…layers.5.mlp.up_proj.weight``)."""
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
 @dataclass
 class Report(JsonReport):
     layers: list[LayerReport]
@@ -92,14 +97,16 @@ class Report(JsonReport):
         return data
 
     def table(self) -> str:
-        head = f"{'layer':<28} {'shape':<16} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'valid':>5}"
+        width = min(max([len(r.name) for r in self.layers] + [5]), 48)
+        head = f"{'layer':<{width}} {'shape':<16} {'params':>9} {'nonzero':>9} {'sparsity':>8} {'valid':>5}"
         lines = [head, "-" * len(head)]
         for r in self.layers:
             valid = "-" if r.pattern_valid is None else ("yes" if r.pattern_valid else "NO")
             flag = "  COLLAPSED" if r.collapsed else ""
             shape = "x".join(map(str, r.shape))
+            name = _fit(r.name, width)
             lines.append(
-                f"{r.name[-28:]:<28} {shape:<16} {r.params:>9,} {r.nonzeros:>9,} {r.sparsity:>8.2%} {valid:>5}{flag}"
+                f"{name:<{width}} {shape:<16} {r.params:>9,} {r.nonzeros:>9,} {r.sparsity:>8.2%} {valid:>5}{flag}"
             )
         lines.append("-" * len(head))
         lines.append(
