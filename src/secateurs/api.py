@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from .report import Report, build_report
 from .schedules import OneShot, exponential_sparsity
 from .scope import Target, resolve
 from .structural.report import StructuralReport
+
+if TYPE_CHECKING:
+    from .structural.iterative import ScheduledRemoval
 
 
 def _data(
@@ -89,12 +92,14 @@ def prune(
 
 @dataclass
 class StepEvent:
-    """What :meth:`Pruner.step` did. After ``rewound``, reset your optimizer and LR schedule."""
+    """What :meth:`Pruner.step` did. After ``rewound`` or ``reshaped`` (mode='remove': the
+    parameters are new, smaller tensors), rebuild your optimizer and LR schedule."""
 
     step: int
     pruned: bool = False
     sparsity: float | None = None
     rewound: bool = False
+    reshaped: bool = False
 
 
 _PARAMETRIZED = re.compile(r"\.?parametrizations\.([^.]+)\.original$")
@@ -127,7 +132,9 @@ class Pruner:
         pruner.finalize()                # bake the zeros (mode='bake') or keep the masks
 
     Masks are parametrizations, so pruned weights get zero gradient and stay zero
-    whatever the optimizer does.
+    whatever the optimizer does. With ``mode='remove'`` (and ``example_inputs``) every
+    scheduled step removes channels or heads for real; ``event.reshaped`` then says the
+    parameters are new tensors, so rebuild the optimizer.
     """
 
     def __init__(
@@ -144,15 +151,16 @@ class Pruner:
     ) -> None:
         self.model = model
         self.config = PruneConfig(method=method, sparsity=sparsity, **options)
-        if self.config.mode == "remove":
-            raise ConfigError(
-                "mode='remove' changes tensor shapes, which an optimizer in a training loop cannot follow; "
-                "train with masks (mode='mask'), then secateurs.bake(model) and prune(model, ..., mode='remove') "
-                "between phases"
-            )
-        self.targets: list[Target] = resolve(model, self.config.scope_)
         self.data = _data(self.config, calibration, loss_fn, example_inputs, progress)
-        check(self.targets, self.config, self.data)
+        self._removal: ScheduledRemoval | None = None
+        self.targets: list[Target] = []
+        if self.config.mode == "remove":
+            from .structural.iterative import ScheduledRemoval
+
+            self._removal = ScheduledRemoval(model, self.config, self.data)
+        else:
+            self.targets = resolve(model, self.config.scope_)
+            check(self.targets, self.config, self.data)
         self.step_count = 0
         self.current_sparsity = 0.0
         schedule = self.config.schedule_
@@ -169,8 +177,10 @@ class Pruner:
             self._rewind_state = _trainable_state(self.model)
         target = schedule.sparsity_at(t, self.config.final_sparsity)
         if target is not None:
+            removals = len(self._removal.reports) if self._removal is not None else 0
             self.prune_to(target)
             event.pruned, event.sparsity = True, target
+            event.reshaped = self._removal is not None and len(self._removal.reports) > removals
             if self._rewind_state is not None:
                 self._rewind()
                 event.rewound = True
@@ -181,6 +191,10 @@ class Pruner:
         """Prune now to ``sparsity`` overall (what :meth:`step` calls on schedule)."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        if self._removal is not None:
+            self._removal.remove_to(sparsity)
+            self.current_sparsity = sparsity
+            return
         check(self.targets, self.config, self.data)
         with pruning(self.targets):
             masks = compute_masks(self.model, self.targets, self.config, sparsity, self.data, self.step_count)
@@ -197,7 +211,10 @@ class Pruner:
                 if name in state:
                     b.copy_(state[name])
 
-    def report(self, example_inputs: Any = None) -> Report:
+    def report(self, example_inputs: Any = None) -> Report | StructuralReport | None:
+        """The masks' report; in remove mode, the last removal's (None before the first)."""
+        if self._removal is not None:
+            return self._removal.reports[-1] if self._removal.reports else None
         inputs = example_inputs if example_inputs is not None else self.data.example_inputs
         return build_report(self.model, self.targets, self.config.pattern_, inputs, self.config.to_dict())
 
@@ -212,6 +229,7 @@ class Pruner:
         return {
             "step_count": self.step_count,
             "current_sparsity": self.current_sparsity,
+            "removed": self._removal.removed if self._removal is not None else None,
             "config": self.config.to_dict(),
             "rewind_state": self._rewind_state,
         }
@@ -224,4 +242,6 @@ class Pruner:
             )
         self.step_count = int(state["step_count"])
         self.current_sparsity = float(state["current_sparsity"])
+        if self._removal is not None:
+            self._removal.removed = float(state.get("removed") or 0.0)
         self._rewind_state = state.get("rewind_state")

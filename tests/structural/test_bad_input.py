@@ -105,7 +105,7 @@ def test_structural_inputs_are_validated_before_anything_runs():
         _remove(model, structural={"round": 8})
     with pytest.raises(ConfigError, match="only with mode='remove'"):
         secateurs.prune(model, "magnitude", 0.5, structural={"round_to": 8})
-    with pytest.raises(ConfigError, match="training loop"):
+    with pytest.raises(DataRequiredError, match="example_inputs"):
         Pruner(model, "magnitude", 0.5, mode="remove")
     with pytest.raises(DataRequiredError, match="example_inputs"):
         secateurs.prune(model, "magnitude", 0.5, mode="remove", progress=False)

@@ -123,7 +123,10 @@ def check_remove(config: Any) -> None:
     if isinstance(config.allocation_, ERK):
         raise ConfigError("allocation 'erk' sizes weight tensors, not groups of channels; use 'uniform' or 'global'")
     if config.iterations not in (None, 1):
-        raise ConfigError("mode='remove' prunes in one round; for iterative removal call prune() again after training")
+        raise ConfigError(
+            "mode='remove' prunes in one round; for iterative removal use "
+            "secateurs.Pruner(..., mode='remove', schedule=...) in your training loop"
+        )
     layer_only = getattr(criterion, "granularity", None) == "layer"
     if granularity.kinds == ("layer",) and not (layer_only or criterion.name == "random"):
         raise ConfigError(
