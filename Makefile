@@ -24,6 +24,7 @@ test: $(VENV)/.ready
 	$(PYTEST)
 
 test-slow: $(VENV)/.ready
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[demo,hf,dev,eval]'
 	$(PYTEST) -m slow
 
 lint: $(VENV)/.ready

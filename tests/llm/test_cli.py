@@ -131,6 +131,19 @@ def test_magnitude_on_a_hf_directory_without_calib_keeps_the_generic_path(model_
     out = tmp_path / "out"
     assert main(["prune", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 0
     assert (out / "masks.safetensors").is_file()  # the generic path's output
+    assert (out / "tokenizer.json").is_file()  # so `secateurs eval` works on the output as is
+    assert main(["eval", str(out), "--ppl", str(model_dir / "config.json"), "--seqlen", "16"]) == 0
+
+
+def test_eval_refuses_an_existing_json_before_evaluating(model_dir, calib, tmp_path, capsys, monkeypatch):
+    import sys
+
+    ppl = sys.modules["secateurs.llm.perplexity"]  # the package re-exports a function of the same name
+    existing = tmp_path / "results.json"
+    existing.write_text("keep me")
+    monkeypatch.setattr(ppl, "perplexity", lambda *a, **k: pytest.fail("evaluated before refusing the output"))
+    assert main(["eval", str(model_dir), "--ppl", str(calib), "--json", str(existing)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and existing.read_text() == "keep me"
 
 
 def test_eval_without_anything_to_evaluate_is_refused(model_dir, capsys):

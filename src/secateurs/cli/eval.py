@@ -1,5 +1,8 @@
 """``secateurs eval DIR --ppl text.txt``: perplexity (and lm-eval zero-shot tasks) of a saved LM.
 
+Zero-shot: ``--tasks arc_easy,hellaswag`` (lm-eval downloads them), ``--include-path DIR`` for
+your own task YAMLs, or ``--cloze text.txt`` for an offline cloze over held-out text.
+
 DIR is any Hugging Face model directory or hub id, or one written by ``secateurs prune``
 (its compressed checkpoint is used when it holds no dense weights). Perplexity follows the
 Wanda/SparseGPT protocol: non-overlapping windows of the context length, exp of mean NLL.
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,22 +26,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag (needs lm-eval)")
     p.add_argument("--limit", type=int, help="lm-eval: examples per task (for quick checks)")
+    p.add_argument(
+        "--include-path",
+        dest="include_path",
+        action="append",
+        metavar="DIR",
+        help="lm-eval: a folder of your own task YAMLs (repeatable); runs offline on local data",
+    )
+    p.add_argument(
+        "--cloze",
+        metavar="TEXT_FILE",
+        help="lm-eval: zero-shot two-way cloze built from this text (task 'text_cloze'; offline)",
+    )
+    p.add_argument("--cloze-count", dest="cloze_count", type=int, default=1000, help="items of the --cloze task")
     p.add_argument("--compressed", action="store_true", help="load the compressed checkpoint even if dense exists")
-    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--json", help="also write the results as JSON to this file (refused up front if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
+    from ..io import refuse_existing, write_text
+
+    if not args.ppl and not args.tasks and not args.cloze:
+        raise ConfigError("nothing to evaluate: pass --ppl TEXT_FILE, --tasks TASK[,TASK] and/or --cloze TEXT_FILE")
+    if args.json:
+        refuse_existing(Path(args.json), args.overwrite)  # before minutes of evaluation, not after
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _evaluate(args, Path(tmp))
+    if args.json:
+        write_text(args.json, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, scratch: Path) -> dict:
     from ..export import load_pruned
-    from ..io import write_text
+    from ..llm.cloze import cloze_task
     from ..llm.perplexity import perplexity
     from ..llm.zeroshot import zero_shot
     from .llm_prune import _tokenizer
 
-    if not args.ppl and not args.tasks:
-        raise ConfigError("nothing to evaluate: pass --ppl TEXT_FILE and/or --tasks TASK[,TASK]")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    include = list(args.include_path or [])
+    if args.cloze:
+        include.append(cloze_task(args.cloze, scratch / "tasks", count=args.cloze_count))
+        tasks.append("text_cloze")
     model = load_pruned(args.model, prefer="compressed" if args.compressed else "auto")
     tokenizer = _tokenizer(args.tokenizer or args.model)
     results: dict = {"model": args.model, "perplexity": {}, "zero_shot": {}}
@@ -45,11 +80,10 @@ def run(args: argparse.Namespace) -> int:
         ppl = perplexity(model, path, tokenizer, seqlen=args.seqlen, batch_size=args.batch_size)
         results["perplexity"][path] = {**vars(ppl), "seconds": time.perf_counter() - start}
         print(f"perplexity {ppl.perplexity:.4f} on {path} ({ppl.windows} windows of {ppl.seqlen} tokens)")
-    if args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        results["zero_shot"] = zero_shot(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+    if tasks:
+        results["zero_shot"] = zero_shot(
+            model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit, include_path=include
+        )
         for task, metrics in results["zero_shot"].items():
             print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if args.json:
-        write_text(args.json, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite)
-    return 0
+    return results

@@ -91,11 +91,14 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     if recipe.get("mode") == "remove":
         return _write_structural(model, report, args)
+    tokenizer = _tokenizer_if_any(model, args)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         save_masks_if_any(model, tmp / "masks.safetensors")
         bake(model)
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         else:
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -116,16 +119,21 @@ def _text_calibration(model: torch.nn.Module, args: argparse.Namespace) -> list[
     return [s.unsqueeze(0) for s in segments]
 
 
+def _tokenizer_if_any(model: torch.nn.Module, args: argparse.Namespace) -> Any:
+    """A transformers model's tokenizer, to save beside it so the output directory is usable as is."""
+    if not hasattr(model, "save_pretrained") or is_factory(args.model):
+        return None
+    try:
+        return llm_prune._tokenizer(args.tokenizer or args.model)
+    except ConfigError:  # a model without a tokenizer (vision, or weights only)
+        return None
+
+
 def _write_structural(model: torch.nn.Module, report: Any, args: argparse.Namespace) -> int:
     """Weights + pruning plan (+ save_pretrained with the updated config for transformers models)."""
     from ..structural import save_pruned
 
-    tokenizer = None
-    if hasattr(model, "save_pretrained") and not is_factory(args.model):
-        try:
-            tokenizer = llm_prune._tokenizer(args.tokenizer or args.model)
-        except ConfigError:  # a model without a tokenizer (vision, or weights only)
-            tokenizer = None
+    tokenizer = _tokenizer_if_any(model, args)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         save_pruned(model, tmp, overwrite=True)
         if tokenizer is not None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from .api import LLMReport, prune_llm
 from .blocks import BlockDiscoveryError, find_blocks
+from .cloze import cloze_task
 from .config import LLMPruneConfig
 from .methods import METHODS
 from .perplexity import Perplexity, perplexity
+from .zeroshot import zero_shot
 
 __all__ = [
     "METHODS",
@@ -19,7 +21,9 @@ __all__ = [
     "LLMPruneConfig",
     "LLMReport",
     "Perplexity",
+    "cloze_task",
     "find_blocks",
     "perplexity",
     "prune_llm",
+    "zero_shot",
 ]

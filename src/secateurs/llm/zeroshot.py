@@ -2,12 +2,15 @@
 
 The Wanda, SparseGPT and OWL papers report zero-shot accuracy on BoolQ, RTE, HellaSwag,
 WinoGrande, ARC and OpenBookQA next to perplexity. lm-eval downloads those task datasets
-itself, so this needs lm-eval (``pip install lm-eval``) and network access to the datasets.
+itself, so this needs lm-eval (``pip install lm-eval``) and network access to the datasets,
+or ``include_path``: a folder of your own lm-eval task YAMLs over local files, which runs offline.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -16,20 +19,33 @@ from ..errors import ConfigError
 
 
 def zero_shot(
-    model: nn.Module, tokenizer: Any, tasks: Sequence[str], batch_size: int = 1, limit: int | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    batch_size: int = 1,
+    limit: int | None = None,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` for the in-memory ``model`` (pruned or not)."""
+    """``{task: {metric: value}}`` for the in-memory ``model`` (pruned or not); ``include_path``
+    adds folders of task YAMLs (e.g. from :func:`~secateurs.llm.cloze.cloze_task`) to lm-eval's registry."""
+    folders = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"lm-eval include path {str(folder)!r} is not a folder of task YAML files")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise ConfigError(
-            "zero-shot evaluation needs lm-eval: pip install 'lm-eval[hf]' (its tasks download their datasets)"
+            f"zero-shot evaluation needs lm-eval with its Hugging Face backend ({exc}): pip install 'lm-eval[hf]' "
+            "(its tasks download their datasets)"
         ) from exc
     if not tasks:
         raise ConfigError("name at least one lm-eval task, e.g. --tasks arc_easy,hellaswag")
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit)
+    manager = TaskManager(include_path=[str(f) for f in folders]) if folders else None
+    results = lm_eval.simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, task_manager=manager)
     out: dict[str, dict[str, float]] = {}
     for task, metrics in (results or {}).get("results", {}).items():
         out[task] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
