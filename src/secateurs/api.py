@@ -229,7 +229,6 @@ class Pruner:
         return {
             "step_count": self.step_count,
             "current_sparsity": self.current_sparsity,
-            "removed": self._removal.removed if self._removal is not None else None,
             "config": self.config.to_dict(),
             "rewind_state": self._rewind_state,
         }
@@ -242,6 +241,6 @@ class Pruner:
             )
         self.step_count = int(state["step_count"])
         self.current_sparsity = float(state["current_sparsity"])
-        if self._removal is not None:
-            self._removal.removed = float(state.get("removed") or 0.0)
+        if self._removal is not None:  # what is gone is what the schedule reached
+            self._removal.removed = self.current_sparsity
         self._rewind_state = state.get("rewind_state")

@@ -44,7 +44,7 @@ def test_a_linear_schedule_removes_in_steps_and_lands_on_the_one_shot_widths():
     one_shot = resnet_like(width=16).eval()
     secateurs.prune(one_shot, "magnitude", 0.5, mode="remove", example_inputs=X[:1], structural=QUIET, progress=False)
     assert _conv_widths(model) == _conv_widths(one_shot)
-    assert pruner.report().groups and pruner.state_dict()["removed"] == 0.5
+    assert pruner.report().groups and pruner.state_dict()["current_sparsity"] == 0.5
 
 
 def test_already_reached_targets_remove_nothing_and_state_resumes():
