@@ -39,12 +39,16 @@ def test_prune_with_a_recipe_calibration_data_and_flag_overrides(tmp_path):
     assert report["config"]["method"] == "wanda" and report["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_prune_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+def test_prune_refuses_an_existing_output_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import secateurs.cli.prune as cli_prune
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     args = ["prune", MODEL, "--sparsity", "0.5", "--out", str(out)]
-    assert main(args) == 2
+    with monkeypatch.context() as m:  # refused before the model is even loaded, not after pruning
+        m.setattr(cli_prune, "load_model", lambda *a: pytest.fail("loaded the model before refusing --out"))
+        assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
     assert main([*args, "--overwrite"]) == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io import OutputExistsError
+from ..io import refuse_existing
 from ..patterns import NM
 
 LAYERWISE_ONLY = ("sparsegpt", "shortgpt")
@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = llm_recipe(args)
     config = LLMPruneConfig(**recipe)
-    if Path(args.out).exists() and not args.overwrite:  # refuse before the long run, not after it
-        raise OutputExistsError(f"{args.out} already exists; pass --overwrite to replace it")
+    refuse_existing(Path(args.out), args.overwrite)  # before the long run, not after it
     if config.needs_calibration and not args.calib:
         raise ConfigError(f"method {config.method!r} needs calibration text: add --calib calib.txt")
     model = load_hf_model(args.model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 from ..api import prune
 from ..errors import ConfigError
-from ..io import atomic_dir
+from ..io import atomic_dir, refuse_existing
 from ..masking import bake, save_masks
 from ..recipes import load_recipe, parse_recipe
 from . import llm_prune
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode != "remove" and llm_prune.wants_layerwise(args, is_factory(args.model)):
         return llm_prune.run(args)
     recipe = recipe_from_args(args)
+    refuse_existing(Path(args.out), args.overwrite)  # before loading and pruning, not after
     model = load_model(args.model, args.weights)
     calibration = _call(args.data) if args.data else _text_calibration(model, args) if args.calib else None
     example = torch.zeros(1, *map(int, args.input_shape.split(","))) if args.input_shape else None
