@@ -101,6 +101,44 @@ def test_recurrent_hidden_units_are_prunable(cls):
     net(x).sum().backward()
 
 
+class ProjectedLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True, proj_size=4)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, (h, c) = self.rnn(x)
+        return self.fc(y[:, -1]) + h.sum() + c.sum()  # sums: removed units are zeros, means would change
+
+
+def test_an_lstm_with_projections_has_hidden_and_projected_units(tmp_path):
+    net, x = ProjectedLSTM().eval(), torch.randn(2, 5, 6)
+    graph = DependencyGraph(net, x)
+    assert graph["rnn"].units == 8 and graph["rnn.proj"].units == 4
+    cut = {"rnn": [0, 3, 5], "rnn.proj": [1]}
+    zero_units(net, graph, cut)  # gate rows of the cell units, weight_hr rows of the projected one
+    before = net(x)
+    remove(net, cut, x)
+    assert (net.rnn.hidden_size, net.rnn.proj_size, net.fc.in_features) == (5, 3, 6)
+    assert net.rnn.weight_hr_l1_reverse.shape == (3, 5) and net.rnn.weight_ih_l1.shape == (20, 6)
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
+    net.train()
+    net(x).sum().backward()
+    secateurs.structural.save_pruned(net, tmp_path / "p")
+    again = secateurs.structural.load_pruned(tmp_path / "p", ProjectedLSTM())
+    torch.testing.assert_close(again.eval()(x), net.eval()(x))
+
+
+def test_a_removal_that_leaves_proj_size_not_below_hidden_size_is_refused():
+    net, x = ProjectedLSTM().eval(), torch.randn(2, 5, 6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(StructureError, match=r"proj_size=4 >= hidden_size=4"):
+        remove(net, {"rnn": [0, 1, 2, 3]}, x)
+    assert net.rnn.hidden_size == 8 and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
 def test_transposed_grouped_norms_and_prelu_layers_are_cut_consistently():
     torch.manual_seed(0)
     net = nn.Sequential(
