@@ -54,6 +54,7 @@ def gather(block: nn.Module, block_index: int, targets: list[Target], inputs: Bl
     """One forward pass of ``block`` over every calibration batch, with hooks on ``targets``."""
     stats = BlockStats()
     live: dict[tuple, tuple[Tensor, str]] = {}  # tensors seen in this batch, kept alive so keys stay unique
+    # (identity cannot tell: every hook call's ``detach()`` is a new tensor object over the same data)
     first_batch = True
 
     def hook_for(target: Target):
@@ -62,7 +63,7 @@ def gather(block: nn.Module, block_index: int, targets: list[Target], inputs: Bl
             name = target.name
             if first_batch:
                 key = _input_key(x)
-                if key in live and live[key][0] is x:
+                if key in live:  # ``live`` keeps each seen tensor alive, so an address is never reused
                     stats.owner[name] = live[key][1]
                     _share(stats, name, live[key][1])
                     return
