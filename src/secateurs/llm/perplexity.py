@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batches import model_device
 from ..calibration import CalibrationError, default_seqlen, model_context, token_stream
 from ..errors import ConfigError
 from ..progress import progress as progress_bar
@@ -61,7 +62,7 @@ def perplexity(
             f"the evaluation text has {stream.numel()} tokens, fewer than one window of seqlen={seqlen}"
         )
     ids = stream[: windows * seqlen].reshape(windows, seqlen)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total = 0.0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..batches import to_device
+from ..batches import model_device, to_device
 from ..criteria import Wanda
 from ..errors import DataRequiredError
 from ..progress import progress as progress_bar
@@ -74,23 +74,26 @@ def _move_call(call: Call, device: torch.device) -> Call:
 
 def _to(inputs: BlockInputs, device: torch.device) -> BlockInputs:
     """Put the captured activations and calls on the device blocks are processed on."""
-    moved: dict[int, Call] = {}
-    calls = [moved.setdefault(id(c), _move_call(c, device)) for c in inputs.calls]
+    moved: dict[int, Call] = {}  # batches that share one call object (masks, positions) move it once
+    for c in inputs.calls:
+        if id(c) not in moved:
+            moved[id(c)] = _move_call(c, device)
+    calls = [moved[id(c)] for c in inputs.calls]
     own = {i: {s: _move_call(c, device) for s, c in per.items()} for i, per in inputs.own_calls.items()}
     return BlockInputs([h.to(device) for h in inputs.hidden], calls, own)
 
 
 def capture(model: nn.Module, blocks: list[nn.Module], segments: Tensor, batch_size: int, device) -> BlockInputs:
-    model_device = next(model.parameters()).device
-    batches = [b.to(model_device) for b in batched(segments, batch_size)]
+    home = model_device(model)
+    batches = [b.to(home) for b in batched(segments, batch_size)]
     inputs = capture_inputs(model, blocks, batches)
-    return _to(inputs, device) if device != model_device else inputs
+    return _to(inputs, device) if device != home else inputs
 
 
 @contextlib.contextmanager
 def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
     """Process a block on ``device`` and put it back where it lives (offloaded models)."""
-    home = next(block.parameters()).device
+    home = model_device(block)
     if home == device:
         yield
         return
@@ -135,7 +138,7 @@ def run(
     """Prune ``model`` in place, block by block. ``segments`` are ``(N, L)`` token ids."""
     name, blocks, groups = block_targets(model, config)
     validate(groups, config)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model)
     method = config.method_
     needs_data = config.needs_calibration
     if needs_data and segments is None:

@@ -148,7 +148,7 @@ def sparsegpt(
                 keep[:, start + i : start + i + pattern.m] = keep_mask(saliency, pattern.m - pattern.n)
             column = w1[:, i]
             pruned = column.masked_fill(keep[:, start + i], 0.0)
-            loss += (pruned.double().square() / (2 * float(d[i]) ** 2)).sum()
+            loss += (pruned.double() / d[i].double()).square().sum() / 2  # stays on the device: no sync per column
             e = pruned / d[i]
             # eq. 3 within the block: the remaining columns absorb the error of column i
             w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
