@@ -34,6 +34,21 @@ def test_shortgpt_removes_whole_blocks(segments):
     assert len(report.removed_blocks) == 1
 
 
+def test_shortgpt_removes_from_the_named_block_container(segments, monkeypatch):
+    """``blocks=`` reaches the removal too, not only the count (models whose blocks are not found alone)."""
+    seen = {}
+    real = structural.remove_layers
+
+    def spy(model, n_layers, **kwargs):
+        seen.update(kwargs)
+        return real(model, n_layers, **kwargs)
+
+    monkeypatch.setattr(structural, "remove_layers", spy)
+    model = tiny("llama")
+    prune_llm(model, "shortgpt", 0.5, calibration=segments, blocks="model.layers", progress=False)
+    assert seen["blocks"] == "model.layers" and len(model.model.layers) == 1
+
+
 def test_shortgpt_refuses_a_sparsity_that_removes_no_block(segments):
     with pytest.raises(ConfigError, match="removes between 1 and 1"):
         prune_llm(tiny("llama"), "shortgpt", 0.1, calibration=segments, progress=False)

@@ -34,4 +34,5 @@ def remove_structures(model: nn.Module, config: LLMPruneConfig, segments: Tensor
             f"shortgpt removes round(sparsity x {total} blocks) = {n_layers} blocks; choose a sparsity that "
             f"removes between 1 and {total - 1} (e.g. {1 / total:.3f} removes one)"
         )
-    return remove_layers(model, n_layers, calibration=batches, progress=progress)
+    options = {"blocks": config.blocks} if config.blocks else {}
+    return remove_layers(model, n_layers, calibration=batches, progress=progress, **options)
