@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from secateurs import Cubic, LotteryTicket, Pruner
+from secateurs import Cubic, LotteryTicket, Pruner, SecateursError
 from secateurs.training.callbacks import hf_trainer_callback
 
 transformers = pytest.importorskip("transformers")
@@ -65,3 +65,11 @@ def test_lottery_rewind_inside_a_trainer_restores_init_and_keeps_zeros(tmp_path)
     assert callback.events[-1].rewound
     assert torch.equal(model.body[2].bias, init)
     assert pruner.report().sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_removal_pruner_is_refused_by_the_trainer_callback():
+    """The Trainer's optimizer would keep stepping the replaced (old-shape) parameters."""
+    pruner = Pruner(Classifier(), "magnitude", 0.5, mode="remove", example_inputs=torch.zeros(1, 8),
+                    schedule={"kind": "linear", "start": 0, "end": 10, "every": 5})  # fmt: skip
+    with pytest.raises(SecateursError, match=r"mode='mask', then secateurs.bake\(model\)"):
+        hf_trainer_callback(pruner)

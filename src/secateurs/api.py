@@ -177,29 +177,29 @@ class Pruner:
             self._rewind_state = _trainable_state(self.model)
         target = schedule.sparsity_at(t, self.config.final_sparsity)
         if target is not None:
-            removals = len(self._removal.reports) if self._removal is not None else 0
-            self.prune_to(target)
+            event.reshaped = self.prune_to(target)
             event.pruned, event.sparsity = True, target
-            event.reshaped = self._removal is not None and len(self._removal.reports) > removals
             if self._rewind_state is not None:
                 self._rewind()
                 event.rewound = True
         self.step_count += 1
         return event
 
-    def prune_to(self, sparsity: float) -> None:
-        """Prune now to ``sparsity`` overall (what :meth:`step` calls on schedule)."""
+    def prune_to(self, sparsity: float) -> bool:
+        """Prune now to ``sparsity`` overall (what :meth:`step` calls on schedule). Returns whether
+        parameters were replaced by smaller tensors (``mode='remove'``): rebuild the optimizer then."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if self._removal is not None:
-            self._removal.remove_to(sparsity)
+            removed = self._removal.remove_to(sparsity) is not None
             self.current_sparsity = sparsity
-            return
+            return removed
         check(self.targets, self.config, self.data)
         with pruning(self.targets):
             masks = compute_masks(self.model, self.targets, self.config, sparsity, self.data, self.step_count)
             apply_masks(self.targets, masks)
         self.current_sparsity = sparsity
+        return False
 
     def _rewind(self) -> None:
         """Put every parameter and buffer back to the snapshot; masks stay."""

@@ -76,3 +76,27 @@ def test_scheduled_removal_refuses_what_cannot_compose_before_touching_the_model
         Pruner(model, "magnitude", 0.5, **common)
     secateurs.unmask(model)
     assert_unchanged(model, before)
+
+
+def test_the_built_in_loop_rebuilds_its_optimizer_after_each_removal():
+    from secateurs.training import train
+
+    model = resnet_like(width=16).train()
+    pruner = Pruner(model, "magnitude", 0.5, mode="remove", example_inputs=X[:1], structural=QUIET,
+                    schedule={"kind": "linear", "start": 2, "end": 6, "every": 2})  # fmt: skip
+
+    after_removal: dict[str, torch.Tensor] = {}
+
+    class Watch:  # the pruner, plus a snapshot of the weights right after each removal
+        def step(self):
+            event = pruner.step()
+            if event.reshaped:
+                after_removal.update({k: v.clone() for k, v in model.state_dict().items()})
+            return event
+
+    losses = train(model, [(X, Y)], 12, pruner=Watch())
+    assert _conv_widths(model)[0] == 8 and all(torch.isfinite(torch.tensor(losses)))
+    # every conv trained on after the last removal: the optimizer holds the new tensors, not the old ones
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            assert not torch.equal(module.weight, after_removal[f"{name}.weight"]), name

@@ -28,6 +28,13 @@ def hf_trainer_callback(pruner: Any) -> Any:
     except ImportError as exc:
         raise SecateursError("hf_trainer_callback needs transformers: pip install 'secateurs[hf]'") from exc
 
+    if getattr(pruner.config, "mode", None) == "remove":
+        raise SecateursError(
+            "the transformers Trainer builds its optimizer once, and mode='remove' replaces parameters with "
+            "smaller tensors it would never see; train with mode='mask', then secateurs.bake(model) and "
+            "prune(..., mode='remove') after training (or drive removal in your own loop)"
+        )
+
     class SecateursPrunerCallback(TrainerCallback):
         def __init__(self) -> None:
             self.pruner = pruner

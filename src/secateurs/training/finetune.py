@@ -31,7 +31,8 @@ def train(
 
     With a ``pruner``, ``pruner.step()`` runs after every optimizer step; when it
     rewinds the weights (lottery tickets) the optimizer is rebuilt, as in Frankle &
-    Carbin (2019), so no stale momentum leaks into the rewound network.
+    Carbin (2019), so no stale momentum leaks into the rewound network; likewise when a
+    ``mode='remove'`` pruner replaces the parameters by smaller ones.
     """
     make_optimizer = optimizer or adam()
     opt = make_optimizer(model.parameters())
@@ -46,8 +47,10 @@ def train(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        if pruner is not None and pruner.step().rewound:
-            opt = make_optimizer(model.parameters())
+        if pruner is not None:
+            event = pruner.step()
+            if event.rewound or event.reshaped:  # fresh start, or new (smaller) parameter tensors
+                opt = make_optimizer(model.parameters())
     model.eval()
     return losses
 
