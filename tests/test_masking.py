@@ -104,6 +104,14 @@ def test_bake_after_mask_keeps_original_keys_and_zeros(mlp):
     assert not masked_targets(mlp)
 
 
+@pytest.mark.parametrize("mode", ["mask", "bake"])
+def test_pruned_entries_are_positive_zeros(mlp, mode):
+    """Not ``w * 0``: a -0.0 has bits set, so a compressed checkpoint would have to store it."""
+    prune(mlp, "magnitude", 0.5, mode=mode)
+    weight = mlp[0].weight.detach()
+    assert (weight == 0).sum() > 0 and not torch.signbit(weight[weight == 0]).any()
+
+
 def test_unmask_restores_the_dense_weights(mlp):
     before = fingerprint(mlp)
     prune(mlp, "magnitude", 0.5)

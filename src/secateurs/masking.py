@@ -32,7 +32,10 @@ MODES = ("mask", "bake")
 
 
 class WeightMask(nn.Module):
-    """The parametrization: multiply by a boolean mask stored as a buffer."""
+    """The parametrization: keep where a boolean mask (a buffer) is set, +0.0 elsewhere.
+
+    ``where`` rather than ``weight * mask``: a product writes ``-0.0`` for negative weights,
+    which the compressed checkpoint would have to store as a value."""
 
     def __init__(self, mask: Tensor, parameter_order: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -41,7 +44,7 @@ class WeightMask(nn.Module):
         self.parameter_order = parameter_order
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight * self.mask
+        return torch.where(self.mask, weight, 0.0)
 
 
 def _our_parametrization(module: nn.Module, param: str) -> WeightMask | None:
@@ -84,7 +87,7 @@ def detach(target: Target, bake: bool) -> None:
     # other parametrizations (e.g. the user's weight norm) stay: fold ours into the original
     if bake:
         with torch.no_grad():
-            chain.original.mul_(ours.mask)
+            chain.original.masked_fill_(~ours.mask, 0.0)
     index = next(i for i, p in enumerate(chain) if p is ours)
     del chain[index]
 
@@ -106,7 +109,7 @@ def bake_target(target: Target, mask: Tensor) -> None:
         detach(target, bake=True)
         return
     with torch.no_grad():
-        target.parameter.mul_(mask.to(target.parameter.device, torch.bool))
+        target.parameter.masked_fill_(~mask.to(target.parameter.device, torch.bool), 0.0)
 
 
 def masked_targets(model: nn.Module) -> list[Target]:

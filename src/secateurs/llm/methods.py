@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
 from ..config import PruneConfig
 from ..engine import select_masks
 from ..errors import ConfigError, DataRequiredError, choices
 from ..evidence import ActivationStats, Evidence
 from ..layout import from_canonical, to_canonical
+from ..masking import bake_target
 from ..patterns import NM, Pattern
 from ..scope import Target
 from ..solvers.sparsegpt import InverseFactor, inverse_factor, sparsegpt
@@ -35,12 +35,6 @@ class LayerResult:
     dampening: float | None = None  # SparseGPT: the dampening that finally worked
     retries: int = 0  # SparseGPT: times the dampening had to be raised
     obs_loss: float | None = None  # SparseGPT: estimated added squared error
-
-
-def bake_mask(target: Target, keep: Tensor) -> None:
-    """Write +0.0 into the pruned entries (``masked_fill``, so no ``-0.0`` from ``w * 0``)."""
-    with torch.no_grad():
-        target.parameter.masked_fill_(~keep.to(target.parameter.device, torch.bool), 0.0)
 
 
 def evidence_from(stats: BlockStats, targets: list[Target]) -> Evidence:
@@ -94,7 +88,7 @@ class CriterionMethod(LayerwiseMethod):
         scores = config.criterion_.scores(evidence)
         masks = select_masks(targets, scores, config, config.sparsity)
         for t in targets:
-            bake_mask(t, masks[t.name])
+            bake_target(t, masks[t.name])
         return [LayerResult(t.name, config.sparsity) for t in targets]
 
 
@@ -149,7 +143,7 @@ class SparseGPTMethod(LayerwiseMethod):
             new, keep, loss = sparsegpt(weight2, factor, None if nm else sparsity, nm, self.blocksize)
             with torch.no_grad():
                 t.parameter.copy_(from_canonical(new.unsqueeze(1), t.layout, t.shape))
-            bake_mask(t, from_canonical(keep.unsqueeze(1), t.layout, t.shape))
+            bake_target(t, from_canonical(keep.unsqueeze(1), t.layout, t.shape))
             results.append(
                 LayerResult(t.name, 1.0 - nm.density if nm else sparsity, factor.dampening, factor.retries, loss)
             )
