@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     files = {"report.json": report.to_json() + "\n", "recipe.json": json.dumps(config.to_dict(), indent=2) + "\n"}
     if config.structural:
-        _save_structural(model, args.out, tokenizer, files, args.overwrite)
+        save_structural(model, args.out, tokenizer, files, args.overwrite)
         return 0
     pattern = config.pattern_ if isinstance(config.pattern_, NM) else None
     saved = save_pruned(
@@ -118,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_structural(model: Any, out: str, tokenizer: Any, files: dict[str, str], overwrite: bool) -> None:
-    """The structural module's directory (weights, pruning plan, config), plus tokenizer and report."""
+def save_structural(model: Any, out: str, tokenizer: Any, files: dict[str, str], overwrite: bool) -> None:
+    """The structural module's directory (weights, pruning plan, config), plus tokenizer and report files;
+    shared by both CLI paths."""
     from ..io import atomic_dir
     from ..structural import save_pruned
 
@@ -129,7 +130,7 @@ def _save_structural(model: Any, out: str, tokenizer: Any, files: dict[str, str]
             tokenizer.save_pretrained(tmp)
         for name, text in files.items():
             (tmp / name).write_text(text)
-    print(f"wrote {out} (structurally pruned: load it with secateurs.structural.load_pruned or `secateurs eval`)")
+    print(f"wrote {out} (structurally pruned: load it with secateurs.structural.load_pruned)")
 
 
 def _tokenizer(path: str) -> Any:

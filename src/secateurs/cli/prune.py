@@ -133,16 +133,9 @@ def _tokenizer_if_any(model: torch.nn.Module, args: argparse.Namespace) -> Any:
 
 def _write_structural(model: torch.nn.Module, report: Any, args: argparse.Namespace) -> int:
     """Weights + pruning plan (+ save_pretrained with the updated config for transformers models)."""
-    from ..structural import save_pruned
-
-    tokenizer = _tokenizer_if_any(model, args)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        save_pruned(model, tmp, overwrite=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "report.json").write_text(report.to_json() + "\n")
-        (tmp / "recipe.json").write_text(json.dumps(report.config, indent=2, default=str) + "\n")
-    print(f"wrote {args.out} (load it with secateurs.structural.load_pruned)")
+    files = {"report.json": report.to_json() + "\n",
+             "recipe.json": json.dumps(report.config, indent=2, default=str) + "\n"}  # fmt: skip
+    llm_prune.save_structural(model, args.out, _tokenizer_if_any(model, args), files, args.overwrite)
     return 0
 
 
