@@ -128,7 +128,7 @@ def _layouts(model: nn.Module) -> dict[str, Layout]:
     return out
 
 
-def _encode(name: str, tensor: Tensor, layout: Layout | None, pattern: NM | None) -> tuple[dict, dict[str, Tensor]]:
+def _encode(tensor: Tensor, layout: Layout | None, pattern: NM | None) -> tuple[dict, dict[str, Tensor]]:
     meta = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     dense_bytes = tensor.numel() * tensor.element_size()
     if layout is not None and tensor.ndim == 2 and tensor.is_floating_point():
@@ -161,7 +161,7 @@ def save_compressed(
             continue
         seen[key] = name
         dense_bytes += tensor.numel() * tensor.element_size()
-        meta, parts = _encode(name, tensor, layouts.get(name), pattern)
+        meta, parts = _encode(tensor, layouts.get(name), pattern)
         entries[name] = meta
         for part, value in parts.items():
             tensors[f"{name}::{part}"] = value

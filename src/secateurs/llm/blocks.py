@@ -176,12 +176,6 @@ class BlockInputs:
         own = self.own_calls.get(block_index, {}).get(tuple(self.hidden[batch_index].shape[:2]))
         return self.calls[batch_index] if own is None else own
 
-    def __len__(self) -> int:
-        return len(self.hidden)
-
-    def positions(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
 
 def _accepts(model: nn.Module, name: str) -> bool:
     import inspect
