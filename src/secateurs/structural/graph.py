@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import StructureError
 from .handlers import handler_for
 from .step import Cut, Step
+from .surgery import own_tensor
 from .trace import Port, Source, Trace
 from .tracer import trace_model
 
@@ -95,7 +96,7 @@ class DependencyGraph:
             tensor = None
             if not port.param.startswith("#"):
                 module = modules[port.module]
-                tensor = module._parameters.get(port.param, module._buffers.get(port.param))
+                tensor = own_tensor(module, port.param)
             if tensor is None:
                 port.size_per_index = 0
             elif port.dim is not None:
@@ -159,19 +160,24 @@ class DependencyGraph:
         self._attach_ports(unit_of)
 
     def _attach_ports(self, unit_of: dict[int, tuple[int, int]]) -> None:
+        """Each port's positions as unit indices of every group it touches (-1: not that group's).
+        Vectorised: ports of large models have millions of positions."""
+        classes = torch.tensor(list(unit_of), dtype=torch.long)
+        size = int(classes.max()) + 1 if len(classes) else 0
+        group_of = torch.full((size,), -1, dtype=torch.long)
+        unit_at = torch.full((size,), -1, dtype=torch.long)
+        if size:
+            group_of[classes] = torch.tensor([g for g, _ in unit_of.values()], dtype=torch.long)
+            unit_at[classes] = torch.tensor([u for _, u in unit_of.values()], dtype=torch.long)
         for port in self.trace.ports.values():
-            r = self.trace.roots(port.ids).reshape(-1)
-            touched: dict[int, Tensor] = {}
-            for pos, c in enumerate(r.tolist()):
-                hit = unit_of.get(c)
-                if hit is None:
-                    continue
-                gi, u = hit
-                if gi not in touched:
-                    touched[gi] = torch.full((len(r),), -1, dtype=torch.long)
-                touched[gi][pos] = u
-            for gi, index in touched.items():
-                self.groups[gi].ports.append(PortView(port, index))
+            r = self.trace.roots(port.ids).reshape(-1).long()
+            known = (r >= 0) & (r < size)
+            groups = torch.full_like(r, -1)
+            units = torch.full_like(r, -1)
+            groups[known] = group_of[r[known]]
+            units[known] = unit_at[r[known]]
+            for gi in torch.unique(groups[groups >= 0]).tolist():
+                self.groups[gi].ports.append(PortView(port, torch.where(groups == gi, units, -1)))
 
     # -- selection ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Group:
