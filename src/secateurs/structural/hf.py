@@ -207,7 +207,10 @@ def _layer_values(model: nn.Module, keys: dict[str, str]) -> dict[str, list[int]
 
 def sync_config(model: nn.Module, edit: Surgery) -> list[str]:
     """Write the pruned sizes into ``model.config`` where every layer agrees; return the keys that
-    differ between layers (the config cannot express them; :func:`load_pruned` rebuilds them)."""
+    differ between layers (the config cannot express them; :func:`load_pruned` rebuilds them).
+    Not a transformers model: nothing to do."""
+    if not is_hf(model):
+        return []
     config = getattr(model, "config", None)
     keys = FAMILIES.get(getattr(config, "model_type", None))
     if keys is None:

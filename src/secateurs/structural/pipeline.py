@@ -191,7 +191,7 @@ def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> Struc
     def after(m: nn.Module, edit: Surgery) -> None:
         if finish is not None:
             finish(m, edit)
-        _sync_hf(m, edit)
+        hf.sync_config(m, edit)
 
     plan = start_plan(model)
     apply_steps(model, [step], inputs, check=opts.check, after=after)
@@ -208,11 +208,6 @@ def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check
     graph = DependencyGraph(model, example_inputs, **options)
     step = graph.step(removed)
     plan = start_plan(model)
-    apply_steps(model, [step], example_inputs, check=check, after=_sync_hf)
+    apply_steps(model, [step], example_inputs, check=check, after=hf.sync_config)
     plan.steps.append(step)
     return step
-
-
-def _sync_hf(model: nn.Module, edit: Surgery) -> None:
-    if hf.is_hf(model):
-        hf.sync_config(model, edit)

@@ -99,7 +99,7 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
                 "and pass it as load_pruned(path, model=...)"
             )
         model = _build_hf(plan.base)
-    apply_steps(model, plan.steps, check=False, after=_sync)
+    apply_steps(model, plan.steps, check=False, after=hf.sync_config)
     model.__dict__["_secateurs_plan"] = plan
     if hf.is_hf(model):
         _load_hf_weights(model, Path(path))
@@ -108,11 +108,6 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         if missing or unexpected:
             raise StructureError(f"weights in {path} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
-
-
-def _sync(model: nn.Module, edit) -> None:
-    if hf.is_hf(model):
-        hf.sync_config(model, edit)
 
 
 def _build_hf(base: dict[str, Any]) -> nn.Module:

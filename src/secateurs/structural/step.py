@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..batches import model_device
 from ..errors import StructureError
-from .surgery import Surgery
+from .surgery import Surgery, own_tensor
 
 
 @dataclass
@@ -80,10 +81,6 @@ def decode(text: str) -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def _tensor(module: nn.Module, name: str) -> Tensor | None:
-    return module._parameters.get(name, module._buffers.get(name))
-
-
 def check_step(model: nn.Module, step: Step) -> None:
     """Every module, parameter and size the step names exists as expected (before any change)."""
     modules = dict(model.named_modules())
@@ -93,7 +90,7 @@ def check_step(model: nn.Module, step: Step) -> None:
             raise StructureError(f"the pruning plan names module {cut.module!r}, which this model does not have")
         if cut.param.startswith("#"):
             continue
-        tensor = _tensor(module, cut.param)
+        tensor = own_tensor(module, cut.param)
         if tensor is None or tensor.shape[cut.dim] != cut.size:
             found = None if tensor is None else tuple(tensor.shape)
             raise StructureError(
@@ -127,13 +124,7 @@ def apply_step(model: nn.Module, step: Step, edit: Surgery) -> None:
     for qualified, shape in step.new_parameters.items():
         module_name, _, param = qualified.rpartition(".")
         module = model.get_submodule(module_name)
-        if _tensor(module, param) is None:
-            edit.add_parameter(module, param, torch.zeros(shape, device=_device(module)))
+        if own_tensor(module, param) is None:
+            edit.add_parameter(module, param, torch.zeros(shape, device=model_device(module)))
     for container, indices in step.dropped.items():
         edit.drop_children(model.get_submodule(container), indices)
-
-
-def _device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")

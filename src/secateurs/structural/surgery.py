@@ -36,6 +36,11 @@ def _refresh(module: nn.Module) -> None:
         module._init_flat_weights()
 
 
+def own_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """``module``'s own parameter or buffer ``name`` (not a submodule's), or None."""
+    return module._parameters.get(name, module._buffers.get(name))
+
+
 class Surgery:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -46,7 +51,7 @@ class Surgery:
     # -- cutting tensors --------------------------------------------------------------------
     def cut(self, module: nn.Module, name: str, dim: int, keep: Tensor, where: str = "") -> None:
         """Keep only ``keep`` (sorted indices) of ``module.<name>`` along ``dim``."""
-        tensor = module._parameters.get(name, module._buffers.get(name))
+        tensor = own_tensor(module, name)
         if tensor is None:
             raise StructureError(f"{where or type(module).__name__} has no parameter or buffer {name!r} to cut")
         dim = dim % tensor.ndim

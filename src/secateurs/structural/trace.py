@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .labels import LABEL_DTYPE, UnionFind, along, full_none, vector
+from .surgery import own_tensor
 
 ROLES = ("out", "in", "pass", "free")
 
@@ -160,7 +161,7 @@ class Trace:
             self.uf.union(existing.ids, ids)
         # a tensor shared by two modules (tied embeddings / LM head) is one set of channels
         owner_module = self._modules.get(module)
-        tensor = None if owner_module is None else owner_module._parameters.get(param, owner_module._buffers.get(param))
+        tensor = None if owner_module is None else own_tensor(owner_module, param)
         if tensor is not None:
             twin = self._by_tensor.setdefault((id(tensor), dim), self.ports[key])
             if twin is not self.ports[key] and twin.ids.shape == ids.shape:

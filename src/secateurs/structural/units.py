@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..evidence import Evidence
 from .graph import Group, PortView
+from .surgery import own_tensor
 
 
 def rows_along(tensor: Tensor, dim: int | None) -> Tensor:
@@ -69,7 +70,7 @@ class GroupEvidence:
         if port.param.startswith("#"):
             return None
         module = self.modules[port.module]
-        return module._parameters.get(port.param, module._buffers.get(port.param))
+        return own_tensor(module, port.param)
 
     def module(self, view: PortView) -> Any:
         return self.modules[view.port.module]
