@@ -186,7 +186,8 @@ def replay(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
 def split(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     """Splitting the channel axis: ``chunk`` into equal pieces stays valid if every piece loses the
     same positions, so they are tied (GLU-style gates, fused gate/up projections). Pieces of fixed
-    sizes (``split([6, 6])``) would be cut wrongly after pruning: those channels are blocked."""
+    sizes (``split([6, 6])``) would be cut wrongly after pruning: those channels are blocked, and so
+    is everything coupled to the pieces downstream."""
     x = args[0]
     lab = t.labels(x)
     if lab is None:
@@ -206,6 +207,9 @@ def split(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         replay(t, func, args, kwargs, out)
         return
     t.block(roots, f"{_op_name(func)} in {t.where()} splits channels into pieces of fixed sizes {sizes}")
+    # the pieces still carry their classes: whatever they meet later (a residual add) is tied to
+    # the blocked channels, instead of looking free beside an unlabelled operand
+    replay(t, func, args, kwargs, out)
 
 
 @rule("__setitem__", torch.Tensor)
