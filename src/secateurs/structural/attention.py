@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .handlers import Handler, register_handler
+from .handlers import Handler, handler_for, register_handler
 from .trace import Trace
 
 
@@ -191,9 +191,7 @@ class MultiheadAttentionHandler(Handler):
         t.label(output[0], -1, ids)
 
     def update(self, module, name, edit, kept):
-        out = module.out_proj
-        edit.set(out, "in_features", out.weight.shape[1])
-        edit.set(out, "out_features", out.weight.shape[0])
+        handler_for(module.out_proj).update(module.out_proj, "", edit, {})
         new = PrunedMultiheadAttention.like(module)
         if isinstance(module, PrunedMultiheadAttention):
             for attr in ("embed_dim", "num_heads", "kdim", "vdim"):

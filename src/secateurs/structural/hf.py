@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .handlers import Handler, register_handler_by_name
+from .handlers import Handler, handler_for, register_handler_by_name
 from .surgery import Surgery
 from .trace import Trace
 
@@ -26,12 +26,8 @@ def _width(module: nn.Module, axis: str) -> int:
 
 
 def _refresh(edit: Surgery, module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        edit.set(module, "in_features", module.weight.shape[1])
-        edit.set(module, "out_features", module.weight.shape[0])
-    else:  # Conv1D
-        edit.set(module, "nf", module.weight.shape[1])
-        edit.set(module, "nx", module.weight.shape[0])
+    """Size attributes of a projection (Linear or Conv1D), by its own handler."""
+    handler_for(module).update(module, "", edit, {})
 
 
 def _head_units(t: Trace, name: str, heads: int, kv_heads: int) -> tuple[Any, Any]:
@@ -188,7 +184,6 @@ def example_inputs(model: nn.Module, length: int = 8) -> dict[str, torch.Tensor]
 
 def _layer_values(model: nn.Module, keys: dict[str, str]) -> dict[str, list[int]]:
     from ..llm.blocks import find_blocks
-    from .handlers import handler_for
 
     _, blocks = find_blocks(model)
     values: dict[str, list[int]] = {"heads": [], "kv_heads": [], "ffn": [], "hidden": [], "head_dim": []}
