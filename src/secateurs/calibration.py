@@ -42,10 +42,28 @@ def model_context(model_or_config: Any) -> int | None:
     return None
 
 
+def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """Counts (nsamples, seqlen, batch size): a positive int, not a bool or float."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 def default_seqlen(model: Any = None) -> int:
     """The literature's 2048 tokens, capped to the model's context."""
     context = model_context(model) if model is not None else None
     return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
+
+
+def resolve_seqlen(model: Any, seqlen: int | None) -> int:
+    """``seqlen``, or the default; refused if longer than the model's context."""
+    if seqlen is None:
+        return default_seqlen(model)
+    context = model_context(model)
+    if context is not None and seqlen > context:
+        raise ConfigError(f"seqlen={seqlen} is longer than the model's context of {context} tokens")
+    return seqlen
 
 
 def read_text(source: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -129,9 +147,8 @@ def sample_segments(
     ``seqlen``). Raises :class:`CalibrationError` with the numbers when the source is
     shorter than one segment.
     """
-    for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    positive_int("nsamples", nsamples)
+    positive_int("seqlen", seqlen)
     if isinstance(source, Tensor) and source.ndim == 2:
         if source.is_floating_point():
             raise CalibrationError("calibration segments must be integer token ids, got a float tensor")

@@ -60,6 +60,9 @@ def test_shortgpt_refuses_a_sparsity_that_removes_no_block(segments):
         ({"method": "flap", "sparsity": 0.3, "pattern": "2:4"}, "removes whole structures"),
         ({"method": "shortgpt", "sparsity": 0.5, "allocation": "owl"}, "takes allocation"),
         ({"method": "flap", "sparsity": 0.3, "method_options": {"x": 1}}, "no method_options"),
+        ({"method": "flap", "sparsity": 0.3, "seed": "1"}, "seed must be an integer"),
+        ({"method": "shortgpt", "sparsity": 0.5, "blocks": 3}, "blocks must be a module name"),
+        ({"method": "shortgpt", "sparsity": 0.5, "nsamples": 0}, "nsamples must be a positive integer"),
     ],
 )
 def test_structural_methods_refuse_options_that_do_not_apply(kwargs, message):

@@ -112,11 +112,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _text_calibration(model: torch.nn.Module, args: argparse.Namespace) -> list[torch.Tensor]:
     """``--calib FILE`` with ``--mode remove``: seeded segments of token ids, one per batch."""
-    from ..calibration import DEFAULT_NSAMPLES, default_seqlen, sample_segments
+    from ..calibration import DEFAULT_NSAMPLES, resolve_seqlen, sample_segments
     from .llm_prune import _tokenizer
 
     tokenizer = _tokenizer(args.tokenizer or args.model)
-    seqlen = args.seqlen or default_seqlen(model)
+    seqlen = resolve_seqlen(model, args.seqlen)
     segments = sample_segments(args.calib, tokenizer, args.nsamples or DEFAULT_NSAMPLES, seqlen, args.seed or 0)
     return [s.unsqueeze(0) for s in segments]
 

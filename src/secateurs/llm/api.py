@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..calibration import default_seqlen, model_context, sample_segments
+from ..calibration import resolve_seqlen, sample_segments
 from ..errors import ConfigError, choices
 from ..report import JsonReport, Report, build_report
 from .config import LLMPruneConfig
@@ -79,10 +79,7 @@ def calibration_segments(
     model: nn.Module, calibration: Any, tokenizer: Any, config: LLMPruneConfig
 ) -> tuple[Tensor, int]:
     """The ``(nsamples, seqlen)`` segments the run calibrates on, and the seqlen used."""
-    seqlen = config.seqlen or default_seqlen(model)
-    context = model_context(model)
-    if context is not None and seqlen > context:
-        raise ConfigError(f"seqlen={seqlen} is longer than the model's context of {context} tokens")
+    seqlen = resolve_seqlen(model, config.seqlen)
     if isinstance(calibration, Tensor) and calibration.ndim == 2 and config.seqlen is None:
         seqlen = min(seqlen, calibration.shape[1])
     needs_tokenizer = not isinstance(calibration, Tensor)

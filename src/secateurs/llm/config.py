@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..calibration import positive_int
 from ..config import RecipeConfig, check_sparsity
 from ..errors import ConfigError, choices
 from ..patterns import NM, Element, Pattern, parse_pattern
@@ -25,13 +26,6 @@ ALLOCATIONS = ("uniform", "owl")
 #: structured methods of the structural module, run on the same calibration segments
 STRUCTURAL_METHODS = ("flap", "shortgpt")
 STRUCTURAL_ALLOCATIONS = ("uniform", "global")
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +75,13 @@ class LLMPruneConfig(RecipeConfig):
         if self.method not in METHODS and self.method not in STRUCTURAL_METHODS:
             valid = choices((*METHODS, *STRUCTURAL_METHODS))
             raise ConfigError(f"unknown LLM pruning method {self.method!r}; valid: {valid}")
+        positive_int("nsamples", self.nsamples)
+        positive_int("seqlen", self.seqlen, allow_none=True)
+        positive_int("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            raise ConfigError(f"blocks must be a module name such as 'model.layers', got {self.blocks!r}")
         if self.method in STRUCTURAL_METHODS:
             self._init_structural()
             return
@@ -101,13 +102,6 @@ class LLMPruneConfig(RecipeConfig):
             if not isinstance(self.owl_m, (int, float)) or not self.owl_m > 0:
                 raise ConfigError(f"owl_m must be positive, got {self.owl_m!r} (the paper uses 5)")
             check_lambda(float(self.owl_lambda), sparsity)
-        _positive_int("nsamples", self.nsamples)
-        _positive_int("seqlen", self.seqlen, allow_none=True)
-        _positive_int("batch_size", self.batch_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if self.blocks is not None and not isinstance(self.blocks, str):
-            raise ConfigError(f"blocks must be a module name such as 'model.layers', got {self.blocks!r}")
         scope = ScopeSpec.from_value(self.scope)
         scope = replace(scope, skip_first=False, skip_last=False, types=("Linear", "Conv1D"), embeddings=False)
         set_ = object.__setattr__
@@ -130,9 +124,6 @@ class LLMPruneConfig(RecipeConfig):
         sparsity = self._check_sparsity(pattern)
         if not sparsity > 0:
             raise ConfigError(f"{self.method} needs a sparsity above 0, got {sparsity}")
-        _positive_int("nsamples", self.nsamples)
-        _positive_int("seqlen", self.seqlen, allow_none=True)
-        _positive_int("batch_size", self.batch_size)
         set_ = object.__setattr__
         set_(self, "sparsity", sparsity)
         set_(self, "allocation", allocation)

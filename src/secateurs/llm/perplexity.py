@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import model_device
-from ..calibration import CalibrationError, default_seqlen, model_context, token_stream
+from ..calibration import CalibrationError, resolve_seqlen, token_stream
 from ..errors import ConfigError
 from ..progress import progress as progress_bar
 
@@ -51,10 +51,7 @@ def perplexity(
             f"perplexity needs a causal language model with an LM head; {type(model).__name__} is not one "
             "(masked LMs such as BERT have no left-to-right perplexity)"
         )
-    seqlen = seqlen or default_seqlen(model)
-    context = model_context(model)
-    if context is not None and seqlen > context:
-        raise ConfigError(f"seqlen={seqlen} is longer than the model's context of {context} tokens")
+    seqlen = resolve_seqlen(model, seqlen)
     stream = token_stream(text, tokenizer)
     windows = stream.numel() // seqlen
     if windows == 0:
