@@ -87,16 +87,14 @@ def _nm_groups(tensor: Tensor, layout: Layout, m: int) -> Tensor:
     return to_canonical(tensor, layout).reshape(-1, m)
 
 
-def is_nm(tensor: Tensor, layout: Layout, pattern: NM) -> bool:
-    shape3 = to_canonical(tensor, layout).shape
-    if shape3[2] % pattern.m:
-        return False
-    return bool((bits_nonzero(_nm_groups(tensor, layout, pattern.m)).sum(1) <= pattern.n).all())
-
-
-def _encode_nm(tensor: Tensor, layout: Layout, pattern: NM) -> dict[str, Tensor]:
+def _encode_nm(tensor: Tensor, layout: Layout, pattern: NM) -> dict[str, Tensor] | None:
+    """Values and packed indices, or None when ``tensor`` is not N:M along its input dim."""
+    if to_canonical(tensor, layout).shape[2] % pattern.m:
+        return None
     groups = _nm_groups(tensor, layout, pattern.m)
     keep = bits_nonzero(groups)
+    if not bool((keep.sum(1) <= pattern.n).all()):
+        return None
     # exactly N positions per group: the nonzeros first, padded with (exactly +0.0) zeros
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : pattern.n]
     index = torch.sort(order, dim=1).values
@@ -128,16 +126,19 @@ def _layouts(model: nn.Module) -> dict[str, Layout]:
     return out
 
 
+def _nbytes(parts: dict[str, Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in parts.values())
+
+
 def _encode(tensor: Tensor, layout: Layout | None, pattern: NM | None) -> tuple[dict, dict[str, Tensor]]:
     meta = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     dense_bytes = tensor.numel() * tensor.element_size()
     if layout is not None and tensor.ndim == 2 and tensor.is_floating_point():
-        if pattern is not None and is_nm(tensor, layout, pattern):
-            parts = _encode_nm(tensor, layout, pattern)
-            if sum(p.numel() * p.element_size() for p in parts.values()) < dense_bytes:
-                return {**meta, "format": "n:m", "n": pattern.n, "m": pattern.m, "layout": layout.value}, parts
+        parts = _encode_nm(tensor, layout, pattern) if pattern is not None else None
+        if parts is not None and _nbytes(parts) < dense_bytes:
+            return {**meta, "format": "n:m", "n": pattern.n, "m": pattern.m, "layout": layout.value}, parts
         parts = _encode_bitmask(tensor)
-        if sum(p.numel() * p.element_size() for p in parts.values()) < dense_bytes:
+        if _nbytes(parts) < dense_bytes:
             return {**meta, "format": "bitmask"}, parts
     return {**meta, "format": "dense"}, {"dense": tensor.contiguous()}
 
