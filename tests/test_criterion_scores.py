@@ -12,7 +12,7 @@ from torch import nn
 from secateurs import prune
 from secateurs.config import PruneConfig
 from secateurs.criteria import lamp_normalize, registry
-from secateurs.engine import Data, score_targets
+from secateurs.pipeline import Data, score_targets
 from secateurs.scope import ScopeSpec, resolve
 
 ALL = ScopeSpec(skip_first=False, skip_last=False)
@@ -161,14 +161,14 @@ def test_random_scores_depend_only_on_the_seed():
     assert not torch.equal(a["0.weight"], b["0.weight"])
 
 
-MASKING_METHODS = sorted(name for name, cls in registry().items() if not getattr(cls, "structural_only", False))
+MASKING_METHODS = sorted(name for name, cls in registry().items() if "mask" in cls.modes)
 
 
 @pytest.mark.parametrize("method", MASKING_METHODS)
 def test_every_registered_method_is_deterministic_under_a_seed(method, cnn_batches):
     from conftest import small_cnn
 
-    kwargs = dict(calibration=cnn_batches, seed=5, iterations=2)
+    kwargs = dict(calibration=cnn_batches, seed=5, iterations=2, mode="mask")
     if registry()[method].patterns:
         kwargs["pattern"] = "output_channel"
     masks = []

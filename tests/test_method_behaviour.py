@@ -104,7 +104,7 @@ def test_taylor_ranks_filters_like_the_oracle_loss_change(digits):
     import torch.nn.functional as F
 
     from secateurs.config import PruneConfig
-    from secateurs.engine import Data, score_targets, select_masks
+    from secateurs.pipeline import Data, score_targets, select_masks
     from secateurs.scope import resolve
 
     _, batches, _ = digits

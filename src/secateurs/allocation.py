@@ -1,76 +1,127 @@
 """Allocation: how much each target loses.
 
-Every allocator answers one question: for each target, how many units does each
-of its comparison groups lose at this step? Selection then takes that many of the
-lowest-scoring units, so global ranking and per-layer budgets share one code path.
+Every allocator answers one question: for each target, how many units does each of its
+comparison groups lose at this step? Selection then takes that many of the lowest-scoring
+units, so global ranking and per-layer budgets share one code path. Allocators that set a
+fraction per target (uniform, ERK, explicit, OWL) also say that fraction
+(:meth:`Allocation.target_sparsities`), which is what an adaptive solver (SparseGPT) prunes to.
+
+An allocation may read evidence of the *dense* model before anything is pruned (OWL's outlier
+ratios): it declares ``needs`` and the runner calls :meth:`Allocation.observe` first, once for
+the whole model (whole-model runner) or once per block (block runner).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
+from .criteria.activation import Wanda
 from .criteria.magnitude import lamp_normalize
 from .errors import ConfigError, choices
+from .evidence import Evidence, Need
 from .patterns import Pattern
+from .registry import Registry, construct
 from .scope import Target
 from .selection import global_prune_counts
+from .spec import is_number
+
+ALLOCATIONS: Registry[type[Allocation]] = Registry("allocation")
 
 
 @dataclass
 class Budget:
     """What an allocator sees for one step."""
 
-    targets: Sequence[Target]
+    targets: Sequence[Target]  # the targets pruned now (one block's, in the block runner)
     sparsity: float  # overall sparsity asked for at this step
     final_sparsity: float  # the run's final sparsity (to scale explicit per-layer values)
-    unit_scores: dict[str, Tensor]  # (groups, units) per target
+    unit_scores: dict[str, Tensor] | None  # (groups, units) per target; None when nothing was scored
     dead: dict[str, Tensor | None]  # (groups, units) bool: units already pruned; None: none are
     pattern: Pattern
+    comparison: str = "layer"
+    all_targets: Sequence[Target] = ()  # every target of the run (ERK sizes layers against all of them)
+    observed: dict[str, Any] = field(default_factory=dict)  # what observe() gathered on the dense model
+    layer_of: dict[str, str] = field(default_factory=dict)  # target name -> layer (block) it belongs to
+
+    def units_per_group(self, target: Target) -> int:
+        if self.unit_scores is not None:
+            return self.unit_scores[target.name].shape[1]
+        probe = torch.empty(target.canonical_shape, device="meta")
+        return self.pattern.units(probe, self.comparison).shape[1]
 
 
-class Allocation(ABC):
-    name: str = ""
-    needs_single_group: bool = False  # True: ranks across targets, so rows/N:M chunks cannot apply
+class Allocation:
+    """Base class: override :meth:`target_sparsities` (a fraction per target) or :meth:`prune_counts`."""
 
-    @abstractmethod
+    name: ClassVar[str] = ""
+    #: ranks units of every target together, so it needs all targets' scores at once
+    needs_single_group: ClassVar[bool] = False
+    #: reads the criterion's scores (False: sizes layers from shapes or observations only)
+    reads_scores: ClassVar[bool] = False
+    #: can size groups of coupled channels (mode='remove')
+    sizes_groups: ClassVar[bool] = True
+    #: evidence of the dense model it reads in :meth:`observe`
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def observe(self, targets: Sequence[Target], evidence: Evidence, layer_of: Mapping[str, str]) -> dict[str, Any]:
+        """Read the dense model's evidence for ``targets`` (before any pruning); returns observations."""
+        return {}
+
+    def check(self, sparsity: float | None) -> None:
+        """Refuse a sparsity this allocation cannot reach, before anything runs."""
+
+    def target_sparsities(self, budget: Budget) -> dict[str, float] | None:
+        """The fraction of units each target loses, or None for allocators that only rank."""
+        return None
+
     def prune_counts(self, budget: Budget) -> dict[str, int]:
         """Units each comparison group of each target loses."""
-
-    def _per_target(self, budget: Budget, sparsities: Mapping[str, float]) -> dict[str, int]:
+        sparsities = self.target_sparsities(budget)
+        if sparsities is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement target_sparsities() or prune_counts()")
         return {
-            t.name: budget.pattern.units_to_prune(budget.unit_scores[t.name].shape[1], sparsities[t.name])
-            for t in budget.targets
+            t.name: budget.pattern.units_to_prune(budget.units_per_group(t), sparsities[t.name]) for t in budget.targets
         }
 
     def to_spec(self) -> str | dict:
         return self.name
 
+    def options(self) -> dict[str, Any]:
+        """Constructor options (``allocation_options``) that rebuild this allocation."""
+        return {}
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({args})"
 
 
+@ALLOCATIONS.register
 class Uniform(Allocation):
     """Every target at the same sparsity."""
 
     name = "uniform"
 
-    def prune_counts(self, budget: Budget) -> dict[str, int]:
-        return self._per_target(budget, {t.name: budget.sparsity for t in budget.targets})
+    def target_sparsities(self, budget: Budget) -> dict[str, float]:
+        return {t.name: budget.sparsity for t in budget.targets}
 
 
+@ALLOCATIONS.register
 class Global(Allocation):
     """One threshold over all targets' scores (the criterion must be comparable across layers)."""
 
     name = "global"
     needs_single_group = True
+    reads_scores = True
 
     def _scores(self, budget: Budget) -> dict[str, Tensor]:
+        assert budget.unit_scores is not None
         return budget.unit_scores
 
     def prune_counts(self, budget: Budget) -> dict[str, int]:
@@ -78,6 +129,7 @@ class Global(Allocation):
         return global_prune_counts(self._scores(budget), numel, budget.dead, budget.sparsity)
 
 
+@ALLOCATIONS.register
 class LAMPAllocation(Global):
     """Global ranking of LAMP-normalised scores (Lee et al. 2021, arXiv:2010.07611) decides
     each layer's budget; the criterion's own scores then pick the units in each layer."""
@@ -85,20 +137,24 @@ class LAMPAllocation(Global):
     name = "lamp"
 
     def _scores(self, budget: Budget) -> dict[str, Tensor]:
+        assert budget.unit_scores is not None
         return {
             name: lamp_normalize(s if budget.dead[name] is None else s.masked_fill(budget.dead[name], 0.0))
             for name, s in budget.unit_scores.items()
         }
 
 
+@ALLOCATIONS.register
 class ERK(Allocation):
     """Erdos-Renyi-Kernel (Evci et al. 2020, arXiv:1911.11134): density proportional to
     ``sum(shape) / prod(shape)``, scaled to the overall budget, layers capped at dense."""
 
     name = "erk"
+    sizes_groups = False  # it sizes weight tensors from their shapes, not groups of channels
 
-    def prune_counts(self, budget: Budget) -> dict[str, int]:
-        return self._per_target(budget, erk_sparsities(budget.targets, budget.sparsity))
+    def target_sparsities(self, budget: Budget) -> dict[str, float]:
+        every = erk_sparsities(budget.all_targets or budget.targets, budget.sparsity)
+        return {t.name: every[t.name] for t in budget.targets}
 
 
 def erk_sparsities(targets: Sequence[Target], sparsity: float) -> dict[str, float]:
@@ -126,9 +182,11 @@ class Explicit(Allocation):
 
     def __init__(self, sparsities: Mapping[str, float], default: float = 0.0) -> None:
         for key, value in sparsities.items():
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ConfigError(f"allocation[{key!r}] = {value!r}: a sparsity must be in [0, 1)")
-        self.sparsities = dict(sparsities)
+            if not isinstance(key, str):
+                raise ConfigError(f"allocation keys are module-name globs (strings), got {key!r}")
+            if not is_number(value) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"allocation[{key!r}] = {value!r}: a sparsity must be a number in [0, 1)")
+        self.sparsities = {k: float(v) for k, v in sparsities.items()}
         self.default = default
 
     def resolve(self, targets: Sequence[Target]) -> dict[str, float]:
@@ -148,9 +206,10 @@ class Explicit(Allocation):
             result[t.name] = value
         return result
 
-    def prune_counts(self, budget: Budget) -> dict[str, int]:
+    def target_sparsities(self, budget: Budget) -> dict[str, float]:
         scale = budget.sparsity / budget.final_sparsity if budget.final_sparsity > 0 else 1.0
-        return self._per_target(budget, {n: s * scale for n, s in self.resolve(budget.targets).items()})
+        every = self.resolve(budget.all_targets or budget.targets)
+        return {t.name: every[t.name] * scale for t in budget.targets}
 
     def to_spec(self) -> dict:
         return dict(self.sparsities)
@@ -159,16 +218,107 @@ class Explicit(Allocation):
         return f"Explicit({self.sparsities!r}, default={self.default!r})"
 
 
-_NAMED: dict[str, type[Allocation]] = {cls.name: cls for cls in (Uniform, Global, LAMPAllocation, ERK)}
-ALLOCATION_NAMES = tuple(_NAMED)
+@ALLOCATIONS.register
+class OWL(Allocation):
+    """Outlier-weighted layerwise sparsity (Yin et al. 2023, arXiv:2310.05175): layers holding more
+    outliers are pruned less.
+
+    The outlier ratio ``D_l`` of a layer (a transformer block: all its pruned weights together) is the
+    fraction of Wanda scores ``|W_ij| * ||X_j||`` above ``m`` times the layer's mean score, measured
+    on the dense model. Densities ``2 * lam * (D_l - min D) / (max D - min D)`` are shifted to
+    average ``1 - sparsity``, so layer sparsities span ``sparsity +- lam`` and average to the target.
+    The paper uses ``m = 5`` and ``lam = 0.08`` for LLaMA. Layers are the model's repeated blocks
+    (``layers='blocks'``), or each weight tensor (``layers='targets'``, also used when the model has
+    no repeated blocks).
+    """
+
+    name = "owl"
+    needs = frozenset({Need.ACTIVATIONS})
+    sizes_groups = False  # outlier ratios of weight tensors, not of groups of channels
+    LAYERS: ClassVar[tuple[str, ...]] = ("blocks", "targets")
+
+    def __init__(self, m: float = 5.0, lam: float = 0.08, layers: str = "blocks") -> None:
+        if not is_number(m) or not m > 0:
+            raise ConfigError(f"allocation_options.m (OWL's outlier threshold) must be a positive number, got {m!r}")
+        if not is_number(lam) or lam < 0:
+            raise ConfigError(f"allocation_options.lam (OWL's lambda) must be a number >= 0, got {lam!r}")
+        if layers not in self.LAYERS:
+            raise ConfigError(f"allocation_options.layers must be one of {choices(self.LAYERS)}, got {layers!r}")
+        self.m, self.lam, self.layers = float(m), float(lam), layers
+
+    def options(self) -> dict[str, Any]:
+        return {"m": self.m, "lam": self.lam, "layers": self.layers}
+
+    def check(self, sparsity: float | None) -> None:
+        if sparsity is not None:
+            check_lambda(self.lam, sparsity)
+
+    def layer_key(self, target: Target, layer_of: Mapping[str, str]) -> str:
+        return layer_of.get(target.name, target.name) if self.layers == "blocks" else target.name
+
+    def observe(self, targets: Sequence[Target], evidence: Evidence, layer_of: Mapping[str, str]) -> dict[str, Any]:
+        scores = Wanda().scores(evidence)
+        layers: dict[str, list[Tensor]] = {}
+        for t in targets:
+            layers.setdefault(self.layer_key(t, layer_of), []).append(scores[t.name])
+        return {layer: outlier_ratio(parts, self.m) for layer, parts in layers.items()}
+
+    def target_sparsities(self, budget: Budget) -> dict[str, float]:
+        ratios = budget.observed
+        if not ratios:
+            raise ConfigError("OWL needs the outlier ratios of the dense model; the runner observed none")
+        layer_sparsity = dict(zip(ratios, owl_sparsities(list(ratios.values()), budget.sparsity, self.lam)))
+        return {t.name: layer_sparsity[self.layer_key(t, budget.layer_of)] for t in budget.targets}
 
 
-def make_allocation(value: str | Mapping[str, float] | Allocation, default: float | None = None) -> Allocation:
-    """``'uniform' | 'global' | 'erk' | 'lamp'``, an explicit ``{glob: sparsity}`` dict, or an instance."""
+def outlier_ratio(scores: Sequence[Tensor], m: float) -> float:
+    """Fraction of entries whose score exceeds ``m`` times the mean over all of ``scores``."""
+    flat = torch.cat([s.reshape(-1).double() for s in scores])
+    return float((flat > m * flat.mean()).double().mean())
+
+
+def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:
+    """Per-layer sparsities from outlier ratios; their mean is ``sparsity``."""
+    check_lambda(lam, sparsity)
+    r = torch.tensor(list(ratios), dtype=torch.float64)
+    spread = float(r.max() - r.min())
+    if spread == 0.0:
+        return [sparsity] * len(r)
+    density = (r - r.min()) / spread * (2 * lam)
+    density = density - density.mean() + (1.0 - sparsity)
+    return [float(1.0 - d) for d in density]
+
+
+def check_lambda(lam: float, sparsity: float) -> None:
+    """Every layer's sparsity must stay in [0, 1): lambda < min(S, 1 - S)."""
+    bound = min(sparsity, 1.0 - sparsity)
+    if lam < 0 or (lam > 0 and lam >= bound):
+        raise ConfigError(
+            f"OWL lambda={lam} must be in [0, {bound:g}) at sparsity {sparsity:g} (lambda < min(S, 1 - S)), "
+            "so every layer's sparsity stays in [0, 1)"
+        )
+
+
+def make_allocation(
+    value: str | Mapping[str, float] | Allocation,
+    default: float | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Allocation:
+    """A registered name (``'uniform' | 'global' | 'erk' | 'lamp' | 'owl'`` ...) with its options, an
+    explicit ``{glob: sparsity}`` dict, or an instance."""
     if isinstance(value, Allocation):
+        if options:
+            raise ConfigError("allocation_options only apply when allocation is given by name")
         return value
     if isinstance(value, Mapping):
+        if options:
+            raise ConfigError("allocation_options do not apply to an explicit {glob: sparsity} allocation")
         return Explicit(value, default=default or 0.0)
-    if value not in _NAMED:
-        raise ConfigError(f"unknown allocation {value!r}; valid: {choices(_NAMED)} or a {{glob: sparsity}} dict")
-    return _NAMED[value]()
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"allocation must be a name ({choices(ALLOCATIONS)}), a {{glob: sparsity}} dict or an Allocation, "
+            f"got {value!r}"
+        )
+    if value not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation {value!r}; valid: {choices(ALLOCATIONS)} or a {{glob: sparsity}} dict")
+    return construct(ALLOCATIONS.get(value), options, f"allocation_options for {value!r}")

@@ -1,38 +1,27 @@
-"""The front door: ``prune()`` for one call, ``Pruner`` for training loops."""
+"""The front door: ``prune()`` for one call, ``Pruner`` for training loops. Both are thin: they build
+one :class:`~secateurs.PruneConfig` and hand it to the runner it names."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .batches import LossFn, first_sample, model_inputs, take
+from .batches import LossFn
 from .config import PruneConfig
-from .engine import Data, apply_masks, check, compute_masks, pruning
 from .errors import ConfigError, StateError
 from .masking import bake as bake_all
-from .masking import detach
-from .progress import progress as progress_bar
-from .report import Report, build_report
-from .schedules import OneShot, exponential_sparsity
-from .scope import Target, resolve
+from .pipeline import Data, all_or_nothing, check
+from .report import Report
+from .runners.model import Pruning
+from .schedules import OneShot
+from .scope import Target
+from .structural.iterative import ScheduledRemoval
 from .structural.report import StructuralReport
-
-if TYPE_CHECKING:
-    from .structural.iterative import ScheduledRemoval
-
-
-def _data(
-    config: PruneConfig, calibration: Iterable[Any] | None, loss_fn: LossFn | None, example_inputs: Any, show: bool
-) -> Data:
-    batches = take(calibration, config.max_batches)
-    if example_inputs is None and batches:
-        example_inputs = first_sample(model_inputs(batches[0]))
-    return Data(batches, loss_fn, example_inputs, show)
 
 
 def prune(
@@ -48,20 +37,23 @@ def prune(
 ) -> Report | StructuralReport:
     """Prune ``model`` in place and return a :class:`Report` of what changed.
 
-    ``options`` are the other :class:`PruneConfig` fields (``pattern``, ``allocation``,
-    ``scope``, ``mode``, ``iterations`` ...), so a recipe maps one-to-one:
-    ``prune(model, **load_recipe("recipe.yaml"), calibration=loader)``.
-    Every check runs before the model is touched; if anything fails, the model is
-    left exactly as it was. ``mode='remove'`` removes whole channels, heads, hidden
-    dimensions or blocks for real and returns a :class:`StructuralReport`.
+    ``options`` are the other :class:`PruneConfig` fields (``pattern``, ``allocation``, ``scope``,
+    ``mode``, ``solver``, ``runner``, ``overrides``, ``iterations`` ...), so a recipe maps one-to-one:
+    ``prune(model, **load_recipe("recipe.yaml"), calibration=loader)``. Every check runs before the
+    model is touched; if anything fails, the model is left exactly as it was. ``mode='reconstruct'``
+    updates the surviving weights with a solver (``prune(model, 'sparsegpt', 0.5, calibration=...)``
+    works on any model with Linear / Conv layers); ``mode='remove'`` removes whole channels, heads,
+    hidden dimensions or blocks for real and returns a :class:`StructuralReport`;
+    ``runner='blocks'`` prunes one repeated block at a time (the layerwise LLM runner).
 
     Args:
-        calibration: iterable of batches for data-needing criteria (see ``secateurs.batches``).
+        calibration: iterable of batches for data-needing methods (see ``secateurs.batches``).
         loss_fn: ``loss_fn(model, batch) -> scalar`` for gradient criteria with unusual batches.
         example_inputs: one input batch, used for MACs in the report and by SynFlow for its shape;
             default: the first sample of the first calibration batch.
         progress: show progress bars for work longer than a second.
     """
+    PruneConfig.check_keywords(options, "prune()")
     config = PruneConfig(method=method, sparsity=sparsity, **options)
     if not isinstance(config.schedule_, OneShot) or config.schedule_.at != 0:
         raise ConfigError(
@@ -69,25 +61,8 @@ def prune(
             "secateurs.Pruner(model, ..., schedule=...) in your training loop, or iterations=N for "
             "exponential rounds without training"
         )
-    data = _data(config, calibration, loss_fn, example_inputs, progress)
-    if config.mode == "remove":
-        from .structural.pipeline import prune_structured
-
-        return prune_structured(model, config, data)
-    targets = resolve(model, config.scope_)
-    check(targets, config, data)
-    rounds = config.rounds
-    with pruning(targets):
-        for k in progress_bar(range(1, rounds + 1), f"{config.criterion_.name} rounds", progress and rounds > 1):
-            step_sparsity = (
-                exponential_sparsity(k, rounds, config.final_sparsity) if rounds > 1 else config.final_sparsity
-            )
-            masks = compute_masks(model, targets, config, step_sparsity, data, round_=k)
-            apply_masks(targets, masks)
-    if config.mode == "bake":
-        for t in targets:
-            detach(t, bake=True)
-    return build_report(model, targets, config.pattern_, data.example_inputs, config.to_dict())
+    data = Data.from_user(config, calibration, loss_fn, example_inputs, progress)
+    return config.runner_.run(model, config, data)
 
 
 @dataclass
@@ -125,7 +100,9 @@ class Pruner:
         pruner = Pruner(model, "magnitude", 0.9, allocation="global",
                         schedule={"kind": "cubic", "start": 0, "end": 2000, "every": 100})
         for batch in loader:
-            loss = ...; loss.backward(); optimizer.step()
+            loss = ...; loss.backward()
+            pruner.regularize()          # training-time penalties (regularizer='bn_l1' ...), if any
+            optimizer.step()
             event = pruner.step()
             if event.rewound:            # lottery tickets: start training afresh
                 optimizer = make_optimizer(model)
@@ -149,18 +126,25 @@ class Pruner:
         progress: bool = False,
         **options: Any,
     ) -> None:
+        PruneConfig.check_keywords(options, "Pruner()")
         self.model = model
         self.config = PruneConfig(method=method, sparsity=sparsity, **options)
-        self.data = _data(self.config, calibration, loss_fn, example_inputs, progress)
+        if self.config.runner_.name != "model":
+            raise ConfigError(
+                f"Pruner prunes the whole model between training steps; runner={self.config.runner!r} is for one-shot "
+                "pruning with prune() / prune_llm()"
+            )
+        self.data = Data.from_user(self.config, calibration, loss_fn, example_inputs, progress)
         self._removal: ScheduledRemoval | None = None
+        self._pruning: Pruning | None = None
         self.targets: list[Target] = []
-        if self.config.mode == "remove":
-            from .structural.iterative import ScheduledRemoval
-
+        if self.config.application_.structural:
             self._removal = ScheduledRemoval(model, self.config, self.data)
         else:
-            self.targets = resolve(model, self.config.scope_)
-            check(self.targets, self.config, self.data)
+            self._pruning = Pruning(model, self.config, self.data)
+            self.targets = self._pruning.targets
+        if self.config.regularizer_ is not None:
+            self.config.regularizer_.bind(model, self.targets)
         self.step_count = 0
         self.current_sparsity = 0.0
         schedule = self.config.schedule_
@@ -168,8 +152,17 @@ class Pruner:
         if schedule.rewind_step == 0:
             self._rewind_state = _trainable_state(model)
 
+    def regularize(self) -> float:
+        """Call between ``loss.backward()`` and ``optimizer.step()``: adds the regularizer's (sub)gradient to
+        ``.grad`` and returns the penalty's value (to log, not to backpropagate)."""
+        if self.config.regularizer_ is None:
+            raise StateError("this Pruner has no regularizer; build it with regularizer='l1' or 'bn_l1' (or your own)")
+        return self.config.regularizer_.penalize()
+
     def step(self) -> StepEvent:
         """Call once after every optimizer step."""
+        if self.config.regularizer_ is not None:
+            self.config.regularizer_.proximal()
         t = self.step_count
         schedule = self.config.schedule_
         event = StepEvent(step=t)
@@ -194,10 +187,10 @@ class Pruner:
             removed = self._removal.remove_to(sparsity) is not None
             self.current_sparsity = sparsity
             return removed
-        check(self.targets, self.config, self.data)
-        with pruning(self.targets):
-            masks = compute_masks(self.model, self.targets, self.config, sparsity, self.data, self.step_count)
-            apply_masks(self.targets, masks)
+        assert self._pruning is not None
+        check(self._pruning.plans, self.config, self.data)
+        with all_or_nothing(self.targets, self.config.application_.writes_weights):
+            self._pruning.prune_to(sparsity, round_=self.step_count)
         self.current_sparsity = sparsity
         return False
 
@@ -215,12 +208,12 @@ class Pruner:
         """The masks' report; in remove mode, the last removal's (None before the first)."""
         if self._removal is not None:
             return self._removal.reports[-1] if self._removal.reports else None
-        inputs = example_inputs if example_inputs is not None else self.data.example_inputs
-        return build_report(self.model, self.targets, self.config.pattern_, inputs, self.config.to_dict())
+        assert self._pruning is not None
+        return self._pruning.report(example_inputs if example_inputs is not None else self.data.example_inputs)
 
     def finalize(self, bake: bool | None = None) -> nn.Module:
         """End of training: bake the zeros into the weights (default when mode='bake')."""
-        if bake if bake is not None else self.config.mode == "bake":
+        if bake if bake is not None else self.config.mode_ == "bake":
             bake_all(self.model)
         return self.model
 

@@ -1,33 +1,54 @@
 """PruneConfig: every argument of a pruning run, as data, validated once.
 
-``prune()``, ``Pruner`` and recipe files all build one of these, so the three
-front ends accept exactly the same keys with exactly the same checks, and a run
-is reproducible from ``config.to_dict()`` (which the report records).
+``prune()``, ``Pruner``, ``prune_llm()`` (through :class:`~secateurs.llm.LLMPruneConfig`), recipe
+files and the CLI all build one, so every front end accepts exactly the same keys with exactly
+the same checks. The fields keep what the user gave; the resolved pipeline (criterion, pattern,
+allocation, mode, solver, runner ...) lives beside them in fields ending in ``_``, and
+:meth:`PruneConfig.to_dict` writes the resolved run as a recipe (the report records it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from .allocation import Allocation, Explicit, Uniform, make_allocation
+from .application import APPLICATIONS, Application
 from .criteria import Criterion, make_criterion
-from .errors import ConfigError, RecipeError, choices
-from .masking import MODES
-from .patterns import NM, Pattern, parse_pattern
+from .errors import ConfigError, choices
+from .evidence import Need
+from .granularity import Granularity, StructuralOptions, parse_granularity
+from .patterns import COMPARISONS, NM, Pattern, parse_pattern
+from .runner import RUNNERS, Runner
 from .schedules import OneShot, Schedule, make_schedule
-from .scope import ScopeSpec
+from .scope import ScopeSpec, Target
+from .solvers.base import SOLVERS, Solver, make_solver
+from .spec import (
+    Spec,
+    anything,
+    either,
+    fraction,
+    instance,
+    integer,
+    is_number,
+    mapping,
+    one_of,
+    option,
+    resolved,
+    spec_from,
+    string,
+)
+from .training.regularizers import Regularizer, make_regularizer
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
+NO_SOLVER = "none"
+OVERRIDE_KEYS = ("sparsity", "pattern", "method", "method_options", "comparison")
 
 
-def check_sparsity(value: Any, pattern: Pattern, required: bool = True) -> float | None:
+def check_sparsity(value: Any, pattern: Pattern | Granularity, required: bool = True) -> float | None:
     """A sparsity in [0, 1), or the one an N:M pattern implies (giving both must agree)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0):
+    if value is not None and (not is_number(value) or not 0.0 <= value < 1.0):
         raise ConfigError(f"sparsity must be a number in [0, 1), got {value!r} (0.9 removes 90% of weights)")
     if isinstance(pattern, NM):
         implied = 1.0 - pattern.density
@@ -41,53 +62,65 @@ def check_sparsity(value: Any, pattern: Pattern, required: bool = True) -> float
     return None if value is None else float(value)
 
 
-class RecipeConfig:
-    """What every run configuration shares: strict construction from plain data (recipes),
-    and a stable name. Subclasses are dataclasses with ``to_dict()`` returning a valid recipe."""
+@dataclass(frozen=True)
+class Override:
+    """A config group: targets matching ``glob`` are pruned with their own sparsity / pattern / method."""
 
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def fingerprint(self) -> str:
-        """A short stable hash naming this configuration (OpenLTH-style)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> Self:
-        """Strict: unknown keys are an error naming them and listing the valid ones."""
-        if not isinstance(data, Mapping):
-            raise RecipeError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
-        unknown = set(data) - set(cls.keys())
-        if unknown:
-            raise RecipeError(f"{source} has unknown key(s) {sorted(unknown)}; valid keys: {choices(cls.keys())}")
-        try:
-            return cls(**data)
-        except RecipeError:
-            raise
-        except ConfigError as exc:
-            raise RecipeError(f"{source}: {exc}") from exc
+    glob: str
+    sparsity: float | None  # None: the run's
+    pattern: Pattern
+    criterion: Criterion
+    comparison: str
+    allocation: Allocation
 
 
 @dataclass(frozen=True)
-class PruneConfig(RecipeConfig):
-    """Arguments of a pruning run. See the README's method table for ``method`` names.
+class Plan:
+    """Targets pruned the same way in one run: the base configuration, or one override."""
+
+    targets: list[Target]
+    criterion: Criterion
+    pattern: Pattern
+    comparison: str
+    allocation: Allocation
+    sparsity: float  # this group's final sparsity
+
+
+def _mode_names(name: str, value: Any) -> None:
+    one_of(APPLICATIONS.names(), optional=True)(name, value)
+
+
+@dataclass(frozen=True)
+class PruneConfig(Spec):
+    """Arguments of a pruning run. See the README's method tables and ``secateurs methods``.
 
     Args:
-        method: criterion name (``'magnitude'``, ``'wanda'``, ``'synflow'`` ...) or instance.
+        method: a registered criterion name (``'magnitude'``, ``'wanda'``, ``'sparsegpt'``, ``'flap'`` ...)
+            or a :class:`~secateurs.Criterion` instance.
         sparsity: final fraction of weights to remove, in [0, 1). Implied by an N:M pattern.
-        pattern: ``'element'``, ``'2:4'``, ``'block:4x4'``, ``'output_channel'``, ``'input_channel'``.
-        allocation: ``'uniform' | 'global' | 'erk' | 'lamp'`` or ``{module_glob: sparsity}``;
-            None takes the method's default (e.g. global for SNIP).
+        pattern: ``'element'``, ``'2:4'``, ``'block:4x4'``, ``'output_channel'``, ``'input_channel'``; with
+            ``mode='remove'`` a granularity: ``'channel'``, ``'head'``, ``'hidden'``, ``'layer'`` or a
+            ``+`` combination (see ``docs/structural.md``).
+        allocation: ``'uniform' | 'global' | 'erk' | 'lamp' | 'owl'`` (or another registered one), an
+            explicit ``{module_glob: sparsity}`` dict, or an instance; None takes the method's default.
+        allocation_options: options of a named allocation, e.g. OWL's ``{'m': 5, 'lam': 0.08}``.
         comparison: ``'layer'`` or ``'row'`` (rank within output rows, as Wanda); None: method default.
         scope: :class:`ScopeSpec`, a dict of its fields, or a list of include globs.
-        mode: ``'mask'`` (reversible parametrization), ``'bake'`` (zeros in the weights) or
-            ``'remove'`` (structural: tensors shrink; ``pattern`` is then ``'channel'``, ``'head'``,
-            ``'hidden'``, ``'layer'`` or a ``+`` combination, see ``docs/structural.md``).
+        mode: ``'mask'`` (reversible parametrization), ``'bake'`` (zeros in the weights),
+            ``'reconstruct'`` (a solver updates the surviving weights) or ``'remove'`` (structural:
+            tensors shrink). None: the method's default (SparseGPT reconstructs, FLAP removes), else
+            ``'mask'``.
+        solver: the ``reconstruct`` solver (``'sparsegpt'``, ``'bias_compensation'``) or the ``remove``
+            mode's compensation (FLAP's ``'bias_compensation'``); ``'none'`` for no compensation.
+            None: the method's default, else the mode's.
+        solver_options: options of the solver (SparseGPT: ``blocksize``, ``dampening``, ``max_retries``).
+        runner: ``'model'`` (hooks over the calibration batches on the whole model; the default) or
+            ``'blocks'`` (one repeated block at a time with recomputed inputs: the layerwise LLM runner).
+        blocks: qualified name of the container of repeated blocks (``'model.layers'``) for the block
+            runner, ``pattern='layer'`` and OWL's layers; None: found automatically.
+        overrides: ``{module_glob: sparsity or {sparsity?, pattern?, method?, method_options?,
+            comparison?}}``: config groups, e.g. ``{'*.mlp.*': {'pattern': '2:4'}, 'lm_head': 0}``
+            (0 leaves a layer dense). The last matching glob wins.
         schedule: for :class:`Pruner`: ``{'kind': 'cubic', 'start': 0, 'end': 1000, 'every': 100}`` ...
         iterations: pruning rounds inside one ``prune()`` call, on an exponential schedule
             (SynFlow's 100); None: method default.
@@ -95,50 +128,140 @@ class PruneConfig(RecipeConfig):
         max_batches: use at most this many calibration batches.
         seed: seeds every random choice (random criterion).
         structural: options of ``mode='remove'`` (``round_to``, ``max_ratio``, ``keep_at_least``,
-            ``gqa`` ...), see :class:`secateurs.structural.StructuralOptions`.
+            ``gqa`` ...), see :class:`secateurs.granularity.StructuralOptions`.
+        regularizer: a training-time penalty :meth:`Pruner.regularize` applies (``'l1'``, ``'bn_l1'``).
+        regularizer_options: its options (``strength`` ...).
     """
 
-    method: str | Criterion = "magnitude"
-    sparsity: float | None = None
-    pattern: str | Mapping | Pattern | None = None  # None: 'element' (mask/bake), 'channel' (remove)
-    allocation: str | Mapping[str, float] | Allocation | None = None
-    comparison: str | None = None
-    scope: ScopeSpec | Mapping | list | str | None = None
-    mode: str = "mask"
-    schedule: Schedule | Mapping | str | None = None
-    iterations: int | None = None
-    method_options: Mapping[str, Any] | None = None
-    max_batches: int | None = None
-    seed: int = 0
-    structural: Mapping[str, Any] | None = None
-    # resolved views, filled by __post_init__
-    criterion_: Criterion = field(init=False, repr=False, compare=False)
-    pattern_: Pattern = field(init=False, repr=False, compare=False)
-    allocation_: Allocation = field(init=False, repr=False, compare=False)
-    scope_: ScopeSpec = field(init=False, repr=False, compare=False)
-    schedule_: Schedule = field(init=False, repr=False, compare=False)
-    structural_: Any = field(init=False, repr=False, compare=False)
+    #: the mode when neither the user nor the method says (the LLM front door bakes)
+    default_mode: ClassVar[str] = "mask"
 
-    def __post_init__(self) -> None:
+    method: str | Criterion = option("magnitude", check=instance((str, Criterion), "a method name or a Criterion"))
+    sparsity: float | None = option(None, check=fraction(hint=" (0.9 removes 90% of weights)"))
+    pattern: str | Mapping | Pattern | None = option(None, check=anything)
+    allocation: str | Mapping[str, float] | Allocation | None = option(
+        None,
+        check=either(
+            string(optional=True),
+            mapping(),
+            instance(Allocation, ""),
+            what="an allocation name, a {glob: sparsity} dict or an Allocation",
+        ),
+    )
+    allocation_options: Mapping[str, Any] | None = option(None, check=mapping())
+    comparison: str | None = option(None, check=one_of(COMPARISONS, optional=True))
+    scope: ScopeSpec | Mapping | list | str | None = option(None, check=anything)
+    mode: str | None = option(None, check=_mode_names)
+    solver: str | Solver | None = option(
+        None, check=either(string(optional=True), instance(Solver, ""), what="a solver name or a Solver")
+    )
+    solver_options: Mapping[str, Any] | None = option(None, check=mapping())
+    runner: str | None = option(None, check=lambda name, value: one_of(RUNNERS.names(), optional=True)(name, value))
+    blocks: str | None = option(None, check=string(optional=True, what="a module name such as 'model.layers'"))
+    overrides: Mapping[str, Any] | None = option(None, check=mapping(keys="module-name globs"))
+    schedule: Schedule | Mapping | str | None = option(None, check=anything)
+    iterations: int | None = option(None, check=integer(1, optional=True))
+    method_options: Mapping[str, Any] | None = option(None, check=mapping())
+    max_batches: int | None = option(None, check=integer(1, optional=True))
+    seed: int = option(0, check=integer())
+    structural: Mapping[str, Any] | None = option(None, check=mapping())
+    regularizer: str | Regularizer | None = option(
+        None, check=either(string(optional=True), instance(Regularizer, ""), what="a regularizer name or instance")
+    )
+    regularizer_options: Mapping[str, Any] | None = option(None, check=mapping())
+
+    # resolved views (never written back into the fields above)
+    criterion_: Criterion = resolved()
+    pattern_: Pattern | Granularity = resolved()
+    sparsity_: float | None = resolved()
+    allocation_: Allocation = resolved()
+    comparison_: str = resolved()
+    scope_: ScopeSpec = resolved()
+    mode_: str = resolved()
+    application_: Application = resolved()
+    solver_: Solver | None = resolved()
+    adaptive_: bool = resolved()
+    runner_: Runner = resolved()
+    overrides_: tuple[Override, ...] = resolved()
+    schedule_: Schedule = resolved()
+    structural_: StructuralOptions | None = resolved()
+    regularizer_: Regularizer | None = resolved()
+
+    # -- resolution ---------------------------------------------------------------------------------
+    def _resolve(self) -> None:
         criterion = make_criterion(self.method, dict(self.method_options) if self.method_options else None)
-        removing = self.mode == "remove"
-        if criterion.structural_only and not removing:
-            raise ConfigError(f"method {criterion.name!r} scores whole structures; use mode='remove'")
+        self._set("criterion_", criterion)
+        mode = self.mode or self._default_mode(criterion)
+        if mode not in criterion.modes:
+            raise ConfigError(
+                f"method {criterion.name!r} supports mode {choices(criterion.modes)}, not {mode!r}"
+                + (f"; pass mode={criterion.modes[0]!r}" if len(criterion.modes) == 1 else "")
+            )
+        application = APPLICATIONS.get(mode)()
+        self._set("mode_", mode)
+        self._set("application_", application)
+        removing = application.structural
+        self._resolve_pattern(criterion, removing)
+        self._resolve_allocation(criterion)
+        self._resolve_solver(criterion, application)
+        self._set("scope_", self._scope())
+        self._set("schedule_", make_schedule(self.schedule))
+        self._set("regularizer_", make_regularizer(self.regularizer, self.regularizer_options))
+        self._set("overrides_", self._resolve_overrides())
         if removing:
-            from .structural.options import StructuralOptions, parse_granularity
-
-            pattern = parse_granularity(self.pattern)
-            object.__setattr__(self, "structural_", StructuralOptions.from_value(self.structural))
+            self._check_remove(criterion)
         else:
-            pattern = parse_pattern(self.pattern)
-            object.__setattr__(self, "structural_", None)
+            self._set("structural_", None)
             if self.structural is not None:
                 raise ConfigError("structural options apply only with mode='remove'")
-        sparsity = self._check_sparsity(pattern)
-        allocation = make_allocation(self.allocation or criterion.default_allocation, default=sparsity)
+        if self.mode_ == "reconstruct" and self.rounds > 1:
+            raise ConfigError("mode='reconstruct' solves once; iterations > 1 (exponential rounds) need mode='mask'")
+        runner = RUNNERS.get(self._runner())()
+        self._set("runner_", runner)
+        runner.check(self)
+
+    def _default_mode(self, criterion: Criterion) -> str:
+        """The mode when the user names none: the method's own (SparseGPT reconstructs), else ``mask``."""
+        return criterion.default_mode or self.default_mode
+
+    def _runner(self) -> str:
+        """The runner when the user names none: the whole model."""
+        return self.runner or "model"
+
+    def _scope(self) -> ScopeSpec:
+        return ScopeSpec.from_value(self.scope)
+
+    def _resolve_pattern(self, criterion: Criterion, removing: bool) -> None:
+        if removing:
+            pattern: Pattern | Granularity = parse_granularity(self.pattern or criterion.default_pattern)
+        else:
+            pattern = parse_pattern(self.pattern)
+        sparsity = check_sparsity(self.sparsity, pattern, required=not isinstance(self.allocation, Mapping))
         comparison = self.comparison or criterion.default_comparison
-        if self.mode not in (*MODES, "remove"):
-            raise ConfigError(f"unknown mode {self.mode!r}; valid: {choices((*MODES, 'remove'))}")
+        if not removing:
+            self._check_pattern(criterion, pattern, comparison)  # type: ignore[arg-type]
+        self._set("pattern_", pattern)
+        self._set("sparsity_", sparsity)
+        self._set("comparison_", comparison)
+
+    @staticmethod
+    def _check_pattern(criterion: Criterion, pattern: Pattern, comparison: str) -> None:
+        if criterion.patterns is not None and pattern.name not in criterion.patterns:
+            raise ConfigError(
+                f"method {criterion.name!r} scores whole {criterion.patterns[0]}s; use pattern="
+                f"{criterion.patterns[0]!r} (got {pattern.spec()!r})"
+            )
+
+    def _resolve_allocation(self, criterion: Criterion) -> None:
+        allocation = make_allocation(
+            self.allocation or criterion.default_allocation, default=self.sparsity_, options=self.allocation_options
+        )
+        self._check_allocation(allocation, self.pattern_, self.comparison_)
+        allocation.check(self.sparsity_)
+        self._set("allocation_", allocation)
+
+    @staticmethod
+    def _check_allocation(allocation: Allocation, pattern: Any, comparison: str) -> None:
         if allocation.needs_single_group and (comparison == "row" or isinstance(pattern, NM)):
             raise ConfigError(
                 f"allocation {allocation.name!r} ranks whole layers against each other, but "
@@ -149,36 +272,157 @@ class PruneConfig(RecipeConfig):
             raise ConfigError(
                 f"N:M fixes the sparsity of every group; allocation must be 'uniform', not {allocation!r}"
             )
-        if criterion.patterns is not None and pattern.name not in criterion.patterns and not removing:
+
+    def _resolve_solver(self, criterion: Criterion, application: Application) -> None:
+        mode = self.mode_
+        if self.solver == NO_SOLVER or (self.solver is None and not application.takes_solver):
+            if self.solver_options:
+                raise ConfigError("solver_options were given, but no solver runs in this configuration")
+            if application.requires_solver:
+                raise ConfigError(f"mode={mode!r} needs a solver; valid: {choices(self._solvers_for(mode))}")
+            solver = None
+        elif self.solver is not None:
+            if not application.takes_solver:
+                raise ConfigError(
+                    f"mode={mode!r} takes no solver (solvers update weights in 'reconstruct' and compensate in "
+                    f"'remove'); drop solver={self.solver!r}"
+                )
+            solver = make_solver(self.solver, self.solver_options)
+        else:
+            name = criterion.default_solver
+            if name is None or name not in SOLVERS or mode not in SOLVERS.get(name).modes:
+                name = application.default_solver
+            solver = make_solver(name, self.solver_options) if name is not None else None
+            if solver is None and self.solver_options:
+                raise ConfigError(f"solver_options were given, but mode={mode!r} runs no solver by default")
+        if solver is not None and mode not in solver.modes:
             raise ConfigError(
-                f"method {criterion.name!r} scores whole {criterion.patterns[0]}s; use pattern="
-                f"{criterion.patterns[0]!r} (got {pattern.spec()!r})"
+                f"solver {solver.name!r} serves mode {choices(solver.modes)}, not {mode!r}; "
+                f"solvers for {mode!r}: {choices(self._solvers_for(mode))}"
             )
-        if self.iterations is not None and (not isinstance(self.iterations, int) or self.iterations < 1):
-            raise ConfigError(f"iterations must be a positive integer, got {self.iterations!r}")
-        if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
-            raise ConfigError(f"max_batches must be a positive integer, got {self.max_batches!r}")
-        set_ = object.__setattr__
-        set_(self, "sparsity", sparsity)
-        set_(self, "comparison", comparison)
-        set_(self, "criterion_", criterion)
-        set_(self, "pattern_", pattern)
-        set_(self, "allocation_", allocation)
-        set_(self, "scope_", ScopeSpec.from_value(self.scope))
-        set_(self, "schedule_", make_schedule(self.schedule))
-        if removing:
-            from .structural.options import check_remove
+        adaptive = bool(solver is not None and mode == "reconstruct" and criterion.adaptive and solver.adaptive)
+        if adaptive and solver.patterns is not None and self.pattern_.name not in solver.patterns:
+            raise ConfigError(
+                f"solver {solver.name!r} chooses {choices(solver.patterns)} masks, not {self.pattern_.spec()!r}"
+            )
+        if adaptive and self.allocation_.reads_scores:
+            raise ConfigError(
+                f"allocation {self.allocation_.name!r} ranks the criterion's scores, but {criterion.name!r} chooses "
+                f"its mask while {solver.name!r} updates the weights; use allocation 'uniform', 'erk' or 'owl'"
+            )
+        self._set("solver_", solver)
+        self._set("adaptive_", adaptive)
 
-            check_remove(self)
+    @staticmethod
+    def _solvers_for(mode: str) -> list[str]:
+        return [name for name, cls in SOLVERS.items() if mode in cls.modes]
 
-    def _check_sparsity(self, pattern: Pattern) -> float | None:
-        return check_sparsity(self.sparsity, pattern, required=not isinstance(self.allocation, Mapping))
+    def _resolve_overrides(self) -> tuple[Override, ...]:
+        if not self.overrides:
+            return ()
+        if self.application_.structural:
+            raise ConfigError(
+                "overrides set a pattern or method per layer, which mode='remove' does not take (it ranks groups "
+                "of coupled channels); use scope, or an explicit {glob: sparsity} allocation"
+            )
+        out = []
+        for glob, value in self.overrides.items():
+            out.append(self._override(glob, value))
+        return tuple(out)
+
+    def _override(self, glob: str, value: Any) -> Override:
+        where = f"overrides[{glob!r}]"
+        if is_number(value) or value is None:
+            value = {"sparsity": value}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a sparsity or a mapping of {choices(OVERRIDE_KEYS)}, got {value!r}")
+        unknown = [k for k in value if k not in OVERRIDE_KEYS]
+        if unknown:
+            raise ConfigError(
+                f"{where} has unknown key(s) {sorted(map(str, unknown))}; valid: {choices(OVERRIDE_KEYS)}"
+            )
+        fraction(optional=True)(f"{where}.sparsity", value.get("sparsity"))
+        mapping()(f"{where}.method_options", value.get("method_options"))
+        one_of(COMPARISONS, optional=True)(f"{where}.comparison", value.get("comparison"))
+        if "method" in value:
+            criterion = make_criterion(value["method"], dict(value.get("method_options") or {}) or None)
+        elif "method_options" in value:
+            criterion = make_criterion(self.criterion_.name, dict(value["method_options"]))
+        else:
+            criterion = self.criterion_
+        if self.mode_ not in criterion.modes:
+            raise ConfigError(f"{where}: method {criterion.name!r} supports mode {choices(criterion.modes)}, "
+                              f"not {self.mode_!r}")  # fmt: skip
+        if self.adaptive_ and (criterion is not self.criterion_ or "pattern" in value):
+            raise ConfigError(
+                f"{where}: {self.criterion_.name!r} with solver {self.solver_.name!r} chooses every mask itself; "
+                "an override can set a sparsity only"
+            )
+        pattern = parse_pattern(value["pattern"]) if "pattern" in value else self.pattern_
+        sparsity = check_sparsity(value.get("sparsity"), pattern, required=False)
+        comparison = value.get("comparison") or (criterion.default_comparison if "method" in value
+                                                 else self.comparison_)  # fmt: skip
+        self._check_pattern(criterion, pattern, comparison)
+        allocation = Uniform() if isinstance(pattern, NM) else self.allocation_
+        self._check_allocation(allocation, pattern, comparison)
+        return Override(glob, sparsity, pattern, criterion, comparison, allocation)
+
+    def _check_remove(self, criterion: Criterion) -> None:
+        moved = {"blocks": "blocks=... (a top-level option)", "bias_compensation": "solver='bias_compensation' "
+                 "(or solver='none' to turn FLAP's off)"}  # fmt: skip
+        for key, where in moved.items():
+            if isinstance(self.structural, Mapping) and key in self.structural:
+                raise ConfigError(f"structural.{key} moved: use {where}")
+        self._set("structural_", spec_from(StructuralOptions, self.structural, "structural"))
+        if not self.allocation_.sizes_groups:
+            raise ConfigError(
+                f"allocation {self.allocation_.name!r} sizes weight tensors, not groups of channels; use 'uniform' "
+                "or 'global'"
+            )
+        if self.iterations not in (None, 1):
+            raise ConfigError(
+                "mode='remove' prunes in one round; for iterative removal use "
+                "secateurs.Pruner(..., mode='remove', schedule=...) in your training loop"
+            )
+        kinds = self.pattern_.kinds
+        unsupported = [k for k in kinds if k not in criterion.granularities]
+        if unsupported:
+            hint = ("Use method='shortgpt' (block influence) or 'random'" if kinds == ("layer",)
+                    else "use pattern='layer'")  # fmt: skip
+            raise ConfigError(
+                f"method {criterion.name!r} ranks {choices(criterion.granularities)}, not {'+'.join(unsupported)}; "
+                f"{hint}"
+            )
+
+    # -- views --------------------------------------------------------------------------------------
+    @property
+    def needs(self) -> frozenset[Need]:
+        """Everything the run must gather: the criteria's (unless the solver chooses the masks), the
+        allocation's and the solver's."""
+        needs: set[Need] = set()
+        for criterion in {id(c): c for c in (self.criterion_, *(o.criterion for o in self.overrides_))}.values():
+            if not (self.adaptive_ and criterion is self.criterion_ and not self.allocation_.reads_scores):
+                needs |= criterion.needs
+        needs |= self.allocation_.needs
+        if self.solver_ is not None:
+            needs |= self.solver_.needs
+        return frozenset(needs)
+
+    def describe_needs(self, needs: frozenset[Need]) -> str:
+        """Who in this configuration needs ``needs`` (for messages)."""
+        who = [f"method {c.name!r}" for c in (self.criterion_, *(o.criterion for o in self.overrides_))
+               if c.needs & needs]  # fmt: skip
+        if self.allocation_.needs & needs:
+            who.append(f"allocation {self.allocation_.name!r}")
+        if self.solver_ is not None and self.solver_.needs & needs:
+            who.append(f"solver {self.solver_.name!r}")
+        return " and ".join(dict.fromkeys(who)) or "the configuration"
 
     @property
     def final_sparsity(self) -> float:
         """The overall sparsity the schedule aims at."""
-        if self.sparsity is not None:
-            return self.sparsity
+        if self.sparsity_ is not None:
+            return self.sparsity_
         explicit = self.allocation_
         return max(explicit.sparsities.values(), default=0.0) if isinstance(explicit, Explicit) else 0.0
 
@@ -187,20 +431,54 @@ class PruneConfig(RecipeConfig):
         """Pruning rounds inside one call."""
         return self.iterations or self.criterion_.default_iterations
 
+    def plans(self, targets: Sequence[Target]) -> list[Plan]:
+        """Split ``targets`` into config groups: the base configuration and one per override (the last
+        matching glob wins; an override at sparsity 0 leaves its targets dense)."""
+        owner: dict[str, Override | None] = {t.name: None for t in targets}
+        for override in self.overrides_:
+            matched = [t for t in targets if _matches(t, override.glob)]
+            if not matched:
+                names = ", ".join(t.module_name for t in targets[:20])
+                raise ConfigError(f"overrides key {override.glob!r} matches no target; targets are: {names}")
+            for t in matched:
+                owner[t.name] = override
+        plans = []
+        base = [t for t in targets if owner[t.name] is None]
+        if base:
+            plans.append(Plan(base, self.criterion_, self.pattern_, self.comparison_, self.allocation_,
+                              self.final_sparsity))  # fmt: skip
+        for override in self.overrides_:
+            members = [t for t in targets if owner[t.name] is override]
+            sparsity = override.sparsity if override.sparsity is not None else self.final_sparsity
+            if members and sparsity > 0:
+                plans.append(Plan(members, override.criterion, override.pattern, override.comparison,
+                                  override.allocation, sparsity))  # fmt: skip
+        return plans
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (a valid recipe) that rebuilds this config."""
+        """The resolved run as plain data (a valid recipe that rebuilds this configuration)."""
         method = self.method if isinstance(self.method, str) else self.criterion_.name
         options = dict(self.method_options or {})
         if not isinstance(self.method, str):
             options = {k: v for k, v in vars(self.criterion_).items() if not k.startswith("_")}
+        solver = self.solver_
+        solver_options = None
+        if solver is not None:
+            solver_options = {k: v for k, v in vars(solver).items() if not k.startswith("_")} or None
         return {
             "method": method,
-            "sparsity": self.sparsity,
+            "sparsity": self.sparsity_,
             "pattern": self.pattern_.spec(),
             "allocation": self.allocation_.to_spec(),
-            "comparison": self.comparison,
+            "allocation_options": self.allocation_.options() or None,
+            "comparison": self.comparison_,
             "scope": self.scope_.to_dict(),
-            "mode": self.mode,
+            "mode": self.mode_,
+            "solver": solver.name if solver is not None else (NO_SOLVER if self.application_.takes_solver else None),
+            "solver_options": solver_options,
+            "runner": self.runner_.name,
+            "blocks": self.blocks,
+            "overrides": self._overrides_spec(),
             "schedule": None
             if isinstance(self.schedule_, OneShot) and self.schedule is None
             else self.schedule_.to_spec(),
@@ -209,4 +487,15 @@ class PruneConfig(RecipeConfig):
             "max_batches": self.max_batches,
             "seed": self.seed,
             "structural": None if self.structural_ is None else self.structural_.to_dict(),
+            "regularizer": None if self.regularizer_ is None else self.regularizer_.name,
+            "regularizer_options": None if self.regularizer_ is None else self.regularizer_.options() or None,
         }
+
+    def _overrides_spec(self) -> dict[str, Any] | None:
+        if not self.overrides:
+            return None
+        return {glob: (dict(v) if isinstance(v, Mapping) else {"sparsity": v}) for glob, v in self.overrides.items()}
+
+
+def _matches(target: Target, glob: str) -> bool:
+    return fnmatch.fnmatchcase(target.module_name, glob) or fnmatch.fnmatchcase(target.name, glob)

@@ -1,26 +1,31 @@
-"""Evidence: what criteria need, gathered once with hooks and handed over.
+"""Evidence: what criteria, allocations and solvers need, gathered once and handed over.
 
-A criterion declares its needs (:class:`Need`); the engine calls :func:`gather`,
-which runs the calibration batches through the model at most twice (one
-forward-only pass for activations, one forward-backward pass for gradients).
-Nothing about the model is changed: buffers (BatchNorm running statistics),
-``.grad`` fields, ``requires_grad`` flags, the training mode and the RNG state
-are restored afterwards.
+Methods declare their needs (:class:`Need`); a runner gathers them and never asks which method
+will read them. Two runners share one collector (:class:`StatsCollector`, forward hooks on the
+targets): the whole-model runner feeds it the calibration batches (:func:`gather`), the
+block-by-block runner feeds it one block's captured inputs (:func:`gather_block`). Layers fed
+the very same tensor (q/k/v, gate/up) share one accumulator.
+
+Nothing about the model is changed: buffers (BatchNorm running statistics), ``.grad`` fields,
+``requires_grad`` flags, the training mode and the RNG state are restored afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batches import LossFn, default_loss, model_device, run_model, to_device
-from .errors import DataRequiredError
+from .blocks import BlockInputs
+from .errors import ConfigError, DataRequiredError
+from .hessian import HessianAccumulator
 from .layout import Layout
 from .progress import progress
 from .scope import Target
@@ -28,41 +33,71 @@ from .scope import Target
 
 class Need(str, Enum):
     ACTIVATIONS = "activations"  # input/output statistics of each target
+    HESSIAN = "hessian"  # X X^T of each target's input (OBS saliency, reconstruction solvers)
     GRADIENTS = "gradients"  # loss gradients accumulated over the calibration batches
     BATCH_GRADIENTS = "batch_gradients"  # ... and kept per batch (memory: one copy per batch)
-    DATA_PASSES = "data_passes"  # the criterion runs its own passes over calibration data
+    DATA_PASSES = "data_passes"  # the method runs its own passes over calibration data
     INPUT_SHAPE = "input_shape"  # data-free passes that still need an input shape (SynFlow)
+
+
+#: what forward hooks on the targets gather: the needs both runners can meet
+HOOKED = frozenset({Need.ACTIVATIONS, Need.HESSIAN})
+#: needs that call for calibration batches
+DATA_NEEDS = frozenset({Need.ACTIVATIONS, Need.HESSIAN, Need.GRADIENTS, Need.BATCH_GRADIENTS, Need.DATA_PASSES})
+
+
+@dataclass
+class InputStats:
+    """Sums over every position of one input tensor (shared by the layers it feeds)."""
+
+    sq_sum: Tensor  # (in_channels,): sum of x_j^2
+    sum: Tensor  # (in_channels,): sum of x_j
+    positions: int = 0
+
+    def add(self, rows: Tensor) -> None:
+        self.sq_sum += rows.square().sum(0).double()
+        self.sum += rows.sum(0).double()
+        self.positions += rows.shape[0]
 
 
 @dataclass
 class ActivationStats:
     """Running sums over every position a target saw (tokens, pixels, samples)."""
 
-    input_sq_sum: Tensor | None  # (in_channels,): sum of x_j^2
+    inputs: InputStats | None  # None: the layer takes integer inputs (an Embedding)
     output_abs_sum: Tensor  # (out_channels,): sum of |y_i|
     output_nonpositive: Tensor  # (out_channels,): count of y_i <= 0, i.e. zero after ReLU
     positions: int = 0
-    input_sum: Tensor | None = None  # (in_channels,): sum of x_j, for input means and variances (FLAP)
-    input_positions: int = 0
+
+    def _inputs(self) -> InputStats:
+        if self.inputs is None:
+            raise DataRequiredError("this layer takes integer inputs (an Embedding); it has no input statistics")
+        return self.inputs
+
+    @property
+    def input_sq_sum(self) -> Tensor:
+        return self._inputs().sq_sum
+
+    @property
+    def input_positions(self) -> int:
+        return self._inputs().positions
 
     @property
     def input_mean(self) -> Tensor:
-        if self.input_sum is None:
-            raise DataRequiredError("this layer takes integer inputs (an Embedding); it has no input statistics")
-        return self.input_sum / max(self.input_positions, 1)
+        stats = self._inputs()
+        return stats.sum / max(stats.positions, 1)
 
     @property
     def input_variance(self) -> Tensor:
         """Unbiased variance of each input channel over all calibration positions."""
-        n = max(self.input_positions, 2)
-        return ((self.input_sq_sum - self.input_sum.square() / n) / (n - 1)).clamp_min(0.0)
+        stats = self._inputs()
+        n = max(stats.positions, 2)
+        return ((stats.sq_sum - stats.sum.square() / n) / (n - 1)).clamp_min(0.0)
 
     @property
     def input_norm(self) -> Tensor:
         """Wanda's ||X_j||_2 per input channel, over all calibration positions."""
-        if self.input_sq_sum is None:
-            raise DataRequiredError("this layer takes integer inputs (an Embedding); it has no input norms")
-        return self.input_sq_sum.sqrt()
+        return self._inputs().sq_sum.sqrt()
 
     @property
     def output_mean_abs(self) -> Tensor:
@@ -98,7 +133,7 @@ class GradientStats:
 
 @dataclass
 class Evidence:
-    """Everything a criterion may read. Criteria never reach back into the engine."""
+    """Everything a method may read. Methods never reach back into the runner."""
 
     model: nn.Module
     targets: Sequence[Target]
@@ -107,10 +142,18 @@ class Evidence:
     example_inputs: Any = None
     generator: torch.Generator | None = None
     activations: dict[str, ActivationStats] = field(default_factory=dict)
+    hessians: dict[str, HessianAccumulator] = field(default_factory=dict)
     gradients: dict[str, GradientStats] = field(default_factory=dict)
     show_progress: bool = True
 
+    def hessian(self, target: Target) -> HessianAccumulator:
+        found = self.hessians.get(target.name)
+        if found is None:
+            raise DataRequiredError(f"no calibration input reached {target.module_name!r}; is it used in forward()?")
+        return found
 
+
+# -- what a layer's input looks like to a statistic -----------------------------------------------
 def _channels_last(x: Tensor, layout: Layout) -> Tensor:
     """Rows are positions, columns are channels."""
     if layout is Layout.CONV:
@@ -118,6 +161,161 @@ def _channels_last(x: Tensor, layout: Layout) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def hessian_columns(target: Target) -> tuple[int, int]:
+    """``(groups, columns)`` of the Hessian of ``target``: the canonical ``spatial x in`` per group."""
+    _, spatial, inp = target.canonical_shape
+    groups = getattr(target.module, "groups", 1) if target.layout is Layout.CONV else 1
+    return groups, spatial * inp
+
+
+def check_hessian_target(target: Target) -> None:
+    """Refuse, before anything runs, layers whose input cannot be written as Hessian columns."""
+    module = target.module
+    if target.layout is Layout.EMBEDDING:
+        raise ConfigError(
+            f"{target.module_name!r} is an Embedding: its input is a token index, so it has no Hessian; "
+            "exclude it from the scope"
+        )
+    if isinstance(module, nn.Conv3d):
+        raise ConfigError(
+            f"{target.module_name!r} is a Conv3d, whose input patches torch cannot unfold for the Hessian; "
+            "exclude it from the scope or use a criterion that needs no Hessian"
+        )
+
+
+def hessian_rows(target: Target, x: Tensor) -> Tensor:
+    """The input of ``target`` as rows of Hessian columns, ordered like the canonical ``(spatial, in)``
+    weight: ``(positions, columns)``, or ``(positions, groups, columns)`` for a grouped conv.
+    A conv's rows are its unfolded input patches (OBC, arXiv:2208.11580, section 4)."""
+    if target.layout is not Layout.CONV:
+        return x.reshape(-1, x.shape[-1])
+    module = target.module
+    if isinstance(module, nn.Conv1d):  # unfold is 2-D: a 1-D conv is a 2-D conv of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    pad = tuple(module._reversed_padding_repeated_twice)
+    if isinstance(module, nn.Conv1d):
+        pad = (*pad, 0, 0)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*K, L), channel-major
+    groups, columns = hessian_columns(target)
+    n, _, length = patches.shape
+    in_per_group = module.in_channels // groups
+    spatial = columns // in_per_group
+    # (N, groups, C_g, K, L) -> (N, L, groups, K, C_g): spatial-major, as the canonical (out, spatial, in) weight
+    rows = patches.reshape(n, groups, in_per_group, spatial, length).permute(0, 4, 1, 3, 2)
+    rows = rows.reshape(n * length, groups, columns)
+    return rows[:, 0] if groups == 1 else rows
+
+
+# -- the collector ------------------------------------------------------------------------------
+def _input_key(x: Tensor) -> tuple:
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
+
+
+class StatsCollector:
+    """Forward hooks on ``targets`` accumulating input/output statistics and Hessians.
+
+    Which targets share one accumulator is decided after the first batch: targets that saw
+    exactly the same input tensors (same storage, shape, stride and version) in the same order
+    share, and from then on only one of them computes. (Object identity cannot tell: every
+    hook call's ``detach()`` is a new tensor over the same data.)
+    """
+
+    def __init__(self, targets: Sequence[Target], needs: frozenset[Need]) -> None:
+        self.targets = list(targets)
+        self.needs = needs & HOOKED
+        self.activations: dict[str, ActivationStats] = {}
+        self.hessians: dict[str, HessianAccumulator] = {}
+        self._inputs: dict[str, InputStats | None] = {}
+        self._keys: dict[str, list[tuple]] = {}
+        self._alive: list[Tensor] = []  # first-batch inputs kept alive so their addresses stay unique
+        self._sharing: set[str] = set()  # targets whose inputs another target accumulates
+        self._first = True
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> StatsCollector:
+        if self.needs:
+            self._handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._alive.clear()
+
+    def _hook(self, target: Target):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                return
+            x = args[0].detach()
+            if Need.ACTIVATIONS in self.needs and isinstance(output, Tensor):
+                self._outputs(target, output.detach())
+            name = target.name
+            if name in self._sharing:
+                return
+            if self._first:
+                self._keys.setdefault(name, []).append(_input_key(x))
+                self._alive.append(x)
+            if Need.ACTIVATIONS in self.needs and target.layout is not Layout.EMBEDDING:
+                rows = _channels_last(x.float(), target.layout)
+                stats = self._inputs.get(name)
+                if stats is None:
+                    zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+                    stats = self._inputs[name] = InputStats(zeros, zeros.clone())
+                stats.add(rows)
+            if Need.HESSIAN in self.needs:
+                accumulator = self.hessians.get(name)
+                if accumulator is None:
+                    groups, columns = hessian_columns(target)
+                    accumulator = self.hessians[name] = HessianAccumulator(columns, x.device, groups)
+                accumulator.add(hessian_rows(target, x))
+
+        return hook
+
+    def _outputs(self, target: Target, y: Tensor) -> None:
+        rows = _channels_last(y.float(), target.layout)
+        stats = self.activations.get(target.name)
+        if stats is None:
+            zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+            stats = self.activations[target.name] = ActivationStats(self._inputs.get(target.name), zeros, zeros.clone())
+        stats.output_abs_sum += rows.abs().sum(0).double()
+        stats.output_nonpositive += (rows <= 0).sum(0).double()
+        stats.positions += rows.shape[0]
+
+    def end_batch(self) -> None:
+        """After the first batch, targets with identical input histories share one accumulator."""
+        if not self._first:
+            return
+        self._first = False
+        owner_of: dict[tuple, str] = {}
+        for t in self.targets:
+            keys = self._keys.get(t.name)
+            if not keys:
+                continue
+            owner = owner_of.setdefault(tuple(keys), t.name)
+            if owner == t.name:
+                continue
+            self._sharing.add(t.name)
+            if t.name in self._inputs:
+                self._inputs[t.name] = self._inputs[owner]
+            if t.name in self.hessians:
+                self.hessians[t.name] = self.hessians[owner]
+        self._keys.clear()
+        self._alive.clear()
+
+    def result(self) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
+        for name, stats in self.activations.items():
+            stats.inputs = self._inputs.get(name)
+        return self.activations, self.hessians
+
+
+# -- the two drivers ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def preserved(model: nn.Module, targets: Sequence[Target]) -> Iterator[None]:
     """Run passes without leaving a trace on the model."""
@@ -141,40 +339,37 @@ def preserved(model: nn.Module, targets: Sequence[Target]) -> Iterator[None]:
         torch.set_rng_state(rng)
 
 
-def _gather_activations(evidence: Evidence) -> None:
-    stats: dict[str, ActivationStats] = {}
+def _collect(targets: Sequence[Target], needs: frozenset[Need], batches: Iterable[Any], run) -> StatsCollector:
+    with StatsCollector(targets, needs) as collector, torch.no_grad():
+        for batch in batches:
+            run(batch)
+            collector.end_batch()
+    return collector
 
-    def hook_for(target: Target):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            y = _channels_last(output.detach().float(), target.layout)
-            s = stats.get(target.name)
-            if s is None:
-                s = stats[target.name] = ActivationStats(
-                    None, torch.zeros(y.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64)
-                )
-            if target.layout is not Layout.EMBEDDING:
-                x = _channels_last(args[0].detach().float(), target.layout)
-                sq = x.square().sum(0).double()
-                s.input_sq_sum = sq if s.input_sq_sum is None else s.input_sq_sum + sq.to(s.input_sq_sum.device)
-                total = x.sum(0).double()
-                s.input_sum = total if s.input_sum is None else s.input_sum + total.to(s.input_sum.device)
-                s.input_positions += x.shape[0]
-            s.output_abs_sum = s.output_abs_sum.to(y.device) + y.abs().sum(0).double()
-            s.output_nonpositive = s.output_nonpositive.to(y.device) + (y <= 0).sum(0).double()
-            s.positions += y.shape[0]
 
-        return hook
+def gather(evidence: Evidence, needs: frozenset[Need]) -> None:
+    """Whole-model runner: fill ``evidence`` with what ``needs`` asks for, from the calibration batches."""
+    if needs & HOOKED:
+        device = model_device(evidence.model)
+        label = "+".join(sorted(n.value for n in needs & HOOKED))
+        batches = progress(evidence.batches, label, evidence.show_progress)
+        collector = _collect(
+            evidence.targets, needs, batches, lambda b: run_model(evidence.model, to_device(b, device))
+        )
+        evidence.activations, evidence.hessians = collector.result()
+    if needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}:
+        _gather_gradients(evidence, keep_batches=Need.BATCH_GRADIENTS in needs)
 
-    handles = [t.module.register_forward_hook(hook_for(t)) for t in evidence.targets]
-    device = model_device(evidence.model)
-    try:
-        with torch.no_grad():
-            for batch in progress(evidence.batches, "activations", evidence.show_progress):
-                run_model(evidence.model, to_device(batch, device))
-    finally:
-        for h in handles:
-            h.remove()
-    evidence.activations = stats
+
+def gather_block(
+    block: nn.Module, block_index: int, targets: Sequence[Target], inputs: BlockInputs, needs: frozenset[Need]
+) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
+    """Block runner: one pass of ``block`` over every captured calibration batch, hooks on ``targets``."""
+
+    def run(b: int) -> None:
+        inputs.call(block_index, b).invoke(block, inputs.hidden[b])
+
+    return _collect(targets, needs, range(len(inputs.hidden)), run).result()
 
 
 def _gather_gradients(evidence: Evidence, keep_batches: bool) -> None:
@@ -207,11 +402,3 @@ def _gather_gradients(evidence: Evidence, keep_batches: bool) -> None:
                 if keep_batches:
                     s.per_batch.append(g.float())
     evidence.gradients = stats
-
-
-def gather(evidence: Evidence, needs: frozenset[Need]) -> None:
-    """Fill ``evidence`` with what ``needs`` asks for (validation happens in the engine)."""
-    if Need.ACTIVATIONS in needs:
-        _gather_activations(evidence)
-    if needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}:
-        _gather_gradients(evidence, keep_batches=Need.BATCH_GRADIENTS in needs)

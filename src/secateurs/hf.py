@@ -41,3 +41,17 @@ def load_hf_model(name_or_path: str, causal: bool | None = None, **kwargs: Any) 
             "(offline?); download the model elsewhere and pass its local directory"
         )
         raise ModelLoadError(f"cannot load {name_or_path!r}: {hint}. ({exc})") from exc
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer saved in a model directory (or a hub id); a typed error that says what to pass."""
+    from .errors import ConfigError
+
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ModelLoadError("loading tokenizers needs transformers: pip install 'secateurs[hf]'") from exc
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {path!r}; pass --tokenizer DIR ({exc})") from exc

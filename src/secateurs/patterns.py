@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import PatternError, choices
+from .registry import Registry
 
 COMPARISONS = ("layer", "row")
 REDUCTIONS = ("sum", "mean", "l2", "max")
@@ -43,11 +44,19 @@ def _reduce(x: Tensor, dims: tuple[int, ...], how: str) -> Tensor:
 
 
 class Pattern(ABC):
-    """Granularity of pruning. Subclasses override the three shape maps."""
+    """Granularity of pruning. Subclasses override the three shape maps (and :meth:`parse` for
+    parametrised names such as ``'2:4'``)."""
 
     name: ClassVar[str]
+    #: other names the pattern answers to
+    aliases: ClassVar[tuple[str, ...]] = ()
     #: density the pattern imposes by itself (N:M), or None when sparsity is free.
     fixed_density: ClassVar[float | None] = None
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern | None:
+        """This pattern from its name (lower-case, stripped), or None if ``text`` names another."""
+        return cls() if text in (cls.name, *cls.aliases) else None
 
     def check(self, target_name: str, shape3: tuple[int, int, int], comparison: str) -> None:
         """Raise :class:`PatternError` if this pattern cannot cut a weight of this shape."""
@@ -82,9 +91,16 @@ class Pattern(ABC):
         return self.name
 
 
+PATTERNS: Registry[type[Pattern]] = Registry("pattern", PatternError)
+
+
+@PATTERNS.register
 @dataclass(frozen=True, repr=False)
 class Element(Pattern):
+    """Every weight is a unit (unstructured)."""
+
     name: ClassVar[str] = "element"
+    aliases: ClassVar[tuple[str, ...]] = ("unstructured",)
 
     def units(self, scores3: Tensor, comparison: str, reduction: str = "sum") -> Tensor:
         if comparison == "row":
@@ -98,13 +114,23 @@ class Element(Pattern):
         return 1
 
 
+_BLOCK = re.compile(r"^\s*block\s*[:=]?\s*(\d+)\s*[x,]\s*(\d+)\s*$")
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@PATTERNS.register
 @dataclass(frozen=True, repr=False)
 class Block(Pattern):
-    """h output rows x w input columns, at each kernel position."""
+    """h output rows x w input columns, at each kernel position (``'block:4x4'``)."""
 
     height: int
     width: int
     name: ClassVar[str] = "block"
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern | None:
+        match = _BLOCK.match(text)
+        return cls(int(match[1]), int(match[2])) if match else None
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -147,13 +173,19 @@ class Block(Pattern):
         return f"block:{self.height}x{self.width}"
 
 
+@PATTERNS.register
 @dataclass(frozen=True, repr=False)
 class NM(Pattern):
-    """Keep at most ``n`` of every ``m`` consecutive weights along the input dimension."""
+    """Keep at most ``n`` of every ``m`` consecutive weights along the input dimension (``'2:4'``)."""
 
     n: int
     m: int
     name: ClassVar[str] = "n:m"
+
+    @classmethod
+    def parse(cls, text: str) -> Pattern | None:
+        match = _NM.match(text)
+        return cls(int(match[1]), int(match[2])) if match else None
 
     def __post_init__(self) -> None:
         if not (0 < self.n < self.m):
@@ -192,11 +224,13 @@ class NM(Pattern):
         return f"{self.n}:{self.m}"
 
 
+@PATTERNS.register
 @dataclass(frozen=True, repr=False)
 class OutputChannel(Pattern):
     """Whole output rows: neurons of a Linear, filters of a Conv."""
 
     name: ClassVar[str] = "output_channel"
+    aliases: ClassVar[tuple[str, ...]] = ("channel", "neuron", "filter")
 
     def check(self, target_name: str, shape3: tuple[int, int, int], comparison: str) -> None:
         super().check(target_name, shape3, comparison)
@@ -220,6 +254,7 @@ class OutputChannel(Pattern):
         return bool((rows.all(dim=1) | ~rows.any(dim=1)).all())
 
 
+@PATTERNS.register
 @dataclass(frozen=True, repr=False)
 class InputChannel(Pattern):
     """Whole input columns (all kernel positions of one input channel)."""
@@ -248,18 +283,13 @@ class InputChannel(Pattern):
         return bool((cols.all(dim=1) | ~cols.any(dim=1)).all())
 
 
-_ALIASES = {
-    "element": Element,
-    "unstructured": Element,
-    "output_channel": OutputChannel,
-    "channel": OutputChannel,
-    "neuron": OutputChannel,
-    "filter": OutputChannel,
-    "input_channel": InputChannel,
-}
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_BLOCK = re.compile(r"^\s*block\s*[:=]?\s*(\d+)\s*[x,]\s*(\d+)\s*$")
-PATTERN_NAMES = (*_ALIASES, "N:M (e.g. '2:4')", "block:HxW (e.g. 'block:4x4')")
+def pattern_names() -> list[str]:
+    """What :func:`parse_pattern` accepts, for messages."""
+    names = []
+    for name, cls in PATTERNS.items():
+        names += [f"{name} (e.g. '2:4')" if name == "n:m" else f"{name}:HxW (e.g. 'block:4x4')" if name == "block"
+                  else name, *cls.aliases]  # fmt: skip
+    return names
 
 
 def parse_pattern(value: Pattern | str | dict | None) -> Pattern:
@@ -269,17 +299,15 @@ def parse_pattern(value: Pattern | str | dict | None) -> Pattern:
     if isinstance(value, Pattern):
         return value
     if isinstance(value, dict):
-        if set(value) == {"block"} and len(value["block"]) == 2:
-            return Block(int(value["block"][0]), int(value["block"][1]))
-        if set(value) == {"n", "m"}:
-            return NM(int(value["n"]), int(value["m"]))
-        raise PatternError(f"cannot read pattern {value!r}; use {{'block': [h, w]}} or {{'n': 2, 'm': 4}}")
+        sizes = value.get("block") if set(value) == {"block"} else [value.get("n"), value.get("m")]
+        integers = isinstance(sizes, (list, tuple)) and all(type(v) is int for v in sizes)
+        if set(value) in ({"block"}, {"n", "m"}) and integers and len(sizes) == 2:
+            return Block(*sizes) if "block" in value else NM(*sizes)
+        raise PatternError(f"cannot read pattern {value!r}; use {{'block': [h, w]}} or {{'n': 2, 'm': 4}} (integers)")
     if isinstance(value, str):
         key = value.strip().lower()
-        if key in _ALIASES:
-            return _ALIASES[key]()
-        if match := _NM.match(key):
-            return NM(int(match[1]), int(match[2]))
-        if match := _BLOCK.match(key):
-            return Block(int(match[1]), int(match[2]))
-    raise PatternError(f"unknown pattern {value!r}; valid: {', '.join(PATTERN_NAMES)}")
+        for _, cls in PATTERNS.items():
+            found = cls.parse(key)
+            if found is not None:
+                return found
+    raise PatternError(f"unknown pattern {value!r}; valid: {', '.join(pattern_names())}")

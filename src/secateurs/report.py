@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,50 @@ class LayerReport:
     macs_effective: int | None = None
     bytes_dense: int = 0
     bytes_compressed: int = 0
+
+
+@dataclass
+class LayerResult:
+    """What a solver did to one weight (reconstruct mode)."""
+
+    name: str
+    sparsity: float  # requested for this layer
+    dampening: float | None = None  # Hessian dampening that finally worked
+    retries: int = 0  # times the dampening had to be raised (a Cholesky failed)
+    loss: float | None = None  # the solver's estimate of the added squared error
+
+
+@dataclass
+class RunDetails:
+    """How the run went: which runner, per-layer allocation, solver results, calibration."""
+
+    runner: str = "model"
+    blocks: str | None = None  # the container of repeated blocks (block runner)
+    layer_sparsities: dict[str, float] = field(default_factory=dict)  # per layer (block), when they differ
+    observed: dict[str, float] = field(default_factory=dict)  # what the allocation observed (OWL: outlier ratios)
+    solved: list[LayerResult] = field(default_factory=list)
+    seconds: float | None = None
+    calibration: dict[str, int] = field(default_factory=dict)
+
+    def lines(self, allocation: str | None) -> list[str]:
+        out = []
+        if self.blocks is not None:
+            timing = f" in {self.seconds:.1f} s" if self.seconds is not None else ""
+            out.append(f"{self.runner} runner: blocks of {self.blocks!r}{timing}")
+        if self.calibration:
+            out.append(f"calibration: {self.calibration['nsamples']} x {self.calibration['seqlen']} tokens")
+        if self.observed:
+            pairs = ", ".join(
+                f"{self.observed[k]:.2%}->{self.layer_sparsities.get(k, float('nan')):.1%}" for k in self.observed
+            )
+            out.append(f"{allocation} observation -> layer sparsity: {pairs}")
+        for layer in self.solved:
+            if layer.retries:
+                out.append(
+                    f"NOTE {layer.name}: Hessian not positive definite; dampening raised to {layer.dampening:g} "
+                    f"({layer.retries} retr{'y' if layer.retries == 1 else 'ies'})"
+                )
+        return out
 
 
 class JsonReport:
@@ -77,6 +121,7 @@ class Report(JsonReport):
     bytes_compressed: int
     connected: bool | None
     config: dict[str, Any] = field(default_factory=dict)
+    details: RunDetails = field(default_factory=RunDetails)
 
     @property
     def sparsity(self) -> float:
@@ -90,6 +135,21 @@ class Report(JsonReport):
     @property
     def collapsed_layers(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.collapsed]
+
+    @property
+    def block_sparsities(self) -> list[float]:
+        """Sparsity per layer (block) as the allocation set it (OWL varies it)."""
+        return list(self.details.layer_sparsities.values())
+
+    @property
+    def outlier_ratios(self) -> list[float] | None:
+        """OWL's outlier ratio per layer (block), measured on the dense model."""
+        return list(self.details.observed.values()) if self.details.observed else None
+
+    @property
+    def dampening_raised(self) -> list[LayerResult]:
+        """Layers whose Hessian needed more dampening than asked."""
+        return [layer for layer in self.details.solved if layer.retries]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -126,6 +186,8 @@ class Report(JsonReport):
             lines.append(f"LAYER COLLAPSE: fully pruned: {', '.join(self.collapsed_layers)}")
         if self.connected is False:
             lines.append("DISCONNECTED: no path of surviving weights links the input to the output")
+        lines += self.details.lines(self.config.get("allocation") if isinstance(self.config.get("allocation"), str)
+                                    else "allocation")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -159,11 +221,13 @@ def compressed_bytes(pattern: Pattern | None, shape3: tuple[int, int, int], nonz
 def build_report(
     model: nn.Module,
     targets: Sequence[Target],
-    pattern: Pattern | None = None,
+    pattern: Pattern | Mapping[str, Pattern] | None = None,
     example_inputs: Any = None,
     config: dict[str, Any] | None = None,
+    details: RunDetails | None = None,
 ) -> Report:
-    """Measure ``model`` as it is now. MACs and connectivity need ``example_inputs``."""
+    """Measure ``model`` as it is now. MACs and connectivity need ``example_inputs``. ``pattern`` is one
+    pattern, or one per target name (per-glob overrides)."""
     masks = effective_masks(targets)
     macs = count_macs(model, example_inputs) if example_inputs is not None else None
     target_ids = {id(t.parameter) for t in targets}
@@ -175,8 +239,9 @@ def build_report(
         size = t.parameter.element_size()
         dense_macs = macs.per_module.get(t.module_name) if macs else None
         effective = round(dense_macs * nonzeros / params) if dense_macs is not None else None
-        needs_pattern = pattern is not None and not isinstance(pattern, Element)
-        valid = pattern.is_valid(to_canonical(keep, t.layout)) if needs_pattern else None
+        own = pattern.get(t.name) if isinstance(pattern, Mapping) else pattern
+        needs_pattern = own is not None and not isinstance(own, Element)
+        valid = own.is_valid(to_canonical(keep, t.layout)) if needs_pattern else None
         out_dim, in_dim = channel_dims(t.layout)
         layers.append(
             LayerReport(
@@ -193,7 +258,7 @@ def build_report(
                 macs_dense=dense_macs,
                 macs_effective=effective,
                 bytes_dense=params * size,
-                bytes_compressed=compressed_bytes(pattern, t.canonical_shape, nonzeros, size),
+                bytes_compressed=compressed_bytes(own, t.canonical_shape, nonzeros, size),
             )
         )
     other = [p for p in _unique_parameters(model) if id(p) not in target_ids]
@@ -218,6 +283,7 @@ def build_report(
         bytes_compressed=sum(r.bytes_compressed for r in layers) + other_bytes,
         connected=is_connected(model, example_inputs) if example_inputs is not None else None,
         config=config or {},
+        details=details or RunDetails(),
     )
 
 

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from .errors import ConfigError, choices
+from .registry import Registry
+
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule kind")
 
 
 class Schedule(ABC):
@@ -164,7 +167,13 @@ class LotteryTicket(Schedule):
         return self.rounds * self.steps_per_round - 1
 
 
-_KINDS: dict[str, type[Schedule]] = {c.kind: c for c in (OneShot, Linear, Cubic, Exponential, LotteryTicket)}
+for _cls in (OneShot, Linear, Cubic, Exponential, LotteryTicket):
+    SCHEDULES.register(_cls, name=_cls.kind)
+
+
+def register_schedule(cls: type[Schedule]) -> type[Schedule]:
+    """Class decorator: make a schedule available by its ``kind`` (``schedule={'kind': ...}``)."""
+    return SCHEDULES.register(cls, name=cls.kind)
 
 
 def make_schedule(value: Schedule | Mapping[str, Any] | str | None) -> Schedule:
@@ -176,11 +185,11 @@ def make_schedule(value: Schedule | Mapping[str, Any] | str | None) -> Schedule:
     if isinstance(value, str):
         value = {"kind": value}
     if not isinstance(value, Mapping) or "kind" not in value:
-        raise ConfigError(f"a schedule is a dict with a 'kind' ({choices(_KINDS)}), got {value!r}")
+        raise ConfigError(f"a schedule is a dict with a 'kind' ({choices(SCHEDULES)}), got {value!r}")
     kind = value["kind"]
-    if kind not in _KINDS:
-        raise ConfigError(f"unknown schedule kind {kind!r}; valid: {choices(_KINDS)}")
-    cls = _KINDS[kind]
+    if kind not in SCHEDULES:
+        raise ConfigError(f"unknown schedule kind {kind!r}; valid: {choices(SCHEDULES)}")
+    cls = SCHEDULES.get(kind)
     valid = {f.name for f in fields(cls)}
     unknown = set(value) - valid - {"kind"}
     if unknown:

@@ -113,7 +113,8 @@ class Target:
         return self.parameter.numel()
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Does ``name`` match a glob, or a ``re:`` regular expression (searched), of ``patterns``?"""
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.search(pattern[3:], name):
@@ -175,7 +176,7 @@ def resolve(model: nn.Module, spec: ScopeSpec) -> list[Target]:
         if not _type_ok(module, types):
             continue
         typed += 1
-        if name in skipped or not _matches(name, spec.include) or _matches(name, spec.exclude):
+        if name in skipped or not matches(name, spec.include) or matches(name, spec.exclude):
             continue
         target = Target(name, module, layout_of(module))
         if not isinstance(target.parameter, torch.Tensor) or target.parameter.ndim < 2:

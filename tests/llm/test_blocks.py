@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from secateurs.blocks import batched, capture_inputs
 from secateurs.llm import BlockDiscoveryError, find_blocks
-from secateurs.llm.blocks import batched, capture_inputs
-from secateurs.llm.runner import propagate
+from secateurs.runners.blocks import propagate
 
 from .conftest import tiny
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from secateurs.cli import main
-from secateurs.export import SPARSE_FILE, load_pruned
+from secateurs.export import SPARSE_FILE, load_sparse
 
 from .conftest import assert_same_bits, state_bits, tiny
 
@@ -52,9 +52,10 @@ def test_prune_sparsegpt_writes_hf_and_compressed_checkpoints(model_dir, calib, 
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", SPARSE_FILE, "report.json", "recipe.json", "tokenizer.json"} <= names
     report = json.loads((out / "report.json").read_text())
-    assert report["sparsity"] == pytest.approx(0.5) and report["calibration"] == {"nsamples": 8, "seqlen": 32}
-    dense = load_pruned(out)
-    assert_same_bits(state_bits(load_pruned(out, prefer="compressed")), state_bits(dense))
+    assert report["sparsity"] == pytest.approx(0.5)
+    assert report["details"]["calibration"] == {"nsamples": 8, "seqlen": 32}
+    dense = load_sparse(out)
+    assert_same_bits(state_bits(load_sparse(out, prefer="compressed")), state_bits(dense))
 
 
 def test_prune_two_four_with_a_recipe_and_then_eval(model_dir, calib, tmp_path, capsys):
@@ -80,7 +81,7 @@ def test_recipe_json_written_by_prune_is_a_valid_recipe(model_dir, calib, tmp_pa
     again = tmp_path / "again"
     assert main(["prune", str(model_dir), "--recipe", str(out / "recipe.json"), "--calib", str(calib),
                  "--out", str(again)]) == 0  # fmt: skip
-    assert_same_bits(state_bits(load_pruned(again)), state_bits(load_pruned(out)))
+    assert_same_bits(state_bits(load_sparse(again)), state_bits(load_sparse(out)))
 
 
 def test_an_existing_output_is_refused_before_pruning(model_dir, calib, tmp_path, capsys):
@@ -120,17 +121,22 @@ def test_sparsegpt_without_calibration_says_to_add_it(model_dir, tmp_path, capsy
     assert "--calib" in capsys.readouterr().err
 
 
-def test_generic_flags_that_do_not_apply_are_refused(model_dir, calib, tmp_path, capsys):
+def test_flags_that_do_not_apply_are_refused(model_dir, calib, tmp_path, capsys):
     args = ["prune", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib),
-            "--mode", "mask", "--out", str(tmp_path / "o")]  # fmt: skip
+            "--data", "my.data:batches", "--out", str(tmp_path / "o")]  # fmt: skip
     assert main(args) == 2
-    assert "--mode does not apply" in capsys.readouterr().err
+    assert "--data feeds a factory-built model" in capsys.readouterr().err
+    args = ["prune", str(model_dir), "--method", "taylor", "--sparsity", "0.5", "--calib", str(calib),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    assert "runner 'blocks' cannot gather" in capsys.readouterr().err
 
 
-def test_magnitude_on_a_hf_directory_without_calib_keeps_the_generic_path(model_dir, tmp_path):
+def test_magnitude_masks_on_a_hf_directory_need_no_calibration(model_dir, tmp_path):
     out = tmp_path / "out"
-    assert main(["prune", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]) == 0
-    assert (out / "masks.safetensors").is_file()  # the generic path's output
+    args = ["prune", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--mode", "mask", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "masks.safetensors").is_file()  # mask mode through the block runner: the masks are saved too
     assert (out / "tokenizer.json").is_file()  # so `secateurs eval` works on the output as is
     assert main(["eval", str(out), "--ppl", str(model_dir / "config.json"), "--seqlen", "16"]) == 0
 
@@ -156,7 +162,7 @@ def test_eval_of_the_dense_model_matches_the_api(model_dir, calib, capsys):
 
     assert main(["eval", str(model_dir), "--ppl", str(calib), "--seqlen", "32"]) == 0
     printed = capsys.readouterr().out
-    expected = perplexity(load_pruned(model_dir), str(calib), _tokenizer_of(model_dir), seqlen=32, progress=False)
+    expected = perplexity(load_sparse(model_dir), str(calib), _tokenizer_of(model_dir), seqlen=32, progress=False)
     assert f"{expected.perplexity:.4f}" in printed
     torch.manual_seed(0)
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from secateurs import ConfigError, RecipeError, load_recipe
+from secateurs.allocation import outlier_ratio, owl_sparsities
 from secateurs.llm import LLMPruneConfig, perplexity, prune_llm
-from secateurs.llm.owl import outlier_ratio, owl_sparsities
 
 from .conftest import assert_same_bits, state_bits, tiny
 
@@ -19,22 +19,23 @@ def test_config_round_trips_through_to_dict():
     config = LLMPruneConfig(method="sparsegpt", pattern="2:4", method_options={"dampening": 0.05}, scope=["*.mlp.*"])
     again = LLMPruneConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict() and again.fingerprint() == config.fingerprint()
-    assert config.sparsity == 0.5
+    assert config.sparsity is None and config.sparsity_ == 0.5  # stored as given; the resolved view beside it
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "obs", "sparsity": 0.5}, "unknown LLM pruning method 'obs'"),
+        ({"method": "obs", "sparsity": 0.5}, "unknown method 'obs'"),
         ({"sparsity": 1.0}, r"in \[0, 1\)"),
         ({}, "sparsity is required"),
         ({"pattern": "2:4", "sparsity": 0.6}, "implies sparsity 0.5"),
-        ({"pattern": "channel", "sparsity": 0.5}, "pattern 'element' or N:M"),
-        ({"pattern": "2:4", "allocation": "owl"}, "OWL varies sparsity per block"),
-        ({"sparsity": 0.7, "allocation": "owl", "owl_lambda": 0.35}, r"lambda=0.35 must be in \[0, 0.3\)"),
-        ({"sparsity": 0.5, "allocation": "erk"}, "unknown allocation 'erk'"),
+        ({"method": "sparsegpt", "pattern": "channel", "sparsity": 0.5}, "chooses 'element', 'n:m' masks"),
+        ({"pattern": "2:4", "allocation": "owl"}, "N:M fixes the sparsity of every group"),
+        ({"sparsity": 0.7, "allocation": "owl", "allocation_options": {"lam": 0.35}}, r"lambda=0.35 .* \[0, 0.3\)"),
+        ({"method": "magnitude", "sparsity": 0.5, "allocation": "global"}, "prunes one block at a time"),
         ({"sparsity": 0.5, "method": "wanda", "method_options": {"dampening": 0.1}}, "valid: none"),
-        ({"sparsity": 0.5, "method": "sparsegpt", "method_options": {"damp": 0.1}}, "'dampening'"),
+        ({"sparsity": 0.5, "method": "sparsegpt", "solver_options": {"damp": 0.1}}, "'dampening'"),
+        ({"sparsity": 0.5, "iterations": 3}, "prunes each block once"),
         ({"sparsity": 0.5, "nsamples": 0}, "nsamples must be a positive integer"),
     ],
 )
@@ -45,11 +46,11 @@ def test_bad_arguments_are_refused_with_the_valid_choices(kwargs, message):
 
 def test_a_recipe_file_maps_one_to_one_to_prune_llm(tmp_path, segments):
     path = tmp_path / "r.yaml"
-    path.write_text("method: sparsegpt\nsparsity: 0.5\nnsamples: 4\nmethod_options: {blocksize: 16}\n")
+    path.write_text("method: sparsegpt\nsparsity: 0.5\nnsamples: 4\nsolver_options: {blocksize: 16}\n")
     recipe = load_recipe(path, LLMPruneConfig)
     a, b = tiny("llama"), tiny("llama")
     prune_llm(a, **recipe, calibration=segments, progress=False)
-    prune_llm(b, "sparsegpt", 0.5, nsamples=4, method_options={"blocksize": 16}, calibration=segments, progress=False)
+    prune_llm(b, "sparsegpt", 0.5, nsamples=4, solver_options={"blocksize": 16}, calibration=segments, progress=False)
     assert_same_bits(state_bits(a), state_bits(b))
 
 

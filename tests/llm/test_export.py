@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secateurs.export import SPARSE_FILE, load_compressed, load_pruned, save_compressed, save_pruned
+from secateurs.export import SPARSE_FILE, load_compressed, load_sparse, save_compressed, save_sparse
 from secateurs.io import OutputExistsError
 from secateurs.llm import prune_llm
 from secateurs.patterns import NM
@@ -69,19 +69,19 @@ def test_tied_weights_are_stored_once(tmp_path):
 def test_saved_directory_loads_from_either_format(segments, tmp_path):
     model = tiny("llama")
     prune_llm(model, "wanda", pattern="2:4", calibration=segments, progress=False)
-    saved = save_pruned(model, tmp_path / "out", pattern=NM(2, 4), extra_files={"report.json": "{}"})
+    saved = save_sparse(model, tmp_path / "out", pattern=NM(2, 4), extra_files={"report.json": "{}"})
     assert (tmp_path / "out" / SPARSE_FILE).is_file() and (tmp_path / "out" / "report.json").is_file()
     assert saved.compressed.ratio > 1.3  # embeddings and norms stay dense
     for prefer in ("auto", "compressed"):
-        loaded = load_pruned(tmp_path / "out", prefer=prefer)
+        loaded = load_sparse(tmp_path / "out", prefer=prefer)
         assert_same_bits(state_bits(loaded), state_bits(model))
 
 
 def test_compressed_only_directory_has_no_dense_weights(tmp_path):
     model = tiny("opt")
-    save_pruned(model, tmp_path / "c", format="compressed")
+    save_sparse(model, tmp_path / "c", format="compressed")
     assert not list((tmp_path / "c").glob("model*.safetensors"))
-    assert_same_bits(state_bits(load_pruned(tmp_path / "c")), state_bits(model))
+    assert_same_bits(state_bits(load_sparse(tmp_path / "c")), state_bits(model))
 
 
 def test_an_existing_directory_is_refused_without_overwrite(tmp_path):
@@ -89,9 +89,9 @@ def test_an_existing_directory_is_refused_without_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="overwrite"):
-        save_pruned(model, tmp_path / "out")
+        save_sparse(model, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    save_pruned(model, tmp_path / "out", overwrite=True)
+    save_sparse(model, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists()
 
 

@@ -13,7 +13,7 @@ import secateurs
 from conftest import assert_unchanged, fingerprint
 from secateurs import ConfigError, DataRequiredError, Pruner, StructureError
 from secateurs.io import OutputExistsError
-from secateurs.structural import load_pruned, save_pruned
+from secateurs.structural import load_structured, save_structured
 
 QUIET = {"latency": False}
 X = torch.randn(1, 3, 8, 8)
@@ -99,7 +99,7 @@ def test_structural_inputs_are_validated_before_anything_runs():
         _remove(model, pattern="2:4")
     with pytest.raises(ConfigError, match="erk"):
         _remove(model, allocation="erk")
-    with pytest.raises(ConfigError, match="block_influence"):
+    with pytest.raises(ConfigError, match="shortgpt"):
         _remove(model, pattern="layer")
     with pytest.raises(ConfigError, match="unknown structural option"):
         _remove(model, structural={"round": 8})
@@ -116,22 +116,22 @@ def test_structural_inputs_are_validated_before_anything_runs():
 def test_a_plan_refuses_a_different_architecture_before_touching_it(tmp_path):
     model = resnet_like(width=8).eval()
     _remove(model)
-    save_pruned(model, tmp_path / "m")
+    save_structured(model, tmp_path / "m")
     other = resnet_like(width=12)
     before = fingerprint(other)
     with pytest.raises(StructureError, match=r"expects 0\.weight with size 8"):
-        load_pruned(tmp_path / "m", other)
+        load_structured(tmp_path / "m", other)
     assert_unchanged(other, before)
     with pytest.raises(secateurs.StateError, match="construct the unpruned model"):
-        load_pruned(tmp_path / "m")
+        load_structured(tmp_path / "m")
 
 
 def test_an_existing_output_is_not_overwritten(tmp_path):
     model = resnet_like().eval()
     _remove(model)
-    save_pruned(model, tmp_path / "m")
+    save_structured(model, tmp_path / "m")
     with pytest.raises(OutputExistsError, match="exists"):
-        save_pruned(model, tmp_path / "m")
+        save_structured(model, tmp_path / "m")
 
 
 def test_masked_or_reparametrized_weights_are_refused_before_removal():

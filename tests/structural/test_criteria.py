@@ -9,9 +9,9 @@ from torch import nn
 
 import secateurs
 from secateurs import ConfigError
-from secateurs.criteria.structural import FLAP, GroupLAMP, GroupTaylor, as_group_criterion
-from secateurs.engine import Data
+from secateurs.pipeline import Data
 from secateurs.structural import DependencyGraph
+from secateurs.structural.criteria import FLAP, GroupLAMP, GroupTaylor, as_group_criterion
 from secateurs.structural.pipeline import score_groups
 
 
@@ -117,7 +117,7 @@ def test_block_influence_removes_the_block_that_changes_its_input_least():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Sequential(Block(1.0), Block(0.01), Block(1.0)), nn.Linear(8, 2)).eval()
     batches = [torch.randn(6, 4) for _ in range(2)]
-    report = secateurs.prune(net, "block_influence", 1 / 3, pattern="layer", mode="remove", example_inputs=batches[0],
+    report = secateurs.prune(net, "shortgpt", 1 / 3, pattern="layer", mode="remove", example_inputs=batches[0],
                              calibration=batches, progress=False, structural={"latency": False})  # fmt: skip
     assert report.removed_blocks == ["1.1"]
     assert len(net[1]) == 2

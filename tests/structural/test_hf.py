@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import secateurs
-from secateurs.structural import load_pruned, prune_heads_and_neurons, remove_layers, save_pruned
+from secateurs.llm import prune_heads_and_neurons, remove_layers
+from secateurs.structural import load_structured, save_structured
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -51,9 +52,9 @@ def test_each_granularity_round_trips_through_save_and_load(arch, pattern, tmp_p
     secateurs.prune(model, method, 0.5, pattern=pattern, mode="remove", progress=False, structural={"latency": False})
     assert sum(p.numel() for p in model.parameters()) < before
     logits = model(**IDS).logits
-    save_pruned(model, tmp_path / "m")
+    save_structured(model, tmp_path / "m")
     plan = json.loads((tmp_path / "m" / "pruning_plan.json").read_text())
-    reloaded = load_pruned(tmp_path / "m")
+    reloaded = load_structured(tmp_path / "m")
     assert torch.equal(reloaded(**IDS).logits, logits)
     if plan["config_expressible"]:  # every layer the same shape: stock from_pretrained works too
         stock = type(model).from_pretrained(tmp_path / "m").eval()
@@ -67,7 +68,7 @@ def test_uniform_pruning_updates_the_config_so_stock_loading_works(tmp_path):
     c = model.config
     assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.head_dim) == (
         16, 2, 2, 24, 8)  # fmt: skip
-    save_pruned(model, tmp_path / "m")
+    save_structured(model, tmp_path / "m")
     assert json.loads((tmp_path / "m" / "pruning_plan.json").read_text())["config_expressible"]
 
 
@@ -99,9 +100,9 @@ def test_flap_model_with_added_biases_and_uneven_layers_reloads_from_its_plan(tm
     assert report.after.params < report.before.params
     assert any(layer.mlp.down_proj.bias is not None for layer in model.model.layers)  # compensation biases
     logits = model(**IDS).logits
-    save_pruned(model, tmp_path / "m")
+    save_structured(model, tmp_path / "m")
     assert not json.loads((tmp_path / "m" / "pruning_plan.json").read_text())["config_expressible"]
-    assert torch.equal(load_pruned(tmp_path / "m")(**IDS).logits, logits)
+    assert torch.equal(load_structured(tmp_path / "m")(**IDS).logits, logits)
 
 
 def test_remove_layers_by_block_influence_updates_layer_indices_and_config():

@@ -126,8 +126,8 @@ def test_an_lstm_with_projections_has_hidden_and_projected_units(tmp_path):
     torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
     net.train()
     net(x).sum().backward()
-    secateurs.structural.save_pruned(net, tmp_path / "p")
-    again = secateurs.structural.load_pruned(tmp_path / "p", ProjectedLSTM())
+    secateurs.structural.save_structured(net, tmp_path / "p")
+    again = secateurs.structural.load_structured(tmp_path / "p", ProjectedLSTM())
     torch.testing.assert_close(again.eval()(x), net.eval()(x))
 
 

@@ -11,7 +11,7 @@ from structural_nets import TinyTransformer, resnet_like
 
 import secateurs
 from secateurs.cli import main
-from secateurs.structural import load_pruned, save_pruned
+from secateurs.structural import load_structured, save_structured
 from secateurs.structural.step import decode, encode
 
 X = torch.randn(2, 3, 8, 8)
@@ -33,11 +33,11 @@ def test_a_plain_model_replays_its_plan_onto_a_fresh_instance(tmp_path):
     ids = torch.randint(0, 50, (2, 5))
     secateurs.prune(model, "magnitude", 0.5, pattern="head+channel+hidden", mode="remove", example_inputs=ids,
                     progress=False, structural={"latency": False})  # fmt: skip
-    save_pruned(model, tmp_path / "m")
+    save_structured(model, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors", "pruning_plan.json"]
     plan = json.loads((tmp_path / "m" / "pruning_plan.json").read_text())
     assert plan["format"] == "secateurs.pruning_plan" and plan["steps"][0]["cuts"]
-    fresh = load_pruned(tmp_path / "m", TinyTransformer())
+    fresh = load_structured(tmp_path / "m", TinyTransformer())
     torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
 
 
@@ -46,8 +46,8 @@ def test_pruning_twice_replays_both_steps(tmp_path):
     for _ in range(2):
         secateurs.prune(model, "magnitude", 0.25, mode="remove", example_inputs=X, progress=False,
                         structural={"latency": False})  # fmt: skip
-    save_pruned(model, tmp_path / "m")
-    fresh = load_pruned(tmp_path / "m", resnet_like(16))
+    save_structured(model, tmp_path / "m")
+    fresh = load_structured(tmp_path / "m", resnet_like(16))
     assert torch.equal(fresh(X), model(X))
     assert fresh[0].out_channels == 9  # 16 -> 12 -> 9
 
@@ -65,7 +65,7 @@ def test_cli_removes_channels_and_writes_plan_and_report(tmp_path, monkeypatch, 
     report = json.loads((out / "report.json").read_text())
     assert report["after"]["params"] < report["before"]["params"]
     assert json.loads((out / "recipe.json").read_text())["structural"]["round_to"] == 4
-    model = load_pruned(out, factory())
+    model = load_structured(out, factory())
     assert all(m.out_channels % 4 == 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 import secateurs
 from secateurs.allocation import Global, Uniform
-from secateurs.structural import DependencyGraph, StructuralOptions, plan_of
+from secateurs.granularity import StructuralOptions
+from secateurs.structural import DependencyGraph, plan_of
 from secateurs.structural.allocate import prune_counts, select
 
 X = torch.randn(1, 3, 8, 8)

@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import SecateursError
-from . import demo, eval, prune, report
+from . import demo, eval, methods, prune, report
 
-SUBCOMMANDS = (prune, eval, report, demo)
+SUBCOMMANDS = (prune, eval, report, methods, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

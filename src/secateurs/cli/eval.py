@@ -61,19 +61,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, scratch: Path) -> dict:
-    from ..export import load_pruned
+    from ..export import load_sparse
+    from ..hf import load_tokenizer
     from ..llm.cloze import cloze_task
     from ..llm.perplexity import perplexity
     from ..llm.zeroshot import zero_shot
-    from .llm_prune import _tokenizer
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     include = list(args.include_path or [])
     if args.cloze:
         include.append(cloze_task(args.cloze, scratch / "tasks", count=args.cloze_count))
         tasks.append("text_cloze")
-    model = load_pruned(args.model, prefer="compressed" if args.compressed else "auto")
-    tokenizer = _tokenizer(args.tokenizer or args.model)
+    model = load_sparse(args.model, prefer="compressed" if args.compressed else "auto")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     results: dict = {"model": args.model, "perplexity": {}, "zero_shot": {}}
     for path in args.ppl or []:
         start = time.perf_counter()

@@ -1,4 +1,11 @@
-"""``secateurs prune MODEL``: prune by recipe and/or flags, write weights, masks and a report."""
+"""``secateurs prune MODEL``: prune by recipe and/or flags, write the model, masks and a report.
+
+One path for every model: the flags and the recipe build one configuration. A Hugging Face
+language-model directory gets the LLM front door's defaults (:class:`~secateurs.llm.LLMPruneConfig`:
+Wanda, zeros in the weights, the block runner, text calibration with ``--calib``); a
+``package.module:factory`` model gets :class:`~secateurs.PruneConfig`'s (magnitude, masks, the
+whole-model runner, batches from ``--data``). ``--runner`` / ``--mode`` say otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
-from ..api import prune
-from ..errors import ConfigError
-from ..io import atomic_dir, refuse_existing
-from ..masking import bake, save_masks
-from ..recipes import load_recipe, parse_recipe
-from . import llm_prune
 from .models import is_factory, load_model
 
-_FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "iterations", "seed", "max_batches")
+_FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "solver", "runner", "iterations", "seed",
+          "max_batches", "blocks", "nsamples", "seqlen", "batch_size")  # fmt: skip
+_LLM_ONLY = ("nsamples", "seqlen", "batch_size")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,121 +26,195 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="'package.module:factory' (returns an nn.Module) or a Hugging Face directory")
     p.add_argument("--weights", help="safetensors weights to load into a factory-built model")
     p.add_argument("--recipe", help="YAML/JSON recipe; flags below override its keys")
-    p.add_argument("--method")
-    p.add_argument("--sparsity", type=float)
+    p.add_argument("--method", help="a registered method (see `secateurs methods`)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1)")
     p.add_argument("--pattern", help="element | N:M (e.g. 2:4) | block:HxW | output_channel | input_channel")
-    p.add_argument("--allocation", help="uniform | global | erk | lamp")
-    p.add_argument("--mode", choices=("mask", "bake", "remove"), help="remove: structural (tensors really shrink)")
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-batches", dest="max_batches", type=int)
+    p.add_argument("--allocation", help="uniform | global | erk | lamp | owl")
+    p.add_argument(
+        "--mode",
+        choices=("mask", "bake", "reconstruct", "remove"),
+        help="reconstruct: a solver updates the surviving weights; remove: structural (tensors shrink)",
+    )
+    p.add_argument("--solver", help="sparsegpt | bias_compensation | none (reconstruct / remove modes)")
+    p.add_argument(
+        "--runner",
+        choices=("model", "blocks"),
+        help="model: the whole model at once; blocks: one repeated block at a time (default for LLMs)",
+    )
+    p.add_argument("--iterations", type=int, help="pruning rounds in one call (SynFlow's 100)")
+    p.add_argument("--seed", type=int, help="seeds every random choice (and the calibration segments)")
+    p.add_argument("--max-batches", dest="max_batches", type=int, help="use at most this many calibration batches")
     p.add_argument("--include", nargs="+", help="module-name globs to prune (re:REGEX for regexes)")
     p.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
     p.add_argument("--data", help="'package.module:function' returning an iterable of calibration batches")
     p.add_argument("--input-shape", help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    llm_prune.add_arguments(p)
-    g = p.add_argument_group("structural removal (--mode remove --pattern channel, head, hidden, layer, head+channel)")
-    g.add_argument("--round-to", dest="round_to", type=int, help="keep channel counts a multiple of this (e.g. 8)")
-    g.add_argument("--max-ratio", dest="max_ratio", type=float, help="remove at most this fraction of any group")
-    g.add_argument("--gqa", choices=("auto", "kv_groups", "query_heads"), help="how grouped-KV attention loses heads")
+    g = p.add_argument_group("language models (Hugging Face directories; text calibration)")
+    g.add_argument("--calib", help="calibration text file, cut into seeded token segments")
+    g.add_argument("--nsamples", type=int, help="calibration segments (default 128)")
+    g.add_argument("--seqlen", type=int, help="tokens per segment (default 2048, capped to the model's context)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="segments per forward pass (default 1)")
+    g.add_argument("--owl", action="store_true", help="OWL outlier-weighted layer sparsities (= --allocation owl)")
+    g.add_argument("--owl-m", dest="owl_m", type=float, help="OWL outlier threshold M (default 5)")
+    g.add_argument("--owl-lambda", dest="owl_lambda", type=float, help="OWL sparsity spread lambda (default 0.08)")
+    g.add_argument("--blocks", help="qualified name of the repeated blocks, e.g. model.layers (default: found)")
+    g.add_argument("--dampening", type=float, help="SparseGPT dampening, fraction of mean diag(H) (default 0.01)")
+    g.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    g.add_argument("--device", help="device to process each block on, e.g. cuda (default: the model's)")
+    g.add_argument(
+        "--format",
+        choices=("hf", "compressed", "both"),
+        help="what to save for a Hugging Face model: save_pretrained, compressed, or both",
+    )
+    s = p.add_argument_group("structural removal (--mode remove --pattern channel, head, hidden, layer, head+channel)")
+    s.add_argument("--round-to", dest="round_to", type=int, help="keep channel counts a multiple of this (e.g. 8)")
+    s.add_argument("--max-ratio", dest="max_ratio", type=float, help="remove at most this fraction of any group")
+    s.add_argument("--gqa", choices=("auto", "kv_groups", "query_heads"), help="how grouped-KV attention loses heads")
     p.set_defaults(run=run)
 
 
-def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    recipe: dict[str, Any] = dict(load_recipe(args.recipe)) if args.recipe else {}
+def recipe_from_args(args: argparse.Namespace, schema: Any) -> dict[str, Any]:
+    """The recipe file, overridden by the flags, validated by ``schema`` (a config class)."""
+    from ..errors import ConfigError
+    from ..recipes import load_recipe, parse_recipe
+
+    recipe: dict[str, Any] = dict(load_recipe(args.recipe, schema)) if args.recipe else {}
     for key in _FLAGS:
-        value = getattr(args, key)
+        value = getattr(args, key, None)
         if value is not None:
+            if key in _LLM_ONLY and key not in schema.field_names():
+                raise ConfigError(f"--{key.replace('_', '-')} applies to text calibration of a Hugging Face model")
             recipe[key] = value
+    if args.owl:
+        recipe["allocation"] = "owl"
+    owl = {k: v for k, v in (("m", args.owl_m), ("lam", args.owl_lambda)) if v is not None}
+    if owl:
+        recipe["allocation_options"] = {**(recipe.get("allocation_options") or {}), **owl}
+    solver = {k: v for k, v in (("dampening", args.dampening), ("blocksize", args.blocksize)) if v is not None}
+    if solver:
+        recipe["solver_options"] = {**(recipe.get("solver_options") or {}), **solver}
     structural = {k: getattr(args, k) for k in ("round_to", "max_ratio", "gqa") if getattr(args, k, None) is not None}
     if structural:
         recipe["structural"] = {**(recipe.get("structural") or {}), **structural}
-    apply_scope_flags(recipe, args)
-    return parse_recipe(recipe, "command line")
-
-
-def apply_scope_flags(recipe: dict[str, Any], args: argparse.Namespace) -> None:
-    """--include / --exclude override the recipe's scope globs."""
     if args.include or args.exclude:
         scope = dict(recipe.get("scope") or {})
-        if args.include:
-            scope["include"] = args.include
-        if args.exclude:
-            scope["exclude"] = args.exclude
+        scope.update({k: v for k, v in (("include", args.include), ("exclude", args.exclude)) if v})
         recipe["scope"] = scope
+    return parse_recipe(recipe, "command line", schema)
 
 
 def _call(spec: str) -> Any:
-    if not is_factory(spec):
-        raise ConfigError(f"--data must be 'package.module:function', got {spec!r}")
     import importlib
 
+    from ..errors import ConfigError
+
+    if not is_factory(spec):
+        raise ConfigError(f"--data must be 'package.module:function', got {spec!r}")
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)()
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.mode != "remove" and llm_prune.wants_layerwise(args, is_factory(args.model)):
-        return llm_prune.run(args)
-    recipe = recipe_from_args(args)
+    from ..api import prune
+    from ..config import PruneConfig
+    from ..errors import ConfigError
+    from ..io import refuse_existing
+    from ..llm import LLMPruneConfig, prune_llm
+
+    language_model = not is_factory(args.model)
+    schema = LLMPruneConfig if language_model else PruneConfig
+    recipe = recipe_from_args(args, schema)
+    config = schema(**recipe)
     refuse_existing(Path(args.out), args.overwrite)  # before loading and pruning, not after
+    if args.calib and not language_model:
+        raise ConfigError("--calib is text calibration for a Hugging Face language model; use --data for a factory")
+    if args.data and language_model:
+        raise ConfigError("--data feeds a factory-built model; a Hugging Face language model calibrates on --calib")
     model = load_model(args.model, args.weights)
-    calibration = _call(args.data) if args.data else _text_calibration(model, args) if args.calib else None
-    example = torch.zeros(1, *map(int, args.input_shape.split(","))) if args.input_shape else None
-    report = prune(model, **recipe, calibration=calibration, example_inputs=example)
+    tokenizer = _tokenizer_if_any(model, args) if language_model else None
+    if language_model:
+        report = prune_llm(model, **recipe, calibration=args.calib, tokenizer=tokenizer, device=args.device)
+    else:
+        import torch
+
+        calibration = _call(args.data) if args.data else None
+        example = torch.zeros(1, *_shape(args.input_shape)) if args.input_shape else None
+        report = prune(model, **recipe, calibration=calibration, example_inputs=example)
     print(report.table())
-    if recipe.get("mode") == "remove":
-        return _write_structural(model, report, args)
-    tokenizer = _tokenizer_if_any(model, args)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        save_masks_if_any(model, tmp / "masks.safetensors")
-        bake(model)
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        else:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "report.json").write_text(report.to_json() + "\n")
-        (tmp / "recipe.json").write_text(json.dumps(report.config, indent=2, default=str) + "\n")
-    print(f"wrote {args.out}")
-    return 0
-
-
-def _text_calibration(model: torch.nn.Module, args: argparse.Namespace) -> list[torch.Tensor]:
-    """``--calib FILE`` with ``--mode remove``: seeded segments of token ids, one per batch."""
-    from ..calibration import DEFAULT_NSAMPLES, resolve_seqlen, sample_segments
-    from .llm_prune import _tokenizer
-
-    tokenizer = _tokenizer(args.tokenizer or args.model)
-    seqlen = resolve_seqlen(model, args.seqlen)
-    segments = sample_segments(args.calib, tokenizer, args.nsamples or DEFAULT_NSAMPLES, seqlen, args.seed or 0)
-    return [s.unsqueeze(0) for s in segments]
-
-
-def _tokenizer_if_any(model: torch.nn.Module, args: argparse.Namespace) -> Any:
-    """A transformers model's tokenizer, to save beside it so the output directory is usable as is."""
-    if not hasattr(model, "save_pretrained") or is_factory(args.model):
-        return None
-    try:
-        return llm_prune._tokenizer(args.tokenizer or args.model)
-    except ConfigError:  # a model without a tokenizer (vision, or weights only)
-        return None
-
-
-def _write_structural(model: torch.nn.Module, report: Any, args: argparse.Namespace) -> int:
-    """Weights + pruning plan (+ save_pretrained with the updated config for transformers models)."""
     files = {"report.json": report.to_json() + "\n",
              "recipe.json": json.dumps(report.config, indent=2, default=str) + "\n"}  # fmt: skip
-    llm_prune.save_structural(model, args.out, _tokenizer_if_any(model, args), files, args.overwrite)
+    if config.application_.structural:
+        save_structural(model, args.out, tokenizer, files, args.overwrite)
+    else:
+        _save_sparse(model, config, args, tokenizer, files)
     return 0
 
 
-def save_masks_if_any(model: torch.nn.Module, path) -> None:
-    from ..masking import masked_targets
+def _shape(text: str) -> list[int]:
+    from ..errors import ConfigError
 
-    if masked_targets(model):
-        save_masks(model, path)
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--input-shape takes comma-separated integers such as 3,32,32, got {text!r}") from None
+
+
+def _tokenizer_if_any(model: Any, args: argparse.Namespace) -> Any:
+    """A transformers model's tokenizer, to save beside it so the output directory is usable as is."""
+    from ..errors import ConfigError
+    from ..hf import load_tokenizer
+
+    try:
+        return load_tokenizer(args.tokenizer or args.model)
+    except ConfigError:  # a model without a tokenizer (vision, or weights only)
+        if args.calib or args.tokenizer:
+            raise
+        return None
+
+
+def _save_sparse(model: Any, config: Any, args: argparse.Namespace, tokenizer: Any, files: dict[str, str]) -> None:
+    """Masks (if any), then zeros baked in: a Hugging Face model as save_pretrained and/or the compressed
+    checkpoint, any other model as safetensors."""
+    from safetensors.torch import save_file
+
+    from ..export.hf import write_sparse
+    from ..io import atomic_dir
+    from ..masking import bake, masked_targets, save_masks
+    from ..patterns import NM
+
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        if masked_targets(model):
+            save_masks(model, tmp / "masks.safetensors")
+        bake(model)
+        if hasattr(model, "save_pretrained"):
+            pattern = config.pattern_ if isinstance(config.pattern_, NM) else None
+            saved = write_sparse(model, tmp, tokenizer, args.format or "both", pattern)
+        else:
+            saved = None
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    if saved is not None:
+        saved.path = args.out
+        if saved.compressed is not None:
+            saved.compressed.path = str(Path(args.out) / "sparse.safetensors")
+        print(saved.summary())
+    else:
+        print(f"wrote {args.out}")
+
+
+def save_structural(model: Any, out: str, tokenizer: Any, files: dict[str, str], overwrite: bool) -> None:
+    """The structural module's directory (weights, pruning plan, config), plus tokenizer and report files."""
+    from ..io import atomic_dir
+    from ..structural import save_structured
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_structured(model, tmp, overwrite=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    print(f"wrote {out} (structurally pruned: load it with secateurs.structural.load_structured)")

@@ -1,17 +1,22 @@
-"""Criteria: how much each weight matters. One file per family; find a method by its name."""
+"""Criteria: how much each weight matters. One file per family; find a method by its name.
+
+Group criteria for ``mode='remove'`` (BatchNorm scale, FPGM, FLAP, ShortGPT) live with the
+structural code they read, in :mod:`secateurs.structural.criteria`, and register in the same
+registry.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError, choices
-from . import activation, gradient, magnitude, second_order, structural, synflow  # noqa: F401  (registration)
+from ..errors import ConfigError
+from ..registry import construct
+from . import activation, gradient, magnitude, second_order, synflow  # noqa: F401  (registration)
 from .activation import Activation, APoZ, Wanda
-from .base import Criterion, register, registry
+from .base import CRITERIA, MODES, Criterion, register, registry
 from .gradient import SNIP, Gradient, GraSP, Taylor
 from .magnitude import LAMP, Magnitude, Random, lamp_normalize
-from .second_order import OBD
-from .structural import FLAP, FPGM, BlockInfluence, BNScale, GroupCriterion, as_group_criterion
+from .second_order import OBD, SparseGPT
 from .synflow import SynFlow
 
 
@@ -21,32 +26,23 @@ def make_criterion(method: str | Criterion, options: dict[str, Any] | None = Non
         if options:
             raise ConfigError("method_options only apply when method is given by name")
         return method
-    table = registry()
-    if method not in table:
-        raise ConfigError(f"unknown method {method!r}; valid: {choices(table)}")
-    try:
-        return table[method](**(options or {}))
-    except TypeError as exc:
-        raise ConfigError(f"bad method_options for {method!r}: {exc}") from exc
+    return construct(CRITERIA.get(method), options, f"method_options for {method!r}")
 
 
 __all__ = [
     "APoZ",
     "Activation",
-    "BNScale",
-    "BlockInfluence",
-    "FLAP",
-    "FPGM",
-    "GroupCriterion",
-    "as_group_criterion",
+    "CRITERIA",
     "Criterion",
     "Gradient",
     "GraSP",
     "LAMP",
+    "MODES",
     "Magnitude",
     "OBD",
     "Random",
     "SNIP",
+    "SparseGPT",
     "SynFlow",
     "Taylor",
     "Wanda",

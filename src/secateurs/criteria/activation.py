@@ -10,21 +10,25 @@ from ..scope import Target
 from .base import Criterion, register, weight3
 
 
-def _stats(evidence: Evidence, target: Target) -> ActivationStats:
+def activation_stats(evidence: Evidence, target: Target) -> ActivationStats:
     stats = evidence.activations.get(target.name)
     if stats is None:
         raise DataRequiredError(f"no activations reached {target.module_name!r}; is it used in forward()?")
     return stats
 
 
-def input_norm3(evidence: Evidence, target: Target) -> Tensor:
-    """||X_j||_2 arranged as ``(O, 1, I)`` so it broadcasts over the canonical weight.
+def per_input3(target: Target, values: Tensor) -> Tensor:
+    """A per-input-channel vector arranged as ``(O, 1, I)`` so it broadcasts over the canonical weight.
     Grouped convolutions see only their group's input channels."""
     out, _, inp = target.canonical_shape
-    norm = _stats(evidence, target).input_norm
     groups = target.module.groups if isinstance(target.module, nn.modules.conv._ConvNd) else 1
-    per_group = norm.reshape(groups, inp)
+    per_group = values.reshape(groups, inp)
     return per_group.repeat_interleave(out // groups, dim=0).unsqueeze(1)
+
+
+def input_norm3(evidence: Evidence, target: Target) -> Tensor:
+    """||X_j||_2 as ``(O, 1, I)``."""
+    return per_input3(target, activation_stats(evidence, target).input_norm)
 
 
 @register
@@ -38,7 +42,7 @@ class Activation(Criterion):
     scores_embeddings = False
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
-        per_channel = _stats(evidence, target).output_mean_abs
+        per_channel = activation_stats(evidence, target).output_mean_abs
         return per_channel.reshape(-1, 1, 1).expand(target.canonical_shape)
 
 
@@ -55,7 +59,7 @@ class APoZ(Criterion):
     scores_embeddings = False
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
-        per_channel = 1.0 - _stats(evidence, target).apoz
+        per_channel = 1.0 - activation_stats(evidence, target).apoz
         return per_channel.reshape(-1, 1, 1).expand(target.canonical_shape)
 
 

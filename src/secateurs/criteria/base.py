@@ -1,9 +1,9 @@
 """The criterion contract: scores in, nothing else touched.
 
-A criterion turns :class:`~secateurs.evidence.Evidence` into one importance
-tensor per target, in the canonical ``(out, spatial, in)`` layout. Higher means
-keep. Class attributes declare what it needs and the preset it is usually run
-with, so ``prune(model, method="snip")`` does what the paper did.
+A criterion turns :class:`~secateurs.evidence.Evidence` into one importance tensor per target,
+in the canonical ``(out, spatial, in)`` layout. Higher means keep. Class attributes declare what
+it needs, which application modes it supports, and the preset it is usually run with (the
+paper's defaults), so ``prune(model, method="snip")`` does what the paper did.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from torch import Tensor
 from ..errors import ConfigError, DataRequiredError
 from ..evidence import Evidence, Need
 from ..layout import Layout, to_canonical
+from ..registry import Registry
 from ..scope import Target
+
+#: application modes of the pipeline (the map's four)
+MODES = ("mask", "bake", "reconstruct", "remove")
+
+CRITERIA: Registry[type[Criterion]] = Registry("method")
 
 
 class Criterion(ABC):
@@ -31,14 +37,22 @@ class Criterion(ABC):
     signed: ClassVar[bool] = False
     #: patterns this criterion is defined for (None: all)
     patterns: ClassVar[tuple[str, ...] | None] = None
+    #: application modes it supports; ``remove`` ranks coupled channels through its group form
+    modes: ClassVar[tuple[str, ...]] = ("mask", "bake", "reconstruct", "remove")
+    #: granularities it can rank in ``mode='remove'``
+    granularities: ClassVar[tuple[str, ...]] = ("channel", "head", "hidden")
     #: the paper's defaults, used when the user does not say otherwise
     default_allocation: ClassVar[str] = "uniform"
     default_comparison: ClassVar[str] = "layer"
     default_iterations: ClassVar[int] = 1
+    default_mode: ClassVar[str | None] = None  # None: the front door's default ('mask', or 'bake' for LLMs)
+    default_solver: ClassVar[str | None] = None  # for modes that take a solver (reconstruct, remove)
+    default_pattern: ClassVar[str | None] = None  # for mode='remove' (None: 'channel')
+    #: in ``reconstruct`` mode the solver picks the mask itself as it updates the weights, re-scoring
+    #: them with this criterion (SparseGPT's adaptive mask selection) instead of fixing it up front
+    adaptive: ClassVar[bool] = False
     #: can it score Embedding tables?
     scores_embeddings: ClassVar[bool] = True
-    #: defined only for whole structures (BatchNorm scale, FLAP, block influence): mode='remove'
-    structural_only: ClassVar[bool] = False
 
     def scores(self, evidence: Evidence) -> dict[str, Tensor]:
         """Importance per target name, canonical ``(O, S, I)`` layout."""
@@ -76,14 +90,12 @@ def grad3(evidence: Evidence, target: Target, attribute: str) -> Tensor:
     return to_canonical(getattr(stats, attribute), target.layout)
 
 
-_REGISTRY: dict[str, type[Criterion]] = {}
-
-
 def register(cls: type[Criterion]) -> type[Criterion]:
-    """Class decorator: make a criterion available by its ``name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: make a criterion available by its ``name`` (``prune(model, name, ...)``)."""
+    if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+        raise ConfigError(f"@register takes a Criterion subclass, got {cls!r}")
+    return CRITERIA.register(cls)
 
 
 def registry() -> dict[str, type[Criterion]]:
-    return dict(_REGISTRY)
+    return dict(CRITERIA.items())

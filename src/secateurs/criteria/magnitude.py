@@ -36,6 +36,7 @@ class Random(Criterion):
     """Uniform random scores from the run's seeded generator: the baseline every method must beat."""
 
     name = "random"
+    granularities = ("channel", "head", "hidden", "layer")
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
         w = weight3(target)

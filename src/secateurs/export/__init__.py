@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .compressed import CompressedSize, load_compressed, load_compressed_into, save_compressed
-from .hf import SPARSE_FILE, SavedModel, load_pruned, save_pruned
+from .hf import SPARSE_FILE, SavedModel, load_sparse, save_sparse
 
 __all__ = [
     "SPARSE_FILE",
@@ -11,7 +11,7 @@ __all__ = [
     "SavedModel",
     "load_compressed",
     "load_compressed_into",
-    "load_pruned",
+    "load_sparse",
     "save_compressed",
-    "save_pruned",
+    "save_sparse",
 ]

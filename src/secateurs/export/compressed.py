@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import StateError
 from ..io import atomic_path
-from ..layout import Layout, from_canonical, layout_of, to_canonical
+from ..layout import Layout, canonical_shape, from_canonical, layout_of, to_canonical
 from ..patterns import NM
 
 FORMAT = "secateurs.sparse"
@@ -112,8 +112,6 @@ def _decode_nm(parts: dict[str, Tensor], meta: dict, dtype: torch.dtype) -> Tens
     bits = _unpack(parts["indices"], values.numel() * k).reshape(-1, k).long()
     index = (bits << torch.arange(k)).sum(1).reshape(-1, n)
     groups = torch.zeros(values.shape[0], m, dtype=dtype).scatter_(1, index, values)
-    from ..layout import canonical_shape
-
     return from_canonical(groups.reshape(canonical_shape(torch.Size(shape), layout)), layout, torch.Size(shape))
 
 

@@ -2,7 +2,7 @@
 
 A saved directory holds the config (and the tokenizer, when given), ``model.safetensors``
 from ``save_pretrained`` so ``from_pretrained`` works unchanged, and ``sparse.safetensors``,
-the compressed checkpoint (:mod:`secateurs.export.compressed`). :func:`load_pruned` loads
+the compressed checkpoint (:mod:`secateurs.export.compressed`). :func:`load_sparse` loads
 either. The directory is written atomically and an existing one is refused unless
 ``overwrite=True``.
 """
@@ -18,9 +18,10 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, choices
-from ..hf import ModelLoadError
+from ..hf import ModelLoadError, load_hf_model
 from ..io import atomic_dir
 from ..patterns import NM
+from ..structural.plan import PLAN_FILE, load_structured
 from .compressed import CompressedSize, load_compressed_into, save_compressed
 
 SPARSE_FILE = "sparse.safetensors"
@@ -43,7 +44,7 @@ class SavedModel:
         )
 
 
-def save_pruned(
+def save_sparse(
     model: nn.Module,
     path: str | os.PathLike,
     tokenizer: Any = None,
@@ -52,36 +53,50 @@ def save_pruned(
     overwrite: bool = False,
     extra_files: Mapping[str, str] | None = None,
 ) -> SavedModel:
-    """Write ``model`` (already baked: zeros in the weights) to the directory ``path``.
+    """Write ``model`` (already baked: zeros in the weights) to the directory ``path``, atomically.
 
     ``format``: ``'hf'`` (save_pretrained only), ``'compressed'`` (config + compressed
     checkpoint) or ``'both'``. ``extra_files`` maps file names to text (report, recipe).
     """
+    check_format(model, format)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        saved = write_sparse(model, tmp, tokenizer, format, pattern)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    if saved.compressed is not None:
+        saved.compressed.path = str(Path(path) / SPARSE_FILE)
+    return SavedModel(str(path), saved.dense_bytes, saved.compressed)
+
+
+def check_format(model: nn.Module, format: str) -> None:
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; valid: {choices(FORMATS)}")
     if not hasattr(model, "save_pretrained"):
         raise ConfigError(f"{type(model).__name__} has no save_pretrained(); save it with save_compressed()")
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        compressed = None
-        if format in ("hf", "both"):
-            model.save_pretrained(tmp)
-        else:  # what save_pretrained writes, minus the weights
-            model.config.architectures = [type(model).__name__]
-            model.config.save_pretrained(tmp)
-            generation = getattr(model, "generation_config", None)
-            if generation is not None:
-                generation.save_pretrained(tmp)
-        if format in ("compressed", "both"):
-            compressed = save_compressed(model, tmp / SPARSE_FILE, pattern)
-            compressed.path = str(Path(path) / SPARSE_FILE)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        dense = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
+
+
+def write_sparse(
+    model: nn.Module, directory: Path, tokenizer: Any = None, format: str = "both", pattern: NM | None = None
+) -> SavedModel:
+    """The files of :func:`save_sparse`, written into an existing (temporary) ``directory``."""
+    check_format(model, format)
+    compressed = None
+    if format in ("hf", "both"):
+        model.save_pretrained(directory)
+    else:  # what save_pretrained writes, minus the weights
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(directory)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(directory)
+    if format in ("compressed", "both"):
+        compressed = save_compressed(model, directory / SPARSE_FILE, pattern)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    dense = sum(f.stat().st_size for f in directory.glob("model*.safetensors"))
     if compressed is not None:
         dense = dense or compressed.dense_bytes
-    return SavedModel(str(path), dense, compressed)
+    return SavedModel(str(directory), dense, compressed)
 
 
 def _model_class(config: Any) -> Any:
@@ -94,20 +109,16 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModel.from_config
 
 
-def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) -> nn.Module:
-    """Load a directory written by :func:`save_pruned` (or any HF model directory).
+def load_sparse(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) -> nn.Module:
+    """Load a directory written by :func:`save_sparse` (or any HF model directory).
 
     ``prefer='compressed'`` reads ``sparse.safetensors`` even when dense weights are there
     too; ``'auto'`` uses the dense weights when present (faster) and the compressed ones
     otherwise.
     """
-    from ..hf import load_hf_model
-
     path = Path(path)
-    if (path / "pruning_plan.json").is_file():  # structurally pruned (FLAP, ShortGPT ...)
-        from ..structural import load_pruned as load_removed
-
-        return load_removed(path)
+    if (path / PLAN_FILE).is_file():  # structurally pruned (FLAP, ShortGPT ...)
+        return load_structured(path)
     sparse = path / SPARSE_FILE
     has_dense = any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
     if sparse.is_file() and (prefer == "compressed" or not has_dense):

@@ -1,69 +1,27 @@
-"""``prune_llm()``: one call to prune a Hugging Face causal or masked LM layer by layer."""
+"""``prune_llm()``: one call to prune a Hugging Face causal or masked LM, the one pipeline's LLM front door.
+
+It turns calibration text into token segments (the SparseGPT / Wanda protocol) and runs an
+:class:`LLMPruneConfig` through its runner: the block runner for masks, zeros and reconstruction
+(magnitude, Wanda, SparseGPT, any registered criterion; OWL allocation), the whole-model runner
+for structural removal (FLAP, ShortGPT).
+"""
 
 from __future__ import annotations
 
-import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..blocks import batched
 from ..calibration import resolve_seqlen, sample_segments
-from ..errors import ConfigError, choices
-from ..report import JsonReport, Report, build_report
+from ..errors import ConfigError
+from ..evidence import DATA_NEEDS
+from ..pipeline import Data
+from ..report import Report
+from ..structural.report import StructuralReport
 from .config import LLMPruneConfig
-from .methods import LayerResult
-from .runner import run
-
-
-@dataclass
-class LLMReport(JsonReport):
-    """What :func:`prune_llm` did: the per-layer sparsity report plus the layerwise details."""
-
-    report: Report
-    blocks: str
-    block_sparsities: list[float]
-    layers: list[LayerResult]
-    seconds: float
-    calibration: dict[str, int] = field(default_factory=dict)
-    outlier_ratios: list[float] | None = None
-
-    @property
-    def sparsity(self) -> float:
-        return self.report.sparsity
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.report.config
-
-    @property
-    def dampening_raised(self) -> list[LayerResult]:
-        """SparseGPT layers whose Hessian needed more dampening than asked."""
-        return [layer for layer in self.layers if layer.retries]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "report"}
-        data["report"] = self.report.to_dict()
-        data["sparsity"] = self.sparsity
-        return data
-
-    def table(self) -> str:
-        lines = [self.report.table()]
-        method = self.config.get("method")
-        lines.append(f"{method}: {len(self.block_sparsities)} blocks of {self.blocks!r} in {self.seconds:.1f} s")
-        if self.calibration:
-            lines.append(f"calibration: {self.calibration['nsamples']} x {self.calibration['seqlen']} tokens")
-        if self.outlier_ratios is not None:
-            pairs = ", ".join(f"{r:.2%}->{s:.1%}" for r, s in zip(self.outlier_ratios, self.block_sparsities))
-            lines.append(f"OWL outlier ratio -> block sparsity: {pairs}")
-        for layer in self.dampening_raised:
-            lines.append(
-                f"NOTE {layer.name}: Hessian not positive definite; dampening raised to {layer.dampening:g} "
-                f"({layer.retries} retr{'y' if layer.retries == 1 else 'ies'})"
-            )
-        return "\n".join(lines)
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -100,13 +58,13 @@ def prune_llm(
     rollback: bool = True,
     progress: bool = True,
     **options: Any,
-) -> LLMReport | Any:
+) -> Report | StructuralReport:
     """Prune a transformer in place, one block at a time, and report what changed.
 
     ``options`` are the other :class:`LLMPruneConfig` fields (``pattern``, ``allocation``,
-    ``owl_m``, ``owl_lambda``, ``nsamples``, ``seqlen``, ``batch_size``, ``seed``, ``blocks``,
-    ``scope``, ``method_options``), so a recipe maps one to one:
-    ``prune_llm(model, **load_recipe("r.yaml", LLMPruneConfig), calibration="calib.txt")``.
+    ``allocation_options``, ``mode``, ``solver``, ``solver_options``, ``nsamples``, ``seqlen``,
+    ``batch_size``, ``seed``, ``blocks``, ``scope``, ``overrides``, ``method_options`` ...), so a recipe maps
+    one to one: ``prune_llm(model, **load_recipe("r.yaml", LLMPruneConfig), calibration="calib.txt")``.
 
     Args:
         calibration: a text file path, a list of texts, a ``datasets.Dataset`` with a ``text``
@@ -118,42 +76,34 @@ def prune_llm(
             model bit-identical (costs a CPU copy of the pruned weights).
         progress: show a progress bar over the blocks.
 
-    Returns an :class:`LLMReport`; for ``'flap'`` and ``'shortgpt'`` (structures really removed
-    by :mod:`secateurs.structural`) its :class:`~secateurs.structural.StructuralReport`.
+    Returns a :class:`~secateurs.Report` (its ``details`` say the blocks, per-block sparsities, OWL's
+    outlier ratios and SparseGPT's dampening); for removal (``'flap'``, ``'shortgpt'``) the
+    :class:`~secateurs.structural.StructuralReport`.
     """
-    unknown = set(options) - set(LLMPruneConfig.keys())
-    if unknown:
-        raise ConfigError(f"unknown argument(s) {sorted(unknown)}; valid: {choices(LLMPruneConfig.keys())}")
+    LLMPruneConfig.check_keywords(options, "prune_llm()")
     config = LLMPruneConfig(method=method, sparsity=sparsity, **options)
-    segments, seqlen = None, None
-    if config.needs_calibration:
+    batches: list[Tensor] = []
+    calibrated: dict[str, int] = {}
+    needs = config.needs & DATA_NEEDS
+    if needs:
         if calibration is None:
             raise ConfigError(
-                f"method {config.method!r}{' with OWL' if config.allocation == 'owl' else ''} needs calibration "
-                "data: pass calibration='calib.txt' (CLI: --calib calib.txt)"
+                f"{config.describe_needs(needs)} needs calibration data: pass calibration='calib.txt' "
+                "(CLI: --calib calib.txt)"
             )
         segments, seqlen = calibration_segments(model, calibration, tokenizer, config)
-    if config.structural:
-        from .structured import remove_structures
-
-        return remove_structures(model, config, segments, progress)
-    start = time.perf_counter()
-    result = run(model, config, segments, device=device, rollback=rollback, show_progress=progress)
-    seconds = time.perf_counter() - start
-    report = build_report(model, result.targets, config.pattern_, config=config.to_dict())
-    llm_report = LLMReport(
-        report=report,
-        blocks=result.blocks_name,
-        block_sparsities=result.block_sparsities,
-        layers=result.layers,
-        seconds=seconds,
-        calibration={"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)} if segments is not None else {},
-        outlier_ratios=result.outlier_ratios,
-    )
-    for layer in llm_report.dampening_raised:
-        warnings.warn(
-            f"SparseGPT: the Hessian of {layer.name} was not positive definite; dampening raised to "
-            f"{layer.dampening:g} after {layer.retries} retr{'y' if layer.retries == 1 else 'ies'}",
-            stacklevel=2,
-        )
-    return llm_report
+        batches = list(batched(segments, config.batch_size))
+        calibrated = {"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)}
+    data = Data.from_user(config, batches, None, None, progress)
+    data.device = torch.device(device) if device is not None else None
+    data.rollback = rollback
+    report = config.runner_.run(model, config, data)
+    if isinstance(report, Report):
+        report.details.calibration = calibrated
+        for layer in report.dampening_raised:
+            warnings.warn(
+                f"the Hessian of {layer.name} was not positive definite; dampening raised to "
+                f"{layer.dampening:g} after {layer.retries} retr{'y' if layer.retries == 1 else 'ies'}",
+                stacklevel=2,
+            )
+    return report

@@ -1,38 +1,70 @@
-"""FLAP and ShortGPT through the LLM front door: the structural module does the removal.
+"""One-call shortcuts for transformers, on top of ``prune(..., mode='remove')`` (they sit above the API
+they call, so the structural package never imports the front door).
 
 FLAP (An et al. 2024, arXiv:2312.11983) removes attention heads and MLP neurons ranked by
 weighted input fluctuation and compensates with biases; ShortGPT (Men et al. 2024,
-arXiv:2403.03853) removes the blocks with the lowest block influence. Both live in
-:mod:`secateurs.structural` (see ``docs/structural.md``); here they get the same calibration
-segments, config and CLI as the layerwise methods.
+arXiv:2403.03853) removes the blocks with the lowest block influence.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
+from ..api import prune
+from ..blocks import find_blocks
 from ..errors import ConfigError
-from .blocks import batched, find_blocks
-from .config import LLMPruneConfig
+from ..structural.report import StructuralReport
 
 
-def remove_structures(model: nn.Module, config: LLMPruneConfig, segments: Tensor, progress: bool) -> Any:
-    """Run FLAP or ShortGPT on ``segments``; returns the structural module's report."""
-    from ..structural import prune_heads_and_neurons, remove_layers
+def prune_heads_and_neurons(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    calibration: Iterable[Any] | None = None,
+    method: str = "flap",
+    allocation: str | dict[str, float] | None = None,
+    example_inputs: Any = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    **structural: Any,
+) -> StructuralReport:
+    """Remove attention heads and MLP neurons of a transformer (FLAP by default: fluctuation metric,
+    global adaptive ranking, bias compensation).
 
-    batches = list(batched(segments, config.batch_size))
-    if config.method == "flap":
-        return prune_heads_and_neurons(
-            model, config.sparsity, calibration=batches, allocation=config.allocation, progress=progress
-        )
-    total = len(find_blocks(model, config.blocks)[1])
-    n_layers = round(config.sparsity * total)
-    if not 0 < n_layers < total:
-        raise ConfigError(
-            f"shortgpt removes round(sparsity x {total} blocks) = {n_layers} blocks; choose a sparsity that "
-            f"removes between 1 and {total - 1} (e.g. {1 / total:.3f} removes one)"
-        )
-    options = {"blocks": config.blocks} if config.blocks else {}
-    return remove_layers(model, n_layers, calibration=batches, progress=progress, **options)
+    ``sparsity`` is the fraction of the heads' and neurons' parameters to remove (global
+    allocation) or of each layer's heads and neurons (``allocation='uniform'``).
+    ``calibration``: batches of token ids (tensors or dicts). ``structural``: options of
+    :class:`~secateurs.granularity.StructuralOptions` (``gqa``, ``round_to`` ...).
+    """
+    return prune(
+        model, method, sparsity, pattern="head+channel", mode="remove", allocation=allocation,
+        calibration=calibration, example_inputs=example_inputs, max_batches=max_batches, progress=progress,
+        structural=structural or None,
+    )  # fmt: skip
+
+
+def remove_layers(
+    model: nn.Module,
+    n_layers: int,
+    *,
+    calibration: Iterable[Any] | None = None,
+    method: str = "shortgpt",
+    blocks: str | None = None,
+    example_inputs: Any = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    **structural: Any,
+) -> StructuralReport:
+    """Remove ``n_layers`` whole blocks, those with the lowest ShortGPT block influence on ``calibration``;
+    ``method='random'`` needs no data. ``blocks='model.layers'`` names the container when it cannot be
+    found automatically."""
+    total = len(find_blocks(model, blocks)[1])
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 0 < n_layers < total:
+        raise ConfigError(f"n_layers must be between 1 and {total - 1} (the model has {total} blocks), got {n_layers}")
+    return prune(
+        model, method, n_layers / total, pattern="layer", mode="remove", calibration=calibration, blocks=blocks,
+        example_inputs=example_inputs, max_batches=max_batches, progress=progress, structural=structural or None,
+    )  # fmt: skip

@@ -1,7 +1,24 @@
-"""Solvers: the ``reconstruct`` application mode, which updates the surviving weights."""
+"""Solvers: the ``reconstruct`` application mode (and compensation after removal), which update the
+surviving weights. Hessian accumulation and dampening are shared in :mod:`.hessian`."""
 
 from __future__ import annotations
 
-from .sparsegpt import CholeskyError, HessianAccumulator, InverseFactor, inverse_factor, sparsegpt
+from ..hessian import CholeskyError, HessianAccumulator, InverseFactor, inverse_factor
+from .base import SOLVERS, Solver, SolveResult, make_solver, register_solver
+from .compensation import BiasCompensation
+from .sparsegpt import SparseGPTSolver, sparsegpt
 
-__all__ = ["CholeskyError", "HessianAccumulator", "InverseFactor", "inverse_factor", "sparsegpt"]
+__all__ = [
+    "SOLVERS",
+    "BiasCompensation",
+    "CholeskyError",
+    "HessianAccumulator",
+    "InverseFactor",
+    "SolveResult",
+    "Solver",
+    "SparseGPTSolver",
+    "inverse_factor",
+    "make_solver",
+    "register_solver",
+    "sparsegpt",
+]

@@ -12,87 +12,28 @@ chosen adaptively at its start from the saliencies of the current, already updat
 (section 3.4); for N:M the mask of every M columns is chosen when the first of them is reached.
 
 This is the ``reconstruct`` application mode: surviving weights change, pruned ones become 0.
+With a fixed mask (chosen by any criterion, e.g. Wanda) only the OBS update runs; a convolution
+is solved over its unfolded input patches, one Hessian per group (OBC, arXiv:2208.11580).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, NonFiniteError, SecateursError
-from ..patterns import NM
-from ..selection import check_finite, keep_mask
-
-
-class CholeskyError(SecateursError, ArithmeticError):
-    """H + damping stayed non positive-definite after every retry with more damping."""
-
-
-class HessianAccumulator:
-    """``H = (2 / n) * sum_k x_k x_k^T`` over the n calibration positions seen.
-
-    The sum is accumulated unscaled in float32 (one ``addmm`` per batch) and divided once at
-    the end; rescaling a running mean after every batch, as the reference code does, costs
-    an extra pass over H per batch for no accuracy that matters at calibration sizes.
-    """
-
-    def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
-        self._sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.positions = 0
-
-    def add(self, inputs: Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
-        self._sum.addmm_(x.t(), x)
-        self.positions += x.shape[0]
-
-    @property
-    def hessian(self) -> Tensor:
-        return self._sum * (2.0 / max(self.positions, 1))
-
-
-@dataclass
-class InverseFactor:
-    """Upper Cholesky factor of ``(H + lambda I)^-1`` and how it was obtained."""
-
-    factor: Tensor  # (I, I) upper triangular
-    dead: Tensor  # (I,) bool: inputs that were always zero in calibration
-    dampening: float  # lambda as a fraction of mean(diag H) that finally worked
-    retries: int  # how many times dampening had to be raised
-
-
-def inverse_factor(hessian: Tensor, dampening: float = 0.01, max_retries: int = 5) -> InverseFactor:
-    """Damp ``H`` by ``dampening * mean(diag H)`` and factor its inverse.
-
-    If a Cholesky factorisation fails (H is singular or badly conditioned, e.g. too few
-    calibration tokens for the layer width), the dampening is multiplied by 10 and the
-    factorisation retried, up to ``max_retries`` times; the result records it. Never falls back
-    to another criterion: after the last retry it raises :class:`CholeskyError`.
-    """
-    if not dampening > 0:
-        raise ConfigError(f"SparseGPT dampening must be positive, got {dampening!r} (the paper uses 0.01)")
-    check_finite(hessian, "the SparseGPT Hessian")
-    h = hessian.clone()
-    diagonal = torch.diagonal(h)
-    dead = diagonal == 0
-    diagonal[dead] = 1.0  # an input that was always 0 says nothing; its weights are pruned first
-    mean_diagonal = float(diagonal.mean())
-    lam = dampening
-    for retry in range(max_retries + 1):
-        damped = h + lam * mean_diagonal * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return InverseFactor(upper, dead, lam, retry)
-        lam *= 10.0
-    raise CholeskyError(
-        f"the SparseGPT Hessian ({h.shape[0]}x{h.shape[0]}) is not positive definite even with dampening "
-        f"{lam / 10:g} x mean(diag H) after {max_retries} retries; use more calibration tokens "
-        "(--nsamples/--seqlen), or check the calibration activations for NaN/overflow"
-    )
+from ..errors import ConfigError, NonFiniteError
+from ..evidence import Evidence, Need, check_hessian_target
+from ..hessian import InverseFactor, inverse_factor
+from ..layout import from_canonical, to_canonical
+from ..patterns import NM, Element, Pattern
+from ..scope import Target
+from ..selection import keep_mask
+from ..spec import Spec, integer, number, option
+from .base import Solver, SolveResult, register_solver
 
 
 def block_prune_counts(rows: int, columns: int, blocksize: int, sparsity: float) -> list[int]:
@@ -111,13 +52,17 @@ def sparsegpt(
     sparsity: float | None = None,
     pattern: NM | None = None,
     blocksize: int = 128,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """Prune ``weight`` ``(out, in)`` with the OBS update; returns ``(new weight, keep mask, loss)``.
 
     ``loss`` is the OBS estimate ``sum w^2 / (2 [H^-1]_qq)`` of the added squared error.
     Unstructured: ``sparsity`` of every column block is pruned (exact for the layer in total).
     N:M: ``pattern`` is applied along the input dimension, and ``sparsity`` is ignored.
+    ``keep`` (bool ``(out, in)``): a fixed mask; only the reconstruction runs.
     """
+    if keep is not None:
+        return _reconstruct(weight, inverse, keep.to(weight.device, torch.bool), blocksize)
     if pattern is None and (sparsity is None or not 0.0 <= sparsity < 1.0):
         raise ConfigError(f"SparseGPT needs a sparsity in [0, 1) or an N:M pattern, got {sparsity!r}")
     if blocksize < 1:
@@ -160,3 +105,112 @@ def sparsegpt(
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteError("SparseGPT produced NaN/Inf weights; the Hessian is ill-conditioned, raise dampening")
     return w.to(weight.dtype), keep, float(loss)
+
+
+def _reconstruct(weight: Tensor, inverse: InverseFactor, keep: Tensor, blocksize: int) -> tuple[Tensor, Tensor, float]:
+    """The OBS update for a fixed mask: the same column sweep with the selection step left out."""
+    columns = weight.shape[1]
+    w = weight.detach().float().clone()
+    w[:, inverse.dead] = 0.0
+    hinv = inverse.factor
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        w1 = w[:, start:end].clone()
+        h1 = hinv[start:end, start:end]
+        d = torch.diagonal(h1)
+        err = torch.zeros_like(w1)
+        for i in range(end - start):
+            pruned = w1[:, i].masked_fill(keep[:, start + i], 0.0)
+            loss += (pruned.double() / d[i].double()).square().sum() / 2
+            e = pruned / d[i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)  # eq. 3
+            err[:, i] = e
+        w1.masked_fill_(~keep[:, start:end], 0.0)
+        w[:, start:end] = w1
+        w[:, end:] -= err @ hinv[start:end, end:]  # lazy batch update (section 3.3)
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError("SparseGPT produced NaN/Inf weights; the Hessian is ill-conditioned, raise dampening")
+    return w.to(weight.dtype), keep, float(loss)
+
+
+@register_solver
+class SparseGPTSolver(Solver):
+    """OBS reconstruction (SparseGPT, Frantar & Alistarh 2023, arXiv:2301.00774): the surviving weights
+    of each row absorb the pruned ones' error; with the ``sparsegpt`` criterion it also chooses the
+    mask column block by column block (adaptive selection).
+
+    Options: ``blocksize`` (128 columns per lazy update), ``dampening`` (0.01 x mean diag H),
+    ``max_retries`` (5: each failed Cholesky retries with 10x the dampening, and says so).
+    """
+
+    name = "sparsegpt"
+    needs = frozenset({Need.HESSIAN})
+    modes = ("reconstruct",)
+    adaptive = True
+    patterns = ("element", "n:m")
+
+    def __init__(self, blocksize: int = 128, dampening: float = 0.01, max_retries: int = 5) -> None:
+        options = _SparseGPTOptions(blocksize, dampening, max_retries)
+        self.blocksize, self.dampening, self.max_retries = options.blocksize, options.dampening, options.max_retries
+
+    def validate(self, targets: Sequence[Target], mode: str) -> None:
+        for t in targets:
+            check_hessian_target(t)
+
+    def solve(
+        self,
+        targets: Sequence[Target],
+        evidence: Evidence,
+        masks: Mapping[str, Tensor] | None,
+        sparsities: Mapping[str, float] | None = None,
+        pattern: Pattern | None = None,
+    ) -> dict[str, SolveResult]:
+        factors: dict[tuple[int, int], InverseFactor] = {}  # one inverse per distinct Hessian (q/k/v share)
+        nm = pattern if isinstance(pattern, NM) else None
+        if masks is None and not isinstance(pattern, (Element, NM)):
+            raise ConfigError(f"SparseGPT chooses element or N:M masks, not {pattern.spec() if pattern else None!r}")
+        results = {}
+        for t in targets:
+            accumulator = evidence.hessian(t)
+            hessians = accumulator.hessian.reshape(-1, *accumulator.hessian.shape[-2:])
+            w3 = to_canonical(t.parameter.detach(), t.layout)
+            out, spatial, inp = w3.shape
+            groups = hessians.shape[0]
+            rows = out // groups
+            keep3 = None if masks is None else to_canonical(masks[t.name].to(w3.device), t.layout)
+            sparsity = None if sparsities is None else sparsities[t.name]
+            new3 = torch.empty_like(w3)
+            chosen3 = torch.empty(w3.shape, dtype=torch.bool, device=w3.device)
+            info: dict[str, Any] = {"loss": 0.0, "dampening": 0.0, "retries": 0}
+            for g in range(groups):
+                key = (id(accumulator), g)
+                if key not in factors:
+                    factors[key] = inverse_factor(hessians[g], self.dampening, self.max_retries)
+                factor = factors[key]
+                part = slice(g * rows, (g + 1) * rows)
+                weight2 = w3[part].reshape(rows, spatial * inp)
+                fixed = None if keep3 is None else keep3[part].reshape(rows, spatial * inp)
+                new, keep, loss = sparsegpt(weight2, factor, None if nm else sparsity, nm, self.blocksize, fixed)
+                new3[part] = new.reshape(rows, spatial, inp)
+                chosen3[part] = keep.reshape(rows, spatial, inp)
+                info["loss"] += loss
+                info["dampening"] = max(info["dampening"], factor.dampening)
+                info["retries"] = max(info["retries"], factor.retries)
+            results[t.name] = SolveResult(
+                keep=from_canonical(chosen3, t.layout, t.shape),
+                weight=from_canonical(new3, t.layout, t.shape),
+                info=info,
+            )
+        return results
+
+
+@dataclass(frozen=True)
+class _SparseGPTOptions(Spec):
+    """Validated SparseGPT options (the paper: 128, 0.01)."""
+
+    _prefix = "solver_options."
+
+    blocksize: int = option(128, check=integer(1))
+    dampening: float = option(0.01, check=number(0.0, low_open=True))
+    max_retries: int = option(5, check=integer(0))

@@ -2,38 +2,42 @@
 
 ``secateurs.prune(model, method, sparsity, mode="remove", pattern=...)`` is the front door;
 this package also exposes the pieces: the :class:`DependencyGraph`, handler registration
-for your own module types, saving and loading pruned models, and two LLM shortcuts.
+for your own module types, and saving and loading structurally pruned models.
 See ``docs/structural.md``.
 """
 
 from __future__ import annotations
 
-from .api import prune_heads_and_neurons, remove_layers
+from . import attention, hf, recurrent  # noqa: F401  (handlers register eagerly, at import)
 from .attention import PrunedMultiheadAttention
+from .criteria import FLAP, FPGM, GROUP_FORMS, BNScale, GroupCriterion, ShortGPT, as_group_criterion
 from .graph import DependencyGraph, Group
-from .handlers import Handler, register_handler, register_handler_by_name
-from .options import Granularity, StructuralOptions
+from .handlers import HANDLERS, Handler, register_handler, register_handler_by_name
 from .pipeline import remove
-from .plan import PruningPlan, load_pruned, plan_of, save_pruned
+from .plan import PruningPlan, load_structured, plan_of, save_structured
 from .report import StructuralReport
 from .step import Step
 
 __all__ = [
+    "BNScale",
     "DependencyGraph",
-    "Granularity",
+    "FLAP",
+    "FPGM",
+    "GROUP_FORMS",
     "Group",
+    "GroupCriterion",
+    "HANDLERS",
     "Handler",
     "PrunedMultiheadAttention",
     "PruningPlan",
+    "ShortGPT",
     "Step",
-    "StructuralOptions",
     "StructuralReport",
-    "load_pruned",
+    "as_group_criterion",
+    "load_structured",
     "plan_of",
-    "prune_heads_and_neurons",
     "register_handler",
     "register_handler_by_name",
     "remove",
-    "remove_layers",
-    "save_pruned",
+    "save_structured",
 ]

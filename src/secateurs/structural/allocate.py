@@ -26,10 +26,10 @@ from torch import Tensor
 
 from ..allocation import Budget
 from ..errors import ConfigError
+from ..granularity import StructuralOptions
 from ..patterns import OutputChannel
 from ..selection import check_finite, keep_mask
 from .graph import Group
-from .options import StructuralOptions
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,12 @@ class DependencyGraph:
                 drop[hit] |= mask[view.index[hit]]
             if not bool(drop.any()):
                 continue
+            if port.dim is not None and bool(drop.all()) and not port.param.startswith("#"):
+                raise StructureError(
+                    f"removing these units would delete every channel of {port.module}.{port.param} along dim "
+                    f"{port.dim} (its group's units span several layers of uneven width); keep at least one unit "
+                    "that this layer holds, or exclude it from the scope"
+                )
             if port.dim is None:
                 step.cuts.append(self._free_cut(port, drop))
             else:

@@ -6,9 +6,10 @@ parameter axes hold which classes) and labels the outputs. :meth:`Handler.update
 runs after the ports were cut and fixes the module's attributes (``in_features``,
 ``num_heads`` ...). Cutting the tensors themselves is generic.
 
-Register your own with :func:`register_handler` (``MyLayer`` -> ``MyHandler()``): a
-module with a handler is a leaf, traced as a whole; a module without one is traced
-through, op by op.
+Register your own with :func:`register_handler` (``@register_handler(MyLayer)`` on the handler
+class, or ``register_handler(MyLayer, MyHandler())``): a module with a handler is a leaf, traced
+as a whole; a module without one is traced through, op by op. Handlers are also registered by
+``name``, which saved pruning plans refer to.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError, StructureError
+from ..registry import Registry
 from .surgery import Surgery
 from .trace import Trace
 
 _REGISTRY: dict[type, Handler] = {}
 _BY_NAME: dict[str, Handler] = {}  # 'package.module.Class' -> handler, for optional libraries
-_OPTIONAL_LOADED = False
+#: handlers by their ``name``: what a saved pruning plan refers to
+HANDLERS: Registry[Handler] = Registry("handler", StructureError)
 
 
 class Handler:
@@ -41,24 +45,38 @@ class Handler:
         return f"{type(self).__name__}()"
 
 
-def register_handler(module_type: type, handler: Handler) -> None:
-    """Use ``handler`` for ``module_type`` and its subclasses (the most specific type wins)."""
+def _named(handler: Any) -> Handler:
+    if isinstance(handler, type) and issubclass(handler, Handler):
+        handler = handler()
     if not isinstance(handler, Handler):
-        raise TypeError(f"handler must be a secateurs.structural.Handler, got {type(handler).__name__}")
-    _REGISTRY[module_type] = handler
+        raise ConfigError(f"handler must be a secateurs.structural.Handler, got {type(handler).__name__}")
+    if not handler.name:
+        raise ConfigError(f"{type(handler).__name__} needs a `name`: saved pruning plans refer to handlers by name")
+    HANDLERS.register(handler, replace=True)
+    return handler
+
+
+def register_handler(module_type: type, handler: Handler | type[Handler] | None = None) -> Any:
+    """Use ``handler`` for ``module_type`` and its subclasses (the most specific type wins). Without
+    ``handler`` it is a class decorator: ``@register_handler(MyLayer)`` on a Handler subclass."""
+    if handler is None:
+
+        def decorate(cls: type[Handler]) -> type[Handler]:
+            _REGISTRY[module_type] = _named(cls)
+            return cls
+
+        return decorate
+    _REGISTRY[module_type] = _named(handler)
+    return handler
 
 
 def register_handler_by_name(qualified_name: str, handler: Handler) -> None:
     """Like :func:`register_handler` for a class named ``'package.module.Class'``, so that optional
     libraries (transformers) are never imported just to register handlers."""
-    _BY_NAME[qualified_name] = handler
+    _BY_NAME[qualified_name] = _named(handler)
 
 
 def handler_for(module: nn.Module) -> Handler | None:
-    global _OPTIONAL_LOADED
-    if not _OPTIONAL_LOADED:
-        _OPTIONAL_LOADED = True
-        from . import attention, hf, recurrent  # noqa: F401  (registration)
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
@@ -68,12 +86,16 @@ def handler_for(module: nn.Module) -> Handler | None:
     return None
 
 
-def handler_named(name: str) -> Handler:
-    handler_for(nn.Identity())  # make sure optional handlers are registered
-    for handler in [*_REGISTRY.values(), *_BY_NAME.values()]:
-        if handler.name == name:
-            return handler
-    raise KeyError(name)
+def handler_named(name: str, module: str = "", kind: str = "") -> Handler:
+    """The handler a pruning plan names; a typed error saying which one to register otherwise."""
+    if name in HANDLERS:
+        return HANDLERS.get(name)
+    where = f" for module {module!r}" + (f" ({kind})" if kind else "") if module else ""
+    raise StructureError(
+        f"the pruning plan needs the structural handler {name!r}{where}, which is not registered in this "
+        f"session; import the code that registers it (secateurs.structural.register_handler({kind or 'ModuleType'}, "
+        f"YourHandler()) with name={name!r}) before loading. Registered: {', '.join(sorted(HANDLERS))}"
+    )
 
 
 def first_input(args: tuple, kwargs: dict, key: str = "input") -> Tensor:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .handlers import Handler, handler_for, register_handler_by_name
+from ..blocks import find_blocks
+from .handlers import Conv1DHandler, Handler, handler_for, register_handler_by_name
 from .surgery import Surgery
 from .trace import Trace
 
@@ -144,13 +145,7 @@ register_handler_by_name("transformers.models.roberta.modeling_roberta.RobertaSe
 register_handler_by_name("transformers.models.gpt2.modeling_gpt2.GPT2Attention", _GPT2)
 
 
-def _register_conv1d() -> None:
-    from .handlers import Conv1DHandler
-
-    register_handler_by_name("transformers.pytorch_utils.Conv1D", Conv1DHandler())
-
-
-_register_conv1d()
+register_handler_by_name("transformers.pytorch_utils.Conv1D", Conv1DHandler())
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -183,8 +178,6 @@ def example_inputs(model: nn.Module, length: int = 8) -> dict[str, torch.Tensor]
 
 
 def _layer_values(model: nn.Module, keys: dict[str, str]) -> dict[str, list[int]]:
-    from ..llm.blocks import find_blocks
-
     _, blocks = find_blocks(model)
     values: dict[str, list[int]] = {"heads": [], "kv_heads": [], "ffn": [], "hidden": [], "head_dim": []}
     for block in blocks:
@@ -202,7 +195,7 @@ def _layer_values(model: nn.Module, keys: dict[str, str]) -> dict[str, list[int]
 
 def sync_config(model: nn.Module, edit: Surgery) -> list[str]:
     """Write the pruned sizes into ``model.config`` where every layer agrees; return the keys that
-    differ between layers (the config cannot express them; :func:`load_pruned` rebuilds them).
+    differ between layers (the config cannot express them; :func:`load_structured` rebuilds them).
     Not a transformers model: nothing to do."""
     if not is_hf(model):
         return []
@@ -228,8 +221,6 @@ def sync_config(model: nn.Module, edit: Surgery) -> list[str]:
 
 def _renumber_layers(model: nn.Module, edit: Surgery) -> None:
     """After blocks were removed: every ``layer_idx`` is its new position (KV caches index by it)."""
-    from ..llm.blocks import find_blocks
-
     config = model.config
     _, blocks = find_blocks(model)
     old_types = getattr(config, "layer_types", None)
@@ -247,7 +238,7 @@ def _renumber_layers(model: nn.Module, edit: Surgery) -> None:
 
 def config_expressible(model: nn.Module) -> bool:
     """Does ``type(model)(model.config)`` have exactly this model's shapes? Then stock
-    ``from_pretrained`` loads the saved model; otherwise :func:`load_pruned` is needed."""
+    ``from_pretrained`` loads the saved model; otherwise :func:`load_structured` is needed."""
     if not is_hf(model):
         return False
     try:

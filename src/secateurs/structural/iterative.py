@@ -13,11 +13,10 @@ from torch import nn
 
 from ..allocation import Explicit
 from ..config import PruneConfig
-from ..engine import Data
-from ..errors import ConfigError, DataRequiredError
-from . import hf
+from ..errors import ConfigError
+from ..pipeline import Data
 from .graph import DependencyGraph
-from .pipeline import candidate_groups, prune_structured, refuse_reparametrized
+from .pipeline import candidate_groups, example_inputs_for, refuse_reparametrized, remove_structures
 from .report import StructuralReport
 
 
@@ -41,11 +40,7 @@ class ScheduledRemoval:
                 "explicit per-group ratios are final ratios; with a schedule, give one sparsity and "
                 "allocation='uniform' or 'global' (or call prune(..., mode='remove') per phase)"
             )
-        inputs = data.example_inputs if data.example_inputs is not None else hf.example_inputs(model)
-        if inputs is None:
-            raise DataRequiredError(
-                "mode='remove' traces the model: pass example_inputs=<one input batch> (or calibration=...)"
-            )
+        inputs = example_inputs_for(model, data)
         refuse_reparametrized(model)
         if config.pattern_.kinds != ("layer",):
             candidate_groups(DependencyGraph(model, inputs, gqa=opts.gqa), config.pattern_.kinds, config.scope_)
@@ -58,7 +53,7 @@ class ScheduledRemoval:
         if sparsity <= self.removed:
             return None
         step = 1.0 - (1.0 - sparsity) / (1.0 - self.removed)
-        report = prune_structured(self.model, dataclasses.replace(self.config, sparsity=step), self.data)
+        report = remove_structures(self.model, dataclasses.replace(self.config, sparsity=step), self.data)
         self.removed = sparsity
         self.reports.append(report)
         return report

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batches import model_device, run_model, to_device
+from ..blocks import find_blocks
 from ..errors import ConfigError, DataRequiredError, StructureError
 from ..evidence import preserved
-from ..llm.blocks import find_blocks
 from ..progress import progress
 from .step import Step
 
@@ -86,7 +86,13 @@ def layer_step(container: str, removed: Sequence[int]) -> Step:
 
 
 def how_many(total: int, sparsity: float, keep_at_least: int) -> int:
+    """Blocks to remove: round(sparsity x total), at least one, leaving ``keep_at_least``."""
     n = round(sparsity * total)
+    if sparsity > 0 and n == 0:
+        raise ConfigError(
+            f"the model has {total} blocks; sparsity {sparsity} removes round({sparsity} x {total}) = 0 of them; "
+            f"choose a sparsity of at least {1 / (2 * total):.3f} (e.g. {1 / total:.3f} removes one)"
+        )
     if n > total - keep_at_least:
         raise ConfigError(
             f"the model has {total} blocks; sparsity {sparsity} removes {n}, but at least {keep_at_least} must stay "

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .handlers import linear_ports
 from .labels import NONE, full_none, varying_dims, vector
 from .trace import Trace
 
@@ -367,8 +368,6 @@ def linear(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     if owner is None:  # a weight computed at run time (hypernetworks): not a layer we can cut
         _block_all(t, func, args, kwargs)
         return
-    from .handlers import linear_ports
-
     linear_ports(t, owner[0], x, out, weight=owner[1], bias=(t.owner_of(b) or (None, None))[1], functional=True)
 
 

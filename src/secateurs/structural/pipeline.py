@@ -1,7 +1,9 @@
-"""``prune(model, ..., mode='remove')``: scope -> granularity -> criterion -> allocation -> selection -> removal.
+"""``mode='remove'``: scope -> granularity -> criterion -> allocation -> selection -> removal (+ solver).
 
-Everything up to the selection mutates nothing. The removal is one :class:`Step`,
-applied all or nothing with a forward check, recorded in the model's pruning plan.
+The ``remove`` application mode of the one pipeline, run by the whole-model runner. Everything up
+to the selection mutates nothing. The removal is one :class:`Step`, applied all or nothing with a
+forward check and recorded in the model's pruning plan; a solver (FLAP's bias compensation)
+adds what the removed inputs contributed on average to the consuming layers' biases.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..application import APPLICATIONS, Application
 from ..config import PruneConfig
-from ..criteria.structural import GroupCriterion, as_group_criterion
-from ..engine import Data, evidence_for
-from ..errors import ConfigError, DataRequiredError, ScopeError, StructureError
-from ..evidence import Need
-from ..scope import ScopeSpec, _matches
+from ..errors import DataRequiredError, ScopeError, StructureError
+from ..evidence import DATA_NEEDS, Need, gather, preserved
+from ..layout import Layout, layout_of
+from ..masking import masked_targets
+from ..pipeline import Data, make_evidence
+from ..scope import ScopeSpec, Target, matches
 from ..selection import keep_mask
+from ..solvers.base import Solver
 from . import hf, layers
 from .allocate import prune_counts, select
 from .apply import apply_steps
+from .criteria import GroupCriterion, as_group_criterion
 from .graph import DependencyGraph, Group
 from .handlers import handler_for
 from .plan import start_plan
@@ -29,6 +35,15 @@ from .report import GroupChange, StructuralReport, measure
 from .step import Step
 from .surgery import Surgery
 from .units import GroupEvidence
+
+
+@APPLICATIONS.register
+class Remove(Application):
+    """Structural: channels, heads, hidden dimensions or blocks removed for real; tensors shrink."""
+
+    name = "remove"
+    takes_solver = True
+    structural = True
 
 
 def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: ScopeSpec) -> list[Group]:
@@ -41,10 +56,10 @@ def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: Scop
         if g.kind not in kinds or (g.units == 0 and not g.blocked):
             continue
         owners = [s.owner for s in g.sources]
-        if not any(_matches(o, scope.include) or _matches(g.name, scope.include) for o in owners):
+        if not any(matches(o, scope.include) or matches(g.name, scope.include) for o in owners):
             continue
         touched = [*g.modules, *(m for m, _ in g.blocked)]
-        if scope.exclude and any(_matches(m, scope.exclude) for m in touched):
+        if scope.exclude and any(matches(m, scope.exclude) for m in touched):
             continue
         if g.blocked:
             module, reason = g.blocked[0]
@@ -66,31 +81,77 @@ def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: Scop
     return chosen
 
 
-def _check_evidence(criterion: GroupCriterion, groups: list[Group], modules: dict, data: Data) -> list:
-    """Everything a criterion can refuse before it runs; returns the weights to gather evidence for."""
+def consumers(groups: list[Group], modules: dict[str, nn.Module]) -> list[Target]:
+    """The layers whose input columns the groups' units feed (what a removal solver compensates)."""
+    found: dict[str, Target] = {}
+    for g in groups:
+        for view in g.ports:
+            module = modules[view.port.module]
+            layout = layout_of(module)
+            if view.port.role == "in" and view.port.param == "weight" and layout not in (None, Layout.EMBEDDING):
+                found.setdefault(view.port.module, Target(view.port.module, module, layout))
+    return list(found.values())
+
+
+def _evidence_targets(criterion: GroupCriterion, solver: Solver | None, groups: list[Group], modules: dict) -> list:
+    """Everything the criterion and the solver can refuse before they run; the weights to gather for."""
     criterion.check_groups(groups, modules)
-    targets = criterion.targets(groups, modules)
-    criterion.validate(targets)
-    if criterion.needs - {Need.INPUT_SHAPE} and not data.batches:
-        raise DataRequiredError(
-            f"method {criterion.name!r} needs calibration data; pass calibration=<iterable of batches>"
-        )
-    return targets
+    targets = {t.name: t for t in criterion.targets(groups, modules)}
+    criterion.validate(list(targets.values()))
+    if solver is not None:
+        needed = consumers(groups, modules)
+        solver.validate(needed, "remove")
+        for t in needed:
+            targets.setdefault(t.name, t)
+    return list(targets.values())
+
+
+def _needs(criterion: GroupCriterion, solver: Solver | None) -> frozenset[Need]:
+    return criterion.needs | (solver.needs if solver is not None else frozenset())
+
+
+def _check_data(needs: frozenset[Need], what: str, data: Data) -> None:
+    if needs & DATA_NEEDS and not data.batches:
+        raise DataRequiredError(f"{what} needs calibration data; pass calibration=<iterable of batches>")
 
 
 def score_groups(
     model: nn.Module, criterion: GroupCriterion, groups: list[Group], config: PruneConfig, data: Data
 ) -> tuple[GroupEvidence, dict[str, Tensor]]:
-    """The criterion's unit scores per group (and the evidence, for bias compensation)."""
+    """The criterion's unit scores per group, and the evidence (the solver reads it too)."""
     modules = dict(model.named_modules())
-    targets = _check_evidence(criterion, groups, modules, data)
-    with evidence_for(model, targets, criterion, config, data) as evidence:
+    solver = config.solver_
+    targets = _evidence_targets(criterion, solver, groups, modules)
+    needs = _needs(criterion, solver)
+    _check_data(needs, f"method {criterion.name!r}" + (f" with solver {solver.name!r}" if solver else ""), data)
+    evidence = make_evidence(model, targets, config, data)
+    with preserved(model, targets):
+        gather(evidence, needs)
         ev = GroupEvidence(model, groups, evidence, modules)
         return ev, criterion.group_scores(ev)
 
 
+def compensation(solver: Solver, ev: GroupEvidence, removed: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``module -> bias delta`` from the solver, for every layer that loses input columns."""
+    targets = {t.module_name: t for t in consumers(ev.groups, ev.modules)}
+    keep: dict[str, Tensor] = {}  # module -> its weight's keep mask (removed input columns False)
+    for g in ev.groups:
+        gone = removed.get(g.name)
+        if gone is None or not gone.numel():
+            continue
+        for view in g.ports:
+            if view.port.module not in targets or view.port.role != "in" or view.port.param != "weight":
+                continue
+            mask = keep.setdefault(view.port.module, torch.ones(targets[view.port.module].shape, dtype=torch.bool))
+            mask.index_fill_(view.port.dim, torch.isin(view.index, gone).nonzero().reshape(-1), False)
+    chosen = [targets[module] for module in keep]
+    results = solver.solve(chosen, ev.evidence, {t.name: keep[t.module_name] for t in chosen})
+    # in removal only the bias deltas matter: the removed columns themselves are cut away
+    return {t.module_name: results[t.name].bias_delta for t in chosen if results[t.name].bias_delta is not None}
+
+
 def _compensation_after(step: Step, deltas: dict[str, Tensor]):
-    """Fold FLAP's bias compensation into the layers (new biases were declared in the step)."""
+    """Fold the bias compensation into the layers (new biases were declared in the step)."""
     keep = {c.module: c.keep for c in step.cuts if c.param == "bias"}
 
     def apply(model: nn.Module, edit: Surgery) -> None:
@@ -113,10 +174,7 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
     counts = prune_counts(groups, scores, config.allocation_, config.final_sparsity, opts)
     removed = select(groups, scores, counts)
     step = graph.step(removed)
-    compensate = opts.bias_compensation if opts.bias_compensation is not None else criterion.compensates
-    if compensate and not hasattr(criterion, "compensation"):
-        raise ConfigError(f"method {criterion.name!r} has no bias compensation; use method='flap'")
-    deltas = criterion.compensation(ev, removed) if compensate else {}
+    deltas = compensation(config.solver_, ev, removed) if config.solver_ is not None else {}
     modules = dict(model.named_modules())
     for name, delta in deltas.items():
         if modules[name].bias is None:
@@ -128,14 +186,12 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
 
 
 def _blocks(model, config, data) -> tuple[Step, list[str]]:
-    criterion = config.criterion_
-    container, blocks = layers.find_blocks(model, config.structural_.blocks)
+    criterion = as_group_criterion(config.criterion_)
+    container, blocks = layers.find_blocks(model, config.blocks)
     n = layers.how_many(len(blocks), config.final_sparsity, config.structural_.keep_at_least)
-    if criterion.name == "random":
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003)
-        scores = torch.rand(len(blocks), generator=gen, dtype=torch.float64)
-    else:
-        scores = layers.block_influence(model, blocks, data.batches, data.show_progress)
+    _check_data(criterion.needs, f"method {criterion.name!r}", data)
+    evidence = make_evidence(model, [], config, data)
+    scores = criterion.block_scores(model, blocks, evidence)
     gone = (~keep_mask(scores.reshape(1, -1), n)).reshape(-1).nonzero().reshape(-1).tolist()
     return layers.layer_step(container, gone), [f"{container}.{i}" for i in gone]
 
@@ -143,8 +199,6 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
 def refuse_reparametrized(model: nn.Module) -> None:
     """Removal slices tensors in place; a mask or parametrization over a weight would be cut apart
     from it (or silently re-applied at the old shape), so both are refused up front."""
-    from ..masking import masked_targets
-
     masked = [t.name for t in masked_targets(model)]
     if masked:
         shown = ", ".join(masked[:3]) + (f" and {len(masked) - 3} more" if len(masked) > 3 else "")
@@ -169,14 +223,20 @@ def refuse_reparametrized(model: nn.Module) -> None:
             )
 
 
-def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> StructuralReport:
-    opts = config.structural_
-    refuse_reparametrized(model)
+def example_inputs_for(model: nn.Module, data: Data) -> Any:
     inputs = data.example_inputs if data.example_inputs is not None else hf.example_inputs(model)
     if inputs is None:
         raise DataRequiredError(
             "mode='remove' traces the model once: pass example_inputs=<one input batch> (or calibration=...)"
         )
+    return inputs
+
+
+def remove_structures(model: nn.Module, config: PruneConfig, data: Data) -> StructuralReport:
+    """Run the ``remove`` mode of ``config`` on ``model`` (in place); returns what it bought."""
+    opts = config.structural_
+    refuse_reparametrized(model)
+    inputs = example_inputs_for(model, data)
     before = measure(model, inputs, opts.latency)
     start = time.perf_counter()
     deltas: dict[str, Tensor] = {}

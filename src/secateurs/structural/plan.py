@@ -64,7 +64,7 @@ def start_plan(model: nn.Module) -> PruningPlan:
     return plan
 
 
-def save_pruned(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_structured(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``path/`` with the weights, the pruning plan and (transformers) ``config.json``."""
     plan = plan_of(model)
     if plan is None:
@@ -88,15 +88,15 @@ def read_plan(path: str | os.PathLike) -> PruningPlan:
         raise StateError(f"cannot read {file}: {exc}") from exc
 
 
-def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save_pruned`. Transformers models are built from the saved
+def load_structured(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_structured`. Transformers models are built from the saved
     base config; for any other model pass a freshly constructed, unpruned ``model``."""
     plan = read_plan(path)
     if model is None:
         if "hf_class" not in plan.base:
             raise StateError(
                 f"{path} holds a plain PyTorch model: construct the unpruned model ({plan.base.get('class')}) "
-                "and pass it as load_pruned(path, model=...)"
+                "and pass it as load_structured(path, model=...)"
             )
         model = _build_hf(plan.base)
     apply_steps(model, plan.steps, check=False, after=hf.sync_config)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..batches import model_device
 from ..errors import StructureError
+from .handlers import handler_named
 from .surgery import Surgery, own_tensor
 
 
@@ -97,6 +98,11 @@ def check_step(model: nn.Module, step: Step) -> None:
                 f"the pruning plan expects {cut.module}.{cut.param} with size {cut.size} on dim {cut.dim}, "
                 f"found shape {found}; the plan belongs to a different architecture or configuration"
             )
+    for name in step.updates:
+        if name not in modules:
+            raise StructureError(f"the pruning plan updates module {name!r}, which this model does not have")
+    for name, handler in step.updates.items():
+        handler_named(handler, name, type(modules[name]).__name__)
     for container in step.dropped:
         if container not in modules:
             raise StructureError(f"the pruning plan removes blocks from {container!r}, which this model does not have")
@@ -104,8 +110,6 @@ def check_step(model: nn.Module, step: Step) -> None:
 
 def apply_step(model: nn.Module, step: Step, edit: Surgery) -> None:
     """Cut, fix module attributes, add new parameters, drop blocks. Undo with ``edit.undo()``."""
-    from .handlers import handler_named
-
     check_step(model, step)
     modules = dict(model.named_modules())
     kept: dict[str, dict[str, int]] = {}
@@ -120,7 +124,7 @@ def apply_step(model: nn.Module, step: Step, edit: Surgery) -> None:
         for child, params in kept.items():
             if child.startswith(name + ".") or not name:
                 sizes.update({f"{child[len(name) + 1 :] if name else child}.{p}": n for p, n in params.items()})
-        handler_named(handler_name).update(module, name, edit, sizes)
+        handler_named(handler_name, name, type(module).__name__).update(module, name, edit, sizes)
     for qualified, shape in step.new_parameters.items():
         module_name, _, param = qualified.rpartition(".")
         module = model.get_submodule(module_name)

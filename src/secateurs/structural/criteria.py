@@ -3,53 +3,58 @@
 A unit spans several tensors (a filter, its BatchNorm entry, the next layer's input
 columns ...). The element criteria (magnitude, gradient, activation, APoZ, Wanda ...)
 score units by reducing their element scores over every weight the unit touches;
-``taylor``, ``lamp`` and ``random`` take their group forms (Molchanov et al. 2019,
-LAMP on unit norms, one draw per unit). The criteria below exist only for structures.
+``magnitude``, ``taylor``, ``lamp`` and ``random`` have group forms of their own (group norms,
+Molchanov et al. 2019, LAMP on unit norms, one draw per unit), registered by the element
+criterion's name. The criteria below the forms exist only for structures; they register in
+the one criteria registry like every other method.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..batches import default_loss, model_device, to_device
+from ..criteria.base import CRITERIA, Criterion, register
+from ..criteria.magnitude import Magnitude, lamp_normalize
 from ..errors import ConfigError, DataRequiredError
 from ..evidence import Evidence, Need, preserved
 from ..layout import Layout, from_canonical, layout_of
 from ..progress import progress
+from ..registry import Registry
 from ..scope import Target
-from .base import Criterion, register
-from .gradient import Taylor
-from .magnitude import LAMP, Magnitude, Random, lamp_normalize
+from .graph import Group
+from .layers import block_influence
+from .units import GroupEvidence, UnitAccumulator, rows_along
 
-if TYPE_CHECKING:
-    from ..structural.graph import Group
-    from ..structural.units import GroupEvidence
-
-
-def _units():
-    from ..structural import units
-
-    return units
+#: group forms of element criteria, registered under the element criterion's name
+GROUP_FORMS: Registry[type[GroupCriterion]] = Registry("group form")
 
 
 class GroupCriterion(Criterion):
-    """Base class: override :meth:`group_scores` (and :meth:`targets` for gathered evidence)."""
+    """Base class: override :meth:`group_scores` (and :meth:`targets` for gathered evidence);
+    criteria that rank whole blocks (``pattern='layer'``) override :meth:`block_scores`."""
 
-    structural_only: ClassVar[bool] = True
-    #: 'layer' for criteria that rank whole blocks
-    granularity: ClassVar[str | None] = None
-    #: FLAP-style bias compensation on by default
-    compensates: ClassVar[bool] = False
+    modes: ClassVar[tuple[str, ...]] = ("remove",)
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
         raise ConfigError(f"method {self.name!r} scores whole structures; use mode='remove'")
 
     def targets(self, groups: list[Group], modules: dict[str, nn.Module]) -> list[Target]:
-        """Weights whose activations / gradients the engine should gather."""
+        """Weights whose activations / gradients the runner should gather."""
         return []
+
+    def block_scores(self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence) -> Tensor:
+        """One score per block (``pattern='layer'``); higher = keep."""
+        raise ConfigError(f"method {self.name!r} scores channels, not whole blocks; use method='shortgpt'")
+
+    @classmethod
+    def from_element(cls, criterion: Criterion) -> GroupCriterion:
+        """The group form of an element criterion (group forms override to copy its options)."""
+        return cls()
 
     #: what the criterion reads, for the error when a group offers none of it (see :meth:`_views`)
     reads: ClassVar[str] = ""
@@ -78,31 +83,35 @@ def _weight_views(group: Group, ev: GroupEvidence, roles=("out", "in", "pass", "
             yield view, tensor
 
 
+@GROUP_FORMS.register
 class GroupMagnitude(GroupCriterion):
     """L1 (``norm=1``) or L2 (``norm=2``) norm of all weights a unit holds (DepGraph's group norm,
     Fang et al. 2023, arXiv:2301.12900; filters: Li et al. 2017, arXiv:1608.08710)."""
 
-    structural_only = False
     name = "magnitude"
 
     def __init__(self, norm: int = 1) -> None:
         self.norm = Magnitude(norm).norm
 
+    @classmethod
+    def from_element(cls, criterion: Criterion) -> GroupCriterion:
+        return cls(criterion.norm)  # type: ignore[attr-defined]
+
     def unit_norms(self, group: Group, ev: GroupEvidence) -> Tensor:
-        acc = _units().UnitAccumulator(group.units, "sum" if self.norm == 1 else "l2")
+        acc = UnitAccumulator(group.units, "sum" if self.norm == 1 else "l2")
         for view, tensor in _weight_views(group, ev):
-            acc.add(view.index, _units().rows_along(tensor, view.port.dim).abs())
+            acc.add(view.index, rows_along(tensor, view.port.dim).abs())
         return acc.result()
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         return {g.name: self.unit_norms(g, ev) for g in ev.groups}
 
 
+@GROUP_FORMS.register
 class GroupLAMP(GroupCriterion):
     """LAMP (Lee et al. 2021, arXiv:2010.07611) on unit L2 norms: scale-free within each group,
     so one global threshold compares groups of different sizes."""
 
-    structural_only = False
     name = "lamp"
     default_allocation = "global"
 
@@ -111,28 +120,31 @@ class GroupLAMP(GroupCriterion):
         return {name: lamp_normalize(s) for name, s in norms.items()}
 
 
+@GROUP_FORMS.register
 class GroupRandom(GroupCriterion):
-    """One uniform draw per unit from the run's seeded generator."""
+    """One uniform draw per unit (or per block) from the run's seeded generator."""
 
-    structural_only = False
     name = "random"
+    granularities = ("channel", "head", "hidden", "layer")
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         gen = ev.evidence.generator
         return {g.name: torch.rand(g.units, generator=gen, dtype=torch.float64) for g in ev.groups}
 
+    def block_scores(self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence) -> Tensor:
+        return torch.rand(len(blocks), generator=evidence.generator, dtype=torch.float64)
 
+
+@GROUP_FORMS.register
 class GroupTaylor(GroupCriterion):
     """Molchanov et al. 2019 (arXiv:1906.10771), eq. 8: the loss change from removing a unit S is
     about ``(sum_{s in S} g_s w_s)^2``, with the sum over every parameter of the unit (weights,
     biases, norm scales), computed per minibatch and averaged over minibatches."""
 
-    structural_only = False
     name = "taylor"
     needs = frozenset({Need.DATA_PASSES})
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
-        units = _units()
         params = {
             id(t): t
             for g in ev.groups
@@ -151,11 +163,11 @@ class GroupTaylor(GroupCriterion):
                     p.grad = None
                 loss_fn(ev.model, to_device(batch, device)).backward()
                 for g in ev.groups:
-                    acc = units.UnitAccumulator(g.units, "sum")
+                    acc = UnitAccumulator(g.units, "sum")
                     for view in g.ports:
                         t = ev.tensor(view)
                         if isinstance(t, nn.Parameter) and t.grad is not None:
-                            acc.add(view.index, units.rows_along(t.grad * t, view.port.dim))
+                            acc.add(view.index, rows_along(t.grad * t, view.port.dim))
                     totals[g.name] += acc.result().square()
         n = max(len(ev.evidence.batches), 1)
         return {name: s / n for name, s in totals.items()}
@@ -165,7 +177,6 @@ class ElementAdapter(GroupCriterion):
     """Any element criterion, reduced over the ``weight`` of every Linear / Conv / Conv1D /
     Embedding a unit touches (only producers for criteria defined on outputs, e.g. APoZ)."""
 
-    structural_only = False
     reads = "the weights of Linear / Conv layers"
 
     def __init__(self, element: Criterion) -> None:
@@ -195,31 +206,26 @@ class ElementAdapter(GroupCriterion):
         return list(found.values())
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
-        units = _units()
         scores = self.element.scores(ev.evidence)
         out = {}
         for g in ev.groups:
-            acc = units.UnitAccumulator(g.units, self.reduction)
+            acc = UnitAccumulator(g.units, self.reduction)
             for view, module, layout in self._views(g, ev.modules):
                 weight = module.weight
                 full = from_canonical(scores[f"{view.port.module}.weight"].double(), layout, weight.shape)
-                acc.add(view.index, units.rows_along(full, view.port.dim))
+                acc.add(view.index, rows_along(full, view.port.dim))
             out[g.name] = acc.result()
         return out
 
 
 def as_group_criterion(criterion: Criterion) -> GroupCriterion:
-    """The group form of any criterion (what ``mode='remove'`` ranks units with)."""
+    """The group form of any criterion (what ``mode='remove'`` ranks units with): its own, a registered
+    form (the exact registered element class only, not a user subclass), or the element adapter."""
     if isinstance(criterion, GroupCriterion):
         return criterion
-    if type(criterion) is Magnitude:
-        return GroupMagnitude(criterion.norm)
-    if type(criterion) is Taylor:
-        return GroupTaylor()
-    if type(criterion) is LAMP:
-        return GroupLAMP()
-    if type(criterion) is Random:
-        return GroupRandom()
+    name = criterion.name
+    if name in GROUP_FORMS and name in CRITERIA and type(criterion) is CRITERIA.get(name):
+        return GROUP_FORMS.get(name).from_element(criterion)
     if criterion.signed:
         raise ConfigError(
             f"method {criterion.name!r} returns per-batch signed contributions, which mode='remove' cannot "
@@ -244,12 +250,11 @@ class BNScale(GroupCriterion):
                 yield view
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
-        units = _units()
         out = {}
         for g in ev.groups:
-            acc = units.UnitAccumulator(g.units, "sum")
+            acc = UnitAccumulator(g.units, "sum")
             for view in self._views(g, ev.modules):
-                acc.add(view.index, units.rows_along(ev.tensor(view), 0).abs())
+                acc.add(view.index, rows_along(ev.tensor(view), 0).abs())
             out[g.name] = acc.result()
         return out
 
@@ -268,12 +273,11 @@ class FPGM(GroupCriterion):
         return (v for v in group.ports if v.port.role in ("out", "pass") and v.port.dim is not None)
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
-        units = _units()
         out = {}
         for g in ev.groups:
-            acc = units.UnitAccumulator(g.units, "sum")
+            acc = UnitAccumulator(g.units, "sum")
             for view, tensor in _weight_views(g, ev, roles=("out", "pass")):
-                rows = units.rows_along(tensor, view.port.dim).double()
+                rows = rows_along(tensor, view.port.dim).double()
                 acc.add(view.index, torch.cdist(rows, rows).sum(1, keepdim=True))
             out[g.name] = acc.result()
         return out
@@ -287,13 +291,14 @@ class FLAP(GroupCriterion):
     squared, every layer's metrics are standardised, heads average their channels, and all
     units are ranked together weighted by their parameter count (adaptive structure search,
     default allocation 'global'). Removed inputs are replaced by their calibration mean folded
-    into the next layer's bias (bias compensation), so no retraining is needed."""
+    into the next layer's bias (its default solver, ``bias_compensation``), so no retraining is needed."""
 
     name = "flap"
     reads = "the inputs of the Linear layer that consumes a unit"
     needs = frozenset({Need.ACTIVATIONS})
     default_allocation = "global"
-    compensates = True
+    default_solver = "bias_compensation"
+    default_pattern = "head+channel"
 
     def _views(self, group: Group, modules: dict[str, nn.Module]):
         for view in group.ports:
@@ -327,36 +332,22 @@ class FLAP(GroupCriterion):
                 index.append(view.index[hit])
             v, i = torch.cat(values), torch.cat(index)
             v = (v - v.mean()) / v.std().clamp_min(1e-12)
-            acc = _units().UnitAccumulator(g.units, "mean")
+            acc = UnitAccumulator(g.units, "mean")
             acc.add(i, v.reshape(-1, 1))
             out[g.name] = acc.result()
         return out
 
-    def compensation(self, ev: GroupEvidence, removed: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``module -> delta``: the bias change that replaces removed inputs by their mean."""
-        deltas: dict[str, Tensor] = {}
-        for g in ev.groups:
-            gone = removed.get(g.name)
-            if gone is None or not gone.numel():
-                continue
-            for view, module, layout in self._views(g, ev.modules):
-                cols = torch.isin(view.index, gone).nonzero().reshape(-1)
-                if not cols.numel():
-                    continue
-                mean = self._stats(ev, view.port.module).input_mean.cpu()[cols]
-                w = module.weight.detach().double().cpu()
-                w_cols = w[:, cols] if layout is Layout.LINEAR else w[cols, :].t()
-                delta = w_cols @ mean
-                deltas[view.port.module] = deltas.get(view.port.module, 0) + delta
-        return deltas
-
 
 @register
-class BlockInfluence(GroupCriterion):
-    """ShortGPT block influence (Men et al. 2024, arXiv:2403.03853):
-    ``BI_i = 1 - E[cos(x_i, x_{i+1})]`` over calibration tokens, where x_i is the hidden state
-    entering block i. Blocks that barely change their input are removed first."""
+class ShortGPT(GroupCriterion):
+    """ShortGPT block influence (Men et al. 2024, arXiv:2403.03853): ``BI_i = 1 - E[cos(x_i, x_{i+1})]``
+    over calibration tokens, where x_i is the hidden state entering block i. Blocks that barely
+    change their input are removed first (``pattern='layer'``)."""
 
-    name = "block_influence"
+    name = "shortgpt"
     needs = frozenset({Need.DATA_PASSES})
-    granularity = "layer"
+    granularities = ("layer",)
+    default_pattern = "layer"
+
+    def block_scores(self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence) -> Tensor:
+        return block_influence(model, blocks, evidence.batches, evidence.show_progress)

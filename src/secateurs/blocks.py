@@ -1,4 +1,7 @@
-"""Find a transformer's repeated blocks, and capture what each block is called with.
+"""Find a model's repeated blocks, and capture what each block is called with.
+
+Shared by the block-by-block runner (LLMs), whole-block removal (ShortGPT) and OWL's layer
+grouping, so it sits below all three.
 
 Reference pruning scripts hard-code ``model.model.layers`` (Llama), ``model.model.decoder.layers``
 (OPT) or ``model.transformer.h`` (GPT-2), and break when transformers changes a layer's
@@ -17,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..layout import Layout, layout_of
+from .batches import model_inputs
+from .errors import ConfigError
+from .layout import Layout, layout_of
 
 
 class BlockDiscoveryError(ConfigError):
@@ -190,31 +194,40 @@ def _model_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if _accepts(model, "use_cache") else {}
 
 
-def capture_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[Tensor]) -> BlockInputs:
-    """Run the model up to the first block for each batch of token ids, recording its inputs.
+def _run_until_blocks(model: nn.Module, batch: Any, extra: dict[str, Any]) -> None:
+    """One forward of a calibration batch (token ids, pixels, a dict of inputs, or (inputs, targets))."""
+    inputs = model_inputs(batch)
+    if isinstance(inputs, dict):
+        model(**inputs, **extra)
+    else:
+        model(inputs, **extra)
+
+
+def capture_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[Any]) -> BlockInputs:
+    """Run the model up to the first block for each calibration batch, recording its inputs.
 
     The first batch of each distinct shape runs through the whole model so every block's
     own call is seen; blocks called exactly like the first block share its calls.
     """
     hidden: list[Tensor] = []
     calls: list[Call] = []
-    probes: dict[tuple[int, ...], dict[int, Call]] = {}
+    probes: dict[tuple, tuple[tuple[int, ...], dict[int, Call]]] = {}  # batch shape -> (hidden shape, calls)
     extra = _model_kwargs(model)
 
     for batch in batches:
-        shape = tuple(batch.shape)
+        shape = _shape_key(batch)
         recorder = _Recorder(hidden, calls, probe=shape not in probes)
         handles = [b.register_forward_pre_hook(recorder.hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
         try:
             with torch.no_grad():
-                model(batch, **extra)
+                _run_until_blocks(model, batch, extra)
         except _Stop:
             pass
         finally:
             for h in handles:
                 h.remove()
         if recorder.probe:
-            probes[shape] = recorder.seen
+            probes[shape] = (tuple(hidden[-1].shape[:2]), recorder.seen)
     return _with_own_calls(hidden, calls, probes, len(blocks))
 
 
@@ -246,10 +259,10 @@ def _reuse(call: Call, previous: list[Call]) -> Call:
 
 
 def _with_own_calls(
-    hidden: list[Tensor], calls: list[Call], probes: dict[tuple[int, ...], dict[int, Call]], n_blocks: int
+    hidden: list[Tensor], calls: list[Call], probes: dict[tuple, tuple[tuple[int, ...], dict[int, Call]]], n_blocks: int
 ) -> BlockInputs:
     inputs = BlockInputs(hidden, calls)
-    for shape, seen in probes.items():
+    for shape, seen in probes.values():
         first = seen.get(0)
         for index in range(1, n_blocks):
             call = seen.get(index)
@@ -259,6 +272,14 @@ def _with_own_calls(
                 continue
             inputs.own_calls.setdefault(index, {})[shape] = call
     return inputs
+
+
+def _shape_key(batch: Any) -> tuple:
+    """Batches of one shape share their blocks' keyword arguments (masks, positions)."""
+    inputs = model_inputs(batch)
+    if isinstance(inputs, dict):
+        return tuple(sorted((k, tuple(v.shape)) for k, v in inputs.items() if isinstance(v, Tensor)))
+    return tuple(inputs.shape) if isinstance(inputs, Tensor) else (type(inputs).__name__,)
 
 
 def batched(segments: Tensor, batch_size: int) -> Iterator[Tensor]:

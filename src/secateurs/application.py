@@ -1,0 +1,115 @@
+"""Application modes: what happens to the units a selection chose, one class per mode.
+
+- ``mask``: a parametrization multiplies by the mask at forward time (reversible);
+- ``bake``: the zeros are written into the weights, state_dict keys unchanged;
+- ``reconstruct``: a solver updates the surviving weights (SparseGPT's OBS update, bias
+  compensation) and the pruned ones become +0.0;
+- ``remove``: structural surgery through the dependency graph, registered by
+  :mod:`secateurs.structural` (it works on groups of coupled channels, not on masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .evidence import Evidence
+from .masking import attach, detach
+from .patterns import Pattern
+from .registry import Registry
+from .report import LayerResult
+from .scope import Target
+from .solvers.base import Solver
+
+APPLICATIONS: Registry[type[Application]] = Registry("mode")
+
+
+class Application:
+    """Base class of an application mode."""
+
+    name: ClassVar[str]
+    #: a solver may run in this mode
+    takes_solver: ClassVar[bool] = False
+    #: the mode cannot run without one
+    requires_solver: ClassVar[bool] = False
+    #: the solver used when neither the user nor the method names one
+    default_solver: ClassVar[str | None] = None
+    #: writes into the weights, so a failure must restore them from a copy
+    writes_weights: ClassVar[bool] = False
+    #: carried out by the structural pipeline on groups of channels (not on masks)
+    structural: ClassVar[bool] = False
+
+    def apply(
+        self,
+        targets: Sequence[Target],
+        masks: Mapping[str, Tensor] | None,
+        evidence: Evidence | None = None,
+        solver: Solver | None = None,
+        sparsities: Mapping[str, float] | None = None,
+        pattern: Pattern | None = None,
+    ) -> list[LayerResult]:
+        raise NotImplementedError
+
+    def finish(self, targets: Sequence[Target]) -> None:
+        """End of the run (after every round): make the result what the mode promises."""
+
+
+@APPLICATIONS.register
+class Mask(Application):
+    """Ephemeral: a parametrization multiplies by the mask; unmask() restores the dense weights."""
+
+    name = "mask"
+
+    def apply(self, targets, masks, evidence=None, solver=None, sparsities=None, pattern=None):
+        for t in targets:
+            attach(t, masks[t.name])
+        return []
+
+
+@APPLICATIONS.register
+class Bake(Mask):
+    """Permanent zeros in the weights; the state_dict keys are the original ones."""
+
+    name = "bake"
+    writes_weights = True
+
+    def finish(self, targets: Sequence[Target]) -> None:
+        # rounds compose as masks (each round only sees what is alive), then the zeros are written once
+        for t in targets:
+            detach(t, bake=True)
+
+
+@APPLICATIONS.register
+class Reconstruct(Application):
+    """A solver updates the surviving weights (and biases); pruned weights become +0.0."""
+
+    name = "reconstruct"
+    takes_solver = True
+    requires_solver = True
+    default_solver = "sparsegpt"
+    writes_weights = True
+
+    def apply(self, targets, masks, evidence=None, solver=None, sparsities=None, pattern=None):
+        if solver is None or evidence is None:
+            raise ConfigError("mode='reconstruct' needs a solver and its evidence")
+        results = solver.solve(targets, evidence, masks, sparsities, pattern)
+        out = []
+        with torch.no_grad():
+            for t in targets:
+                result = results[t.name]
+                parameter = t.parameter
+                if result.weight is not None:
+                    parameter.copy_(result.weight.to(parameter.device, parameter.dtype))
+                parameter.masked_fill_(~result.keep.to(parameter.device, torch.bool), 0.0)
+                if result.bias_delta is not None:
+                    bias = t.module.bias
+                    bias.add_(result.bias_delta.to(bias.device, bias.dtype))
+                requested = sparsities[t.name] if sparsities is not None else 1.0 - float(result.keep.float().mean())
+                info = result.info
+                out.append(LayerResult(t.name, requested, info.get("dampening"), int(info.get("retries", 0)),
+                                       info.get("loss")))  # fmt: skip
+        return out

@@ -1,0 +1,303 @@
+"""The stages both runners share: check -> score -> allocate -> select -> apply, all or nothing.
+
+A runner decides *where* evidence comes from (the whole model over calibration batches, or one
+block's captured inputs) and which targets are pruned together; everything else is here, once:
+:func:`check` refuses what can be refused before a score is computed, :func:`prune_targets` scores,
+allocates, selects and applies one batch of targets, and :class:`Rollback` puts the model back
+exactly if anything in between fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .allocation import Budget
+from .batches import LossFn, first_sample, model_inputs, take
+from .blocks import BlockDiscoveryError, find_blocks
+from .config import Plan, PruneConfig
+from .errors import ConfigError, DataRequiredError, StateError
+from .evidence import DATA_NEEDS, Evidence, Need, gather, preserved
+from .layout import from_canonical, to_canonical
+from .masking import MaskSnapshot, WeightMask, current_mask, gate_of
+from .report import LayerResult
+from .scope import Target
+from .selection import check_finite, keep_mask
+
+
+@dataclass
+class Data:
+    """What the user handed over for data-needing methods."""
+
+    batches: list[Any]
+    loss_fn: LossFn | None = None
+    example_inputs: Any = None
+    show_progress: bool = True
+    device: torch.device | None = None  # block runner: where each block is processed (None: where it lives)
+    rollback: bool = True  # keep what is needed to restore the model exactly if the run fails
+
+    @classmethod
+    def from_user(
+        cls, config: PruneConfig, calibration: Iterable[Any] | None, loss_fn: LossFn | None, example_inputs: Any,
+        show_progress: bool,
+    ) -> Data:  # fmt: skip
+        if isinstance(calibration, (str, bytes)):
+            raise DataRequiredError(
+                "calibration is a string, which would be read one character per batch; pass an iterable of "
+                "batches (a DataLoader, a list of tensors or of (inputs, targets)); for text, use "
+                "secateurs.llm.prune_llm(model, ..., calibration='file.txt') or secateurs.calibration.sample_segments"
+            )
+        batches = take(calibration, config.max_batches)
+        if example_inputs is None and batches:
+            example_inputs = first_sample(model_inputs(batches[0]))
+        return cls(batches, loss_fn, example_inputs, show_progress)
+
+
+@dataclass
+class Context:
+    """What selection sees beyond the targets pruned now: the whole run's targets per plan (ERK and
+    explicit allocations size against all of them), the allocation's observations of the dense
+    model (OWL) and each target's layer (block)."""
+
+    all_targets: dict[int, Sequence[Target]] = field(default_factory=dict)  # id(plan) -> its targets
+    observed: dict[str, Any] = field(default_factory=dict)
+    layer_of: dict[str, str] = field(default_factory=dict)
+
+
+def check(plans: Sequence[Plan], config: PruneConfig, data: Data) -> None:
+    """Everything that can be refused before a single score is computed."""
+    targets = [t for plan in plans for t in plan.targets]
+    for plan in plans:
+        for t in plan.targets:
+            plan.pattern.check(t.name, t.canonical_shape, plan.comparison)
+        plan.criterion.validate(list(plan.targets))
+    needs = config.needs
+    if needs & DATA_NEEDS and not data.batches:
+        raise DataRequiredError(
+            f"{config.describe_needs(needs & DATA_NEEDS)} needs calibration data "
+            f"({', '.join(sorted(n.value for n in needs & DATA_NEEDS))}); pass calibration=<iterable of batches>, "
+            "e.g. a DataLoader or a list of (inputs, targets)"
+        )
+    if Need.INPUT_SHAPE in needs and data.example_inputs is None and not data.batches:
+        raise DataRequiredError(
+            f"method {config.criterion_.name!r} runs data-free passes but needs the input shape; "
+            "pass example_inputs=torch.zeros(1, *input_shape)"
+        )
+    if config.solver_ is not None:
+        config.solver_.validate(targets, config.mode_)
+    if torch.is_inference_mode_enabled():
+        raise StateError(
+            "pruning was called inside torch.inference_mode(): the pruned tensors would be inference tensors "
+            "that can never be trained again; call it outside inference_mode (torch.no_grad() is fine)"
+        )
+    for t in targets:
+        _check_target(t, config)
+
+
+def _check_target(t: Target, config: PruneConfig) -> None:
+    if t.parameter.is_meta:
+        raise StateError(f"{t.name} is on the meta device (no values); load the weights before pruning")
+    if not t.parameter.is_floating_point():
+        raise ConfigError(
+            f"{t.name} holds {t.parameter.dtype} values (quantized or integer weights); prune the float model, "
+            "then quantize"
+        )
+    gate = gate_of(t.module, t.param_name)
+    if gate is not None and config.mode_ == "reconstruct":
+        raise StateError(
+            f"{t.name} carries a mask, and mode='reconstruct' rewrites the weights it masks; make the mask "
+            "permanent first with secateurs.bake(model), or drop it with secateurs.unmask(model)"
+        )
+    if gate is not None and not isinstance(gate, WeightMask):
+        raise StateError(
+            f"{t.name} carries a {type(gate).__name__} (a learned gate); make it permanent with secateurs.bake(model) "
+            "or drop it with secateurs.unmask(model) before pruning it again"
+        )
+    check_finite(t.weight.detach(), f"weight {t.name}")
+
+
+def plan_sparsity(plan: Plan, config: PruneConfig, step_sparsity: float) -> float:
+    """This plan's sparsity at a step: the run's step value, scaled for an override with its own target."""
+    final = config.final_sparsity
+    if plan.sparsity == final:
+        return step_sparsity
+    return plan.sparsity * step_sparsity / final if final > 0 else plan.sparsity
+
+
+def _budget(
+    plan: Plan, targets: Sequence[Target], sparsity: float, config: PruneConfig, context: Context,
+    unit_scores: dict[str, Tensor] | None, dead: dict[str, Tensor | None],
+) -> Budget:  # fmt: skip
+    return Budget(
+        targets, sparsity, plan.sparsity, unit_scores, dead, plan.pattern, plan.comparison,
+        all_targets=context.all_targets.get(id(plan), plan.targets), observed=context.observed,
+        layer_of=context.layer_of,
+    )  # fmt: skip
+
+
+def select(
+    plan: Plan, targets: Sequence[Target], scores: dict[str, Tensor], sparsity: float, config: PruneConfig,
+    context: Context,
+) -> tuple[dict[str, Tensor], dict[str, float] | None]:  # fmt: skip
+    """Keep-masks (stored weight shape, bool) from scores: pattern units, allocation, exact selection.
+    Units already pruned by an existing mask stay pruned and count toward the budget. Also returns
+    the fraction the allocation set per target, when it sets one."""
+    criterion, pattern, comparison = plan.criterion, plan.pattern, plan.comparison
+    unit_scores: dict[str, Tensor] = {}
+    dead: dict[str, Tensor | None] = {}
+    alive: dict[str, Tensor | None] = {}
+    for t in targets:
+        score3 = scores[t.name].detach()
+        check_finite(score3, f"{criterion.name} scores of {t.name}")
+        if criterion.signed:  # per-batch first-order contributions: mean over batches of |unit sum|
+            units = torch.stack([pattern.units(b, comparison, "sum").abs() for b in score3]).mean(0)
+        else:
+            units = pattern.units(score3, comparison, criterion.reduction)
+        unit_scores[t.name] = units
+        existing = current_mask(t)
+        alive[t.name] = None if existing is None else to_canonical(existing, t.layout).to(units.device)
+        dead[t.name] = None
+        if existing is not None:
+            dead[t.name] = pattern.units(alive[t.name].to(units.dtype), comparison, "max") == 0
+    budget = _budget(plan, targets, sparsity, config, context, unit_scores, dead)
+    counts = plan.allocation.prune_counts(budget)
+    masks = {}
+    for t in targets:
+        keep_units = keep_mask(unit_scores[t.name], counts[t.name], dead[t.name])
+        keep3 = pattern.expand(keep_units, t.canonical_shape, comparison)
+        if alive[t.name] is not None:
+            keep3 = keep3 & alive[t.name]
+        masks[t.name] = from_canonical(keep3, t.layout, t.shape).to(t.parameter.device)
+    return masks, plan.allocation.target_sparsities(budget)
+
+
+@dataclass
+class Decision:
+    """What to do to some targets: the masks (or, for a solver that chooses them, only the fractions)."""
+
+    plan: Plan
+    targets: list[Target]
+    evidence: Evidence  # restricted to ``targets`` (a solver reads it)
+    masks: dict[str, Tensor] | None
+    sparsities: dict[str, float] | None
+
+
+def decide(
+    plans: Sequence[tuple[Plan, Sequence[Target]]], evidence: Evidence, config: PruneConfig, step_sparsity: float,
+    context: Context,
+) -> list[Decision]:  # fmt: skip
+    """Score, allocate and select for the ``(plan, targets)`` pairs pruned now; mutates nothing."""
+    decisions = []
+    for plan, targets in plans:
+        if not targets:
+            continue
+        view = replace(evidence, targets=list(targets))
+        sparsity = plan_sparsity(plan, config, step_sparsity)
+        if config.adaptive_ and plan.criterion is config.criterion_:
+            # the solver chooses the mask as it updates the weights (SparseGPT section 3.4): only the fractions
+            budget = _budget(plan, targets, sparsity, config, context, None, dict.fromkeys(t.name for t in targets))
+            decisions.append(Decision(plan, list(targets), view, None, plan.allocation.target_sparsities(budget)))
+        else:
+            masks, sparsities = select(plan, targets, plan.criterion.scores(view), sparsity, config, context)
+            decisions.append(Decision(plan, list(targets), view, masks, sparsities))
+    return decisions
+
+
+def apply(decisions: Sequence[Decision], config: PruneConfig) -> tuple[list[LayerResult], dict[str, float]]:
+    """Carry out the decisions with the configuration's application mode (and solver). Returns the solver's
+    per-layer results and the sparsity the allocation set per target (when it sets one)."""
+    results: list[LayerResult] = []
+    allocated: dict[str, float] = {}
+    for d in decisions:
+        results += config.application_.apply(d.targets, d.masks, d.evidence, config.solver_, d.sparsities,
+                                             d.plan.pattern)  # fmt: skip
+        allocated.update(d.sparsities or {})
+    return results, allocated
+
+
+class Rollback:
+    """All or nothing: the masks, and (for modes that write them) the weights and biases of every target
+    saved so far, put back exactly on failure. Copies live on the CPU."""
+
+    def __init__(self, weights: bool) -> None:
+        self.weights = weights
+        self._masks: list[MaskSnapshot] = []
+        self._saved: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def save(self, targets: Sequence[Target]) -> None:
+        self._masks.append(MaskSnapshot.take(targets))
+        if not self.weights:
+            return
+        for t in targets:
+            for tensor in (t.parameter, getattr(t.module, "bias", None)):
+                if isinstance(tensor, Tensor) and id(tensor) not in self._saved:
+                    self._saved[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
+
+    def restore(self) -> None:
+        for snapshot in reversed(self._masks):
+            snapshot.restore()
+        with torch.no_grad():
+            for tensor, saved in self._saved.values():
+                tensor.copy_(saved.to(tensor.device))
+
+
+@contextlib.contextmanager
+def all_or_nothing(targets: Sequence[Target], weights: bool) -> Iterator[Rollback]:
+    """Save ``targets`` now; on any exception inside the block put them back and re-raise."""
+    rollback = Rollback(weights)
+    rollback.save(targets)
+    try:
+        yield rollback
+    except BaseException:
+        rollback.restore()
+        raise
+
+
+def make_evidence(model: nn.Module, targets: Sequence[Target], config: PruneConfig, data: Data, round_: int = 0):
+    """An empty :class:`Evidence` for a whole-model pass over ``data`` (the runner gathers into it)."""
+    return Evidence(
+        model=model, targets=list(targets), batches=data.batches, loss_fn=data.loss_fn,
+        example_inputs=data.example_inputs, generator=seeded(config, round_), show_progress=data.show_progress,
+    )  # fmt: skip
+
+
+def score_targets(
+    model: nn.Module, targets: Sequence[Target], config: PruneConfig, data: Data, round_: int = 0
+) -> dict[str, Tensor]:
+    """The criterion's canonical ``(O, S, I)`` scores of ``targets`` on the model as it is now (its evidence
+    is gathered on the whole model; nothing is changed)."""
+    evidence = make_evidence(model, targets, config, data, round_)
+    with preserved(model, targets):
+        gather(evidence, config.criterion_.needs)
+        return config.criterion_.scores(evidence)
+
+
+def select_masks(
+    targets: Sequence[Target], scores: dict[str, Tensor], config: PruneConfig, sparsity: float
+) -> dict[str, Tensor]:
+    """Keep-masks of ``targets`` from scores with the configuration's pattern, comparison and allocation."""
+    plan = Plan(list(targets), config.criterion_, config.pattern_, config.comparison_, config.allocation_,
+                config.final_sparsity)  # fmt: skip
+    return select(plan, targets, scores, sparsity, config, Context())[0]
+
+
+def seeded(config: PruneConfig, round_: int) -> torch.Generator:
+    """The run's generator for round ``round_`` (random criteria draw from it)."""
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + round_)
+
+
+def layer_names(model: nn.Module, targets: Sequence[Target], blocks: str | None) -> dict[str, str]:
+    """Each target's layer, as OWL counts layers: the repeated block holding it (or itself)."""
+    try:
+        name, found = find_blocks(model, blocks)
+    except BlockDiscoveryError:
+        if blocks is not None:
+            raise
+        return {}
+    owner = {id(m): f"{name}.{i}" for i, block in enumerate(found) for m in block.modules()}
+    return {t.name: owner[id(t.module)] for t in targets if id(t.module) in owner}

@@ -1,0 +1,179 @@
+"""The block runner: prune a model one repeated block at a time in bounded memory (LLMs).
+
+As in SparseGPT (arXiv:2301.00774) and Wanda (arXiv:2306.11695): capture the first block's inputs
+for every calibration batch, then for each block in turn gather its layers' statistics with hooks,
+prune them (the same score -> allocate -> select -> apply stages as the whole-model runner), and
+recompute the block's outputs *with the pruned weights*, which become the next block's inputs.
+Only one block's activations are alive at a time (updated in place), so peak memory is one block
+plus the calibration activations. An allocation that observes the dense model (OWL) gets a dense
+pass over every block first, as OWL's reference code measures before pruning.
+
+Everything that can be refused is checked before the first weight changes; the original weights
+of processed blocks are kept (on the CPU) until the run ends, so an error or an interrupt puts the
+model back bit-identical (``rollback=False`` saves that copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..batches import model_device, to_device
+from ..blocks import BlockDiscoveryError, BlockInputs, Call, capture_inputs, find_blocks
+from ..config import Plan, PruneConfig
+from ..evidence import Evidence, Need, gather_block
+from ..pipeline import Context, Data, Rollback, apply, check, decide, seeded
+from ..progress import progress as progress_bar
+from ..report import LayerResult, Report, RunDetails, build_report
+from ..runner import RUNNERS, Runner
+from ..scope import Target, resolve
+from .model import layer_sparsities
+
+
+@RUNNERS.register
+class BlockRunner(Runner):
+    """One repeated block at a time, with recomputed inputs (the layerwise LLM runner)."""
+
+    name = "blocks"
+    needs = frozenset({Need.ACTIVATIONS, Need.HESSIAN})
+    modes = ("mask", "bake", "reconstruct")
+    sees_all_targets = False
+    multi_round = False
+
+    def run(self, model: nn.Module, config: PruneConfig, data: Data) -> Report:
+        container, blocks, per_block = block_targets(model, config)
+        targets = [t for group in per_block for t in group]
+        plans = config.plans(targets)
+        check(plans, config, data)
+        device = data.device if data.device is not None else model_device(model)
+        layer_of = {t.name: f"{container}.{i}" for i, group in enumerate(per_block) for t in group}
+        context = Context(all_targets={id(p): p.targets for p in plans}, layer_of=layer_of)
+        start = time.perf_counter()
+        solved: list[LayerResult] = []
+        allocated: dict[str, float] = {}
+        rollback = Rollback(config.application_.writes_weights)
+        was_training = model.training
+        model.eval()
+        try:
+            if config.allocation_.needs:
+                context.observed = _observe(model, blocks, per_block, config, data, device, layer_of)
+            inputs = _capture(model, blocks, data.batches, device) if config.needs else None
+            for i, block in enumerate(progress_bar(blocks, f"{config.criterion_.name} blocks", data.show_progress)):
+                if data.rollback:
+                    rollback.save(per_block[i])
+                with on_device(block, device):
+                    results, sparsities = _prune_block(block, i, per_block[i], plans, inputs, config, context)
+                    solved += results
+                    allocated.update(sparsities)
+                    if inputs is not None and i + 1 < len(blocks):
+                        propagate(block, i, inputs)
+        except BaseException:
+            rollback.restore()
+            raise
+        finally:
+            model.train(was_training)
+        patterns = {t.name: plan.pattern for plan in plans for t in plan.targets}
+        details = RunDetails(
+            runner=self.name, blocks=container, layer_sparsities=layer_sparsities(allocated, layer_of),
+            observed=context.observed, solved=solved, seconds=time.perf_counter() - start,
+        )  # fmt: skip
+        pruned = [t for plan in plans for t in plan.targets]
+        return build_report(model, pruned, patterns, None, config.to_dict(), details)
+
+
+def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.Module], list[list[Target]]]:
+    """The blocks and, per block, the weights the scope selects inside it (resolved once)."""
+    name, blocks = find_blocks(model, config.blocks)
+    targets = resolve(model, config.scope_)
+    owners = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    grouped: list[list[Target]] = [[] for _ in blocks]
+    for t in targets:
+        if id(t.module) in owners:
+            grouped[owners[id(t.module)]].append(t)
+    if not any(grouped):
+        raise BlockDiscoveryError(
+            f"the scope selects no prunable layer inside the blocks {name!r}; check scope include/exclude"
+        )
+    return name, blocks, grouped
+
+
+def _prune_block(
+    block: nn.Module, index: int, targets: list[Target], plans: Sequence[Plan], inputs: BlockInputs | None,
+    config: PruneConfig, context: Context,
+) -> tuple[list[LayerResult], dict[str, float]]:  # fmt: skip
+    if not targets:
+        return [], {}
+    mine = {t.name for t in targets}
+    activations, hessians = gather_block(block, index, targets, inputs, config.needs) if inputs else ({}, {})
+    evidence = Evidence(model=block, targets=targets, activations=activations, hessians=hessians,
+                        generator=seeded(config, index), show_progress=False)  # fmt: skip
+    pairs = [(plan, [t for t in plan.targets if t.name in mine]) for plan in plans]
+    results, sparsities = apply(decide(pairs, evidence, config, config.final_sparsity, context), config)
+    config.application_.finish(targets)
+    return results, sparsities
+
+
+def _observe(
+    model: nn.Module, blocks: list[nn.Module], per_block: list[list[Target]], config: PruneConfig, data: Data,
+    device: torch.device, layer_of: dict[str, str],
+) -> dict[str, Any]:  # fmt: skip
+    """A dense pass over every block for an allocation that observes the model before pruning (OWL)."""
+    allocation = config.allocation_
+    inputs = _capture(model, blocks, data.batches, device)
+    observed: dict[str, Any] = {}
+    for i, block in enumerate(progress_bar(blocks, f"{allocation.name} observations", data.show_progress)):
+        with on_device(block, device):
+            if per_block[i]:
+                activations, hessians = gather_block(block, i, per_block[i], inputs, allocation.needs)
+                evidence = Evidence(model=block, targets=per_block[i], activations=activations, hessians=hessians)
+                observed.update(allocation.observe(per_block[i], evidence, layer_of))
+            if i + 1 < len(blocks):
+                propagate(block, i, inputs)
+    return observed
+
+
+def _move_call(call: Call, device: torch.device) -> Call:
+    return Call(call.hidden_in_kwargs, to_device(call.args, device), to_device(call.kwargs, device))
+
+
+def _to(inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """Put the captured activations and calls on the device blocks are processed on."""
+    moved: dict[int, Call] = {}  # batches that share one call object (masks, positions) move it once
+    for c in inputs.calls:
+        if id(c) not in moved:
+            moved[id(c)] = _move_call(c, device)
+    calls = [moved[id(c)] for c in inputs.calls]
+    own = {i: {s: _move_call(c, device) for s, c in per.items()} for i, per in inputs.own_calls.items()}
+    return BlockInputs([h.to(device) for h in inputs.hidden], calls, own)
+
+
+def _capture(model: nn.Module, blocks: list[nn.Module], batches: list[Any], device: torch.device) -> BlockInputs:
+    home = model_device(model)
+    inputs = capture_inputs(model, blocks, [to_device(b, home) for b in batches])
+    return _to(inputs, device) if device != home else inputs
+
+
+@contextlib.contextmanager
+def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """Process a block on ``device`` and put it back where it lives (offloaded models)."""
+    home = model_device(block)
+    if home == device:
+        yield
+        return
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(home)
+
+
+def propagate(block: nn.Module, index: int, inputs: BlockInputs) -> None:
+    """Replace each batch's hidden states by the block's output (in place: bounded memory)."""
+    with torch.no_grad():
+        for b in range(len(inputs.hidden)):
+            inputs.hidden[b] = inputs.call(index, b).invoke(block, inputs.hidden[b])
