@@ -42,6 +42,8 @@ class Application:
     writes_weights: ClassVar[bool] = False
     #: carried out by the structural pipeline on groups of channels (not on masks)
     structural: ClassVar[bool] = False
+    #: rounds compose within one call (masks only ever prune what is alive); others apply once
+    multi_round: ClassVar[bool] = False
 
     def apply(
         self,
@@ -63,6 +65,7 @@ class Mask(Application):
     """Ephemeral: a parametrization multiplies by the mask; unmask() restores the dense weights."""
 
     name = "mask"
+    multi_round = True
 
     def apply(self, targets, masks, evidence=None, solver=None, sparsities=None, pattern=None):
         for t in targets:

@@ -214,8 +214,10 @@ class PruneConfig(Spec):
             self._set("structural_", None)
             if self.structural is not None:
                 raise ConfigError("structural options apply only with mode='remove'")
-        if self.mode_ == "reconstruct" and self.rounds > 1:
-            raise ConfigError("mode='reconstruct' solves once; iterations > 1 (exponential rounds) need mode='mask'")
+        if self.iterations not in (None, 1) and not application.multi_round:
+            advice = ("for iterative removal use secateurs.Pruner(..., mode='remove', schedule=...) in your training "
+                      "loop" if removing else "exponential rounds need mode='mask' or 'bake'")  # fmt: skip
+            raise ConfigError(f"mode={mode!r} prunes in one round (iterations={self.iterations}); {advice}")
         runner = RUNNERS.get(self._runner())()
         self._set("runner_", runner)
         runner.check(self)
@@ -379,11 +381,6 @@ class PruneConfig(Spec):
                 f"allocation {self.allocation_.name!r} sizes weight tensors, not groups of channels; use 'uniform' "
                 "or 'global'"
             )
-        if self.iterations not in (None, 1):
-            raise ConfigError(
-                "mode='remove' prunes in one round; for iterative removal use "
-                "secateurs.Pruner(..., mode='remove', schedule=...) in your training loop"
-            )
         kinds = self.pattern_.kinds
         unsupported = [k for k in kinds if k not in criterion.granularities]
         if unsupported:
@@ -395,28 +392,27 @@ class PruneConfig(Spec):
             )
 
     # -- views --------------------------------------------------------------------------------------
+    def _needers(self) -> list[tuple[str, frozenset[Need]]]:
+        """Who in this run reads evidence: the criteria (not when the solver chooses the masks itself), the
+        allocation and the solver."""
+        found = []
+        for criterion in {id(c): c for c in (self.criterion_, *(o.criterion for o in self.overrides_))}.values():
+            if not (self.adaptive_ and criterion is self.criterion_):
+                found.append((f"method {criterion.name!r}", criterion.needs))
+        found.append((f"allocation {self.allocation_.name!r}", self.allocation_.needs))
+        if self.solver_ is not None:
+            found.append((f"solver {self.solver_.name!r}", self.solver_.needs))
+        return found
+
     @property
     def needs(self) -> frozenset[Need]:
-        """Everything the run must gather: the criteria's (unless the solver chooses the masks), the
-        allocation's and the solver's."""
-        needs: set[Need] = set()
-        for criterion in {id(c): c for c in (self.criterion_, *(o.criterion for o in self.overrides_))}.values():
-            if not (self.adaptive_ and criterion is self.criterion_ and not self.allocation_.reads_scores):
-                needs |= criterion.needs
-        needs |= self.allocation_.needs
-        if self.solver_ is not None:
-            needs |= self.solver_.needs
-        return frozenset(needs)
+        """Everything the run must gather."""
+        return frozenset(n for _, needs in self._needers() for n in needs)
 
     def describe_needs(self, needs: frozenset[Need]) -> str:
-        """Who in this configuration needs ``needs`` (for messages)."""
-        who = [f"method {c.name!r}" for c in (self.criterion_, *(o.criterion for o in self.overrides_))
-               if c.needs & needs]  # fmt: skip
-        if self.allocation_.needs & needs:
-            who.append(f"allocation {self.allocation_.name!r}")
-        if self.solver_ is not None and self.solver_.needs & needs:
-            who.append(f"solver {self.solver_.name!r}")
-        return " and ".join(dict.fromkeys(who)) or "the configuration"
+        """Who in this configuration needs ``needs``, as the subject of a sentence ('... needs X')."""
+        who = list(dict.fromkeys(name for name, own in self._needers() if own & needs))
+        return " and ".join(who) if len(who) < 2 else f"{', '.join(who[:-1])} and {who[-1]} each"
 
     @property
     def final_sparsity(self) -> float:
@@ -428,8 +424,10 @@ class PruneConfig(Spec):
 
     @property
     def rounds(self) -> int:
-        """Pruning rounds inside one call."""
-        return self.iterations or self.criterion_.default_iterations
+        """Pruning rounds inside one call (the method's preset, e.g. SynFlow's 100, where rounds compose)."""
+        if self.iterations is not None:
+            return self.iterations
+        return self.criterion_.default_iterations if self.application_.multi_round else 1
 
     def plans(self, targets: Sequence[Target]) -> list[Plan]:
         """Split ``targets`` into config groups: the base configuration and one per override (the last

@@ -19,25 +19,28 @@ from torch import nn
 
 from .errors import ScopeError, choices
 from .layout import Layout, canonical_shape, hf_conv1d_class, layout_of
+from .spec import Spec, boolean, option, strings
 
 DEFAULT_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 SUPPORTED_TYPES: tuple[str, ...] = (*DEFAULT_TYPES, "Embedding")
 
 
 @dataclass(frozen=True)
-class ScopeSpec:
+class ScopeSpec(Spec):
     """What to prune. Names are module qualified names (``features.3``); patterns are
     shell globs, or regular expressions (searched) when prefixed with ``re:``."""
 
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    types: tuple[str, ...] = DEFAULT_TYPES
-    skip_first: bool = True
-    skip_last: bool = True
-    embeddings: bool = False
+    _prefix = "scope."
 
-    def __post_init__(self) -> None:
-        for key in ("include", "exclude", "types"):
+    include: tuple[str, ...] = option(("*",), check=strings())
+    exclude: tuple[str, ...] = option((), check=strings())
+    types: tuple[str, ...] = option(DEFAULT_TYPES, check=strings())
+    skip_first: bool = option(True, check=boolean())
+    skip_last: bool = option(True, check=boolean())
+    embeddings: bool = option(False, check=boolean())
+
+    def _resolve(self) -> None:
+        for key in ("include", "exclude", "types"):  # one globs tuple, however it was given
             value = getattr(self, key)
             if isinstance(value, str):
                 object.__setattr__(self, key, (value,))

@@ -81,9 +81,7 @@ class Pruning:
 
 
 def layer_sparsities(allocated: dict[str, float], layer_of: dict[str, str]) -> dict[str, float]:
-    """Mean allocated sparsity per layer (block), for layers the allocation distinguishes."""
-    if not layer_of:
-        return {}
+    """Mean allocated sparsity per layer: per block where targets belong to one, else per target."""
     per_layer: dict[str, list[float]] = {}
     for name, sparsity in allocated.items():
         per_layer.setdefault(layer_of.get(name, name), []).append(sparsity)

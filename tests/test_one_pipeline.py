@@ -1,0 +1,244 @@
+"""The seams of the one pipeline: config groups, OWL on any model, declared capabilities, configs stored as
+given, the mask protocol for learned gates, training-time regularizers, and the method catalogue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+from secateurs import ConfigError, Gate, PruneConfig, StateError
+from secateurs.testing import calibration, small_cnn, small_mlp
+
+
+# -- per-glob overrides: a pattern or a method per layer ------------------------------------------------
+def test_overrides_set_a_pattern_a_method_and_a_dense_layer_per_glob():
+    model = small_cnn()
+    report = secateurs.prune(
+        model, "magnitude", 0.5, calibration=calibration(), progress=False,
+        overrides={"3": {"pattern": "2:4"}, "5": {"method": "wanda", "sparsity": 0.75}, "9": 0},
+    )  # fmt: skip
+    by_name = {layer.name: layer for layer in report.layers}
+    assert by_name["3.weight"].pattern_valid and by_name["3.weight"].sparsity == 0.5  # 2:4 on this conv only
+    assert by_name["5.weight"].sparsity == 0.75  # Wanda, per output row, at its own sparsity
+    rows = (model[5].weight == 0).flatten(1).sum(1)
+    assert (rows == rows[0]).all()
+    assert "9.weight" not in by_name and (model[9].weight != 0).all()  # left dense, out of the run
+    assert report.config["overrides"]["9"] == {"sparsity": 0}
+
+
+def test_override_refusals_name_the_glob_and_leave_the_model_alone():
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [
+        ({"nope.*": {"pattern": "2:4"}}, "overrides key 'nope.*' matches no target"),
+        ({"3": {"patern": "2:4"}}, r"overrides\['3'\] has unknown key"),
+        ({"3": {"sparsity": 1.5}}, r"overrides\['3'\].sparsity must be a number in \[0, 1\)"),
+        ({"3": {"method": "bn_scale"}}, r"method 'bn_scale' supports mode 'remove'"),
+        ({"3": "2:4"}, r"must be a sparsity or a mapping"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            secateurs.prune(model, "magnitude", 0.5, overrides=overrides, progress=False)
+    with pytest.raises(ConfigError, match="mode='remove' does not take"):
+        secateurs.prune(model, "magnitude", 0.5, mode="remove", overrides={"3": 0.2}, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- OWL is an allocation: any model with calibration data --------------------------------------------
+def test_owl_on_the_whole_model_runner_prunes_the_layer_with_outliers_less():
+    model = small_mlp()
+    with torch.no_grad():
+        model[3].weight[:2, :2] *= 40  # a few huge weights: outliers, as in LLMs
+    report = secateurs.prune(
+        model, "wanda", 0.5, allocation="owl", allocation_options={"m": 3, "lam": 0.1}, progress=False,
+        scope={"skip_first": False}, calibration=calibration(shape=(16,)),
+    )  # fmt: skip
+    sparsities = report.details.layer_sparsities
+    assert sparsities["3.weight"] < sparsities["0.weight"]  # no blocks: every tensor is a layer
+    assert sum(sparsities.values()) / 2 == pytest.approx(0.5)
+    assert report.outlier_ratios[1] > report.outlier_ratios[0]
+
+
+def test_owl_refuses_what_it_cannot_do():
+    with pytest.raises(ConfigError, match="N:M fixes the sparsity"):
+        PruneConfig(method="wanda", pattern="2:4", allocation="owl")
+    with pytest.raises(ConfigError, match=r"lambda=0.3 must be in \[0, 0.2\)"):
+        PruneConfig(method="wanda", sparsity=0.8, allocation="owl", allocation_options={"lam": 0.3})
+    with pytest.raises(ConfigError, match=r"bad allocation_options for 'owl'.*valid: 'lam', 'layers', 'm'"):
+        PruneConfig(method="wanda", sparsity=0.5, allocation="owl", allocation_options={"lambda": 0.1})
+
+
+# -- declared capabilities ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(method="taylor", runner="blocks"), r"runner 'blocks' cannot gather 'batch_gradients', 'gradients'"),
+        (dict(method="magnitude", runner="blocks", mode="remove"), r"runner 'blocks' does not apply mode 'remove'"),
+        (dict(method="magnitude", runner="blocks", allocation="global"), "prunes one block at a time"),
+        (dict(method="fpgm"), r"method 'fpgm' supports mode 'remove', not 'mask'; pass mode='remove'"),
+        (dict(method="sparsegpt", allocation="global"), "chooses its mask while 'sparsegpt' updates the weights"),
+        (dict(method="shortgpt", mode="remove", pattern="channel"), r"ranks 'layer', not channel"),
+        (dict(method="magnitude", mode="reconstruct", solver="none"), "needs a solver; valid: 'bias_compensation'"),
+        (dict(method="magnitude", runner="sideways"), r"runner must be one of 'blocks', 'model'"),
+    ],
+)
+def test_a_method_is_refused_where_it_cannot_run_with_what_is_supported(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(sparsity=0.5, **kwargs)
+
+
+# -- configs: stored as given, one strict parser ---------------------------------------------------------
+def test_configs_store_what_was_given_and_resolve_beside_it():
+    config = PruneConfig(method="wanda", pattern="2:4")
+    assert config.sparsity is None and config.comparison is None and config.allocation is None and config.mode is None
+    resolved = (config.sparsity_, config.comparison_, config.allocation_.name, config.mode_)
+    assert resolved == (0.5, "row", "uniform", "mask")
+    again = PruneConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict() and again.fingerprint() == config.fingerprint()
+    assert config.given()["pattern"] == "2:4" and config.to_dict()["runner"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(seed="1"), "seed must be an integer, got '1'"),
+        (dict(seed=1.0), "seed must be an integer, got 1.0"),
+        (dict(allocation=3), "allocation must be an allocation name"),
+        (dict(method_options=[1]), r"method_options must be a mapping of strings to values, got \[1\] \(list\)"),
+        (dict(scope={"include": 3}), "scope.include must be a string or a list of strings, got 3"),
+        (dict(scope={"skip_first": "no"}), "scope.skip_first must be True or False"),
+        (dict(sparsity=True), "sparsity must be a number in"),
+        (dict(sparsity="0.5"), "sparsity must be a number in"),
+        (dict(iterations=0), "iterations must be a positive integer"),
+        (dict(structural={"round_to": 8}), "structural options apply only with mode='remove'"),
+        (dict(mode="remove", structural={"bias_compensation": False}), "moved: use solver="),
+    ],
+)
+def test_every_bad_value_gets_a_typed_message_naming_the_field(kwargs, message):
+    kwargs = {"method": "magnitude", "sparsity": 0.5, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(**kwargs)
+
+
+def test_a_pattern_written_as_a_mapping_takes_integers_only():
+    with pytest.raises(secateurs.PatternError, match=r"cannot read pattern .* \(integers\)"):
+        PruneConfig(sparsity=0.5, pattern={"block": ["4", 4]})
+
+
+def test_numpy_scalars_are_numbers():
+    config = PruneConfig(sparsity=np.float32(0.5), seed=np.int64(3), iterations=np.int32(2))
+    assert config.sparsity_ == 0.5 and isinstance(config.sparsity_, float)
+
+
+def test_a_misspelled_keyword_is_a_typed_error_listing_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"prune\(\) got unknown argument\(s\) \['sparsty'\]; valid: .*'sparsity'"):
+        secateurs.prune(small_cnn(), "magnitude", sparsty=0.5)
+
+
+# -- the mask protocol: a learned gate beside binary masks ---------------------------------------------
+class SigmoidGate(Gate):
+    """A toy learned gate: weight * sigmoid(logits); an entry survives if its gate is above one half."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * torch.sigmoid(self.logits)
+
+    def keep(self) -> torch.Tensor:
+        return self.logits.detach() > 0
+
+    def fold(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.keep(), weight * torch.sigmoid(self.logits.detach()), 0.0)
+
+
+def test_a_learned_gate_speaks_the_mask_protocol(tmp_path):
+    model = small_mlp()
+    target = secateurs.scope.Target("3", model[3], secateurs.layout.Layout.LINEAR)
+    logits = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    gate = secateurs.attach_gate(target, SigmoidGate(logits))
+    x = torch.randn(4, 16)
+    model(x).sum().backward()
+    assert gate.logits.grad is not None  # the gate trains with the model
+    with pytest.raises(StateError, match="already carries a SigmoidGate"):
+        secateurs.attach_gate(target, SigmoidGate(logits))
+    with pytest.raises(StateError, match="learned gate"):
+        secateurs.prune(model, "magnitude", 0.5, scope=["3"], progress=False)
+    with pytest.raises(secateurs.StructureError, match="carry secateurs masks"):
+        secateurs.prune(model, "magnitude", 0.5, mode="remove", example_inputs=x, progress=False)
+    secateurs.save_masks(model, tmp_path / "m.safetensors")  # what the gate keeps, as a mask
+    folded = torch.where(logits > 0, model[3].parametrizations.weight.original.detach() * torch.sigmoid(logits), 0.0)
+    assert secateurs.bake(model) == 1  # the gate's decision folded into the weight, state_dict keys as before
+    assert torch.equal(model[3].weight.detach(), folded)
+    assert list(model.state_dict()) == list(small_mlp().state_dict())
+    fresh = small_mlp()
+    secateurs.load_masks(fresh, tmp_path / "m.safetensors")
+    assert torch.equal(fresh[3].weight == 0, logits <= 0)
+
+
+# -- training-time regularizers: Pruner.regularize() ---------------------------------------------------
+def test_network_slimming_drives_batchnorm_scales_to_zero_then_removal_takes_them_out():
+    torch.manual_seed(0)
+    model = small_mlp().train()
+    batches = calibration(shape=(16,), batches=8)
+    pruner = secateurs.Pruner(model, "bn_scale", 0.5, mode="remove", example_inputs=batches[0][0],
+                              regularizer="bn_l1", regularizer_options={"strength": 3e-2},
+                              schedule={"kind": "oneshot", "at": 10**9})  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    start = float(model[1].weight.detach().abs().sum() + model[4].weight.detach().abs().sum())
+    for _ in range(60):
+        for x, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            penalty = pruner.regularize()
+            optimizer.step()
+            pruner.step()
+    end = float(model[1].weight.detach().abs().sum() + model[4].weight.detach().abs().sum())
+    assert penalty > 0 and end < 0.5 * start
+    report = secateurs.prune(model.eval(), "bn_scale", 0.5, mode="remove", example_inputs=batches[0][0],
+                             structural={"latency": False}, progress=False)  # fmt: skip
+    assert report.params_ratio < 0.7
+
+
+def test_l1_only_touches_the_weights_in_scope_that_are_alive():
+    model = small_mlp()
+    pruner = secateurs.Pruner(model, "magnitude", 0.5, regularizer="l1", regularizer_options={"strength": 1.0},
+                              scope=["3"], progress=False)  # fmt: skip
+    pruner.prune_to(0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    pruner.regularize()
+    alive = model[3].parametrizations.weight[0].mask
+    grad = model[3].parametrizations.weight.original.grad
+    assert torch.equal(grad[~alive], torch.zeros_like(grad[~alive]))
+    assert torch.equal(grad[alive], model[3].parametrizations.weight.original.detach().sign()[alive])
+    assert model[0].weight.grad.abs().sum() == 0  # out of scope
+    with pytest.raises(StateError, match="no regularizer"):
+        secateurs.Pruner(small_mlp(), "magnitude", 0.5).regularize()
+    with pytest.raises(ConfigError, match="no affine BatchNorm"):
+        secateurs.Pruner(small_cnn()[3:5], "magnitude", 0.5, regularizer="bn_l1",
+                         scope={"skip_first": False, "skip_last": False})  # fmt: skip
+
+
+# -- the catalogue -----------------------------------------------------------------------------------------
+def test_methods_lists_every_role_with_needs_modes_and_runners(capsys):
+    found = {(m.role, m.name): m for m in secateurs.methods()}
+    assert found[("criterion", "wanda")].runners == ("model", "blocks")
+    assert found[("criterion", "taylor")].runners == ("model",)
+    assert found[("criterion", "sparsegpt")].defaults["mode"] == "reconstruct"
+    assert found[("criterion", "flap")].modes == ("remove",) and found[("criterion", "flap")].defaults["solver"]
+    assert found[("allocation", "owl")].needs == ("activations",)
+    assert found[("solver", "bias_compensation")].modes == ("reconstruct", "remove")
+    assert {role for role, _ in found} >= {"criterion", "solver", "allocation", "pattern", "mode", "runner",
+                                           "schedule", "regularizer", "handler"}  # fmt: skip
+    from secateurs.cli import main
+
+    assert main(["methods", "--role", "solver"]) == 0
+    out = capsys.readouterr().out
+    assert "sparsegpt" in out and "bias_compensation" in out and "wanda" not in out
+    with pytest.raises(ConfigError, match="unknown role"):
+        secateurs.methods("criteria")

@@ -1,0 +1,121 @@
+"""mode='reconstruct' on any model: SparseGPT's OBS update on Linear and Conv layers (conv through unfolded
+input patches, as OBC), fixed masks from any criterion, bias compensation, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+from secateurs import ConfigError, DataRequiredError, StateError
+from secateurs.evidence import hessian_rows
+from secateurs.layout import layout_of, to_canonical
+from secateurs.scope import Target
+from secateurs.testing import calibration, small_cnn
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Conv2d(4, 6, (3, 2), stride=2, dilation=(1, 2), padding=(2, 1)),
+        nn.Conv2d(4, 6, 3, groups=2, padding=1),
+        nn.Conv2d(4, 4, 3, groups=4, padding="same"),  # depthwise
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+        nn.Conv1d(4, 6, 5, stride=2, padding=2),
+        nn.Linear(4, 6),
+    ],
+    ids=["conv", "strided", "grouped", "depthwise", "reflect", "conv1d", "linear"],
+)
+def test_hessian_rows_are_the_inputs_the_canonical_weight_multiplies(conv):
+    """For every layer type the rows, times the canonical weight, give the layer's output: so the Hessian
+    built from them is the layer's, and the solver's columns line up with the weight's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 7) if isinstance(conv, nn.Conv2d) else torch.randn(2, 4, 11)
+    if isinstance(conv, nn.Linear):
+        x = torch.randn(2, 5, 4)
+    target = Target("layer", conv, layout_of(conv))
+    rows = hessian_rows(target, x)
+    w3 = to_canonical(conv.weight.detach(), target.layout)
+    out, spatial, inp = w3.shape
+    groups = rows.shape[1] if rows.ndim == 3 else 1
+    rows = rows.reshape(rows.shape[0], groups, -1)
+    per_group = w3.reshape(groups, out // groups, spatial * inp)
+    y = torch.einsum("pgc,goc->pgo", rows, per_group).reshape(rows.shape[0], out)
+    expected = conv(x) - (conv.bias if conv.bias is not None else 0).reshape(*([1] * (conv(x).ndim - 1)), -1) \
+        if isinstance(conv, nn.Linear) else conv(x) - conv.bias.reshape(1, -1, *([1] * (x.ndim - 2)))  # fmt: skip
+    expected = expected.reshape(-1, out) if isinstance(conv, nn.Linear) else expected.movedim(1, -1).reshape(-1, out)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def _output_error(model: nn.Module, reference: nn.Module, batches) -> float:
+    with torch.no_grad():
+        return sum(float((model(x) - reference(x)).square().sum()) for x, _ in batches)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_sparsegpt_on_a_cnn_keeps_outputs_closer_than_magnitude_or_wanda(sparsity):
+    """Whole-model runner, conv layers included: the OBS update reconstructs each layer's output."""
+    batches = calibration(batches=6)
+    dense = small_cnn()
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = small_cnn()
+        secateurs.prune(model, method, sparsity, calibration=batches, mode="bake" if method != "sparsegpt" else None,
+                        progress=False)  # fmt: skip
+        errors[method] = _output_error(model, dense, batches)
+    assert errors["sparsegpt"] < min(errors["wanda"], errors["magnitude"]), errors
+
+
+def test_the_solver_reconstructs_a_mask_chosen_by_another_criterion():
+    batches = calibration(batches=6)
+    dense, masked, solved = small_cnn(), small_cnn(), small_cnn()
+    secateurs.prune(masked, "magnitude", 0.6, mode="bake", progress=False)
+    report = secateurs.prune(solved, "magnitude", 0.6, mode="reconstruct", calibration=batches, progress=False)
+    assert report.config["solver"] == "sparsegpt"
+    for a, b in zip(masked.state_dict().values(), solved.state_dict().values()):
+        assert torch.equal(a == 0, b == 0) or a.ndim < 2  # the same mask; only the survivors moved
+    assert _output_error(solved, dense, batches) < 0.7 * _output_error(masked, dense, batches)
+    assert [layer.name for layer in report.details.solved] == [layer.name for layer in report.layers]
+
+
+def test_bias_compensation_keeps_each_layers_mean_output():
+    """FLAP's compensation as a solver of mode='reconstruct': a pruned input is replaced by its mean."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = [(torch.randn(64, 8) + 3.0, torch.zeros(64, dtype=torch.long)) for _ in range(4)]
+    hidden = torch.cat([model[1](model[0](x)) for x, _ in batches]).detach()
+    before = model[2](hidden).mean(0).detach()
+    secateurs.prune(model, "magnitude", 0.5, mode="reconstruct", solver="bias_compensation",
+                    scope={"skip_first": False, "skip_last": False}, calibration=batches, progress=False)  # fmt: skip
+    torch.testing.assert_close(model[2](hidden).mean(0), before, rtol=1e-4, atol=1e-4)
+    assert float((model[2].weight == 0).float().mean()) == 0.5
+
+
+def test_reconstruction_refusals_name_the_way_out():
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DataRequiredError, match="solver 'sparsegpt' needs calibration data"):
+        secateurs.prune(model, "sparsegpt", 0.5, progress=False)
+    with pytest.raises(ConfigError, match=r"solver 'sparsegpt' serves mode 'reconstruct', not 'remove'"):
+        secateurs.prune(model, "magnitude", 0.5, mode="remove", solver="sparsegpt", progress=False)
+    with pytest.raises(ConfigError, match="mode='mask' takes no solver"):
+        secateurs.prune(model, "magnitude", 0.5, solver="sparsegpt", progress=False)
+    with pytest.raises(
+        ConfigError, match="method 'sparsegpt' supports mode 'bake', 'mask', 'reconstruct', not 'remove'"
+    ):
+        secateurs.prune(model, "sparsegpt", 0.5, mode="remove", progress=False)
+    with pytest.raises(ConfigError, match="no bias to fold"):
+        bare = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+        secateurs.prune(bare, "magnitude", 0.5, mode="reconstruct", solver="bias_compensation",
+                        calibration=[torch.randn(3, 4)], progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="Embedding"):
+        emb = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+        secateurs.prune(emb, "sparsegpt", 0.5, scope={"embeddings": True, "skip_last": False},
+                        calibration=[torch.randint(0, 10, (3,))], progress=False)  # fmt: skip
+    secateurs.prune(model, "magnitude", 0.3, progress=False)  # a mask on every target ...
+    with pytest.raises(StateError, match="carries a mask"):  # ... which reconstruct would rewrite under it
+        secateurs.prune(model, "sparsegpt", 0.5, calibration=calibration(), progress=False)
+    secateurs.unmask(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
