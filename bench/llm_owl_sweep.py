@@ -35,7 +35,7 @@ def main() -> None:
     rows = []
     for m, lam in grid:
         model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-        options = {"allocation": "owl", "owl_m": m, "owl_lambda": lam} if m else {}
+        options = {"allocation": "owl", "allocation_options": {"m": m, "lam": lam}} if m else {}
         report = prune_llm(model, args.method, 0.7, calibration=segments, progress=False, **options)
         row = {
             "owl_m": m,

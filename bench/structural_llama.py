@@ -23,12 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from _common import machine, write_results
 from secateurs.calibration import sample_segments
 from secateurs.llm import perplexity
-from secateurs.structural import prune_heads_and_neurons, remove_layers
+from secateurs.llm import prune_heads_and_neurons, remove_layers
 from structural_models import LLAMA, SHARED
 
 HEADS_AND_NEURONS = {
     "flap": {"method": "flap"},
-    "flap, no bias compensation": {"method": "flap", "bias_compensation": False},
+    "flap, no bias compensation": {"method": "flap", "solver": "none"},
     "magnitude (L2 group norm), per layer": {"method": "magnitude", "allocation": "uniform"},
     "random, per layer": {"method": "random", "allocation": "uniform"},
 }
@@ -64,7 +64,7 @@ def main() -> None:
             rows.append(row)
             print(f"{row['what']}: perplexity {row['perplexity']:.2f} ({row['params']:,} params)", flush=True)
     for n in (1, 2):
-        for method in ("block_influence", "random"):
+        for method in ("shortgpt", "random"):
             model = copy.deepcopy(dense)
             report = remove_layers(model, n, calibration=batches, method=method, progress=False, latency=False)
             row = {"what": f"remove {n} block(s), {method}", "removed": report.removed_blocks,

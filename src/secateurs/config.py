@@ -117,7 +117,9 @@ class PruneConfig(Spec):
         runner: ``'model'`` (hooks over the calibration batches on the whole model; the default) or
             ``'blocks'`` (one repeated block at a time with recomputed inputs: the layerwise LLM runner).
         blocks: qualified name of the container of repeated blocks (``'model.layers'``) for the block
-            runner, ``pattern='layer'`` and OWL's layers; None: found automatically.
+            runner, ``pattern='layer'`` and OWL's layers; None: found automatically. ``''`` names the model
+            itself: the children of an ``nn.Sequential`` become the blocks, so the block runner prunes any
+            sequential model layer by layer with the pruned outputs feeding the next (SparseGPT's protocol).
         overrides: ``{module_glob: sparsity or {sparsity?, pattern?, method?, method_options?,
             comparison?}}``: config groups, e.g. ``{'*.mlp.*': {'pattern': '2:4'}, 'lm_head': 0}``
             (0 leaves a layer dense). The last matching glob wins.
@@ -157,7 +159,9 @@ class PruneConfig(Spec):
     )
     solver_options: Mapping[str, Any] | None = option(None, check=mapping())
     runner: str | None = option(None, check=lambda name, value: one_of(RUNNERS.names(), optional=True)(name, value))
-    blocks: str | None = option(None, check=string(optional=True, what="a module name such as 'model.layers'"))
+    blocks: str | None = option(
+        None, check=instance(str, "a module name such as 'model.layers' ('': the model itself)", optional=True)
+    )
     overrides: Mapping[str, Any] | None = option(None, check=mapping(keys="module-name globs"))
     schedule: Schedule | Mapping | str | None = option(None, check=anything)
     iterations: int | None = option(None, check=integer(1, optional=True))

@@ -32,7 +32,8 @@ from .scope import Target
 
 
 class Need(str, Enum):
-    ACTIVATIONS = "activations"  # input/output statistics of each target
+    ACTIVATIONS = "activations"  # statistics of each target's input channels (sum, sum of squares)
+    OUTPUTS = "outputs"  # statistics of each target's output channels (mean |y|, zeros after ReLU)
     HESSIAN = "hessian"  # X X^T of each target's input (OBS saliency, reconstruction solvers)
     GRADIENTS = "gradients"  # loss gradients accumulated over the calibration batches
     BATCH_GRADIENTS = "batch_gradients"  # ... and kept per batch (memory: one copy per batch)
@@ -41,9 +42,11 @@ class Need(str, Enum):
 
 
 #: what forward hooks on the targets gather: the needs both runners can meet
-HOOKED = frozenset({Need.ACTIVATIONS, Need.HESSIAN})
+HOOKED = frozenset({Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN})
 #: needs that call for calibration batches
-DATA_NEEDS = frozenset({Need.ACTIVATIONS, Need.HESSIAN, Need.GRADIENTS, Need.BATCH_GRADIENTS, Need.DATA_PASSES})
+DATA_NEEDS = frozenset(
+    {Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN, Need.GRADIENTS, Need.BATCH_GRADIENTS, Need.DATA_PASSES}
+)
 
 
 @dataclass
@@ -65,8 +68,8 @@ class ActivationStats:
     """Running sums over every position a target saw (tokens, pixels, samples)."""
 
     inputs: InputStats | None  # None: the layer takes integer inputs (an Embedding)
-    output_abs_sum: Tensor  # (out_channels,): sum of |y_i|
-    output_nonpositive: Tensor  # (out_channels,): count of y_i <= 0, i.e. zero after ReLU
+    output_abs_sum: Tensor  # (out_channels,): sum of |y_i| (gathered for Need.OUTPUTS)
+    output_nonpositive: Tensor  # (out_channels,): count of y_i <= 0, i.e. zero after ReLU (Need.OUTPUTS)
     positions: int = 0
 
     def _inputs(self) -> InputStats:
@@ -254,7 +257,7 @@ class StatsCollector:
             if not args or not isinstance(args[0], Tensor):
                 return
             x = args[0].detach()
-            if Need.ACTIVATIONS in self.needs and isinstance(output, Tensor):
+            if self.needs & {Need.ACTIVATIONS, Need.OUTPUTS} and isinstance(output, Tensor):
                 self._outputs(target, output.detach())
             name = target.name
             if name in self._sharing:
@@ -279,14 +282,19 @@ class StatsCollector:
         return hook
 
     def _outputs(self, target: Target, y: Tensor) -> None:
-        rows = _channels_last(y.float(), target.layout)
+        """The target's ActivationStats; output statistics only when something reads them (two passes over
+        every output are a real cost on an LLM's MLP)."""
         stats = self.activations.get(target.name)
+        channels = y.shape[1] if target.layout is Layout.CONV else y.shape[-1]
         if stats is None:
-            zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+            zeros = torch.zeros(channels, dtype=torch.float64, device=y.device)
             stats = self.activations[target.name] = ActivationStats(self._inputs.get(target.name), zeros, zeros.clone())
-        stats.output_abs_sum += rows.abs().sum(0).double()
-        stats.output_nonpositive += (rows <= 0).sum(0).double()
-        stats.positions += rows.shape[0]
+        positions = y.numel() // max(channels, 1)
+        if Need.OUTPUTS in self.needs:
+            rows = _channels_last(y.float(), target.layout)
+            stats.output_abs_sum += rows.abs().sum(0).double()
+            stats.output_nonpositive += (rows <= 0).sum(0).double()
+        stats.positions += positions
 
     def end_batch(self) -> None:
         """After the first batch, targets with identical input histories share one accumulator."""

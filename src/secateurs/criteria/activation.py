@@ -36,7 +36,7 @@ class Activation(Criterion):
     """Mean |output| of each neuron or filter over the calibration data."""
 
     name = "activation"
-    needs = frozenset({Need.ACTIVATIONS})
+    needs = frozenset({Need.OUTPUTS})
     patterns = ("output_channel",)
     reduction = "mean"
     scores_embeddings = False
@@ -53,7 +53,7 @@ class APoZ(Criterion):
     (a pre-activation <= 0 counts as zero)."""
 
     name = "apoz"
-    needs = frozenset({Need.ACTIVATIONS})
+    needs = frozenset({Need.OUTPUTS})
     patterns = ("output_channel",)
     reduction = "mean"
     scores_embeddings = False

@@ -26,6 +26,7 @@ def prune_heads_and_neurons(
     calibration: Iterable[Any] | None = None,
     method: str = "flap",
     allocation: str | dict[str, float] | None = None,
+    solver: str | None = None,
     example_inputs: Any = None,
     max_batches: int | None = None,
     progress: bool = True,
@@ -36,11 +37,12 @@ def prune_heads_and_neurons(
 
     ``sparsity`` is the fraction of the heads' and neurons' parameters to remove (global
     allocation) or of each layer's heads and neurons (``allocation='uniform'``).
-    ``calibration``: batches of token ids (tensors or dicts). ``structural``: options of
+    ``calibration``: batches of token ids (tensors or dicts). ``solver``: None for the method's own
+    (FLAP: bias compensation), ``'none'`` to turn it off. ``structural``: options of
     :class:`~secateurs.granularity.StructuralOptions` (``gqa``, ``round_to`` ...).
     """
     return prune(
-        model, method, sparsity, pattern="head+channel", mode="remove", allocation=allocation,
+        model, method, sparsity, pattern="head+channel", mode="remove", allocation=allocation, solver=solver,
         calibration=calibration, example_inputs=example_inputs, max_batches=max_batches, progress=progress,
         structural=structural or None,
     )  # fmt: skip

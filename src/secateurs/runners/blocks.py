@@ -40,7 +40,7 @@ class BlockRunner(Runner):
     """One repeated block at a time, with recomputed inputs (the layerwise LLM runner)."""
 
     name = "blocks"
-    needs = frozenset({Need.ACTIVATIONS, Need.HESSIAN})
+    needs = frozenset({Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN})
     modes = ("mask", "bake", "reconstruct")
     sees_all_targets = False
     multi_round = False
