@@ -5,9 +5,10 @@ in scope through the whole-model runner (a conv through its unfolded input patch
 against masks alone: magnitude (per layer) and Wanda (per output row), and the magnitude mask with
 the OBS update (``mode='reconstruct'``), which separates what the mask choice buys from what the
 update buys. "sequential" is SparseGPT's own protocol: the block runner over the model's children
-(``runner='blocks', blocks=''``), each layer calibrated on the outputs of the already pruned ones. Each model is trained (300 Adam steps), pruned at 70/80/90% with the default scope
-(the CNN's first conv and both classifiers' last layer stay dense), calibrated on 512 training
-images, and tested on the 450 held-out ones. Mean and std over seeds.
+(``runner='blocks', blocks=''``), each layer calibrated on the outputs of the already pruned ones.
+Each model is trained (300 Adam steps), pruned at 70/80/90% with the default scope (the CNN's
+first conv and both classifiers' last layer stay dense), calibrated on 512 training images, and
+tested on the 450 held-out ones. Mean and std over seeds.
 
     .venv/bin/python bench/reconstruct_digits.py [--seeds 3]
 """

@@ -22,8 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _common import machine, write_results
 from secateurs.calibration import sample_segments
-from secateurs.llm import perplexity
-from secateurs.llm import prune_heads_and_neurons, remove_layers
+from secateurs.llm import perplexity, prune_heads_and_neurons, remove_layers
 from structural_models import LLAMA, SHARED
 
 HEADS_AND_NEURONS = {
