@@ -119,3 +119,24 @@ def test_reconstruction_refusals_name_the_way_out():
         secateurs.prune(model, "sparsegpt", 0.5, calibration=calibration(), progress=False)
     secateurs.unmask(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bias_compensation_after_removal_works_for_any_method_and_can_be_turned_off():
+    """FLAP's compensation is a solver of the remove mode: any criterion may use it, and FLAP can drop it."""
+    from secateurs.testing import small_mlp
+
+    batches = calibration(shape=(16,), batches=4)
+    x = torch.cat([b for b, _ in batches])
+    dense = small_mlp()
+    with torch.no_grad():
+        reference = dense(x).mean(0)
+    errors = {}
+    for solver in ("none", "bias_compensation"):
+        model = small_mlp()
+        report = secateurs.prune(model, "magnitude", 0.5, mode="remove", solver=solver, calibration=batches,
+                                 structural={"latency": False}, progress=False)  # fmt: skip
+        assert report.config["solver"] == solver
+        with torch.no_grad():
+            errors[solver] = float((model(x).mean(0) - reference).abs().sum())
+    assert errors["bias_compensation"] < 0.5 * errors["none"], errors
+    assert secateurs.PruneConfig(method="flap", sparsity=0.2, mode="remove", solver="none").solver_ is None

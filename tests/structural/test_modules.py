@@ -199,3 +199,43 @@ def test_a_user_handler_makes_an_opaque_module_prunable():
     register_handler(Scale, ScaleHandler())
     _prune(net, "channel", x)
     assert net[1].weight.shape == (4,) and net[3].in_features == 4
+
+
+def test_loading_a_plan_whose_handler_is_not_registered_names_the_handler_and_changes_nothing(tmp_path):
+    from secateurs.structural import HANDLERS, load_structured, save_structured
+    from secateurs.structural import handlers as registry
+
+    class Gain(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+        def forward(self, x):
+            return torch.einsum("bc,c->bc", x, self.weight)
+
+    @register_handler(Gain)  # the decorator form
+    class GainHandler(Handler):
+        name = "test_gain"
+
+        def trace(self, t, name, module, args, kwargs, output):
+            vec = t.channel(args[0], -1)
+            t.port(name, "weight", 0, vec, "pass", name)
+            t.label(output, -1, vec)
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), Gain(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+    net, x = build(), torch.randn(3, 4)
+    _prune(net, "channel", x)
+    save_structured(net, tmp_path / "p")
+    registry._REGISTRY.pop(Gain)
+    HANDLERS.unregister("test_gain")
+    fresh = build()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(StructureError, match=r"needs the structural handler 'test_gain' for module '1' \(Gain\)"):
+        load_structured(tmp_path / "p", fresh)
+    assert {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == {k: tuple(v.shape) for k, v in before.items()}
+    register_handler(Gain, GainHandler())
+    loaded = load_structured(tmp_path / "p", build())
+    torch.testing.assert_close(loaded(x), net(x))
