@@ -25,6 +25,12 @@ from .training import REGULARIZERS
 ROLES = ("criterion", "solver", "allocation", "pattern", "granularity", "mode", "runner", "schedule",
          "regularizer", "handler")  # fmt: skip
 _ELEMENT_MODES = ("mask", "bake", "reconstruct")
+_GRANULARITIES = {
+    "channel": "Neurons, filters and channels, with every tensor they are coupled to",
+    "head": "Attention heads (grouped-query attention: whole KV groups or query heads evenly)",
+    "hidden": "The hidden (residual, embedding) dimension of a transformer",
+    "layer": "Whole blocks of the repeated stack",
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ def _others() -> list[MethodInfo]:
                           (), (*_ELEMENT_MODES, "remove"), tuple(RUNNERS.names())))  # fmt: skip
     out += [MethodInfo("pattern", n, summary_of(c), modes=_ELEMENT_MODES, runners=tuple(RUNNERS.names()))
             for n, c in PATTERNS.items()]  # fmt: skip
-    out += [MethodInfo("granularity", n, f"mode='remove' removes whole {n}s", modes=("remove",), runners=("model",))
+    out += [MethodInfo("granularity", n, _GRANULARITIES[n], modes=("remove",), runners=("model",))
             for n in GRANULARITY_NAMES]  # fmt: skip
     out += [MethodInfo("mode", n, summary_of(c), runners=tuple(r for r, rc in RUNNERS.items() if n in rc.modes))
             for n, c in APPLICATIONS.items()]  # fmt: skip

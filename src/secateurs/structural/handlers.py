@@ -167,6 +167,8 @@ def pass_through(t: Trace, owner: str, x: Tensor, out: Tensor, dim: int, params:
 
 # -- primitives ---------------------------------------------------------------------------------
 class LinearHandler(Handler):
+    """``nn.Linear``: its columns consume the input's channels, its rows (and bias) produce new ones."""
+
     name = "linear"
 
     def trace(self, t, name, module, args, kwargs, output):
@@ -178,6 +180,8 @@ class LinearHandler(Handler):
 
 
 class ConvHandler(Handler):
+    """Convolutions, grouped and depthwise ones included (see :func:`conv_ports`)."""
+
     name = "conv"
     transposed = False
 
@@ -201,6 +205,8 @@ class ConvHandler(Handler):
 
 
 class ConvTransposeHandler(ConvHandler):
+    """Transposed convolutions: the weight is stored ``(in, out / groups, *kernel)``."""
+
     name = "conv_transpose"
     transposed = True
 
@@ -272,6 +278,8 @@ class EmbeddingHandler(Handler):
 
 
 class PReLUHandler(Handler):
+    """PReLU with one slope per channel is cut with the channel; a single shared slope passes through."""
+
     name = "prelu"
 
     def trace(self, t, name, module, args, kwargs, output):

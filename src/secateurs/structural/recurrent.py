@@ -23,6 +23,8 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 class RecurrentHandler(Handler):
+    """LSTM / GRU / RNN hidden units, every layer and direction at once (and LSTM projections)."""
+
     name = "recurrent"
 
     def trace(self, t: Trace, name, module, args, kwargs, output):
