@@ -27,7 +27,7 @@ from .criteria.magnitude import lamp_normalize
 from .errors import ConfigError, choices
 from .evidence import Evidence, Need
 from .patterns import Pattern
-from .registry import Registry, construct
+from .registry import Registry
 from .scope import Target
 from .selection import global_prune_counts
 from .spec import is_number
@@ -100,6 +100,9 @@ class Allocation:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({args})"
+
+
+ALLOCATIONS.base = Allocation
 
 
 @ALLOCATIONS.register
@@ -306,19 +309,10 @@ def make_allocation(
 ) -> Allocation:
     """A registered name (``'uniform' | 'global' | 'erk' | 'lamp' | 'owl'`` ...) with its options, an
     explicit ``{glob: sparsity}`` dict, or an instance."""
-    if isinstance(value, Allocation):
-        if options:
-            raise ConfigError("allocation_options only apply when allocation is given by name")
-        return value
     if isinstance(value, Mapping):
         if options:
             raise ConfigError("allocation_options do not apply to an explicit {glob: sparsity} allocation")
         return Explicit(value, default=default or 0.0)
-    if not isinstance(value, str):
-        raise ConfigError(
-            f"allocation must be a name ({choices(ALLOCATIONS)}), a {{glob: sparsity}} dict or an Allocation, "
-            f"got {value!r}"
-        )
-    if value not in ALLOCATIONS:
+    if isinstance(value, str) and value not in ALLOCATIONS:
         raise ConfigError(f"unknown allocation {value!r}; valid: {choices(ALLOCATIONS)} or a {{glob: sparsity}} dict")
-    return construct(ALLOCATIONS.get(value), options, f"allocation_options for {value!r}")
+    return ALLOCATIONS.build(value, options, "allocation_options")

@@ -25,8 +25,6 @@ from .report import LayerResult
 from .scope import Target
 from .solvers.base import Solver
 
-APPLICATIONS: Registry[type[Application]] = Registry("mode")
-
 
 class Application:
     """Base class of an application mode."""
@@ -58,6 +56,9 @@ class Application:
 
     def finish(self, targets: Sequence[Target]) -> None:
         """End of the run (after every round): make the result what the mode promises."""
+
+
+APPLICATIONS: Registry[type[Application]] = Registry("mode", base=Application)
 
 
 @APPLICATIONS.register

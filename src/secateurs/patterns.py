@@ -91,7 +91,7 @@ class Pattern(ABC):
         return self.name
 
 
-PATTERNS: Registry[type[Pattern]] = Registry("pattern", PatternError)
+PATTERNS: Registry[type[Pattern]] = Registry("pattern", PatternError, base=Pattern)
 
 
 @PATTERNS.register

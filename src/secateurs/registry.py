@@ -24,9 +24,11 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Named entries of one role. An entry is registered under its ``name`` attribute."""
 
-    def __init__(self, role: str, error: type[Exception] = ConfigError) -> None:
+    def __init__(self, role: str, error: type[Exception] = ConfigError, base: type | None = None) -> None:
         self.role = role
         self._error = error
+        #: entries must be subclasses of this (set once the base class exists)
+        self.base = base
         self._entries: dict[str, T] = {}
 
     def register(self, entry: T | None = None, *, name: str | None = None, replace: bool = False) -> Any:
@@ -35,9 +37,11 @@ class Registry(Generic[T]):
         shadowing of a built-in would change what a recipe means."""
 
         def add(obj: T) -> T:
+            if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+                raise ConfigError(f"registering a {self.role} takes a {self.base.__name__} subclass, got {obj!r}")
             key = name or getattr(obj, "name", None)
             if not isinstance(key, str) or not key:
-                raise ConfigError(f"a {self.role} needs a non-empty string `name` to be registered, got {key!r}")
+                raise ConfigError(f"registering a {self.role} needs a non-empty string `name`, got {key!r}")
             current = self._entries.get(key)
             if current is not None and current is not obj and not replace and not _same_class(current, obj):
                 raise ConfigError(
@@ -52,11 +56,20 @@ class Registry(Generic[T]):
     def get(self, key: str) -> T:
         """The entry named ``key``; a typed error listing the valid names otherwise."""
         if not isinstance(key, str):
-            raise self._error(f"a {self.role} is named by a string; got {key!r} ({type(key).__name__})")
+            raise self._error(f"{self.role} names are strings; got {key!r} ({type(key).__name__})")
         try:
             return self._entries[key]
         except KeyError:
             raise self._error(f"unknown {self.role} {key!r}; valid: {choices(self._entries)}") from None
+
+    def build(self, value: Any, options: Any, options_field: str) -> Any:
+        """An instance from a registered name and its options (``options_field`` names them in messages), or
+        the instance given (then options are refused: they would be silently ignored)."""
+        if self.base is not None and isinstance(value, self.base):
+            if options:
+                raise ConfigError(f"{options_field} only apply when the {self.role} is given by name")
+            return value
+        return construct(self.get(value), options, f"{options_field} for {value!r}")
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries

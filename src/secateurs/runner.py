@@ -19,8 +19,6 @@ from .errors import ConfigError, choices
 from .evidence import Need
 from .registry import Registry
 
-RUNNERS: Registry[type[Runner]] = Registry("runner")
-
 
 class Runner:
     """Base class: declared traits plus :meth:`run` (implemented in :mod:`secateurs.runners`)."""
@@ -62,3 +60,6 @@ class Runner:
 
     def run(self, model: Any, config: Any, data: Any) -> Any:
         raise NotImplementedError
+
+
+RUNNERS: Registry[type[Runner]] = Registry("runner", base=Runner)

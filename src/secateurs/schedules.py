@@ -167,6 +167,7 @@ class LotteryTicket(Schedule):
         return self.rounds * self.steps_per_round - 1
 
 
+SCHEDULES.base = Schedule
 for _cls in (OneShot, Linear, Cubic, Exponential, LotteryTicket):
     SCHEDULES.register(_cls, name=_cls.kind)
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
-from ..registry import construct
 from . import activation, gradient, magnitude, second_order, synflow  # noqa: F401  (registration)
 from .activation import Activation, APoZ, Wanda
 from .base import CRITERIA, MODES, Criterion, register, registry
@@ -22,11 +20,7 @@ from .synflow import SynFlow
 
 def make_criterion(method: str | Criterion, options: dict[str, Any] | None = None) -> Criterion:
     """A criterion instance from its registered name (plus constructor options)."""
-    if isinstance(method, Criterion):
-        if options:
-            raise ConfigError("method_options only apply when method is given by name")
-        return method
-    return construct(CRITERIA.get(method), options, f"method_options for {method!r}")
+    return CRITERIA.build(method, options, "method_options")
 
 
 __all__ = [
