@@ -18,7 +18,6 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, choices
-from ..hf import ModelLoadError
 from ..io import atomic_dir
 from ..patterns import NM
 from .compressed import CompressedSize, load_compressed_into, save_compressed
@@ -84,16 +83,6 @@ def save_pruned(
     return SavedModel(str(path), dense, compressed)
 
 
-def _model_class(config: Any) -> Any:
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel.from_config
-
-
 def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) -> nn.Module:
     """Load a directory written by :func:`save_pruned` (or any HF model directory).
 
@@ -101,7 +90,7 @@ def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) ->
     too; ``'auto'`` uses the dense weights when present (faster) and the compressed ones
     otherwise.
     """
-    from ..hf import load_hf_model
+    from ..hf import build_from_config, load_hf_model, require_transformers
 
     path = Path(path)
     if (path / "pruning_plan.json").is_file():  # structurally pruned (FLAP, ShortGPT ...)
@@ -111,12 +100,8 @@ def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) ->
     sparse = path / SPARSE_FILE
     has_dense = any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
     if sparse.is_file() and (prefer == "compressed" or not has_dense):
-        try:
-            import transformers
-        except ImportError as exc:
-            raise ModelLoadError("loading Hugging Face models needs transformers: pip install 'secateurs[hf]'") from exc
-        config = transformers.AutoConfig.from_pretrained(path)
-        model = _model_class(config)(config)
+        config = require_transformers().AutoConfig.from_pretrained(path)
+        model = build_from_config(config)
         load_compressed_into(model, sparse)
         return model.eval()
     return load_hf_model(str(path), **kwargs)
