@@ -6,6 +6,7 @@ from .api import Pruner, StepEvent, prune
 from .config import PruneConfig
 from .criteria import Criterion, make_criterion, register
 from .errors import (
+    CheckpointError,
     ConfigError,
     DataRequiredError,
     NonFiniteError,
@@ -25,6 +26,7 @@ from .scope import ScopeSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "Criterion",
     "Cubic",

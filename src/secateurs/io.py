@@ -120,7 +120,10 @@ def _umask() -> int:
 def _staged(path: Path, directory: bool) -> Iterator[Path]:
     """A locked staging file or directory beside ``path``, with umask permissions; removed on exit
     unless the caller moved it away."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from exc
     recover(path)
     while True:
         if directory:

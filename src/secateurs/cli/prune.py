@@ -16,7 +16,7 @@ from ..io import atomic_dir, refuse_existing
 from ..masking import bake, save_masks
 from ..recipes import load_recipe, parse_recipe
 from . import llm_prune
-from .models import is_factory, load_model
+from .models import call_factory, input_shape, is_factory, load_model
 
 _FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "iterations", "seed", "max_batches")
 
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", nargs="+", help="module-name globs to prune (re:REGEX for regexes)")
     p.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
     p.add_argument("--data", help="'package.module:function' returning an iterable of calibration batches")
-    p.add_argument("--input-shape", help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
+    p.add_argument("--input-shape", type=input_shape, help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     llm_prune.add_arguments(p)
@@ -72,23 +72,16 @@ def apply_scope_flags(recipe: dict[str, Any], args: argparse.Namespace) -> None:
         recipe["scope"] = scope
 
 
-def _call(spec: str) -> Any:
-    if not is_factory(spec):
-        raise ConfigError(f"--data must be 'package.module:function', got {spec!r}")
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)()
-
-
 def run(args: argparse.Namespace) -> int:
     if args.mode != "remove" and llm_prune.wants_layerwise(args, is_factory(args.model)):
         return llm_prune.run(args)
     recipe = recipe_from_args(args)
     refuse_existing(Path(args.out), args.overwrite)  # before loading and pruning, not after
     model = load_model(args.model, args.weights)
-    calibration = _call(args.data) if args.data else _text_calibration(model, args) if args.calib else None
-    example = torch.zeros(1, *map(int, args.input_shape.split(","))) if args.input_shape else None
+    calibration = (
+        call_factory(args.data, "--data") if args.data else _text_calibration(model, args) if args.calib else None
+    )
+    example = torch.zeros(1, *args.input_shape) if args.input_shape else None
     report = prune(model, **recipe, calibration=calibration, example_inputs=example)
     print(report.table())
     if recipe.get("mode") == "remove":
