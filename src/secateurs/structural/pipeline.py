@@ -24,7 +24,7 @@ from .allocate import prune_counts, select
 from .apply import apply_steps
 from .graph import DependencyGraph, Group
 from .handlers import handler_for
-from .plan import start_plan
+from .plan import record_step, start_plan
 from .report import GroupChange, StructuralReport, measure
 from .step import Step
 from .surgery import Surgery
@@ -195,7 +195,7 @@ def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> Struc
 
     plan = start_plan(model)
     apply_steps(model, [step], inputs, check=opts.check, after=after)
-    plan.steps.append(step)
+    record_step(model, plan, step)
     seconds = time.perf_counter() - start
     return StructuralReport(changes, before, measure(model, inputs, opts.latency), seconds, removed_blocks,
                             config.to_dict())  # fmt: skip
@@ -209,5 +209,5 @@ def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check
     step = graph.step(removed)
     plan = start_plan(model)
     apply_steps(model, [step], example_inputs, check=check, after=hf.sync_config)
-    plan.steps.append(step)
+    record_step(model, plan, step)
     return step
