@@ -68,6 +68,7 @@ class Trace:
     ports: dict[tuple, Port] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
     fixed: list[Tensor] = field(default_factory=list)
+    pinned: list[Blocked] = field(default_factory=list)  # frozen by an op reading fixed positions
     blocked: list[Blocked] = field(default_factory=list)
     owners: dict[str, nn.Module] = field(default_factory=dict)  # modules whose handler traced them
     path: list[str] = field(default_factory=list)  # module stack, for messages
@@ -173,6 +174,14 @@ class Trace:
     def fix(self, ids: Tensor) -> None:
         """These classes reach the model's inputs or outputs, whose shapes cannot change."""
         self.fixed.append(ids.reshape(-1).to(LABEL_DTYPE))
+
+    def pin(self, ids: Tensor, reason: str) -> None:
+        """These classes must stay: an op reads them, or the channels after them, at fixed positions."""
+        ids = ids.reshape(-1)
+        ids = ids[ids >= 0]
+        if ids.numel():
+            module = self.path[-1] if self.path else ""
+            self.pinned.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason, module))
 
     def block(self, ids: Tensor, reason: str) -> None:
         ids = ids.reshape(-1)
