@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .batches import LossFn, first_sample, model_inputs, take
+from .batches import LossFn, check_inputs, first_sample, model_inputs, take
 from .config import PruneConfig
 from .engine import Data, apply_masks, check, compute_masks, pruning
 from .errors import ConfigError, StateError
+from .guards import outside_inference_mode
 from .masking import bake as bake_all
-from .masking import detach
+from .masking import detach, refuse_lower_target
 from .progress import progress as progress_bar
 from .report import Report, build_report
 from .schedules import OneShot, exponential_sparsity
@@ -35,6 +36,11 @@ def _data(
     return Data(batches, loss_fn, example_inputs, show)
 
 
+def _example_source(example_inputs: Any) -> str:
+    return "example_inputs" if example_inputs is not None else "the first sample of the first calibration batch"
+
+
+@outside_inference_mode
 def prune(
     model: nn.Module,
     method: str = "magnitude",
@@ -76,6 +82,9 @@ def prune(
         return prune_structured(model, config, data)
     targets = resolve(model, config.scope_)
     check(targets, config, data)
+    check_inputs(model, data.example_inputs, _example_source(example_inputs))  # the report runs them afterwards
+    if config.sparsity is not None:
+        refuse_lower_target(targets, config.final_sparsity)
     rounds = config.rounds
     with pruning(targets):
         for k in progress_bar(range(1, rounds + 1), f"{config.criterion_.name} rounds", progress and rounds > 1):
@@ -137,6 +146,7 @@ class Pruner:
     parameters are new tensors, so rebuild the optimizer.
     """
 
+    @outside_inference_mode
     def __init__(
         self,
         model: nn.Module,
@@ -161,6 +171,7 @@ class Pruner:
         else:
             self.targets = resolve(model, self.config.scope_)
             check(self.targets, self.config, self.data)
+            check_inputs(model, self.data.example_inputs, _example_source(example_inputs))
         self.step_count = 0
         self.current_sparsity = 0.0
         schedule = self.config.schedule_
@@ -168,6 +179,7 @@ class Pruner:
         if schedule.rewind_step == 0:
             self._rewind_state = _trainable_state(model)
 
+    @outside_inference_mode
     def step(self) -> StepEvent:
         """Call once after every optimizer step."""
         t = self.step_count
@@ -185,6 +197,7 @@ class Pruner:
         self.step_count += 1
         return event
 
+    @outside_inference_mode
     def prune_to(self, sparsity: float) -> bool:
         """Prune now to ``sparsity`` overall (what :meth:`step` calls on schedule). Returns whether
         parameters were replaced by smaller tensors (``mode='remove'``): rebuild the optimizer then."""
@@ -195,6 +208,7 @@ class Pruner:
             self.current_sparsity = sparsity
             return removed
         check(self.targets, self.config, self.data)
+        refuse_lower_target(self.targets, sparsity)
         with pruning(self.targets):
             masks = compute_masks(self.model, self.targets, self.config, sparsity, self.data, self.step_count)
             apply_masks(self.targets, masks)
@@ -218,6 +232,7 @@ class Pruner:
         inputs = example_inputs if example_inputs is not None else self.data.example_inputs
         return build_report(self.model, self.targets, self.config.pattern_, inputs, self.config.to_dict())
 
+    @outside_inference_mode
     def finalize(self, bake: bool | None = None) -> nn.Module:
         """End of training: bake the zeros into the weights (default when mode='bake')."""
         if bake if bake is not None else self.config.mode == "bake":

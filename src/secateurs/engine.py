@@ -21,6 +21,7 @@ from .config import PruneConfig
 from .criteria import Criterion
 from .errors import DataRequiredError
 from .evidence import Evidence, Need, gather, preserved
+from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
 from .masking import MaskSnapshot, attach, bake_target, current_mask
 from .scope import Target
@@ -54,6 +55,7 @@ def check(targets: Sequence[Target], config: PruneConfig, data: Data) -> None:
             f"method {criterion.name!r} runs data-free passes but needs the input shape; "
             "pass example_inputs=torch.zeros(1, *input_shape)"
         )
+    refuse_inference_weights(targets, criterion.name, bool(needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}))
     for t in targets:
         check_finite(t.weight.detach(), f"weight {t.name}")
 

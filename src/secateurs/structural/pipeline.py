@@ -17,6 +17,7 @@ from ..criteria.structural import GroupCriterion, as_group_criterion
 from ..engine import Data, evidence_for
 from ..errors import ConfigError, DataRequiredError, ScopeError, StructureError
 from ..evidence import Need
+from ..guards import outside_inference_mode
 from ..scope import ScopeSpec, _matches
 from ..selection import keep_mask
 from . import hf, layers
@@ -201,6 +202,7 @@ def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> Struc
                             config.to_dict())  # fmt: skip
 
 
+@outside_inference_mode
 def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check: bool = True, **options: Any) -> Step:
     """Remove chosen units (``{group_name: unit_indices}``) from ``model``; returns the applied step.
     Group names come from ``DependencyGraph(model, example_inputs).groups``."""
