@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -211,8 +212,6 @@ def save_masks(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fals
 
 def _read_mask_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """The masks of a file written by :func:`save_masks`, refused unless whole and boolean."""
-    from safetensors import safe_open
-
     tensors = load_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}

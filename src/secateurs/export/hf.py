@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, choices
+from ..hf import build_from_config, load_hf_model, require_transformers
 from ..io import atomic_dir
 from ..patterns import NM
 from .compressed import CompressedSize, load_compressed_into, save_compressed
@@ -90,8 +91,6 @@ def load_pruned(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) ->
     too; ``'auto'`` uses the dense weights when present (faster) and the compressed ones
     otherwise.
     """
-    from ..hf import build_from_config, load_hf_model, require_transformers
-
     path = Path(path)
     if (path / "pruning_plan.json").is_file():  # structurally pruned (FLAP, ShortGPT ...)
         from ..structural import load_pruned as load_removed
