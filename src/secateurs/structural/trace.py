@@ -177,18 +177,18 @@ class Trace:
 
     def pin(self, ids: Tensor, reason: str) -> None:
         """These classes must stay: an op reads them, or the channels after them, at fixed positions."""
-        ids = ids.reshape(-1)
-        ids = ids[ids >= 0]
-        if ids.numel():
-            module = self.path[-1] if self.path else ""
-            self.pinned.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason, module))
+        self._note(self.pinned, ids, reason)
 
     def block(self, ids: Tensor, reason: str) -> None:
+        """An op the graph cannot follow touches these classes: removing them is refused."""
+        self._note(self.blocked, ids, reason)
+
+    def _note(self, into: list[Blocked], ids: Tensor, reason: str) -> None:
         ids = ids.reshape(-1)
         ids = ids[ids >= 0]
         if ids.numel():
             module = self.path[-1] if self.path else ""
-            self.blocked.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason, module))
+            into.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason, module))
 
     def where(self) -> str:
         if not self.path or not self.path[-1]:
