@@ -109,11 +109,15 @@ def run_model(model: nn.Module, batch: Any, what: str | None = "a calibration ba
     the batch is a :class:`DataRequiredError` that describes the batch (the cause is chained);
     ``what=None`` lets the model's own error through (the structural forward check names the module)."""
     inputs = model_inputs(batch)
-    if what is None:
+
+    def forward() -> Any:
         return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+    if what is None:
+        return forward()
     check_token_ids(model, inputs, what)
     try:
-        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+        return forward()
     except SecateursError:
         raise
     except torch.OutOfMemoryError:
