@@ -8,6 +8,7 @@ from .catalog import MethodInfo, methods
 from .config import PruneConfig
 from .criteria import Criterion, make_criterion, register
 from .errors import (
+    CheckpointError,
     ConfigError,
     DataRequiredError,
     NonFiniteError,
@@ -28,6 +29,7 @@ from .trial import trial
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "Criterion",
     "Cubic",

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .batches import LossFn
 from .config import PruneConfig
 from .errors import ConfigError, StateError
+from .guards import outside_inference_mode
 from .masking import bake as bake_all
 from .pipeline import Data, all_or_nothing, check
 from .report import Report
@@ -24,6 +25,7 @@ from .structural.iterative import ScheduledRemoval
 from .structural.report import StructuralReport
 
 
+@outside_inference_mode
 def prune(
     model: nn.Module,
     method: str = "magnitude",
@@ -114,6 +116,7 @@ class Pruner:
     parameters are new tensors, so rebuild the optimizer.
     """
 
+    @outside_inference_mode
     def __init__(
         self,
         model: nn.Module,
@@ -159,6 +162,7 @@ class Pruner:
             raise StateError("this Pruner has no regularizer; build it with regularizer='l1' or 'bn_l1' (or your own)")
         return self.config.regularizer_.penalize()
 
+    @outside_inference_mode
     def step(self) -> StepEvent:
         """Call once after every optimizer step."""
         if self.config.regularizer_ is not None:
@@ -178,6 +182,7 @@ class Pruner:
         self.step_count += 1
         return event
 
+    @outside_inference_mode
     def prune_to(self, sparsity: float) -> bool:
         """Prune now to ``sparsity`` overall (what :meth:`step` calls on schedule). Returns whether
         parameters were replaced by smaller tensors (``mode='remove'``): rebuild the optimizer then."""
@@ -189,6 +194,7 @@ class Pruner:
             return removed
         assert self._pruning is not None
         check(self._pruning.plans, self.config, self.data)
+        self._pruning.refuse_lower(sparsity)
         with all_or_nothing(self.targets, self.config.application_.writes_weights):
             self._pruning.prune_to(sparsity, round_=self.step_count)
         self.current_sparsity = sparsity
@@ -211,6 +217,7 @@ class Pruner:
         assert self._pruning is not None
         return self._pruning.report(example_inputs if example_inputs is not None else self.data.example_inputs)
 
+    @outside_inference_mode
     def finalize(self, bake: bool | None = None) -> nn.Module:
         """End of training: bake the zeros into the weights (default when mode='bake')."""
         if bake if bake is not None else self.config.mode_ == "bake":

@@ -13,6 +13,7 @@ Anything else: pass ``loss_fn(model, batch) -> scalar``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import DataRequiredError
+from .errors import DataRequiredError, SecateursError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -61,12 +62,86 @@ def first_sample(inputs: Any) -> Any:
     return inputs
 
 
-def run_model(model: nn.Module, batch: Any) -> Any:
-    """Forward one batch, following the conventions in this module's docstring."""
-    inputs = model_inputs(batch)
+def describe(inputs: Any) -> str:
+    """A short description of a batch for error messages: types, shapes and dtypes, never values."""
+    if isinstance(inputs, Tensor):
+        return f"Tensor{list(inputs.shape)} {str(inputs.dtype).removeprefix('torch.')}"
     if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in list(inputs.items())[:6]) + "}"
+    if isinstance(inputs, (list, tuple)):
+        return f"{type(inputs).__name__}(" + ", ".join(describe(v) for v in inputs[:4]) + ")"
+    return type(inputs).__name__
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The embedding that reads token ids: the HF model's own, or the model's only Embedding."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            found = get()
+        except (NotImplementedError, AttributeError):
+            found = None
+        if isinstance(found, nn.Embedding):
+            return found
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return embeddings[0] if len(embeddings) == 1 else None
+
+
+def check_token_ids(model: nn.Module, inputs: Any, what: str) -> None:
+    """Token ids outside the input embedding give an IndexError deep in the model: say which."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or not ids.numel():
+        return
+    embedding = _input_embedding(model)
+    if embedding is None:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= embedding.num_embeddings:
+        raise DataRequiredError(
+            f"{what} holds token ids {low}..{high}, but the model's input embedding has "
+            f"{embedding.num_embeddings} entries (ids 0..{embedding.num_embeddings - 1}); was it tokenized with "
+            "another tokenizer?"
+        )
+
+
+def run_model(model: nn.Module, batch: Any, what: str | None = "a calibration batch") -> Any:
+    """Forward one batch, following the conventions in this module's docstring. The model failing on
+    the batch is a :class:`DataRequiredError` that describes the batch (the cause is chained);
+    ``what=None`` lets the model's own error through (the structural forward check names the module)."""
+    inputs = model_inputs(batch)
+
+    def forward() -> Any:
+        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+    if what is None:
+        return forward()
+    check_token_ids(model, inputs, what)
+    try:
+        return forward()
+    except SecateursError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DataRequiredError(
+            f"the model fails on {what} ({describe(inputs)}): {type(exc).__name__}: {' '.join(str(exc).split())}. "
+            "Pass what model(...) accepts: a tensor, (inputs, targets), or a dict of keyword arguments"
+        ) from exc
+
+
+def check_inputs(model: nn.Module, example_inputs: Any, what: str = "example_inputs") -> None:
+    """Run ``example_inputs`` once, in eval mode without gradients, before anything is pruned: the
+    report runs them afterwards, when a bad shape could no longer leave the model untouched."""
+    if example_inputs is None:
+        return
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            run_model(model, to_device(example_inputs, model_device(model)), what)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def logits_of(output: Any) -> Tensor:
@@ -103,8 +178,20 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
             "(inputs, targets) batches or loss_fn=lambda model, batch: ..."
         )
     logits, targets = logits_of(output), batch[1]
+    if not isinstance(targets, Tensor):
+        raise DataRequiredError(f"batch targets must be a tensor, got {describe(targets)}")
     if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        classes = logits.shape[-1]
+        bad = targets[(targets != -100) & ((targets < 0) | (targets >= classes))]  # -100: cross-entropy's ignore
+        if bad.numel():
+            raise DataRequiredError(
+                f"batch targets hold class {int(bad[0])}, but the model outputs {classes} classes (0..{classes - 1})"
+            )
+        return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1))
+    if targets.shape != logits.shape:
+        raise DataRequiredError(
+            f"float batch targets of shape {list(targets.shape)} do not match the model output {list(logits.shape)}"
+        )
     return F.mse_loss(logits, targets)
 
 
@@ -112,6 +199,14 @@ def take(batches: Iterable[Any] | None, limit: int | None) -> list[Any]:
     """Materialise at most ``limit`` batches (so several passes see the same data)."""
     if batches is None:
         return []
+    if isinstance(batches, (str, bytes, os.PathLike)):
+        raise DataRequiredError(
+            f"calibration is a {type(batches).__name__} ({str(batches)[:40]!r}), which would be read one "
+            "character at a time: pass an iterable of batches (a DataLoader, a list of tensors or "
+            "(inputs, targets)); for text, prune with secateurs.llm and a tokenizer"
+        )
     if isinstance(batches, (Tensor, Mapping)):
         batches = [batches]
+    if not isinstance(batches, Iterable):
+        raise DataRequiredError(f"calibration must be an iterable of batches, got {type(batches).__name__}")
     return list(islice(batches, limit)) if limit is not None else list(batches)

@@ -37,6 +37,10 @@ class StateError(SecateursError, RuntimeError):
     """An object is used in the wrong order, e.g. loading masks whose shapes do not match."""
 
 
+class CheckpointError(StateError):
+    """A weights, masks or checkpoint file is unreadable, corrupted or truncated, or does not fit the model."""
+
+
 class StructureError(SecateursError, RuntimeError):
     """Structural removal cannot follow an op or module, or the pruned model fails its forward check."""
 

@@ -26,7 +26,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> MacCount:
     root = type(model).__name__
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            run_model(model, to_device(example_inputs, model_device(model)))
+            run_model(model, to_device(example_inputs, model_device(model)), "example_inputs")
     finally:
         model.train(was_training)
     per_module: dict[str, int] = {}
@@ -80,7 +80,7 @@ def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, wa
         with torch.inference_mode():
             for i in range(warmup + repeats):
                 start = time.perf_counter()
-                run_model(model, inputs)
+                run_model(model, inputs, "example_inputs")
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
     finally:

@@ -26,7 +26,7 @@ from .batches import LossFn, default_loss, model_device, run_model, to_device
 from .blocks import BlockInputs
 from .errors import ConfigError, DataRequiredError
 from .hessian import HessianAccumulator
-from .layout import Layout
+from .layout import Layout, layout_of
 from .progress import progress
 from .scope import Target
 
@@ -243,7 +243,14 @@ class StatsCollector:
 
     def __enter__(self) -> StatsCollector:
         if self.needs:
-            self._handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
+            # a tied weight (one tensor, several modules) is one target: every holder of the same kind feeds
+            # it (the same W multiplies both inputs, so both belong to its statistics and its Hessian)
+            self._handles = [
+                module.register_forward_hook(self._hook(t))
+                for t in self.targets
+                for _, module, _ in t.users
+                if layout_of(module) is t.layout
+            ]
         return self
 
     def __exit__(self, *exc: Any) -> None:

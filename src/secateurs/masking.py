@@ -15,7 +15,8 @@ contribute now" (:meth:`Gate.forward`) and "what survives if it is made permanen
 (:meth:`Gate.keep`, :meth:`Gate.fold`). Binary masks (:class:`WeightMask`) are one kind; learned
 gates (hard-concrete L0 gates, variational dropout, movement scores) are others. Everything below
 (reports, bake, unmask, save/load, removal's refusal of masked weights) speaks to the protocol, so
-a new gate needs no change here.
+a new gate needs no change here. A weight held by several modules (tied) carries the same gate in
+every holder.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import StateError
+from .errors import CheckpointError, ConfigError, ScopeError, StateError
+from .guards import outside_inference_mode
 from .io import atomic_path
-from .layout import layout_of
-from .scope import Target
+from .loading import load_safetensors
+from .scope import Target, parameter_holders, prunable_target, target_of
 
 MODES = ("mask", "bake")
 
@@ -102,31 +105,56 @@ def current_mask(target: Target) -> Tensor | None:
 
 
 def attach_gate(target: Target, gate: Gate) -> Gate:
-    """Put a gate (e.g. a learned one) on ``target``; refused if it already carries one."""
+    """Put a gate (e.g. a learned one) on ``target``, in every module that holds its weight (one gate
+    object, so tied holders can never disagree); refused if the weight already carries one."""
     existing = gate_of(target.module, target.param_name)
     if existing is not None:
         raise StateError(
             f"{target.name} already carries a {type(existing).__name__}; make it permanent with "
             "secateurs.bake(model) or drop it with secateurs.unmask(model) first"
         )
-    gate.parameter_order = tuple(target.module._parameters)
-    parametrize.register_parametrization(target.module, target.param_name, gate)
+    for _, module, param in target.users:
+        gate.parameter_order = tuple(module._parameters)
+        parametrize.register_parametrization(module, param, gate)
     return gate
 
 
 def attach(target: Target, mask: Tensor) -> None:
-    """Mask ``target`` (replacing an existing secateurs mask in place)."""
+    """Mask ``target`` in every module that holds its weight (replacing an existing secateurs mask
+    in place). The holders share one mask tensor, so they can never disagree."""
     mask = mask.to(device=target.parameter.device, dtype=torch.bool)
-    ours = _our_parametrization(target.module, target.param_name)
-    if ours is not None:
-        ours.mask.copy_(mask)
-        return
-    attach_gate(target, WeightMask(mask))
+    existing = gate_of(target.module, target.param_name)
+    if existing is not None and not isinstance(existing, WeightMask):
+        raise StateError(
+            f"{target.name} carries a {type(existing).__name__} (a learned gate); make it permanent with "
+            "secateurs.bake(model) or drop it with secateurs.unmask(model) before masking it"
+        )
+    shared = current_mask(target)
+    if shared is not None:
+        shared.copy_(mask)
+    else:
+        # a tensor of its own: never an alias of the caller's, never an inference-mode tensor
+        # (autograd saves the mask for backward, which an inference tensor refuses)
+        with torch.inference_mode(False):
+            shared = mask.clone()
+    for _, module, param in target.users:
+        ours = _our_parametrization(module, param)
+        if ours is None:
+            order = tuple(module._parameters)
+            parametrize.register_parametrization(module, param, WeightMask(shared, order))
+        elif ours.mask is not shared:
+            ours.mask = shared  # a holder masked separately before: from now on the one shared mask
 
 
 def detach(target: Target, bake: bool) -> None:
-    """Remove the gate from ``target``; ``bake`` writes what survives (:meth:`Gate.fold`) into the weight."""
-    module, param = target.module, target.param_name
+    """Remove the gate from every holder of ``target``; ``bake`` writes what survives
+    (:meth:`Gate.fold`) into the weight (once: the holders share the tensor)."""
+    for _, module, param in target.users:
+        _detach_one(module, param, bake)
+        bake = False  # the shared tensor already holds the zeros
+
+
+def _detach_one(module: nn.Module, param: str, bake: bool) -> None:
     gate = gate_of(module, param)
     if gate is None:
         return
@@ -161,8 +189,8 @@ def _restore_order(module: nn.Module, order: tuple[str, ...]) -> None:
 
 
 def bake_target(target: Target, mask: Tensor) -> None:
-    """Zero the pruned entries for good."""
-    if _our_parametrization(target.module, target.param_name) is not None:
+    """Zero the pruned entries for good (in the one tensor every holder uses)."""
+    if current_mask(target) is not None:
         attach(target, mask)
         detach(target, bake=True)
         return
@@ -171,18 +199,26 @@ def bake_target(target: Target, mask: Tensor) -> None:
 
 
 def masked_targets(model: nn.Module) -> list[Target]:
-    """Every weight of ``model`` that carries a gate (a secateurs mask or a learned gate)."""
-    found = []
+    """Every weight of ``model`` that carries a gate (a secateurs mask or a learned gate), once per
+    tensor: holders of a tied weight form one target."""
+    holders = parameter_holders(model)
+    found: list[Target] = []
+    seen: set[int] = set()
     for name, module in model.named_modules():
         parametrizations = getattr(module, "parametrizations", None)
         if parametrizations is None:
             continue
         for param in parametrizations:
-            if gate_of(module, param) is not None:
-                found.append(Target(name, module, layout_of(module), param))
+            if gate_of(module, param) is None:
+                continue
+            target = target_of(model, name, param, holders)
+            if id(target.parameter) not in seen:
+                seen.add(id(target.parameter))
+                found.append(target)
     return found
 
 
+@outside_inference_mode
 def unmask(model: nn.Module) -> int:
     """Drop every mask, restoring the dense weights. Returns how many were removed."""
     targets = masked_targets(model)
@@ -191,6 +227,7 @@ def unmask(model: nn.Module) -> int:
     return len(targets)
 
 
+@outside_inference_mode
 def bake(model: nn.Module) -> int:
     """Make every mask permanent (zeros in the weights, original state_dict keys)."""
     targets = masked_targets(model)
@@ -223,44 +260,106 @@ class MaskSnapshot:
                 attach(t, saved)
 
 
+MASK_FORMAT = "secateurs.masks"
+
+
 def save_masks(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write every mask of ``model`` (what each gate keeps) to a safetensors file (uint8, 1 = keep), atomically."""
+    """Write every mask of ``model`` (what each gate keeps) to a safetensors file (uint8, 1 = keep),
+    atomically; a tied weight's mask is stored once, under its first holder's name."""
     targets = masked_targets(model)
     if not targets:
         raise StateError("the model carries no secateurs masks; prune it with mode='mask' first")
     tensors = {t.name: current_mask(t).to(torch.uint8).contiguous().cpu() for t in targets}
-    metadata = {"format": "secateurs.masks", "version": "1", "targets": json.dumps(sorted(tensors))}
+    tied = {t.name: t.tied_names for t in targets if t.tied}
+    metadata = {"format": MASK_FORMAT, "version": "1", "targets": json.dumps(sorted(tensors)), "tied": json.dumps(tied)}
     with atomic_path(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
 
 
+def _read_mask_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The masks of a file written by :func:`save_masks`, refused unless whole and boolean."""
+    tensors = load_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != MASK_FORMAT:
+        raise CheckpointError(f"{path} is not a secateurs masks file (format={metadata.get('format')!r})")
+    try:
+        listed = json.loads(metadata["targets"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} does not list the masks it should hold; it is corrupted") from exc
+    if not isinstance(listed, list) or sorted(map(str, listed)) != sorted(tensors):
+        missing = sorted(set(map(str, listed)) - set(tensors)) if isinstance(listed, list) else []
+        raise CheckpointError(
+            f"{path} holds {len(tensors)} mask(s) but was saved with {len(listed)}"
+            f"{f' (missing {missing[:5]})' if missing else ''}; it is incomplete or edited"
+        )
+    for name, mask in tensors.items():
+        if mask.dtype not in (torch.uint8, torch.bool) or (mask.dtype == torch.uint8 and bool((mask > 1).any())):
+            raise CheckpointError(
+                f"mask {name!r} in {path} is not boolean (dtype {mask.dtype}, values other than 0 and 1); "
+                "masks say keep (1) or prune (0), nothing in between"
+            )
+    return tensors
+
+
+@outside_inference_mode
 def load_masks(model: nn.Module, path: str | os.PathLike, mode: str = "mask") -> list[str]:
-    """Re-attach masks saved by :func:`save_masks`. All names and shapes are checked
-    before any module is touched. ``mode='bake'`` applies them as permanent zeros."""
+    """Re-attach masks saved by :func:`save_masks`, all or nothing: the file, every name (a weight
+    secateurs prunes), shape and value is checked before any module is touched, and a failure while
+    applying puts the model back. ``mode='bake'`` applies them as permanent zeros."""
     if mode not in MODES:
         raise StateError(f"unknown mode {mode!r}; valid: {MODES}")
-    tensors = load_file(str(path))
-    modules = dict(model.named_modules())
-    plan: list[tuple[Target, Tensor]] = []
+    tensors = _read_mask_file(path)
+    holders = parameter_holders(model)
+    plan: dict[int, tuple[Target, Tensor]] = {}
     for name, mask in tensors.items():
-        module_name, _, param = name.rpartition(".")
-        module = modules.get(module_name)
-        if module is None:
-            raise StateError(f"mask {name!r} in {path} names no module of this model")
-        target = Target(module_name, module, layout_of(module), param)
+        try:
+            target = prunable_target(model, name, holders)
+        except ScopeError as exc:
+            raise StateError(f"mask {name!r} in {path} does not fit this model: {exc}") from None
         if tuple(mask.shape) != tuple(target.shape):
             raise StateError(
                 f"mask {name!r} has shape {tuple(mask.shape)} but the weight is {tuple(target.shape)}; "
                 "the masks belong to a different architecture"
             )
-        plan.append((target, mask.bool()))
-    for target, mask in plan:
-        if mode == "mask":
-            attach(target, mask)
-        else:
-            bake_target(target, mask)
-    return [t.name for t, _ in plan]
+        earlier = plan.get(id(target.parameter))
+        if earlier is not None and not torch.equal(earlier[1], mask.bool()):
+            raise StateError(f"masks {earlier[0].name!r} and {name!r} in {path} differ, but the weight is tied")
+        plan[id(target.parameter)] = (target, mask.bool())
+    targets = [t for t, _ in plan.values()]
+    snapshot = MaskSnapshot.take(targets)
+    weights = {t.name: t.parameter.detach().clone() for t in targets} if mode == "bake" else {}
+    try:
+        for target, mask in plan.values():
+            if mode == "mask":
+                attach(target, mask)
+            else:
+                bake_target(target, mask)
+    except BaseException:
+        snapshot.restore()
+        with torch.no_grad():
+            for t in targets:
+                if t.name in weights:
+                    t.parameter.copy_(weights[t.name])
+        raise
+    return [t.name for t in targets]
+
+
+def refuse_lower_target(targets: Sequence[Target], sparsity: float) -> None:
+    """Masks only grow (pruned units stay pruned and count toward the budget), so asking for less
+    than the targets' current sparsity would silently change nothing: say so instead."""
+    masks = [current_mask(t) for t in targets]
+    if all(m is None for m in masks):
+        return
+    pruned = sum(int((~m).sum()) for m in masks if m is not None)
+    current = pruned / max(sum(t.numel for t in targets), 1)
+    if current > sparsity + 1e-9:
+        raise ConfigError(
+            f"the scope is already {current:.2%} sparse (masks from an earlier prune), more than the "
+            f"requested sparsity={sparsity:g}; masks only grow, so nothing would change. Ask for more than "
+            f"{current:.2%}, or call secateurs.unmask(model) first to start again from the dense weights"
+        )
 
 
 def effective_masks(targets: Sequence[Target]) -> Mapping[str, Tensor]:

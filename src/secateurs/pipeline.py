@@ -23,6 +23,7 @@ from .blocks import BlockDiscoveryError, find_blocks
 from .config import Plan, PruneConfig
 from .errors import ConfigError, DataRequiredError, StateError
 from .evidence import DATA_NEEDS, Evidence, Need, gather, preserved
+from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
 from .masking import MaskSnapshot, WeightMask, current_mask, gate_of
 from .report import LayerResult
@@ -40,22 +41,18 @@ class Data:
     show_progress: bool = True
     device: torch.device | None = None  # block runner: where each block is processed (None: where it lives)
     rollback: bool = True  # keep what is needed to restore the model exactly if the run fails
+    example_inputs_given: bool = False  # False: taken from the calibration (messages say which)
 
     @classmethod
     def from_user(
         cls, config: PruneConfig, calibration: Iterable[Any] | None, loss_fn: LossFn | None, example_inputs: Any,
         show_progress: bool,
     ) -> Data:  # fmt: skip
-        if isinstance(calibration, (str, bytes)):
-            raise DataRequiredError(
-                "calibration is a string, which would be read one character per batch; pass an iterable of "
-                "batches (a DataLoader, a list of tensors or of (inputs, targets)); for text, use "
-                "secateurs.llm.prune_llm(model, ..., calibration='file.txt') or secateurs.calibration.sample_segments"
-            )
         batches = take(calibration, config.max_batches)
+        given = example_inputs is not None
         if example_inputs is None and batches:
             example_inputs = first_sample(model_inputs(batches[0]))
-        return cls(batches, loss_fn, example_inputs, show_progress)
+        return cls(batches, loss_fn, example_inputs, show_progress, example_inputs_given=given)
 
 
 @dataclass
@@ -90,13 +87,12 @@ def check(plans: Sequence[Plan], config: PruneConfig, data: Data) -> None:
         )
     if config.solver_ is not None:
         config.solver_.validate(targets, config.mode_)
-    if torch.is_inference_mode_enabled():
-        raise StateError(
-            "pruning was called inside torch.inference_mode(): the pruned tensors would be inference tensors "
-            "that can never be trained again; call it outside inference_mode (torch.no_grad() is fine)"
-        )
+    refuse_inference_weights(targets, config.criterion_.name, bool(needs & GRADIENT_NEEDS))
     for t in targets:
         _check_target(t, config)
+
+
+GRADIENT_NEEDS = frozenset({Need.GRADIENTS, Need.BATCH_GRADIENTS})
 
 
 def _check_target(t: Target, config: PruneConfig) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import ScopeError, choices
 from .layout import Layout, canonical_shape, hf_conv1d_class, layout_of
@@ -77,26 +78,41 @@ class ScopeSpec(Spec):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
+Holder = tuple[str, nn.Module, str]  # (module qualified name, module, attribute) through which a weight is used
+
+
 @dataclass(frozen=True, eq=False)
 class Target:
-    """One prunable weight: ``module_name.weight`` with its layout."""
+    """One prunable weight: ``module_name.weight`` with its layout.
+
+    A weight shared by several modules (tied embeddings and LM head, a layer reused under two
+    names with its own module object) is *one* target: ``tied`` lists the other holders, and
+    masking, baking, saving and loading act on all of them, so every module that computes with
+    the tensor sees the same mask (ARCHITECTURE invariant 7)."""
 
     module_name: str
     module: nn.Module = field(repr=False)
     layout: Layout
     param_name: str = "weight"
+    tied: tuple[Holder, ...] = field(default=(), repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
 
     @property
+    def users(self) -> tuple[Holder, ...]:
+        """Every holder of the weight, this target's own module first."""
+        return ((self.module_name, self.module, self.param_name), *self.tied)
+
+    @property
+    def tied_names(self) -> list[str]:
+        return [f"{n}.{a}" if n else a for n, _, a in self.tied]
+
+    @property
     def parameter(self) -> nn.Parameter:
         """The trainable tensor (the original under a mask parametrization)."""
-        parametrizations = getattr(self.module, "parametrizations", None)
-        if parametrizations is not None and self.param_name in parametrizations:
-            return parametrizations[self.param_name].original
-        return getattr(self.module, self.param_name)
+        return _held(self.module, self.param_name)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -114,6 +130,43 @@ class Target:
     @property
     def numel(self) -> int:
         return self.parameter.numel()
+
+
+def _held(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """The tensor ``module`` holds as ``attr``: its parameter, or the original under a parametrization."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and attr in parametrizations:
+        chain = parametrizations[attr]
+        return getattr(chain, "original", None)  # None: a parametrization of several tensors (weight norm)
+    return getattr(module, attr, None)
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[Holder]]:
+    """Every (module, attribute) through which each parameter of ``model`` is used, keyed by the
+    parameter's id, in module order; a parametrized weight counts through its module, never
+    through the parametrization's own container."""
+    found: dict[int, list[Holder]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue
+        parametrized = getattr(module, "parametrizations", None) or {}
+        for attr, tensor in module._parameters.items():
+            if tensor is not None:
+                found.setdefault(id(tensor), []).append((name, module, attr))
+        for attr in parametrized:
+            tensor = _held(module, attr)
+            if tensor is not None:
+                found.setdefault(id(tensor), []).append((name, module, attr))
+    return found
+
+
+def target_of(model: nn.Module, module_name: str, param: str = "weight", holders=None) -> Target:
+    """The target of ``module_name.param``, with every other holder of that tensor as tied."""
+    module = model.get_submodule(module_name)
+    holders = parameter_holders(model) if holders is None else holders
+    tensor = _held(module, param)
+    others = [h for h in holders.get(id(tensor), []) if h[1] is not module or h[2] != param]
+    return Target(module_name, module, layout_of(module), param, tuple(others))
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -172,6 +225,7 @@ def resolve(model: nn.Module, spec: ScopeSpec) -> list[Target]:
     if spec.skip_last and last_layer is not None:
         skipped.add(last_layer)
 
+    holders = parameter_holders(model)
     targets: list[Target] = []
     seen: set[int] = set()
     typed = 0
@@ -181,12 +235,17 @@ def resolve(model: nn.Module, spec: ScopeSpec) -> list[Target]:
         typed += 1
         if name in skipped or not matches(name, spec.include) or matches(name, spec.exclude):
             continue
-        target = Target(name, module, layout_of(module))
-        if not isinstance(target.parameter, torch.Tensor) or target.parameter.ndim < 2:
+        tensor = _prunable_weight(name, module)
+        if tensor is None or tensor.ndim < 2 or id(tensor) in seen:
             continue
-        if id(target.parameter) in seen:
-            continue
-        seen.add(id(target.parameter))
+        seen.add(id(tensor))
+        target = target_of(model, name, "weight", holders)
+        excluded = [n for n in target.tied_names if matches(n.rpartition(".")[0], spec.exclude)]
+        if excluded:
+            raise ScopeError(
+                f"{target.name} is tied to {', '.join(excluded)} (one tensor), which the scope excludes: a tensor "
+                "cannot be both pruned and dense. Exclude both, or untie them first"
+            )
         targets.append(target)
 
     if not targets:
@@ -194,6 +253,68 @@ def resolve(model: nn.Module, spec: ScopeSpec) -> list[Target]:
             f"scope matches no weight: include={list(spec.include)}, exclude={list(spec.exclude)}, "
             f"types={list(types)} ({typed} module(s) of those types; skipped as first conv / "
             f"classifier: {sorted(skipped) or 'none'}). Check the names with "
-            "`[n for n, _ in model.named_modules()]`, or set skip_first/skip_last to False."
+            f"`[n for n, _ in model.named_modules()]`, or set skip_first/skip_last to False.{_quantized_hint(model)}"
         )
     return targets
+
+
+def prunable_target(model: nn.Module, qualified: str, holders: dict[int, list[Holder]] | None = None) -> Target:
+    """The target named ``module.weight``, refused with a :class:`ScopeError` unless it is a weight
+    secateurs could have pruned (a supported layer's floating-point weight: never a bias or a norm)."""
+    module_name, _, param = qualified.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ScopeError(f"{qualified!r} names no module of {type(model).__name__}") from None
+    tensor = _prunable_weight(module_name, module) if param == "weight" and _type_ok(module, SUPPORTED_TYPES) else None
+    if tensor is None or tensor.ndim < 2:
+        raise ScopeError(
+            f"{qualified!r} is not a weight secateurs prunes (only the weights of "
+            f"{', '.join(SUPPORTED_TYPES)} layers; never biases or norms)"
+        )
+    return target_of(model, module_name, param, holders)
+
+
+def _prunable_weight(name: str, module: nn.Module) -> torch.Tensor | None:
+    """The weight secateurs would mask, or a ScopeError saying why this one cannot be."""
+    where = f"module {name or '<root>'!r} ({type(module).__name__})"
+    if module._parameters.get("weight") is None and not parametrize.is_parametrized(module, "weight"):
+        if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
+            raise ScopeError(
+                f"{where} was pruned with torch.nn.utils.prune (weight_orig/weight_mask): make that permanent "
+                "with torch.nn.utils.prune.remove(module, 'weight'), then prune with secateurs"
+            )
+        if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+            raise ScopeError(
+                f"{where} uses torch.nn.utils.weight_norm, whose weight is recomputed from weight_g and weight_v "
+                "at every call: remove it with torch.nn.utils.remove_weight_norm(module) before pruning"
+            )
+        return None
+    tensor = _held(module, "weight")
+    if tensor is None:
+        names = [type(p).__name__ for p in module.parametrizations["weight"]]
+        raise ScopeError(
+            f"{where} has a weight computed from several tensors by the parametrization {names} (e.g. "
+            "torch.nn.utils.parametrizations.weight_norm), which a mask cannot be folded into: remove it with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') before pruning"
+        )
+    if tensor.is_quantized or not tensor.is_floating_point():
+        raise ScopeError(
+            f"{where} has a {tensor.dtype} weight; secateurs prunes floating-point weights: prune before "
+            "quantizing (or dequantize), or exclude this module from the scope"
+        )
+    if tensor.is_meta:
+        raise ScopeError(
+            f"{where} has its weight on the meta device (no values to rank): load the real weights first "
+            "(model.to_empty(device=...) and load_state_dict, or from_pretrained without a meta device_map)"
+        )
+    return tensor
+
+
+def _quantized_hint(model: nn.Module) -> str:
+    quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    if not quantized:
+        return ""
+    return (
+        f" The model holds quantized modules ({', '.join(quantized[:3])}); prune the float model before quantizing it."
+    )

@@ -78,8 +78,10 @@ def _evaluate(args: argparse.Namespace, scratch: Path) -> dict:
     for path in args.ppl or []:
         start = time.perf_counter()
         ppl = perplexity(model, path, tokenizer, seqlen=args.seqlen, batch_size=args.batch_size)
-        results["perplexity"][path] = {**vars(ppl), "seconds": time.perf_counter() - start}
-        print(f"perplexity {ppl.perplexity:.4f} on {path} ({ppl.windows} windows of {ppl.seqlen} tokens)")
+        # the default length is the model's context (capped at 2048), which need not be what it was trained on
+        source = "--seqlen" if args.seqlen else "default: min(2048, the model's context)"
+        results["perplexity"][path] = {**vars(ppl), "seqlen_source": source, "seconds": time.perf_counter() - start}
+        print(f"perplexity {ppl.perplexity:.4f} on {path} ({ppl.windows} windows of {ppl.seqlen} tokens; {source})")
     if tasks:
         results["zero_shot"] = zero_shot(
             model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit, include_path=include

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .models import is_factory, load_model
+from .models import call_factory, input_shape, is_factory, load_model
 
 _FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "solver", "runner", "iterations", "seed",
           "max_batches", "blocks", "nsamples", "seqlen", "batch_size")  # fmt: skip
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", nargs="+", help="module-name globs to prune (re:REGEX for regexes)")
     p.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
     p.add_argument("--data", help="'package.module:function' returning an iterable of calibration batches")
-    p.add_argument("--input-shape", help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
+    p.add_argument("--input-shape", type=input_shape, help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g = p.add_argument_group("language models (Hugging Face directories; text calibration)")
@@ -105,17 +105,6 @@ def recipe_from_args(args: argparse.Namespace, schema: Any) -> dict[str, Any]:
     return parse_recipe(recipe, "command line", schema)
 
 
-def _call(spec: str) -> Any:
-    import importlib
-
-    from ..errors import ConfigError
-
-    if not is_factory(spec):
-        raise ConfigError(f"--data must be 'package.module:function', got {spec!r}")
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)()
-
-
 def run(args: argparse.Namespace) -> int:
     from ..api import prune
     from ..config import PruneConfig
@@ -139,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        calibration = _call(args.data) if args.data else None
-        example = torch.zeros(1, *_shape(args.input_shape)) if args.input_shape else None
+        calibration = call_factory(args.data, "--data") if args.data else None
+        example = torch.zeros(1, *args.input_shape) if args.input_shape else None
         report = prune(model, **recipe, calibration=calibration, example_inputs=example)
     print(report.table())
     files = {"report.json": report.to_json() + "\n",
@@ -150,15 +139,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         _save_sparse(model, config, args, tokenizer, files)
     return 0
-
-
-def _shape(text: str) -> list[int]:
-    from ..errors import ConfigError
-
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--input-shape takes comma-separated integers such as 3,32,32, got {text!r}") from None
 
 
 def _tokenizer_if_any(model: Any, args: argparse.Namespace) -> Any:

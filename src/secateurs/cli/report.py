@@ -9,7 +9,7 @@ import torch
 from ..masking import load_masks
 from ..report import build_report
 from ..scope import ScopeSpec, resolve
-from .models import load_model
+from .models import input_shape, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="'package.module:factory' or a Hugging Face directory")
     p.add_argument("--weights", help="safetensors weights for a factory-built model")
     p.add_argument("--masks", help="masks.safetensors written by `secateurs prune`")
-    p.add_argument("--input-shape", help="shape of one input, e.g. 1,8,8, to count MACs")
+    p.add_argument("--input-shape", type=input_shape, help="shape of one input, e.g. 1,8,8, to count MACs")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.set_defaults(run=run)
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.masks:
         load_masks(model, args.masks)
     targets = resolve(model, ScopeSpec(skip_first=False, skip_last=False, embeddings=True))
-    example = torch.zeros(1, *map(int, args.input_shape.split(","))) if args.input_shape else None
+    example = torch.zeros(1, *args.input_shape) if args.input_shape else None
     report = build_report(model, targets, example_inputs=example)
     print(report.table())
     if args.json:

@@ -14,8 +14,9 @@ from torch import nn
 
 from ..api import Pruner, prune
 from ..io import atomic_dir, refuse_existing
-from ..report import Report
+from ..report import Report, build_report
 from ..schedules import LotteryTicket
+from ..scope import ScopeSpec, resolve
 from ..training import accuracy, train
 from .data import Digits, load_digits
 from .models import digits_cnn, digits_mlp
@@ -32,6 +33,11 @@ class Row:
     size_bytes: int  # compressed estimate
     dense_bytes: int
     seconds: float
+
+
+def measure(model: nn.Module, example: torch.Tensor) -> Report:
+    """The report of ``model`` as it is now (the default scope), without pruning anything."""
+    return build_report(model, resolve(model, ScopeSpec()), example_inputs=example)
 
 
 def _row(model: str, method: str, acc: float, report: Report, seconds: float) -> Row:
@@ -59,7 +65,7 @@ def _experiments(
     started = time.perf_counter()
     dense = copy.deepcopy(init)
     train(dense, batches, steps)
-    record("dense", dense, prune(dense, "magnitude", 0.0, example_inputs=example), started)
+    record("dense", dense, measure(dense, example), started)
 
     for method, options in (
         ("global magnitude 90% + fine-tune", dict(method="magnitude", sparsity=0.9, allocation="global")),
@@ -69,7 +75,7 @@ def _experiments(
         model = copy.deepcopy(dense)
         prune(model, **options, example_inputs=example)
         train(model, batches, steps // 2, optimizer=lambda p: torch.optim.Adam(p, lr=3e-4))
-        record(method, model, prune(model, "magnitude", 0.0, example_inputs=example), started)
+        record(method, model, measure(model, example), started)
 
     for method, options in (
         ("SNIP 90% at init, then train", dict(method="snip", sparsity=0.9, calibration=calibration)),
@@ -79,7 +85,7 @@ def _experiments(
         model = copy.deepcopy(init)
         prune(model, **options, progress=False)
         train(model, batches, steps)
-        record(method, model, prune(model, "magnitude", 0.0, example_inputs=example), started)
+        record(method, model, measure(model, example), started)
 
     started = time.perf_counter()
     model = copy.deepcopy(init)

@@ -10,7 +10,9 @@ One safetensors file. Each pruned weight is stored in the cheapest of three form
 - ``dense``, when neither is smaller (and for every other tensor: norms, embeddings, biases).
 
 "Nonzero" means "bits not all zero", so ``-0.0`` is kept as a value and the round trip is exact
-to the bit. Tensors that share storage (tied embeddings) are stored once and aliased.
+to the bit. Tensors that share storage (tied embeddings) are stored once and aliased. Every
+tensor's SHA-256 is saved with it and checked on load, after the header was checked against
+the stored parts (:mod:`.integrity`), so a corrupted file is refused, never loaded as other weights.
 """
 
 from __future__ import annotations
@@ -20,20 +22,23 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..errors import StateError
+from ..errors import CheckpointError
 from ..io import atomic_path
 from ..layout import Layout, canonical_shape, from_canonical, layout_of, to_canonical
+from ..loading import check_state_fits
 from ..patterns import NM
+from .integrity import MAX_NM_M, Header, digest, index_bits
 
 FORMAT = "secateurs.sparse"
-VERSION = "1"
+VERSION = "2"  # 2: a sha256 per tensor; version 1 files (no checksums) still load
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -63,10 +68,6 @@ def _pack(bits: Tensor) -> Tensor:
 
 def _unpack(packed: Tensor, count: int) -> Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little").astype(bool))
-
-
-def _index_bits(m: int) -> int:
-    return max(1, math.ceil(math.log2(m)))
 
 
 def _encode_bitmask(tensor: Tensor) -> dict[str, Tensor]:
@@ -99,18 +100,21 @@ def _encode_nm(tensor: Tensor, layout: Layout, pattern: NM) -> dict[str, Tensor]
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : pattern.n]
     index = torch.sort(order, dim=1).values
     values = torch.gather(groups, 1, index)
-    k = _index_bits(pattern.m)
+    k = index_bits(pattern.m)
     bits = (index.reshape(-1, 1) >> torch.arange(k)) & 1
     return {"values": values.reshape(-1).contiguous(), "indices": _pack(bits.bool())}
 
 
-def _decode_nm(parts: dict[str, Tensor], meta: dict, dtype: torch.dtype) -> Tensor:
+def _decode_nm(parts: dict[str, Tensor], meta: dict, dtype: torch.dtype) -> Tensor | None:
+    """The dense tensor, or None when an index points outside its group of M (a corrupted file)."""
     n, m, shape = meta["n"], meta["m"], meta["shape"]
     layout = Layout(meta["layout"])
     values = parts["values"].reshape(-1, n)
-    k = _index_bits(m)
+    k = index_bits(m)
     bits = _unpack(parts["indices"], values.numel() * k).reshape(-1, k).long()
     index = (bits << torch.arange(k)).sum(1).reshape(-1, n)
+    if index.numel() and int(index.max()) >= m:
+        return None
     groups = torch.zeros(values.shape[0], m, dtype=dtype).scatter_(1, index, values)
     return from_canonical(groups.reshape(canonical_shape(torch.Size(shape), layout)), layout, torch.Size(shape))
 
@@ -129,10 +133,11 @@ def _nbytes(parts: dict[str, Tensor]) -> int:
 
 
 def _encode(tensor: Tensor, layout: Layout | None, pattern: NM | None) -> tuple[dict, dict[str, Tensor]]:
-    meta = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    meta = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "sha256": digest(tensor)}
     dense_bytes = tensor.numel() * tensor.element_size()
     if layout is not None and tensor.ndim == 2 and tensor.is_floating_point():
-        parts = _encode_nm(tensor, layout, pattern) if pattern is not None else None
+        nm = pattern is not None and pattern.m <= MAX_NM_M
+        parts = _encode_nm(tensor, layout, pattern) if nm else None
         if parts is not None and _nbytes(parts) < dense_bytes:
             return {**meta, "format": "n:m", "n": pattern.n, "m": pattern.m, "layout": layout.value}, parts
         parts = _encode_bitmask(tensor)
@@ -173,38 +178,81 @@ def save_compressed(
     return CompressedSize(str(path), Path(path).stat().st_size, dense_bytes, formats)
 
 
-def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The dense state dict stored in a compressed checkpoint (aliases included)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise StateError(f"{path} is not a secateurs compressed checkpoint (format={metadata.get('format')!r})")
-        entries = json.loads(metadata["tensors"])
-        aliases = json.loads(metadata.get("aliases", "{}"))
-        state: dict[str, Tensor] = {}
-        for name, meta in entries.items():
-            dtype = getattr(torch, meta["dtype"])
-            fmt = meta["format"]
-            if fmt == "dense":
-                state[name] = f.get_tensor(f"{name}::dense")
-            elif fmt == "bitmask":
-                parts = {p: f.get_tensor(f"{name}::{p}") for p in ("bitmask", "values")}
-                state[name] = _decode_bitmask(parts, meta["shape"], dtype)
-            elif fmt == "n:m":
-                parts = {p: f.get_tensor(f"{name}::{p}") for p in ("values", "indices")}
-                state[name] = _decode_nm(parts, meta, dtype)
-            else:
-                raise StateError(f"{path}: tensor {name!r} has unknown format {fmt!r}")
-    for alias, target in aliases.items():
+def _open(path: str | os.PathLike) -> Any:
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} does not exist") from exc
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+
+
+def _header(f: Any, path: str | os.PathLike) -> Header:
+    metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a secateurs compressed checkpoint (format={metadata.get('format')!r})")
+    version = metadata.get("version")
+    if version not in ("1", VERSION):
+        raise CheckpointError(f"{path} has checkpoint version {version!r}; this secateurs reads 1 and {VERSION}")
+    try:
+        entries, aliases = json.loads(metadata["tensors"]), json.loads(metadata.get("aliases", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has unreadable checkpoint metadata ({exc}); nothing was loaded") from exc
+    return Header(f, str(path), entries, aliases, checksums=version != "1")
+
+
+def _decode(f: Any, header: Header, name: str) -> Tensor:
+    meta = header.entries[name]
+    dtype = getattr(torch, meta["dtype"])  # one of integrity.DTYPES, checked
+    fmt = meta["format"]
+    if fmt == "dense":
+        tensor = f.get_tensor(f"{name}::dense")
+    elif fmt == "bitmask":
+        parts = {p: f.get_tensor(f"{name}::{p}") for p in ("bitmask", "values")}
+        kept = int(_unpack(parts["bitmask"], math.prod(meta["shape"])).sum())
+        if kept != parts["values"].numel():
+            header.fail(name, f"has {kept} bits set but {parts['values'].numel()} values")
+        tensor = _decode_bitmask(parts, meta["shape"], dtype)
+    else:
+        tensor = _decode_nm({p: f.get_tensor(f"{name}::{p}") for p in ("values", "indices")}, meta, dtype)
+        if tensor is None:
+            header.fail(name, f"has an N:M index outside its group of {meta['m']}")
+    header.verify(name, tensor)
+    return tensor
+
+
+def _read(path: str | os.PathLike, before_decoding: Any = None) -> dict[str, Tensor]:
+    """Check the header, let ``before_decoding(entries, aliases)`` refuse it, then decode and verify."""
+    try:
+        with _open(path) as f:
+            header = _header(f, path)
+            if before_decoding is not None:
+                before_decoding(header.entries, header.aliases)
+            state = {name: _decode(f, header, name) for name in header.entries}
+    except SafetensorError as exc:  # a payload past the end of a truncated file
+        raise CheckpointError(f"{path} is truncated or corrupted ({exc}); nothing was loaded") from exc
+    for alias, target in header.aliases.items():
         state[alias] = state[target]
     return state
 
 
+def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The dense state dict stored in a compressed checkpoint (aliases included), every tensor
+    checked against its saved checksum. A corrupted file is a :class:`CheckpointError`."""
+    return _read(path)
+
+
 def load_compressed_into(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a compressed checkpoint into ``model`` (strict: every key must match)."""
-    state = load_compressed(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise StateError(
-            f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    """Load a compressed checkpoint into ``model``, all or nothing: names and shapes are checked
+    against the model before decoding, and the decoded tensors before the model is written."""
+    what = f"compressed checkpoint {path}"
+
+    def fits(entries: dict[str, dict], aliases: dict[str, str]) -> None:
+        # stand-ins of the right shape without memory (stride 0): nothing is allocated before the check
+        shapes = {name: torch.empty(()).expand(meta["shape"]) for name, meta in entries.items()}
+        shapes.update({alias: shapes[target] for alias, target in aliases.items()})
+        check_state_fits(model, shapes, what)
+
+    state = _read(path, fits)
+    check_state_fits(model, state, what)
+    model.load_state_dict(state, strict=False)

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, choices
-from ..hf import ModelLoadError, load_hf_model
+from ..hf import build_from_config, load_hf_model, require_transformers
 from ..io import atomic_dir
 from ..patterns import NM
 from ..structural.plan import PLAN_FILE, load_structured
@@ -99,16 +99,6 @@ def write_sparse(
     return SavedModel(str(directory), dense, compressed)
 
 
-def _model_class(config: Any) -> Any:
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel.from_config
-
-
 def load_sparse(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) -> nn.Module:
     """Load a directory written by :func:`save_sparse` (or any HF model directory).
 
@@ -122,12 +112,8 @@ def load_sparse(path: str | os.PathLike, prefer: str = "auto", **kwargs: Any) ->
     sparse = path / SPARSE_FILE
     has_dense = any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
     if sparse.is_file() and (prefer == "compressed" or not has_dense):
-        try:
-            import transformers
-        except ImportError as exc:
-            raise ModelLoadError("loading Hugging Face models needs transformers: pip install 'secateurs[hf]'") from exc
-        config = transformers.AutoConfig.from_pretrained(path)
-        model = _model_class(config)(config)
+        config = require_transformers().AutoConfig.from_pretrained(path)
+        model = build_from_config(config)
         load_compressed_into(model, sparse)
         return model.eval()
     return load_hf_model(str(path), **kwargs)

@@ -18,6 +18,7 @@ from ..blocks import batched
 from ..calibration import resolve_seqlen, sample_segments
 from ..errors import ConfigError
 from ..evidence import DATA_NEEDS
+from ..guards import outside_inference_mode
 from ..pipeline import Data
 from ..report import Report
 from ..structural.report import StructuralReport
@@ -47,6 +48,7 @@ def calibration_segments(
     return segments, seqlen
 
 
+@outside_inference_mode
 def prune_llm(
     model: nn.Module,
     method: str = "wanda",

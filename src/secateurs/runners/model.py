@@ -12,9 +12,21 @@ from typing import Any
 
 from torch import nn
 
+from ..batches import check_inputs
 from ..config import PruneConfig
 from ..evidence import gather, preserved
-from ..pipeline import Context, Data, all_or_nothing, apply, check, decide, layer_names, make_evidence
+from ..masking import refuse_lower_target
+from ..pipeline import (
+    Context,
+    Data,
+    all_or_nothing,
+    apply,
+    check,
+    decide,
+    layer_names,
+    make_evidence,
+    plan_sparsity,
+)
 from ..progress import progress
 from ..report import LayerResult, Report, RunDetails, build_report
 from ..runner import RUNNERS, Runner
@@ -33,6 +45,8 @@ class ModelRunner(Runner):
         if config.application_.structural:
             return remove_structures(model, config, data)
         pruning = Pruning(model, config, data)
+        if config.sparsity is not None:
+            pruning.refuse_lower(config.final_sparsity)
         start = time.perf_counter()
         rounds = config.rounds
         with all_or_nothing(pruning.targets, config.application_.writes_weights):
@@ -54,11 +68,18 @@ class Pruning:
         self.plans = config.plans(scoped)
         self.targets: list[Target] = [t for plan in self.plans for t in plan.targets]
         check(self.plans, config, data)
+        source = "example_inputs" if data.example_inputs_given else "the first sample of the first calibration batch"
+        check_inputs(model, data.example_inputs, source)  # the report runs them after the pruning
         self.context = Context(all_targets={id(p): p.targets for p in self.plans})
         if config.allocation_.needs:
             self.context.layer_of = layer_names(model, self.targets, config.blocks)
         self.solved: list[LayerResult] = []
         self.allocated: dict[str, float] = {}
+
+    def refuse_lower(self, sparsity: float) -> None:
+        """Masks only grow: a request below what the masks already prune would change nothing."""
+        for plan in self.plans:
+            refuse_lower_target(plan.targets, plan_sparsity(plan, self.config, sparsity))
 
     def prune_to(self, sparsity: float, round_: int = 0) -> None:
         """Gather the evidence on the model as it is now, then score, select and apply at ``sparsity``."""

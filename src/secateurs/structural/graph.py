@@ -111,6 +111,10 @@ class DependencyGraph:
             for r in t.roots(b.ids).tolist():
                 blocked.setdefault(r, b.reason)
                 blocked_at.setdefault(r, (b.module, b.reason))
+        pinned: dict[int, str] = {}
+        for p in t.pinned:
+            for r in t.roots(p.ids).tolist():
+                pinned.setdefault(r, p.reason)
         sources = list(t.sources.values())
         roots = [t.roots(s.ids) for s in sources]
         # sources that share a class belong to one group
@@ -135,10 +139,10 @@ class DependencyGraph:
         unit_of: dict[int, tuple[int, int]] = {}
         for gi, idxs in enumerate(members.values()):
             ordered = list(dict.fromkeys(c for i in idxs for c in roots[i].tolist() if c >= 0))
-            free = [c for c in ordered if c not in fixed and c not in blocked]
+            free = [c for c in ordered if c not in fixed and c not in blocked and c not in pinned]
             reasons = list(dict.fromkeys(
-                "reaches the model's inputs or outputs" if c in fixed else blocked[c]
-                for c in ordered if c in fixed or c in blocked
+                "reaches the model's inputs or outputs" if c in fixed else blocked.get(c) or pinned[c]
+                for c in ordered if c in fixed or c in blocked or c in pinned
             ))  # fmt: skip
             group_sources = [sources[i] for i in idxs]
             kinds = {s.kind for s in group_sources}

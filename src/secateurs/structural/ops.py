@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .handlers import linear_ports
 from .labels import NONE, full_none, varying_dims, vector
+from .positional import pin_positions
 from .trace import Trace
 
 Rule = Callable[[Trace, Any, tuple, dict, Any], None]
@@ -52,10 +53,24 @@ def rule(names: str, *namespaces: Any) -> Callable[[Rule], Rule]:
 
 
 def _op_name(func: Any) -> str:
+    """The name a user would write: ``torch.narrow``, ``Tensor.__getitem__``, ``torch.fft.fft``."""
     self = getattr(func, "__self__", None)
     if type(self).__name__ == "getset_descriptor":
         return f"Tensor.{self.__name__}"
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None) or ""
+    owner, _, name = qualname.rpartition(".")
+    if owner in ("TensorBase", "_TensorBase", "Tensor"):
+        return f"Tensor.{name}"
+    if owner == "_VariableFunctionsClass":
+        return f"torch.{name}"
+    if module.startswith("torch._C._"):  # torch.fft.fft is torch._C._fft.fft_fft
+        space = module.removeprefix("torch._C._")
+        space = "nn.functional" if space == "nn" else space
+        return f"torch.{space}.{name.removeprefix(space + '_')}"
+    if module in ("torch.functional", "torch._tensor"):
+        return f"torch.{name}"
+    return f"{module}.{qualname}" if module.startswith("torch") else qualname
 
 
 def tensors_in(obj: Any) -> list[Tensor]:
@@ -428,6 +443,7 @@ def handle(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         return
     if not any(t.tracked(x) for x in tensors_in((args, kwargs))):
         return
+    pin_positions(t, func, args, kwargs, _op_name(func))
     fn = RULES.get(func)
     if fn is None:
         self = getattr(func, "__self__", None)
@@ -435,7 +451,9 @@ def handle(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
             if self.__name__ in _REPLAYED_PROPERTIES:
                 replay(t, func, args, kwargs, out)
             return
-        if func is torch.Tensor.__setitem__ or not any(o.is_floating_point() for o in tensors_in(out)):
+        # complex results count as data too: torch.fft over channels would otherwise drop the labels
+        data = any(o.is_floating_point() or o.is_complex() for o in tensors_in(out))
+        if func is torch.Tensor.__setitem__ or not data:
             return
         _block_all(t, func, args, kwargs)
         return

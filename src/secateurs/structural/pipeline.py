@@ -18,6 +18,7 @@ from ..application import APPLICATIONS, Application
 from ..config import PruneConfig
 from ..errors import DataRequiredError, ScopeError, StructureError
 from ..evidence import DATA_NEEDS, Need, gather, preserved
+from ..guards import outside_inference_mode, refuse_inference_weights
 from ..layout import Layout, layout_of
 from ..masking import masked_targets
 from ..pipeline import Data, make_evidence
@@ -30,7 +31,7 @@ from .apply import apply_steps
 from .criteria import GroupCriterion, as_group_criterion
 from .graph import DependencyGraph, Group
 from .handlers import handler_for
-from .plan import start_plan
+from .plan import record_step, start_plan
 from .report import GroupChange, StructuralReport, measure
 from .step import Step
 from .surgery import Surgery
@@ -124,6 +125,7 @@ def score_groups(
     targets = _evidence_targets(criterion, solver, groups, modules)
     needs = _needs(criterion, solver)
     _check_data(needs, f"method {criterion.name!r}" + (f" with solver {solver.name!r}" if solver else ""), data)
+    refuse_inference_weights(targets, criterion.name, bool(needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}))
     evidence = make_evidence(model, targets, config, data)
     with preserved(model, targets):
         gather(evidence, needs)
@@ -255,12 +257,13 @@ def remove_structures(model: nn.Module, config: PruneConfig, data: Data) -> Stru
 
     plan = start_plan(model)
     apply_steps(model, [step], inputs, check=opts.check, after=after)
-    plan.steps.append(step)
+    record_step(model, plan, step)
     seconds = time.perf_counter() - start
     return StructuralReport(changes, before, measure(model, inputs, opts.latency), seconds, removed_blocks,
                             config.to_dict())  # fmt: skip
 
 
+@outside_inference_mode
 def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check: bool = True, **options: Any) -> Step:
     """Remove chosen units (``{group_name: unit_indices}``) from ``model``; returns the applied step.
     Group names come from ``DependencyGraph(model, example_inputs).groups``."""
@@ -269,5 +272,5 @@ def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check
     step = graph.step(removed)
     plan = start_plan(model)
     apply_steps(model, [step], example_inputs, check=check, after=hf.sync_config)
-    plan.steps.append(step)
+    record_step(model, plan, step)
     return step

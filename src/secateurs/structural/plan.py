@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, load_model, save_model
-from torch import nn
+from safetensors.torch import save_model
+from torch import Tensor, nn
 
-from ..errors import StateError, StructureError
+from ..errors import CheckpointError, StateError
+from ..hf import require_transformers
 from ..io import atomic_dir
+from ..loading import check_state_fits, load_safetensors
 from . import hf
 from .apply import apply_steps
 from .step import Step
+from .surgery import Surgery
 
 FORMAT = "secateurs.pruning_plan"
 VERSION = 1
@@ -53,21 +56,30 @@ def plan_of(model: nn.Module) -> PruningPlan | None:
 
 
 def start_plan(model: nn.Module) -> PruningPlan:
-    """The model's plan, created (with its unpruned description) before its first structural change."""
+    """The model's plan, or a new one describing the unpruned model (taken now, before the first
+    structural change alters its config). A new plan is attached to the model by
+    :func:`record_step` only, once a step has really been applied: a removal that was refused
+    and rolled back must leave no plan behind, or ``save_structured`` would write a "pruned" model
+    nothing was removed from."""
     plan = plan_of(model)
     if plan is None:
         base: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
         if hf.is_hf(model):
             base = {"hf_class": type(model).__name__, "config": model.config.to_dict()}
         plan = PruningPlan(base)
-        model.__dict__["_secateurs_plan"] = plan
     return plan
+
+
+def record_step(model: nn.Module, plan: PruningPlan, step: Step) -> None:
+    """Note an applied ``step`` in ``plan`` and make sure the model carries the plan."""
+    plan.steps.append(step)
+    model.__dict__["_secateurs_plan"] = plan
 
 
 def save_structured(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``path/`` with the weights, the pruning plan and (transformers) ``config.json``."""
     plan = plan_of(model)
-    if plan is None:
+    if plan is None or not plan.steps:
         raise StateError("this model carries no pruning plan; prune it with mode='remove' first")
     with atomic_dir(path, overwrite=overwrite) as tmp:
         data = plan.to_dict()
@@ -83,15 +95,29 @@ def save_structured(model: nn.Module, path: str | os.PathLike, overwrite: bool =
 def read_plan(path: str | os.PathLike) -> PruningPlan:
     file = Path(path) / PLAN_FILE
     try:
-        return PruningPlan.from_dict(json.loads(file.read_text()), str(file))
+        data = json.loads(file.read_text())
     except OSError as exc:
         raise StateError(f"cannot read {file}: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); the saved model is corrupted") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a pruning plan")
+    try:
+        return PruningPlan.from_dict(data, str(file))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{file} is malformed ({problem}); the saved model is corrupted") from exc
 
 
 def load_structured(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_structured`. Transformers models are built from the saved
-    base config; for any other model pass a freshly constructed, unpruned ``model``."""
+    base config; for any other model pass a freshly constructed, unpruned ``model``.
+
+    All or nothing: the plan and the weights are read and checked first, the steps and the
+    weights are applied as one surgery, and on any error (a plan for another architecture,
+    weights that do not fit) a given ``model`` is put back exactly as it was."""
     plan = read_plan(path)
+    state = _read_weights(Path(path))
     if model is None:
         if "hf_class" not in plan.base:
             raise StateError(
@@ -99,38 +125,37 @@ def load_structured(path: str | os.PathLike, model: nn.Module | None = None) -> 
                 "and pass it as load_structured(path, model=...)"
             )
         model = _build_hf(plan.base)
-    apply_steps(model, plan.steps, check=False, after=hf.sync_config)
+
+    def load_weights(m: nn.Module, edit: Surgery) -> None:
+        hf.sync_config(m, edit)
+        check_state_fits(m, state, f"weights in {path}")  # before a single tensor is written
+        m.load_state_dict(state, strict=False)  # tied entries saved once; the rest checked above
+
+    apply_steps(model, plan.steps, check=False, after=load_weights)
     model.__dict__["_secateurs_plan"] = plan
-    if hf.is_hf(model):
-        _load_hf_weights(model, Path(path))
-    else:
-        missing, unexpected = load_model(model, str(Path(path) / WEIGHTS_FILE), strict=False)
-        if missing or unexpected:
-            raise StructureError(f"weights in {path} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
 
 
 def _build_hf(base: dict[str, Any]) -> nn.Module:
-    import transformers
-
-    cls = getattr(transformers, base["hf_class"], None)
-    if cls is None:
-        raise StateError(f"transformers has no class {base['hf_class']!r}; is the installed version older?")
+    transformers = require_transformers()
+    name = base.get("hf_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise StateError(f"transformers has no model class {name!r}; is the installed version older?")
     config = cls.config_class.from_dict(dict(base["config"]))
     return cls(config)
 
 
-def _load_hf_weights(model: nn.Module, path: Path) -> None:
+def _read_weights(path: Path) -> dict[str, Tensor]:
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS_FILE]
-    state = {}
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a valid weight index ({exc})") from exc
+    else:
+        files = [WEIGHTS_FILE]
+    state: dict[str, Tensor] = {}
     for name in files:
-        state.update(load_file(str(path / name)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    tensors = model.state_dict(keep_vars=True)
-    loaded = {id(tensors[k]) for k in state if k in tensors}
-    untied = [k for k in missing if id(tensors[k]) not in loaded]
-    if untied or unexpected:
-        raise StructureError(f"weights in {path} do not fit: missing {untied[:5]}, unexpected {unexpected[:5]}")
+        state.update(load_safetensors(path / Path(name).name))  # a name, never a path out of the folder
+    return state

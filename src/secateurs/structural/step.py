@@ -8,6 +8,7 @@ and parameters by qualified name and lists the indices that *stay*.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,10 +90,16 @@ def check_step(model: nn.Module, step: Step) -> None:
         module = modules.get(cut.module)
         if module is None:
             raise StructureError(f"the pruning plan names module {cut.module!r}, which this model does not have")
+        keep = cut.keep
+        if keep.ndim != 1 or (keep.numel() and (keep.min() < 0 or keep.max() >= cut.size or (keep.diff() <= 0).any())):
+            raise StructureError(
+                f"the pruning plan keeps indices of {cut.module}.{cut.param} that are not sorted, unique positions "
+                f"in 0..{cut.size - 1}; the plan is corrupted"
+            )
         if cut.param.startswith("#"):
             continue
         tensor = own_tensor(module, cut.param)
-        if tensor is None or tensor.shape[cut.dim] != cut.size:
+        if tensor is None or not -tensor.ndim <= cut.dim < tensor.ndim or tensor.shape[cut.dim] != cut.size:
             found = None if tensor is None else tuple(tensor.shape)
             raise StructureError(
                 f"the pruning plan expects {cut.module}.{cut.param} with size {cut.size} on dim {cut.dim}, "
@@ -103,6 +110,14 @@ def check_step(model: nn.Module, step: Step) -> None:
             raise StructureError(f"the pruning plan updates module {name!r}, which this model does not have")
     for name, handler in step.updates.items():
         handler_named(handler, name, type(modules[name]).__name__)
+    for qualified, shape in step.new_parameters.items():
+        module = modules.get(qualified.rpartition(".")[0])
+        largest = max((t.numel() for t in module.parameters(recurse=False)), default=0) if module is not None else 0
+        if module is None or not all(isinstance(n, int) and n >= 0 for n in shape) or math.prod(shape) > largest:
+            raise StructureError(
+                f"the pruning plan adds a parameter {qualified!r} of shape {shape}, which does not fit that module "
+                "(a compensating bias is never larger than the layer's weight); the plan is corrupted"
+            )
     for container in step.dropped:
         if container not in modules:
             raise StructureError(f"the pruning plan removes blocks from {container!r}, which this model does not have")

@@ -68,6 +68,7 @@ class Trace:
     ports: dict[tuple, Port] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)
     fixed: list[Tensor] = field(default_factory=list)
+    pinned: list[Blocked] = field(default_factory=list)  # frozen by an op reading fixed positions
     blocked: list[Blocked] = field(default_factory=list)
     owners: dict[str, nn.Module] = field(default_factory=dict)  # modules whose handler traced them
     path: list[str] = field(default_factory=list)  # module stack, for messages
@@ -174,12 +175,20 @@ class Trace:
         """These classes reach the model's inputs or outputs, whose shapes cannot change."""
         self.fixed.append(ids.reshape(-1).to(LABEL_DTYPE))
 
+    def pin(self, ids: Tensor, reason: str) -> None:
+        """These classes must stay: an op reads them, or the channels after them, at fixed positions."""
+        self._note(self.pinned, ids, reason)
+
     def block(self, ids: Tensor, reason: str) -> None:
+        """An op the graph cannot follow touches these classes: removing them is refused."""
+        self._note(self.blocked, ids, reason)
+
+    def _note(self, into: list[Blocked], ids: Tensor, reason: str) -> None:
         ids = ids.reshape(-1)
         ids = ids[ids >= 0]
         if ids.numel():
             module = self.path[-1] if self.path else ""
-            self.blocked.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason, module))
+            into.append(Blocked(torch.unique(ids).to(LABEL_DTYPE), reason, module))
 
     def where(self) -> str:
         if not self.path or not self.path[-1]:

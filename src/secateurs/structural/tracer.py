@@ -97,7 +97,7 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     inputs = to_device(inputs, model_device(model))
     if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
         inputs = {"use_cache": False, **inputs}
-    return run_model(model, inputs) if isinstance(inputs, dict | Tensor) else model(*inputs)
+    return run_model(model, inputs, None) if isinstance(inputs, dict | Tensor) else model(*inputs)
 
 
 def outputs_of(output: Any) -> list[Tensor]:

@@ -64,7 +64,7 @@ def accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
     correct = total = 0
     for batch in batches:
         batch = to_device(batch, device)
-        logits = run_model(model, batch)
+        logits = run_model(model, batch, "an evaluation batch")
         correct += int((logits.argmax(-1) == batch[1]).sum())
         total += int(batch[1].numel())
     model.train(was_training)
