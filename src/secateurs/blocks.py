@@ -24,6 +24,9 @@ from .batches import model_inputs
 from .errors import ConfigError
 from .layout import Layout, layout_of
 
+#: a second stack holding at least this share of the largest one's parameters is not an afterthought
+_COMPARABLE = 0.25
+
 
 class BlockDiscoveryError(ConfigError):
     """The model has no recognisable stack of repeated blocks (name it with ``blocks=``)."""
@@ -40,9 +43,10 @@ def _params(module: nn.Module) -> int:
 def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[nn.Module]]:
     """``(qualified name, blocks)`` of the model's repeated blocks, in execution order.
 
-    ``blocks`` names the container explicitly (``'model.layers'``); otherwise the
-    ``ModuleList``/``Sequential`` of same-type modules that holds prunable Linear/Conv1D
-    layers and the most parameters is taken.
+    ``blocks`` names the container explicitly (``'model.layers'``; ``''``: the model itself);
+    otherwise the ``ModuleList``/``Sequential`` of same-type modules that holds prunable
+    Linear/Conv1D layers and the most parameters is taken. A model with several such stacks of
+    comparable size (an encoder and a decoder) is refused: one stack per run, named.
     """
     if blocks is not None:
         try:
@@ -57,16 +61,25 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[
                 f"of blocks; {_candidates_hint(model)}"
             )
         return blocks, list(container)
-    best: tuple[int, str, list[nn.Module]] | None = None
+    stacks: list[tuple[int, str, list[nn.Module]]] = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
             continue
         children = list(module)
         if len({type(c) for c in children}) != 1 or _prunable_layers(children[0]) == 0:
             continue
-        size = _params(module)
-        if best is None or size > best[0]:
-            best = (size, name, children)
+        if any(name.startswith(outer + ".") for _, outer, _ in stacks):
+            continue  # nested in a stack already found (the experts of a block): part of that stack
+        stacks.append((_params(module), name, children))
+    best = max(stacks, key=lambda s: s[0], default=None)
+    others = [s for s in stacks if s is not best and best is not None and s[0] >= _COMPARABLE * best[0]]
+    if others:
+        listed = ", ".join(f"{n!r} ({size:,} parameters)" for size, n, _ in sorted(stacks, key=lambda s: s[1]))
+        raise BlockDiscoveryError(
+            f"{type(model).__name__} has {len(others) + 1} stacks of repeated blocks: {listed}. Blocks are pruned "
+            "one stack per run: name it with blocks='<qualified.name>' (CLI: --blocks) and run once per stack, or "
+            "prune every layer at once with runner='model'"
+        )
     if best is None:
         raise BlockDiscoveryError(
             f"found no repeated blocks in {type(model).__name__}: no nn.ModuleList of same-type modules "
@@ -195,10 +208,14 @@ def _model_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def _run_until_blocks(model: nn.Module, batch: Any, extra: dict[str, Any]) -> None:
-    """One forward of a calibration batch (token ids, pixels, a dict of inputs, or (inputs, targets))."""
+    """One forward of a calibration batch (token ids, pixels, a dict of inputs, or (inputs, targets)).
+    An encoder-decoder given token ids alone reads them on both sides (the decoder's blocks need
+    inputs too), as a denoising model does."""
     inputs = model_inputs(batch)
     if isinstance(inputs, dict):
         model(**inputs, **extra)
+    elif isinstance(inputs, Tensor) and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        model(input_ids=inputs, decoder_input_ids=inputs, **extra)
     else:
         model(inputs, **extra)
 

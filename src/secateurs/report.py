@@ -67,8 +67,10 @@ class RunDetails:
         if self.blocks is not None:
             timing = f" in {self.seconds:.1f} s" if self.seconds is not None else ""
             out.append(f"{self.runner} runner: blocks of {self.blocks!r}{timing}")
-        if self.calibration:
+        if "seqlen" in self.calibration:
             out.append(f"calibration: {self.calibration['nsamples']} x {self.calibration['seqlen']} tokens")
+        elif self.calibration:
+            out.append(f"calibration: {self.calibration['batches']} batches as given")
         if self.observed:
             pairs = ", ".join(
                 f"{self.observed[k]:.2%}->{self.layer_sparsities.get(k, float('nan')):.1%}" for k in self.observed
@@ -122,6 +124,13 @@ class Report(JsonReport):
     connected: bool | None
     config: dict[str, Any] = field(default_factory=dict)
     details: RunDetails = field(default_factory=RunDetails)
+    #: the largest weight tensors that were not pruning targets: {name, params, module}
+    left_out: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def coverage(self) -> float:
+        """The share of the model's parameters that were pruning targets (the sparsity is over these)."""
+        return self.target_params / max(self.params, 1)
 
     @property
     def sparsity(self) -> float:
@@ -153,7 +162,8 @@ class Report(JsonReport):
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(sparsity=self.sparsity, model_sparsity=self.model_sparsity, collapsed_layers=self.collapsed_layers)
+        data.update(sparsity=self.sparsity, model_sparsity=self.model_sparsity, collapsed_layers=self.collapsed_layers,
+                    coverage=self.coverage)  # fmt: skip
         return data
 
     def table(self) -> str:
@@ -173,6 +183,10 @@ class Report(JsonReport):
             f"targets: {self.target_nonzeros:,}/{self.target_params:,} nonzero ({self.sparsity:.2%} sparse); "
             f"model: {self.nonzeros:,}/{self.params:,} ({self.model_sparsity:.2%} sparse)"
         )
+        lines.append(f"coverage: {self.coverage:.1%} of the model's parameters were pruning targets")
+        if self.left_out:
+            shown = ", ".join(f"{t['name']} ({t['params']:,}, {t['module']})" for t in self.left_out)
+            lines.append(f"largest weights left out: {shown}")
         if self.macs_dense:
             lines.append(
                 f"MACs: {self.macs_dense:,} dense -> {self.macs_effective:,} effective "
@@ -262,6 +276,7 @@ def build_report(
             )
         )
     other = [p for p in _unique_parameters(model) if id(p) not in target_ids]
+    left_out = _left_out(model, target_ids)
     other_params = sum(p.numel() for p in other)
     other_bytes = sum(p.numel() * p.element_size() for p in other)
     target_params = sum(r.params for r in layers)
@@ -284,6 +299,7 @@ def build_report(
         connected=is_connected(model, example_inputs) if example_inputs is not None else None,
         config=config or {},
         details=details or RunDetails(),
+        left_out=left_out,
     )
 
 
@@ -291,6 +307,23 @@ def _dead(keep: torch.Tensor, dim: int) -> int:
     """Channels along ``dim`` with no surviving weight."""
     others = tuple(d for d in range(keep.ndim) if d != dim)
     return int(keep.shape[dim] - torch.count_nonzero(keep.any(dim=others)))
+
+
+def _left_out(model: nn.Module, target_ids: set[int], most: int = 5, share: float = 0.02) -> list[dict[str, Any]]:
+    """The largest matrices (2-D and up) that were not targets and hold at least ``share`` of the model's
+    parameters: what a report must name, so a sparsity over the targets is never read as the model's
+    (fused 3-D expert weights of a mixture-of-experts, embeddings, a second stack of blocks)."""
+    total = sum(p.numel() for p in _unique_parameters(model))
+    seen: set[int] = set()
+    found = []
+    for module_name, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            if id(p) in seen or id(p) in target_ids or p.ndim < 2 or p.numel() < share * total:
+                continue
+            seen.add(id(p))
+            name = f"{module_name}.{attr}" if module_name else attr
+            found.append({"name": name, "params": p.numel(), "module": type(module).__name__})
+    return sorted(found, key=lambda t: -t["params"])[:most]
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:

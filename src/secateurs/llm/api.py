@@ -9,6 +9,7 @@ for structural removal (FLAP, ShortGPT).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -48,6 +49,23 @@ def calibration_segments(
     return segments, seqlen
 
 
+def ready_batches(calibration: Any, config: LLMPruneConfig) -> list[Any] | None:
+    """Calibration that is already model inputs (images, dicts, a list of batches), or None for text and
+    token ids (cut into segments)."""
+    if isinstance(calibration, Tensor) and calibration.is_floating_point():
+        return list(batched(calibration[: config.nsamples], config.batch_size))
+    if (
+        isinstance(calibration, (list, tuple))
+        and calibration
+        and all(
+            isinstance(b, (Tensor, Mapping)) or (isinstance(b, (list, tuple)) and b and isinstance(b[0], Tensor))
+            for b in calibration
+        )
+    ):
+        return list(calibration)
+    return None
+
+
 @outside_inference_mode
 def prune_llm(
     model: nn.Module,
@@ -70,8 +88,10 @@ def prune_llm(
 
     Args:
         calibration: a text file path, a list of texts, a ``datasets.Dataset`` with a ``text``
-            column, a 1-D token-id stream or ``(N, L)`` token-id segments. Not needed for
-            uniform magnitude pruning.
+            column, a 1-D token-id stream or ``(N, L)`` token-id segments; or, for models that do
+            not read tokens (a ViT), a float tensor of inputs (split into ``batch_size`` batches) or
+            a list of ready batches (tensors or dicts of them). Not needed for uniform magnitude
+            pruning.
         tokenizer: for text calibration; default: loaded from the model's own directory.
         device: where each block is processed (e.g. ``'cuda'`` for a model kept on the CPU).
         rollback: keep the original weights until the run ends, so a failure leaves the
@@ -93,13 +113,20 @@ def prune_llm(
                 f"{config.describe_needs(needs)} needs calibration data: pass calibration='calib.txt' "
                 "(CLI: --calib calib.txt)"
             )
-        segments, seqlen = calibration_segments(model, calibration, tokenizer, config)
-        batches = list(batched(segments, config.batch_size))
-        calibrated = {"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)}
+        given = ready_batches(calibration, config)
+        if given is not None:
+            batches = given
+            calibrated = {"batches": len(batches)}
+        else:
+            segments, seqlen = calibration_segments(model, calibration, tokenizer, config)
+            batches = list(batched(segments, config.batch_size))
+            calibrated = {"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)}
     data = Data.from_user(config, batches, None, None, progress)
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
     report = config.runner_.run(model, config, data)
+    if isinstance(report, StructuralReport):
+        report.calibration = calibrated
     if isinstance(report, Report):
         report.details.calibration = calibrated
         for layer in report.dampening_raised:

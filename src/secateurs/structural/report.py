@@ -43,6 +43,7 @@ class StructuralReport(JsonReport):
     seconds: float  # wall time of scoring, selection and surgery
     removed_blocks: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, int] = field(default_factory=dict)  # what the LLM front door calibrated on
 
     @property
     def params_ratio(self) -> float:
@@ -99,4 +100,6 @@ class StructuralReport(JsonReport):
                 f"efficiency {self.latency_efficiency or 0:.2f} of the MACs reduction)"
             )
         lines.append(f"pruning took {self.seconds:.2f} s")
+        if "seqlen" in self.calibration:
+            lines.append(f"calibration: {self.calibration['nsamples']} x {self.calibration['seqlen']} tokens")
         return "\n".join(lines)
