@@ -392,6 +392,33 @@ _P = {"progress": False}
 ALL = {"skip_first": False, "skip_last": False}
 # fmt: off
 CASES: list[Case] = [
+    # API: the type of every configuration value (one declarative parser, the field named)
+    api("config-seed-is-a-string", mlp, lambda m: prune(m, "magnitude", 0.5, seed="1", **_P), ConfigError,
+        "seed must be an integer, got '1'"),
+    api("config-seed-is-a-float", mlp, lambda m: prune(m, "magnitude", 0.5, seed=1.5, **_P), ConfigError,
+        "seed must be an integer"),
+    api("config-allocation-is-a-number", mlp, lambda m: prune(m, "magnitude", 0.5, allocation=3, **_P),
+        ConfigError, "allocation must be an allocation name"),
+    api("config-method-options-is-a-list", mlp, lambda m: prune(m, "magnitude", 0.5, method_options=[2], **_P),
+        ConfigError, "method_options must be a mapping"),
+    api("config-method-option-misspelled", mlp, lambda m: prune(m, "magnitude", 0.5, method_options={"nrm": 2},
+        **_P), ConfigError, r"method_options for 'magnitude'.*valid: 'norm'"),
+    api("config-scope-include-is-a-number", mlp, lambda m: prune(m, "magnitude", 0.5, scope={"include": 3}, **_P),
+        ConfigError, "scope.include must be a string or a list of strings"),
+    api("config-scope-flag-is-a-string", mlp, lambda m: prune(m, "magnitude", 0.5, scope={"skip_last": "no"},
+        **_P), ConfigError, "scope.skip_last must be True or False"),
+    api("config-block-size-is-a-string", cnn, lambda m: prune(m, "magnitude", 0.5, pattern={"block": ["4", 4]},
+        **_P), PatternError, r"\(integers\)"),
+    api("config-sparsity-is-a-bool", mlp, lambda m: prune(m, "magnitude", True, **_P), ConfigError,
+        "sparsity must be a number"),
+    api("config-iterations-is-a-float", mlp, lambda m: prune(m, "magnitude", 0.5, iterations=2.0, **_P),
+        ConfigError, "iterations must be a positive integer"),
+    api("config-solver-options-unknown", mlp, lambda m: prune(m, "sparsegpt", 0.5, solver_options={"damp": 1},
+        calibration=[X_MLP], **_P), ConfigError, r"solver_options for 'sparsegpt'.*'dampening'"),
+    api("config-overrides-bad-sparsity", mlp, lambda m: prune(m, "magnitude", 0.5, overrides={"*": {"sparsity": 2}},
+        **_P), ConfigError, r"overrides\['\*'\].sparsity must be a number in \[0, 1\)"),
+    api("config-runner-unknown", mlp, lambda m: prune(m, "magnitude", 0.5, runner="gpu", **_P), ConfigError,
+        "runner must be one of 'blocks', 'model'"),
     # API: values of every kind of argument
     api("api-sparsity-1", mlp, lambda m: prune(m, "magnitude", 1.0, **_P), ConfigError, r"\[0, 1\)"),
     api("api-sparsity-negative", mlp, lambda m: prune(m, "magnitude", -0.2, **_P), ConfigError, r"\[0, 1\)"),
