@@ -150,3 +150,25 @@ def test_load_masks_with_wrong_shapes_touches_nothing(mlp, tmp_path):
 def test_save_masks_on_an_unmasked_model_is_an_error(mlp, tmp_path):
     with pytest.raises(StateError, match="no secateurs masks"):
         save_masks(mlp, tmp_path / "m.safetensors")
+
+
+def test_bake_refuses_a_mask_that_sits_behind_a_user_parametrization_and_writes_nothing():
+    """weight = mask(P(original)): zeros written into ``original`` would pass through P and not stay zero."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    import secateurs
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w + 1  # not zero-preserving: a zero written into the original becomes 1
+
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.Sequential(first, nn.ReLU(), second)
+    parametrize.register_parametrization(second, "weight", Scale())
+    secateurs.prune(model, "magnitude", 0.5, scope={"skip_first": False, "skip_last": False}, progress=False)
+    originals = [first.parametrizations.weight.original.clone(), second.parametrizations.weight.original.clone()]
+    with pytest.raises(secateurs.StateError, match=r"2.weight is parametrized by Scale before its mask"):
+        secateurs.bake(model)
+    assert torch.equal(first.parametrizations.weight.original, originals[0])  # nothing baked, not even the first
+    assert torch.equal(second.parametrizations.weight.original, originals[1])

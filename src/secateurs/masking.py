@@ -149,9 +149,30 @@ def attach(target: Target, mask: Tensor) -> None:
 def detach(target: Target, bake: bool) -> None:
     """Remove the gate from every holder of ``target``; ``bake`` writes what survives
     (:meth:`Gate.fold`) into the weight (once: the holders share the tensor)."""
+    if bake:
+        check_foldable(target)
     for _, module, param in target.users:
         _detach_one(module, param, bake)
         bake = False  # the shared tensor already holds the zeros
+
+
+def check_foldable(target: Target) -> None:
+    """Baking writes the gate's decision into the stored tensor, which is right only when the gate reads
+    that tensor directly: a user parametrization applied *before* it (weight = gate(P(original))) would
+    need P inverted. Refused, before anything is written."""
+    for name, module, param in target.users:
+        gate = gate_of(module, param)
+        if gate is None:
+            continue
+        chain = module.parametrizations[param]
+        first = chain[0]
+        if first is not gate:
+            where = f"{name}.{param}" if name else param
+            raise StateError(
+                f"{where} is parametrized by {type(first).__name__} before its mask, so the mask cannot be written "
+                f"into the stored weight; remove that parametrization first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations(module, {param!r})), or keep the mask"
+            )
 
 
 def _detach_one(module: nn.Module, param: str, bake: bool) -> None:
@@ -229,8 +250,11 @@ def unmask(model: nn.Module) -> int:
 
 @outside_inference_mode
 def bake(model: nn.Module) -> int:
-    """Make every mask permanent (zeros in the weights, original state_dict keys)."""
+    """Make every mask permanent (zeros in the weights, original state_dict keys). All or nothing: every
+    mask is checked to be foldable before the first is written."""
     targets = masked_targets(model)
+    for t in targets:
+        check_foldable(t)
     for t in targets:
         detach(t, bake=True)
     return len(targets)
