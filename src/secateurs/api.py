@@ -18,7 +18,7 @@ from .guards import outside_inference_mode
 from .masking import bake as bake_all
 from .pipeline import Data, all_or_nothing, check
 from .report import Report
-from .runners.model import Pruning
+from .runners import Pruning, run
 from .schedules import OneShot
 from .scope import Target
 from .structural.iterative import ScheduledRemoval
@@ -64,7 +64,7 @@ def prune(
             "exponential rounds without training"
         )
     data = Data.from_user(config, calibration, loss_fn, example_inputs, progress)
-    return config.runner_.run(model, config, data)
+    return run(model, config, data)
 
 
 @dataclass

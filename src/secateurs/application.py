@@ -62,6 +62,15 @@ APPLICATIONS: Registry[type[Application]] = Registry("mode", base=Application)
 
 
 @APPLICATIONS.register
+class Remove(Application):
+    """Structural: channels, heads, hidden dimensions or blocks removed for real; tensors shrink."""
+
+    name = "remove"
+    takes_solver = True
+    structural = True  # the whole-model runner hands the run to secateurs.structural.pipeline
+
+
+@APPLICATIONS.register
 class Mask(Application):
     """Ephemeral: a parametrization multiplies by the mask; unmask() restores the dense weights."""
 

@@ -14,6 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+# what the configuration resolves names against must be registered before it resolves one: the
+# group criteria (bn_scale, fpgm, flap, shortgpt) and layer handlers live with the structural code
+# they read, below this module (the removal pipeline that uses a configuration sits above it)
+from . import structural  # noqa: F401  (registration)
 from .allocation import Allocation, Explicit, Uniform, make_allocation
 from .application import APPLICATIONS, Application
 from .criteria import Criterion, make_criterion

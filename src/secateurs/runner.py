@@ -13,11 +13,16 @@ front, a method a runner cannot feed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-from .errors import ConfigError, choices
+from .errors import ConfigError, StateError, choices
 from .evidence import Need
 from .registry import Registry
+
+#: runner name -> the function that carries it out (registered by secateurs.runners, which sits above
+#: the configuration that reads the traits below)
+_IMPLEMENTATIONS: dict[str, Callable[[Any, Any, Any], Any]] = {}
 
 
 class Runner:
@@ -59,7 +64,39 @@ class Runner:
             )
 
     def run(self, model: Any, config: Any, data: Any) -> Any:
-        raise NotImplementedError
+        """Carry out ``config`` on ``model`` (a user's runner overrides this)."""
+        implementation = _IMPLEMENTATIONS.get(self.name)
+        if implementation is None:
+            raise StateError(f"runner {self.name!r} has no implementation loaded; import secateurs.runners")
+        return implementation(model, config, data)
+
+
+def implements(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the function that carries out the declared runner ``name``."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _IMPLEMENTATIONS[name] = fn
+        return fn
+
+    return register
 
 
 RUNNERS: Registry[type[Runner]] = Registry("runner", base=Runner)
+
+
+@RUNNERS.register
+class ModelRunner(Runner):
+    """Hooks over the calibration batches on the whole model; every need, mode and allocation."""
+
+    name = "model"
+
+
+@RUNNERS.register
+class BlockRunner(Runner):
+    """One repeated block at a time, with recomputed inputs (the layerwise LLM runner)."""
+
+    name = "blocks"
+    needs = frozenset({Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN})
+    modes = ("mask", "bake", "reconstruct")
+    sees_all_targets = False
+    multi_round = False

@@ -22,6 +22,7 @@ from ..evidence import DATA_NEEDS
 from ..guards import outside_inference_mode
 from ..pipeline import Data
 from ..report import Report
+from ..runners import run
 from ..structural.report import StructuralReport
 from .config import LLMPruneConfig
 
@@ -124,7 +125,7 @@ def prune_llm(
     data = Data.from_user(config, batches, None, None, progress)
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
-    report = config.runner_.run(model, config, data)
+    report = run(model, config, data)
     if isinstance(report, StructuralReport):
         report.calibration = calibrated
     if isinstance(report, Report):

@@ -26,64 +26,56 @@ from torch import nn
 from ..batches import model_device, to_device
 from ..blocks import BlockDiscoveryError, BlockInputs, Call, capture_inputs, find_blocks
 from ..config import Plan, PruneConfig
-from ..evidence import Evidence, Need, gather_block
+from ..evidence import Evidence, gather_block
 from ..pipeline import Context, Data, Rollback, apply, check, decide, seeded
 from ..progress import progress as progress_bar
 from ..report import LayerResult, Report, RunDetails, build_report
-from ..runner import RUNNERS, Runner
+from ..runner import implements
 from ..scope import Target, resolve
 from .model import layer_sparsities
 
 
-@RUNNERS.register
-class BlockRunner(Runner):
-    """One repeated block at a time, with recomputed inputs (the layerwise LLM runner)."""
-
-    name = "blocks"
-    needs = frozenset({Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN})
-    modes = ("mask", "bake", "reconstruct")
-    sees_all_targets = False
-    multi_round = False
-
-    def run(self, model: nn.Module, config: PruneConfig, data: Data) -> Report:
-        container, blocks, per_block = block_targets(model, config)
-        targets = [t for group in per_block for t in group]
-        plans = config.plans(targets)
-        check(plans, config, data)
-        device = data.device if data.device is not None else model_device(model)
-        layer_of = {t.name: f"{container}.{i}" for i, group in enumerate(per_block) for t in group}
-        context = Context(all_targets={id(p): p.targets for p in plans}, layer_of=layer_of)
-        start = time.perf_counter()
-        solved: list[LayerResult] = []
-        allocated: dict[str, float] = {}
-        rollback = Rollback(config.application_.writes_weights)
-        was_training = model.training
-        model.eval()
-        try:
-            if config.allocation_.needs:
-                context.observed = _observe(model, blocks, per_block, config, data, device, layer_of)
-            inputs = _capture(model, blocks, data.batches, device) if config.needs else None
-            for i, block in enumerate(progress_bar(blocks, f"{config.criterion_.name} blocks", data.show_progress)):
-                if data.rollback:
-                    rollback.save(per_block[i])
-                with on_device(block, device):
-                    results, sparsities = _prune_block(block, i, per_block[i], plans, inputs, config, context)
-                    solved += results
-                    allocated.update(sparsities)
-                    if inputs is not None and i + 1 < len(blocks):
-                        propagate(block, i, inputs)
-        except BaseException:
-            rollback.restore()
-            raise
-        finally:
-            model.train(was_training)
-        patterns = {t.name: plan.pattern for plan in plans for t in plan.targets}
-        details = RunDetails(
-            runner=self.name, blocks=container, layer_sparsities=layer_sparsities(allocated, layer_of),
-            observed=context.observed, solved=solved, seconds=time.perf_counter() - start,
-        )  # fmt: skip
-        pruned = [t for plan in plans for t in plan.targets]
-        return build_report(model, pruned, patterns, None, config.to_dict(), details)
+@implements("blocks")
+def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
+    """The block runner: one repeated block at a time, with recomputed inputs."""
+    container, blocks, per_block = block_targets(model, config)
+    targets = [t for group in per_block for t in group]
+    plans = config.plans(targets)
+    check(plans, config, data)
+    device = data.device if data.device is not None else model_device(model)
+    layer_of = {t.name: f"{container}.{i}" for i, group in enumerate(per_block) for t in group}
+    context = Context(all_targets={id(p): p.targets for p in plans}, layer_of=layer_of)
+    start = time.perf_counter()
+    solved: list[LayerResult] = []
+    allocated: dict[str, float] = {}
+    rollback = Rollback(config.application_.writes_weights)
+    was_training = model.training
+    model.eval()
+    try:
+        if config.allocation_.needs:
+            context.observed = _observe(model, blocks, per_block, config, data, device, layer_of)
+        inputs = _capture(model, blocks, data.batches, device) if config.needs else None
+        for i, block in enumerate(progress_bar(blocks, f"{config.criterion_.name} blocks", data.show_progress)):
+            if data.rollback:
+                rollback.save(per_block[i])
+            with on_device(block, device):
+                results, sparsities = _prune_block(block, i, per_block[i], plans, inputs, config, context)
+                solved += results
+                allocated.update(sparsities)
+                if inputs is not None and i + 1 < len(blocks):
+                    propagate(block, i, inputs)
+    except BaseException:
+        rollback.restore()
+        raise
+    finally:
+        model.train(was_training)
+    patterns = {t.name: plan.pattern for plan in plans for t in plan.targets}
+    details = RunDetails(
+        runner="blocks", blocks=container, layer_sparsities=layer_sparsities(allocated, layer_of),
+        observed=context.observed, solved=solved, seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    pruned = [t for plan in plans for t in plan.targets]
+    return build_report(model, pruned, patterns, None, config.to_dict(), details)
 
 
 def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.Module], list[list[Target]]]:

@@ -29,33 +29,29 @@ from ..pipeline import (
 )
 from ..progress import progress
 from ..report import LayerResult, Report, RunDetails, build_report
-from ..runner import RUNNERS, Runner
+from ..runner import implements
 from ..schedules import exponential_sparsity
 from ..scope import Target, resolve
 from ..structural.pipeline import remove_structures
 
 
-@RUNNERS.register
-class ModelRunner(Runner):
-    """Hooks over the calibration batches on the whole model; every need, mode and allocation."""
-
-    name = "model"
-
-    def run(self, model: nn.Module, config: PruneConfig, data: Data) -> Any:
-        if config.application_.structural:
-            return remove_structures(model, config, data)
-        pruning = Pruning(model, config, data)
-        if config.sparsity is not None:
-            pruning.refuse_lower(config.final_sparsity)
-        start = time.perf_counter()
-        rounds = config.rounds
-        with all_or_nothing(pruning.targets, config.application_.writes_weights):
-            label = f"{config.criterion_.name} rounds"
-            for k in progress(range(1, rounds + 1), label, data.show_progress and rounds > 1):
-                step = exponential_sparsity(k, rounds, config.final_sparsity) if rounds > 1 else config.final_sparsity
-                pruning.prune_to(step, round_=k)
-            config.application_.finish(pruning.targets)
-        return pruning.report(data.example_inputs, time.perf_counter() - start)
+@implements("model")
+def run_model(model: nn.Module, config: PruneConfig, data: Data) -> Any:
+    """The whole-model runner; ``mode='remove'`` hands over to the structural pipeline."""
+    if config.application_.structural:
+        return remove_structures(model, config, data)
+    pruning = Pruning(model, config, data)
+    if config.sparsity is not None:
+        pruning.refuse_lower(config.final_sparsity)
+    start = time.perf_counter()
+    rounds = config.rounds
+    with all_or_nothing(pruning.targets, config.application_.writes_weights):
+        label = f"{config.criterion_.name} rounds"
+        for k in progress(range(1, rounds + 1), label, data.show_progress and rounds > 1):
+            step = exponential_sparsity(k, rounds, config.final_sparsity) if rounds > 1 else config.final_sparsity
+            pruning.prune_to(step, round_=k)
+        config.application_.finish(pruning.targets)
+    return pruning.report(data.example_inputs, time.perf_counter() - start)
 
 
 class Pruning:

@@ -13,8 +13,8 @@ from .attention import PrunedMultiheadAttention
 from .criteria import FLAP, FPGM, GROUP_FORMS, BNScale, GroupCriterion, ShortGPT, as_group_criterion
 from .graph import DependencyGraph, Group
 from .handlers import HANDLERS, Handler, register_handler, register_handler_by_name
-from .pipeline import remove
 from .plan import PruningPlan, load_structured, plan_of, save_structured
+from .removal import remove
 from .report import StructuralReport
 from .step import Step
 

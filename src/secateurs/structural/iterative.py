@@ -16,7 +16,8 @@ from ..config import PruneConfig
 from ..errors import ConfigError
 from ..pipeline import Data
 from .graph import DependencyGraph
-from .pipeline import candidate_groups, example_inputs_for, refuse_reparametrized, remove_structures
+from .pipeline import candidate_groups, example_inputs_for, remove_structures
+from .removal import refuse_reparametrized
 from .report import StructuralReport
 
 

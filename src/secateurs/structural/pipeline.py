@@ -14,13 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..application import APPLICATIONS, Application
 from ..config import PruneConfig
 from ..errors import DataRequiredError, ScopeError, StructureError
 from ..evidence import DATA_NEEDS, Need, gather, preserved
-from ..guards import outside_inference_mode, refuse_inference_weights
+from ..guards import refuse_inference_weights
 from ..layout import Layout, layout_of
-from ..masking import masked_targets
 from ..pipeline import Data, make_evidence
 from ..scope import ScopeSpec, Target, matches
 from ..selection import keep_mask
@@ -32,19 +30,11 @@ from .criteria import GroupCriterion, as_group_criterion
 from .graph import DependencyGraph, Group
 from .handlers import handler_for
 from .plan import record_step, start_plan
+from .removal import refuse_reparametrized
 from .report import GroupChange, StructuralReport, measure
 from .step import Step
 from .surgery import Surgery
 from .units import GroupEvidence
-
-
-@APPLICATIONS.register
-class Remove(Application):
-    """Structural: channels, heads, hidden dimensions or blocks removed for real; tensors shrink."""
-
-    name = "remove"
-    takes_solver = True
-    structural = True
 
 
 def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: ScopeSpec) -> list[Group]:
@@ -198,33 +188,6 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     return layers.layer_step(container, gone), [f"{container}.{i}" for i in gone]
 
 
-def refuse_reparametrized(model: nn.Module) -> None:
-    """Removal slices tensors in place; a mask or parametrization over a weight would be cut apart
-    from it (or silently re-applied at the old shape), so both are refused up front."""
-    masked = [t.name for t in masked_targets(model)]
-    if masked:
-        shown = ", ".join(masked[:3]) + (f" and {len(masked) - 3} more" if len(masked) > 3 else "")
-        raise StructureError(
-            f"mode='remove' changes tensor shapes, but {len(masked)} weight(s) carry secateurs masks ({shown}): "
-            "make them permanent first with secateurs.bake(model) (keeps the zeros), or drop them with "
-            "secateurs.unmask(model)"
-        )
-    for name, module in model.named_modules():
-        if getattr(module, "parametrizations", None):
-            raise StructureError(
-                f"module {name or '<root>'!r} ({type(module).__name__}) has parametrized tensors "
-                f"{sorted(module.parametrizations)}, which removal cannot resize: remove them first with "
-                "torch.nn.utils.parametrize.remove_parametrizations(module, name)"
-            )
-        orig = [n for n, _ in module.named_parameters(recurse=False) if n.endswith("_orig")]
-        if orig and any(hasattr(module, n[: -len("_orig")] + "_mask") for n in orig):
-            raise StructureError(
-                f"module {name or '<root>'!r} ({type(module).__name__}) carries torch.nn.utils.prune masks "
-                f"({', '.join(orig)}), which removal cannot resize: call torch.nn.utils.prune.remove(module, "
-                "'weight') first, or prune with secateurs"
-            )
-
-
 def example_inputs_for(model: nn.Module, data: Data) -> Any:
     inputs = data.example_inputs if data.example_inputs is not None else hf.example_inputs(model)
     if inputs is None:
@@ -261,16 +224,3 @@ def remove_structures(model: nn.Module, config: PruneConfig, data: Data) -> Stru
     seconds = time.perf_counter() - start
     return StructuralReport(changes, before, measure(model, inputs, opts.latency), seconds, removed_blocks,
                             config.to_dict())  # fmt: skip
-
-
-@outside_inference_mode
-def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check: bool = True, **options: Any) -> Step:
-    """Remove chosen units (``{group_name: unit_indices}``) from ``model``; returns the applied step.
-    Group names come from ``DependencyGraph(model, example_inputs).groups``."""
-    refuse_reparametrized(model)
-    graph = DependencyGraph(model, example_inputs, **options)
-    step = graph.step(removed)
-    plan = start_plan(model)
-    apply_steps(model, [step], example_inputs, check=check, after=hf.sync_config)
-    record_step(model, plan, step)
-    return step

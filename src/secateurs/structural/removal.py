@@ -1,0 +1,61 @@
+"""Removal by hand: ``remove(model, {group: units}, example_inputs)``, and the refusal every removal starts with.
+
+Below the configuration, so the structural package exports it without importing the pipeline that
+resolves configurations (:mod:`secateurs.structural.pipeline`, the ``remove`` mode of the one
+pipeline, builds on these).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import StructureError
+from ..guards import outside_inference_mode
+from ..masking import masked_targets
+from . import hf
+from .apply import apply_steps
+from .graph import DependencyGraph
+from .plan import record_step, start_plan
+from .step import Step
+
+
+def refuse_reparametrized(model: nn.Module) -> None:
+    """Removal slices tensors in place; a mask or parametrization over a weight would be cut apart
+    from it (or silently re-applied at the old shape), so both are refused up front."""
+    masked = [t.name for t in masked_targets(model)]
+    if masked:
+        shown = ", ".join(masked[:3]) + (f" and {len(masked) - 3} more" if len(masked) > 3 else "")
+        raise StructureError(
+            f"mode='remove' changes tensor shapes, but {len(masked)} weight(s) carry secateurs masks ({shown}): "
+            "make them permanent first with secateurs.bake(model) (keeps the zeros), or drop them with "
+            "secateurs.unmask(model)"
+        )
+    for name, module in model.named_modules():
+        if getattr(module, "parametrizations", None):
+            raise StructureError(
+                f"module {name or '<root>'!r} ({type(module).__name__}) has parametrized tensors "
+                f"{sorted(module.parametrizations)}, which removal cannot resize: remove them first with "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, name)"
+            )
+        orig = [n for n, _ in module.named_parameters(recurse=False) if n.endswith("_orig")]
+        if orig and any(hasattr(module, n[: -len("_orig")] + "_mask") for n in orig):
+            raise StructureError(
+                f"module {name or '<root>'!r} ({type(module).__name__}) carries torch.nn.utils.prune masks "
+                f"({', '.join(orig)}), which removal cannot resize: call torch.nn.utils.prune.remove(module, "
+                "'weight') first, or prune with secateurs"
+            )
+
+
+@outside_inference_mode
+def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check: bool = True, **options: Any) -> Step:
+    """Remove chosen units (``{group_name: unit_indices}``) from ``model``; returns the applied step.
+    Group names come from ``DependencyGraph(model, example_inputs).groups``."""
+    refuse_reparametrized(model)
+    graph = DependencyGraph(model, example_inputs, **options)
+    step = graph.step(removed)
+    plan = start_plan(model)
+    apply_steps(model, [step], example_inputs, check=check, after=hf.sync_config)
+    record_step(model, plan, step)
+    return step
