@@ -17,7 +17,7 @@ from ..criteria.structural import GroupCriterion, as_group_criterion
 from ..engine import Data, evidence_for
 from ..errors import ConfigError, DataRequiredError, ScopeError, StructureError
 from ..evidence import Need
-from ..scope import ScopeSpec, _matches
+from ..scope import ScopeSpec, _matches, refuse_unmatched
 from ..selection import keep_mask
 from . import hf, layers
 from .allocate import prune_counts, select
@@ -36,6 +36,8 @@ def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: Scop
 
     A group that passes through an op or module the graph cannot follow is an error, never a
     silent skip: exclude that module, or register a handler for its type."""
+    names = [n for n, _ in graph.model.named_modules() if n] + [g.name for g in graph.groups]
+    refuse_unmatched(scope, names, type(graph.model).__name__)  # a mistyped exclude must not prune its layer
     chosen = []
     for g in graph.groups:
         if g.kind not in kinds or (g.units == 0 and not g.blocked):
