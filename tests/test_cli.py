@@ -12,11 +12,12 @@ from secateurs.cli import main
 from secateurs.demo.models import digits_mlp
 
 MODEL = "secateurs.demo.models:digits_mlp"
+TRAINED = "secateurs.demo:trained_mlp"  # global magnitude on the untrained MLP empties a layer (refused)
 
 
 def test_prune_writes_baked_weights_masks_report_and_recipe(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["prune", MODEL, "--method", "magnitude", "--sparsity", "0.8", "--allocation", "global",
+    assert main(["prune", TRAINED, "--method", "magnitude", "--sparsity", "0.8", "--allocation", "global",
                  "--out", str(out)]) == 0  # fmt: skip
     assert "targets:" in capsys.readouterr().out
     written = sorted(p.name for p in out.iterdir())

@@ -125,7 +125,7 @@ def test_a_pattern_that_matches_no_module_is_refused_with_the_closest_names(key)
 def test_removal_refuses_an_exclude_that_matches_nothing_before_changing_the_model():
     model = Net()
     before = [p.shape for p in model.parameters()]
-    with pytest.raises(ScopeError, match="exclude pattern 'feature.0' matches no module"):
+    with pytest.raises(ScopeError, match=r"exclude pattern 'feature\.0' matches no module"):
         prune(model, "magnitude", 0.5, mode="remove", pattern="channel", example_inputs=torch.zeros(1, 8),
               scope={"exclude": ["feature.0"]}, progress=False)  # fmt: skip
     assert [p.shape for p in model.parameters()] == before

@@ -1,35 +1,64 @@
-"""secateurs: prune any PyTorch model, and prove what it bought you."""
+"""secateurs: prune any PyTorch model, and prove what it bought you.
+
+The public names below are imported on first use (PEP 562), not when the package is: the
+command line imports ``secateurs`` to print ``--help``, and importing torch for that takes
+seconds. ``from secateurs import prune`` and ``secateurs.structural.save_pruned`` work as usual.
+"""
 
 from __future__ import annotations
 
-from .api import Pruner, StepEvent, prune
-from .config import PruneConfig
-from .criteria import Criterion, make_criterion, register
-from .errors import (
-    ConfigError,
-    DataRequiredError,
-    NonFiniteError,
-    PatternError,
-    RecipeError,
-    ScopeError,
-    SecateursError,
-    StateError,
-    StructureError,
-)
-from .masking import bake, load_masks, save_masks, unmask
-from .recipes import load_recipe
-from .report import Report, build_report
-from .schedules import Cubic, Exponential, Linear, LotteryTicket, OneShot
-from .scope import ScopeSpec
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .api import Pruner, StepEvent, prune
+    from .config import PruneConfig
+    from .criteria import Criterion, make_criterion, register
+    from .errors import (
+        ConfigError,
+        DataRequiredError,
+        LayerCollapseError,
+        NonFiniteError,
+        PatternError,
+        RecipeError,
+        ScopeError,
+        SecateursError,
+        SecateursWarning,
+        StateError,
+        StructureError,
+    )
+    from .masking import bake, load_masks, save_masks, unmask
+    from .recipes import load_recipe
+    from .report import Report, build_report
+    from .schedules import Cubic, Exponential, Linear, LotteryTicket, OneShot
+    from .scope import ScopeSpec
 
 __version__ = "0.1.0"
 
-__all__ = [
+_MODULES: dict[str, tuple[str, ...]] = {
+    "api": ("Pruner", "StepEvent", "prune"),
+    "config": ("PruneConfig",),
+    "criteria": ("Criterion", "make_criterion", "register"),
+    "errors": (
+        "ConfigError", "DataRequiredError", "LayerCollapseError", "NonFiniteError", "PatternError", "RecipeError",
+        "ScopeError", "SecateursError", "SecateursWarning", "StateError", "StructureError",
+    ),
+    "masking": ("bake", "load_masks", "save_masks", "unmask"),
+    "recipes": ("load_recipe",),
+    "report": ("Report", "build_report"),
+    "schedules": ("Cubic", "Exponential", "Linear", "LotteryTicket", "OneShot"),
+    "scope": ("ScopeSpec",),
+}  # fmt: skip
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = [  # the same names, spelled out for tools that read __all__ statically
     "ConfigError",
     "Criterion",
     "Cubic",
     "DataRequiredError",
     "Exponential",
+    "LayerCollapseError",
     "Linear",
     "LotteryTicket",
     "NonFiniteError",
@@ -42,9 +71,10 @@ __all__ = [
     "ScopeError",
     "ScopeSpec",
     "SecateursError",
+    "SecateursWarning",
     "StateError",
-    "StructureError",
     "StepEvent",
+    "StructureError",
     "bake",
     "build_report",
     "load_masks",
@@ -55,3 +85,19 @@ __all__ = [
     "save_masks",
     "unmask",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use; submodules (``secateurs.structural``) too."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -11,9 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from .batches import LossFn, first_sample, model_inputs, take
+from .collapse import refuse_collapse, refuse_collapse_of
 from .config import PruneConfig
 from .engine import Data, apply_masks, check, compute_masks, pruning
-from .errors import ConfigError, StateError
+from .errors import ConfigError, SecateursWarning, StateError, refuse_unknown
 from .masking import bake as bake_all
 from .masking import detach
 from .progress import progress as progress_bar
@@ -24,6 +26,10 @@ from .structural.report import StructuralReport
 
 if TYPE_CHECKING:
     from .structural.iterative import ScheduledRemoval
+
+
+#: keywords of prune() and Pruner() that are not PruneConfig fields (what to run on, how to run)
+_CALL_KEYWORDS = ("calibration", "loss_fn", "example_inputs", "progress", "allow_collapse")
 
 
 def _data(
@@ -44,6 +50,7 @@ def prune(
     loss_fn: LossFn | None = None,
     example_inputs: Any = None,
     progress: bool = True,
+    allow_collapse: bool = False,
     **options: Any,
 ) -> Report | StructuralReport:
     """Prune ``model`` in place and return a :class:`Report` of what changed.
@@ -61,7 +68,10 @@ def prune(
         example_inputs: one input batch, used for MACs in the report and by SynFlow for its shape;
             default: the first sample of the first calibration batch.
         progress: show progress bars for work longer than a second.
+        allow_collapse: accept a layer left with no weight, or no path of weights from input to
+            output (refused by default with :class:`~secateurs.LayerCollapseError`, model unchanged).
     """
+    refuse_unknown(options, [*PruneConfig.keys(), *_CALL_KEYWORDS], "prune()")
     config = PruneConfig(method=method, sparsity=sparsity, **options)
     if not isinstance(config.schedule_, OneShot) or config.schedule_.at != 0:
         raise ConfigError(
@@ -84,10 +94,13 @@ def prune(
             )
             masks = compute_masks(model, targets, config, step_sparsity, data, round_=k)
             apply_masks(targets, masks)
+        report = build_report(model, targets, config.pattern_, data.example_inputs, config.to_dict())
+        if not allow_collapse:  # inside the block: refusing restores the masks, so the model is unchanged
+            refuse_collapse(report.collapsed_layers, report.connected)
     if config.mode == "bake":
         for t in targets:
             detach(t, bake=True)
-    return build_report(model, targets, config.pattern_, data.example_inputs, config.to_dict())
+    return report
 
 
 @dataclass
@@ -147,9 +160,12 @@ class Pruner:
         loss_fn: LossFn | None = None,
         example_inputs: Any = None,
         progress: bool = False,
+        allow_collapse: bool = False,
         **options: Any,
     ) -> None:
+        refuse_unknown(options, [*PruneConfig.keys(), *_CALL_KEYWORDS], "Pruner()")
         self.model = model
+        self.allow_collapse = allow_collapse
         self.config = PruneConfig(method=method, sparsity=sparsity, **options)
         self.data = _data(self.config, calibration, loss_fn, example_inputs, progress)
         self._removal: ScheduledRemoval | None = None
@@ -198,6 +214,8 @@ class Pruner:
         with pruning(self.targets):
             masks = compute_masks(self.model, self.targets, self.config, sparsity, self.data, self.step_count)
             apply_masks(self.targets, masks)
+            if not self.allow_collapse:  # refused inside the block: the previous masks come back
+                refuse_collapse_of(self.model, self.targets, self.data.example_inputs)
         self.current_sparsity = sparsity
         return False
 
@@ -218,8 +236,24 @@ class Pruner:
         inputs = example_inputs if example_inputs is not None else self.data.example_inputs
         return build_report(self.model, self.targets, self.config.pattern_, inputs, self.config.to_dict())
 
-    def finalize(self, bake: bool | None = None) -> nn.Module:
-        """End of training: bake the zeros into the weights (default when mode='bake')."""
+    def finalize(self, bake: bool | None = None, *, to_final: bool = False) -> nn.Module:
+        """End of training: bake the zeros into the weights (default when mode='bake').
+
+        Before the schedule has reached its final sparsity, ``to_final=True`` prunes to it now;
+        otherwise the model keeps the sparsity reached so far, with a :class:`SecateursWarning`."""
+        final = self.config.final_sparsity
+        if self.current_sparsity < final - 1e-9:
+            if to_final:
+                self.prune_to(final)
+            else:
+                warnings.warn(
+                    f"Pruner.finalize() at step {self.step_count}, before the schedule ends (its last pruning step "
+                    f"is {self.config.schedule_.last_step}): the model keeps sparsity {self.current_sparsity:.2%}, "
+                    f"not the final {final:.2%}. Train until the schedule ends, or call finalize(to_final=True) to "
+                    "prune to the final sparsity now",
+                    SecateursWarning,
+                    stacklevel=2,
+                )
         if bake if bake is not None else self.config.mode == "bake":
             bake_all(self.model)
         return self.model
