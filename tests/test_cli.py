@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,69 @@ def test_demo_quick_run_writes_table_json_and_plot(tmp_path):
     dense = {r["model"]: r["accuracy"] for r in data["results"] if r["method"] == "dense"}
     assert min(dense.values()) > 0.8  # the models really learned
     assert main(["demo", "--quick", "--out", str(out)]) == 2  # never overwrite without --overwrite
+
+
+def test_a_factory_in_the_current_folder_is_found_without_pythonpath(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "first_hour_models.py").write_text(
+        "import torch\nfrom secateurs.demo import train_batches, trained_mlp\n\n"
+        "def net():\n    return trained_mlp()\n\n"
+        "def calibration():\n    return train_batches()[:2]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "first_hour_models", raising=False)
+    path_before = list(sys.path)
+    args = ["prune", "first_hour_models:net", "--method", "wanda", "--sparsity", "0.5",
+            "--data", "first_hour_models:calibration", "--out", "out"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["config"]["method"] == "wanda"
+    assert sys.path == path_before  # the folder is importable while the user's code runs, not afterwards
+
+
+def test_a_factory_that_cannot_be_imported_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "no_such_models:net", "--sparsity", "0.5", "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import model factory 'no_such_models:net'" in err and str(tmp_path) in err
+
+
+@pytest.fixture
+def removed_mlp(tmp_path) -> Path:
+    out = tmp_path / "removed"
+    assert main(["prune", TRAINED, "--method", "magnitude", "--sparsity", "0.5", "--mode", "remove",
+                 "--input-shape", "1,8,8", "--out", str(out)]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("weights", ["removed", "removed/model.safetensors"])
+def test_report_reads_a_structurally_pruned_output_through_its_plan(removed_mlp, weights, capsys):
+    capsys.readouterr()
+    assert main(["report", MODEL, "--weights", str(removed_mlp.parent / weights), "--input-shape", "1,8,8"]) == 0
+    text = capsys.readouterr().out
+    assert "1 removal step(s) replayed" in text
+    assert "150x64" in text  # Linear(64, 300) lost half its 300 neurons
+
+
+def test_weights_of_another_shape_are_a_one_line_error_naming_the_tensors(removed_mlp, tmp_path, capsys):
+    import shutil
+
+    alone = tmp_path / "alone.safetensors"
+    shutil.copy(removed_mlp / "model.safetensors", alone)  # the plan left behind
+    capsys.readouterr()
+    assert main(["report", MODEL, "--weights", str(alone)]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit" in err and "1.weight [150, 64] (model: [300, 64])" in err and "pruning_plan.json" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_threads_sets_torch_threads_and_a_bad_value_is_refused_first(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        args = ["prune", TRAINED, "--sparsity", "0.5", "--threads", "2", "--out", str(tmp_path / "o")]
+        assert main(args) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert main(["prune", TRAINED, "--sparsity", "0.5", "--threads", "0", "--out", str(tmp_path / "p")]) == 2
+    assert "--threads must be a positive integer" in capsys.readouterr().err

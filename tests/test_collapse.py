@@ -72,3 +72,14 @@ def test_a_pruner_step_that_would_collapse_is_refused_and_keeps_the_previous_mas
     assert_unchanged(model, state)
     assert pruner.current_sparsity == pytest.approx(0.45)
 
+
+def test_the_cli_refuses_a_collapse_unless_allowed(tmp_path, capsys):
+    from secateurs.cli import main
+
+    args = ["prune", "secateurs.demo.models:digits_mlp", "--method", "magnitude", "--sparsity", "0.9",
+            "--allocation", "global"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "--allow-collapse" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main([*args, "--allow-collapse", "--out", str(tmp_path / "allowed")]) == 0
+    assert "LAYER COLLAPSE" in capsys.readouterr().out

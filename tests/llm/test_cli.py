@@ -165,3 +165,15 @@ def _tokenizer_of(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("flag", [["--cloze", "text.txt"], ["--tasks", "arc_easy"]])
+def test_a_missing_lm_eval_is_reported_before_the_model_is_loaded(model_dir, flag, capsys, monkeypatch):
+    import sys
+
+    import secateurs.export
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setattr(secateurs.export, "load_pruned", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["eval", str(model_dir), *flag]) == 2
+    assert "pip install 'lm-eval[hf]'" in capsys.readouterr().err

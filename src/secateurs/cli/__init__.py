@@ -8,12 +8,13 @@ from collections.abc import Sequence
 
 from ..errors import SecateursError
 from . import demo, eval, prune, report
+from .help import HelpParser
 
 SUBCOMMANDS = (prune, eval, report, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secateurs", description="Prune PyTorch models and measure the result.")
+    parser = HelpParser(prog="secateurs", description="Prune PyTorch models and measure the result.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(sub)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io import refuse_existing
-from ..patterns import NM
+from .threads import note_oversubscription
 
 LAYERWISE_ONLY = ("sparsegpt", "shortgpt")
 
@@ -52,7 +52,7 @@ def llm_recipe(args: argparse.Namespace) -> dict[str, Any]:
     from ..recipes import load_recipe, parse_recipe
     from .prune import apply_scope_flags  # prune imports this module at load time
 
-    for flag in ("mode", "iterations", "max_batches", "data", "weights", "input_shape"):
+    for flag in ("mode", "iterations", "max_batches", "data", "weights", "input_shape", "allow_collapse"):
         if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} does not apply to layerwise LLM pruning (--calib)")
     if args.allocation not in (None, "uniform", "owl", "global"):
@@ -84,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
     from ..export import save_pruned
     from ..hf import load_hf_model
     from ..llm import LLMPruneConfig, prune_llm
+    from ..patterns import NM
 
     recipe = llm_recipe(args)
     config = LLMPruneConfig(**recipe)
     refuse_existing(Path(args.out), args.overwrite)  # before the long run, not after it
     if config.needs_calibration and not args.calib:
         raise ConfigError(f"method {config.method!r} needs calibration text: add --calib calib.txt")
+    note_oversubscription()
     model = load_hf_model(args.model)
     tokenizer = _tokenizer(args.tokenizer or args.model)
     report = prune_llm(

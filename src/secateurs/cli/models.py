@@ -1,41 +1,128 @@
-"""How the CLI names a model: ``package.module:factory`` or a Hugging Face directory / hub id."""
+"""How the CLI names a model: ``package.module:factory`` or a Hugging Face directory / hub id.
+
+A ``module:function`` is imported as ``python -m`` imports: the current folder comes first, so
+``secateurs prune my_models:resnet`` finds ``./my_models.py`` without ``PYTHONPATH=.``.
+A structurally pruned output (a folder with ``pruning_plan.json``) is rebuilt by replaying its
+plan, so ``--weights pruned/`` (or ``pruned/model.safetensors``) fits the factory's model.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-
-from safetensors.torch import load_file
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..hf import is_hf_directory, load_hf_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PLAN_FILE = "pruning_plan.json"  # secateurs.structural.plan.PLAN_FILE, named here without importing torch
 
 
 def is_factory(spec: str) -> bool:
     return ":" in spec and not Path(spec).exists()
 
 
-def load_model(spec: str, weights: str | None = None) -> nn.Module:
-    """Build the model ``spec`` names; load ``weights`` (safetensors, strict) if given."""
-    if is_factory(spec):
-        module_name, _, attr = spec.partition(":")
+@contextlib.contextmanager
+def _current_folder_importable() -> Iterator[None]:
+    """The current folder first on ``sys.path`` while the user's code is imported and called, as
+    ``python -m`` does (a console script's ``sys.path[0]`` is its own bin folder instead)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def call_object(spec: str, what: str) -> Any:
+    """Import ``module:function`` (current folder first) and call it with no arguments."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{what} must be 'package.module:function', got {spec!r}")
+    with _current_folder_importable():
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"cannot import model factory {spec!r}: {exc}") from exc
-        model = factory()
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"cannot import {what} {spec!r}: {exc}. Modules are looked up in the current folder "
+                f"({os.getcwd()}) first, then on the Python path (install the package or set PYTHONPATH)"
+            ) from exc
+        function = getattr(module, attr, None)
+        if not callable(function):
+            public = sorted(n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n]))
+            raise ConfigError(f"{module_name} has no function {attr!r} for {what} {spec!r}; it has: {public[:20]}")
+        return function()
+
+
+def plan_directory(weights: str | os.PathLike) -> Path | None:
+    """The structural output folder ``weights`` names (the folder, or its ``model.safetensors``), if any."""
+    path = Path(weights)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / PLAN_FILE).is_file() else None
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build the model ``spec`` names; load ``weights`` (safetensors, strict; or a structural output folder)."""
+    from torch import nn
+
+    if is_factory(spec):
+        model = call_object(spec, "model factory")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    elif is_hf_directory(spec) or not Path(spec).exists():
-        model = load_hf_model(spec)
+    elif Path(spec).is_dir() or not Path(spec).exists():
+        _refuse_plain_plan(spec)
+        from ..export import load_pruned  # dense, compressed-only or structurally pruned directories
+
+        model = load_pruned(spec)
     else:
         raise ConfigError(f"{spec!r} is neither 'package.module:factory' nor a model directory with config.json")
-    if weights is not None:
-        state = load_file(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"weights {weights} do not fit {spec}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+    if weights is None:
+        return model
+    folder = plan_directory(weights)
+    if folder is not None:
+        from ..structural import load_pruned as replay
+
+        return replay(folder, model)  # every module, size and weight is checked before anything changes
+    return _load_weights(model, spec, weights)
+
+
+def _refuse_plain_plan(spec: str) -> None:
+    """A structural output of a plain PyTorch model needs the code that builds the unpruned model."""
+    plan = Path(spec) / PLAN_FILE
+    if plan.is_file() and "hf_class" not in json.loads(plan.read_text()).get("base", {}):
+        raise ConfigError(
+            f"{spec} holds a structurally pruned plain PyTorch model; name the factory of the unpruned model and "
+            f"pass this folder as its weights: secateurs ... package.module:factory --weights {spec}"
+        )
+
+
+def _load_weights(model: nn.Module, spec: str, weights: str) -> nn.Module:
+    """Strict, and checked before any tensor is copied: a size mismatch is named, not a 40-line traceback."""
+    from safetensors.torch import load_file
+
+    if not Path(weights).is_file():
+        raise ConfigError(f"--weights {weights}: no such file")
+    state = load_file(weights)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {list(v.shape)} (model: {list(own[k].shape)})" for k, v in state.items()
+               if k in own and v.shape != own[k].shape]  # fmt: skip
+    if missing or unexpected or resized:
+        raise ConfigError(
+            f"weights {weights} do not fit {spec}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"other sizes {resized[:5]}. A structurally pruned model (mode remove) is loaded from its output "
+            "folder, which holds pruning_plan.json: pass --weights thatfolder/"
+        )
+    model.load_state_dict(state, strict=True)
     return model
