@@ -77,10 +77,17 @@ def test_report_reads_back_weights_and_masks(tmp_path, capsys):
     assert {layer["name"]: round(layer["sparsity"], 3) for layer in data["layers"]}["1.weight"] == 0.5
 
 
-def test_demo_quick_run_writes_table_json_and_plot(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    """One quick demo run (the slowest thing in the suite) shared by the demo tests."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
     torch.manual_seed(0)
     assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_quick_run_writes_table_json_and_plot(demo_out):
+    out = demo_out
     data = json.loads((out / "results.json").read_text())
     methods = {row["method"] for row in data["results"]}
     assert {"dense", "2:4 magnitude + fine-tune"} <= methods
@@ -88,7 +95,33 @@ def test_demo_quick_run_writes_table_json_and_plot(tmp_path):
     assert (out / "table.txt").exists() and (out / "demo.png").stat().st_size > 10_000
     dense = {r["model"]: r["accuracy"] for r in data["results"] if r["method"] == "dense"}
     assert min(dense.values()) > 0.8  # the models really learned
+    assert all(r["train_seconds"] > 0 and r["prune_seconds"] >= 0 for r in data["results"])
+    table = (out / "table.txt").read_text()
+    assert "450 held-out images (one image = 0.22 points)" in table and "sparsity: of the pruned layers" in table
     assert main(["demo", "--quick", "--out", str(out)]) == 2  # never overwrite without --overwrite
+
+
+# what each demo row ran: (method, sparsity, allocation, schedule kind) of the pruning call itself
+DEMO_CONFIGS = {
+    "global magnitude 90% + fine-tune": ("magnitude", 0.9, "global", None),
+    "2:4 magnitude + fine-tune": ("magnitude", 0.5, "uniform", None),
+    "SNIP 90% at init, then train": ("snip", 0.9, "global", None),
+    "SynFlow 90% at init, then train": ("synflow", 0.9, "global", None),
+    "lottery ticket (3 IMP rounds, rewind)": ("magnitude", 0.9, "global", "lottery"),
+}
+
+
+def test_demo_reports_record_the_config_that_ran(demo_out):
+    from secateurs import PruneConfig
+
+    reports = json.loads((demo_out / "results.json").read_text())["reports"]
+    for model in ("mlp", "cnn"):
+        assert reports[model]["dense"]["config"] == {}  # nothing was pruned
+        for method, (name, sparsity, allocation, schedule) in DEMO_CONFIGS.items():
+            config = reports[model][method]["config"]
+            PruneConfig(**config)  # a valid recipe
+            assert (config["method"], config["sparsity"], config["allocation"]) == (name, sparsity, allocation), method
+            assert (config["schedule"] or {}).get("kind") == schedule, method
 
 
 def test_a_factory_in_the_current_folder_is_found_without_pythonpath(tmp_path, monkeypatch):
