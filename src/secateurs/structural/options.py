@@ -71,7 +71,8 @@ class StructuralOptions:
         bias_compensation: add the mean contribution of removed inputs to the next bias
             (FLAP); None: the method's default.
         check: run the pruned model on the example inputs and restore it if that fails.
-        latency: measure CPU latency before and after for the report.
+        latency: time a copy of the dense model against the pruned one, alternately, for the report
+            (the copy holds a second set of weights during the prune: turn off near the memory limit).
         blocks: qualified name of the container of repeated blocks for ``pattern='layer'``
             (``'model.layers'``); None: found automatically.
     """

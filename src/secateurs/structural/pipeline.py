@@ -25,7 +25,7 @@ from .apply import apply_steps
 from .graph import DependencyGraph, Group
 from .handlers import handler_for
 from .plan import start_plan
-from .report import GroupChange, StructuralReport, measure
+from .report import GroupChange, LatencyTwin, StructuralReport, measure
 from .step import Step
 from .surgery import Surgery
 from .units import GroupEvidence
@@ -179,7 +179,8 @@ def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> Struc
         raise DataRequiredError(
             "mode='remove' traces the model once: pass example_inputs=<one input batch> (or calibration=...)"
         )
-    before = measure(model, inputs, opts.latency)
+    before = measure(model, inputs)
+    twin = LatencyTwin(model, inputs) if opts.latency else None  # dense copy, timed alternately with the pruned
     start = time.perf_counter()
     deltas: dict[str, Tensor] = {}
     if config.pattern_.kinds == ("layer",):
@@ -199,8 +200,8 @@ def prune_structured(model: nn.Module, config: PruneConfig, data: Data) -> Struc
     apply_steps(model, [step], inputs, check=opts.check, after=after)
     plan.steps.append(step)
     seconds = time.perf_counter() - start
-    return StructuralReport(changes, before, measure(model, inputs, opts.latency), seconds, removed_blocks,
-                            config.to_dict())  # fmt: skip
+    return StructuralReport(changes, before, measure(model, inputs), seconds, removed_blocks, config.to_dict(),
+                            latency=twin.compare(model) if twin else None)  # fmt: skip
 
 
 def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check: bool = True, **options: Any) -> Step:
