@@ -2,9 +2,9 @@
 
 ``secateurs prune <hf-dir-or-hub-id> --method sparsegpt --sparsity 0.5 [--pattern 2:4]
 --calib calib.txt --out DIR`` routes here (a Hugging Face model with ``--calib``, or a method
-only the layerwise runner has). The output directory holds the model as ``save_pretrained``
-writes it (dense, zeros in the weights), the compressed sparse checkpoint, the tokenizer,
-``report.json`` and ``recipe.json`` (a valid ``LLMPruneConfig`` recipe).
+only the layerwise runner has). The output directory holds the compressed sparse checkpoint
+(``--format hf``: the model as ``save_pretrained`` writes it, zeros in the weights; ``both``),
+the config, the tokenizer, ``report.json`` and ``recipe.json`` (a valid ``LLMPruneConfig`` recipe).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     g.add_argument("--device", help="device to process each block on, e.g. cuda (default: the model's)")
     g.add_argument(
-        "--format", choices=("hf", "compressed", "both"), help="what to save: save_pretrained, compressed, or both"
+        "--format",
+        choices=("hf", "compressed", "both"),
+        help="what to save: compressed (default: sparse.safetensors, load with secateurs.export.load_pruned or "
+        "secateurs eval), hf (save_pretrained: plain from_pretrained loads it), or both",
     )
 
 
@@ -81,7 +84,7 @@ def llm_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import save_pruned
+    from ..export import DEFAULT_FORMAT, save_pruned
     from ..hf import load_hf_model
     from ..llm import LLMPruneConfig, prune_llm
     from ..patterns import NM
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         args.out,
         tokenizer=tokenizer,
-        format=args.format or "both",
+        format=args.format or DEFAULT_FORMAT,
         pattern=pattern,
         overwrite=args.overwrite,
         extra_files=files,
