@@ -74,7 +74,7 @@ def test_report_reads_back_weights_and_masks(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "MACs:" in text
     data = json.loads(json_path.read_text())
-    assert {layer["name"]: round(layer["sparsity"], 3) for layer in data["layers"]}["1.weight"] == 0.5
+    assert {layer["name"]: round(layer["sparsity"], 3) for layer in data["layers"]}["fc1.weight"] == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_weights_of_another_shape_are_a_one_line_error_naming_the_tensors(remove
     capsys.readouterr()
     assert main(["report", MODEL, "--weights", str(alone)]) == 2
     err = capsys.readouterr().err
-    assert "do not fit" in err and "1.weight [150, 64] (model: [300, 64])" in err and "pruning_plan.json" in err
+    assert "do not fit" in err and "fc1.weight [150, 64] (model: [300, 64])" in err and "pruning_plan.json" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

@@ -26,7 +26,7 @@ def untrained_mlp() -> nn.Module:
 def test_a_collapsing_prune_is_refused_and_the_model_is_unchanged(mode):
     model = untrained_mlp()
     before = fingerprint(model)
-    with pytest.raises(LayerCollapseError, match=r"every weight of '3\.weight'.*allow_collapse=True"):
+    with pytest.raises(LayerCollapseError, match=r"every weight of 'fc2\.weight'.*allow_collapse=True"):
         prune(model, **GLOBAL_90, mode=mode)
     assert_unchanged(model, before)
     assert masked_targets(model) == []
@@ -35,7 +35,7 @@ def test_a_collapsing_prune_is_refused_and_the_model_is_unchanged(mode):
 def test_allow_collapse_prunes_and_reports_the_collapse():
     model = untrained_mlp()
     report = prune(model, **GLOBAL_90, allow_collapse=True, example_inputs=torch.zeros(1, 1, 8, 8))
-    assert report.collapsed_layers == ["3.weight"] and report.connected is False
+    assert report.collapsed_layers == ["fc2.weight"] and report.connected is False
     assert "LAYER COLLAPSE" in report.table()
 
 
