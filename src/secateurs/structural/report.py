@@ -125,8 +125,7 @@ class StructuralReport(JsonReport):
             warnings.append(
                 f"latency is noisy here: the middle half of the paired speed-ups spans {spread.q1:.2f}-"
                 f"{spread.q3:.2f}x ({spread.relative_iqr:.0%} of the median); the machine is probably busy: rerun when "
-                "it is idle, "
-                "or with fewer threads (--threads 1)"
+                "it is idle" + (", or with fewer threads (--threads 1)" if self.latency.threads > 1 else "")
             )
         efficiency = self.latency_efficiency
         if efficiency is not None and efficiency > IMPLAUSIBLE_EFFICIENCY:
