@@ -1,9 +1,10 @@
 """CPU threads: how many cores this process really has, and whether torch's threads will fight for them.
 
 torch starts one intra-op thread per core. When other processes keep those cores busy, every
-parallel op waits for its slowest thread, which waits for a core: on a loaded 2-core machine a
-layerwise LLM prune took 273 s with torch's default 2 threads and 27 s with one (issue 10).
-The load average and the CPU quota show that situation in advance, where the system reports them.
+parallel op waits for its slowest thread, which waits for a core: on a 2-core Xeon with a load
+average of 3-8, Wanda on pydoc-llama-12m took 408-450 s with torch's default 2 threads and
+82-83 s with one (``bench/threads_busy.py``, 2026-11-30). The load average and the CPU quota
+show that situation in advance, where the system reports them.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def oversubscription(threads: int, load: float | None = None, cores: float | Non
     if load is not None and load + threads > cores + 0.5 and suggest < threads:
         return (
             f"the machine is busy (load average {load:.1f} on {cores:g} cores) and torch will use {threads} "
-            f"thread(s); threads that wait for a core stall every parallel op, which can cost 10x. "
+            f"thread(s); threads that wait for a core stall every parallel op (measured: 5x slower). "
             f"If this run is slow, try --threads {suggest}"
         )
     return None
