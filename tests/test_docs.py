@@ -62,10 +62,8 @@ class Block:
 
 def blocks(path: Path) -> list[Block]:
     text = path.read_text()
-    return [
-        Block(path.relative_to(ROOT).as_posix(), text.count("\n", 0, m.start()) + 1, m["lang"].strip(), m["code"])
-        for m in FENCE.finditer(text)
-    ]
+    name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+    return [Block(name, text.count("\n", 0, m.start()) + 1, m["lang"].strip(), m["code"]) for m in FENCE.finditer(text)]
 
 
 def skip_reason(block: Block) -> str | None:
@@ -192,3 +190,31 @@ def test_skips_are_rare_and_say_why():
     assert len(skipped) <= 3, f"too many examples skip the docs test: {skipped}"
     for where, why in skipped:
         assert len(why.split()) >= 4, f"{where}: say why it cannot run here, not just that it cannot"
+
+
+@pytest.mark.parametrize(
+    ("markdown", "error"),
+    [
+        ("```python\nraise ValueError('broken example')\n```\n", ValueError),
+        ("```python\nx = 1\n```\n\n```python\nassert x == 2, 'the namespace carries over'\n```\n", AssertionError),
+        ("```bash\nfalse\n```\n", AssertionError),
+        ("```bash\nsecateurs prune no_such_module:f --sparsity 0.5 --out o\n```\n", AssertionError),
+        ("```yaml\nmethod: magnitude\n```\n", pytest.fail.Exception),
+    ],
+    ids=["python-raises", "namespace", "shell-fails", "secateurs-fails", "yaml-without-file-name"],
+)
+def test_a_broken_example_fails_the_run(markdown, error, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "doc.md").write_text(markdown)
+    with pytest.raises(error):
+        run_document(tmp_path / "doc.md", tmp_path)
+
+
+def test_a_marked_block_is_skipped_and_a_file_block_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "doc.md").write_text(
+        "```bash\n# docs-test: skip (this would fail anywhere: a demonstration)\nfalse\n```\n\n"
+        "```yaml\n# recipe.yaml\nmethod: magnitude\n```\n\n"
+        "```python\nassert open('recipe.yaml').read().endswith('method: magnitude\\n')\n```\n"
+    )
+    run_document(tmp_path / "doc.md", tmp_path)
