@@ -26,6 +26,7 @@ import importlib.util
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -161,9 +162,16 @@ def returned_reports(monkeypatch) -> list[Report]:
     return reports
 
 
+@pytest.fixture(scope="session")
+def reader_files(tmp_path_factory) -> Path:
+    """Built once per worker (training the tokenizer takes seconds), copied for each document."""
+    return reader_folder(tmp_path_factory.mktemp("reader"))
+
+
 @pytest.mark.parametrize("path", DOCUMENTS, ids=[p.relative_to(ROOT).as_posix() for p in DOCUMENTS])
-def test_every_example_runs(path, tmp_path, monkeypatch, returned_reports):
-    monkeypatch.chdir(reader_folder(tmp_path))
+def test_every_example_runs(path, tmp_path, monkeypatch, returned_reports, reader_files):
+    shutil.copytree(reader_files, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
     runs = 2 if path.name == "README.md" else 1  # the README twice: re-running must not trip over its own output
     for _ in range(runs):
         run_document(path, tmp_path)
