@@ -166,6 +166,12 @@ def test_report_reads_a_structurally_pruned_output_through_its_plan(removed_mlp,
     assert "150x64" in text  # Linear(64, 300) lost half its 300 neurons
 
 
+def test_a_plain_structural_output_named_alone_says_to_name_its_factory(removed_mlp, capsys):
+    capsys.readouterr()
+    assert main(["report", str(removed_mlp)]) == 2
+    assert f"package.module:factory --weights {removed_mlp}" in capsys.readouterr().err
+
+
 def test_weights_of_another_shape_are_a_one_line_error_naming_the_tensors(removed_mlp, tmp_path, capsys):
     import shutil
 

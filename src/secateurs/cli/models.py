@@ -99,7 +99,13 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
 def _refuse_plain_plan(spec: str) -> None:
     """A structural output of a plain PyTorch model needs the code that builds the unpruned model."""
     plan = Path(spec) / PLAN_FILE
-    if plan.is_file() and "hf_class" not in json.loads(plan.read_text()).get("base", {}):
+    if not plan.is_file():
+        return
+    try:
+        base = json.loads(plan.read_text()).get("base", {})
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: the plan loader names the problem
+    if "hf_class" not in base:
         raise ConfigError(
             f"{spec} holds a structurally pruned plain PyTorch model; name the factory of the unpruned model and "
             f"pass this folder as its weights: secateurs ... package.module:factory --weights {spec}"
