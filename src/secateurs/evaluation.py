@@ -108,15 +108,20 @@ class LatencyComparison:
 
 def _timed_runs(model: nn.Module, example_inputs: Any, warmup: int) -> Callable[[], float]:
     """A function that runs ``model`` once and returns the seconds it took (after ``warmup`` runs)."""
-    inputs = to_device(example_inputs, model_device(model))
+    device = model_device(model)
+    inputs = to_device(example_inputs, device)
+    # CUDA kernels run asynchronously: without a synchronize the clock would stop at the launch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         for _ in range(warmup):
             run_model(model, inputs)
 
     def once() -> float:
         with torch.inference_mode():
+            sync()
             start = time.perf_counter()
             run_model(model, inputs)
+            sync()
             return time.perf_counter() - start
 
     return once
