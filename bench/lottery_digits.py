@@ -58,7 +58,7 @@ def one_seed(seed: int, rounds: int, steps: int, sparsity: float, data) -> dict:
     dense_acc = accuracy(dense, test)
 
     ticket = copy.deepcopy(init)
-    pruner = Pruner(ticket, "magnitude", sparsity, allocation="global", scope=EVERY_LAYER,
+    pruner = Pruner(ticket, "magnitude", sparsity, allocation="global", scope=EVERY_LAYER, allow_collapse=True,
                     schedule=LotteryTicket(rounds=rounds, steps_per_round=steps, rewind_to=0))  # fmt: skip
     levels: list[dict] = []  # (density, ticket accuracy, masks)
     density = 1.0

@@ -60,7 +60,10 @@ def ours_per_layer(model: nn.Module, sparsity: float) -> None:
 
 
 def ours_global(model: nn.Module, sparsity: float) -> None:
-    secateurs.prune(model, "magnitude", sparsity, allocation="global", scope=EVERY_LAYER, progress=False)
+    # torch.nn.utils.prune accepts a collapsed layer, so the comparison does too
+    secateurs.prune(
+        model, "magnitude", sparsity, allocation="global", scope=EVERY_LAYER, progress=False, allow_collapse=True
+    )
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -135,3 +135,10 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function():
     assert names == ["secateurs.a"]
     assert _cycles({"secateurs.a": {"secateurs.b"}, "secateurs.b": {"secateurs.a"}}) == [["secateurs.a", "secateurs.b"]]
     assert _cycles({"secateurs.a": {"secateurs.b"}, "secateurs.b": set()}) == []
+
+
+def test_no_public_name_is_shadowed_by_a_submodule_of_the_same_name():
+    """Importing ``secateurs.x`` sets the package attribute ``x`` to the module, which would hide a
+    lazily exported name ``x`` (``secateurs.trial`` became a module once ``trial.py`` was imported)."""
+    shadowed = sorted(name for name in secateurs.__all__ if (ROOT / f"{name}.py").exists() or (ROOT / name).is_dir())
+    assert not shadowed, f"rename these modules, they shadow public names once imported: {shadowed}"

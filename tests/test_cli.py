@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +13,12 @@ from secateurs.cli import main
 from secateurs.demo.models import digits_mlp
 
 MODEL = "secateurs.demo.models:digits_mlp"
+TRAINED = "secateurs.demo:trained_mlp"  # global magnitude on the untrained MLP empties a layer (refused)
 
 
 def test_prune_writes_baked_weights_masks_report_and_recipe(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["prune", MODEL, "--method", "magnitude", "--sparsity", "0.8", "--allocation", "global",
+    assert main(["prune", TRAINED, "--method", "magnitude", "--sparsity", "0.8", "--allocation", "global",
                  "--out", str(out)]) == 0  # fmt: skip
     assert "targets:" in capsys.readouterr().out
     written = sorted(p.name for p in out.iterdir())
@@ -72,13 +74,20 @@ def test_report_reads_back_weights_and_masks(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "MACs:" in text
     data = json.loads(json_path.read_text())
-    assert {layer["name"]: round(layer["sparsity"], 3) for layer in data["layers"]}["1.weight"] == 0.5
+    assert {layer["name"]: round(layer["sparsity"], 3) for layer in data["layers"]}["fc1.weight"] == 0.5
 
 
-def test_demo_quick_run_writes_table_json_and_plot(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    """One quick demo run (the slowest thing in the suite) shared by the demo tests."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
     torch.manual_seed(0)
     assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_quick_run_writes_table_json_and_plot(demo_out):
+    out = demo_out
     data = json.loads((out / "results.json").read_text())
     methods = {row["method"] for row in data["results"]}
     assert {"dense", "2:4 magnitude + fine-tune"} <= methods
@@ -86,4 +95,104 @@ def test_demo_quick_run_writes_table_json_and_plot(tmp_path):
     assert (out / "table.txt").exists() and (out / "demo.png").stat().st_size > 10_000
     dense = {r["model"]: r["accuracy"] for r in data["results"] if r["method"] == "dense"}
     assert min(dense.values()) > 0.8  # the models really learned
+    assert all(r["train_seconds"] > 0 and r["prune_seconds"] >= 0 for r in data["results"])
+    table = (out / "table.txt").read_text()
+    assert "450 held-out images (one image = 0.22 points)" in table and "sparsity: of the pruned layers" in table
     assert main(["demo", "--quick", "--out", str(out)]) == 2  # never overwrite without --overwrite
+
+
+# what each demo row ran: (method, sparsity, allocation, schedule kind) of the pruning call itself
+DEMO_CONFIGS = {
+    "global magnitude 90% + fine-tune": ("magnitude", 0.9, "global", None),
+    "2:4 magnitude + fine-tune": ("magnitude", 0.5, "uniform", None),
+    "SNIP 90% at init, then train": ("snip", 0.9, "global", None),
+    "SynFlow 90% at init, then train": ("synflow", 0.9, "global", None),
+    "lottery ticket (3 IMP rounds, rewind)": ("magnitude", 0.9, "global", "lottery"),
+}
+
+
+def test_demo_reports_record_the_config_that_ran(demo_out):
+    from secateurs import PruneConfig
+
+    reports = json.loads((demo_out / "results.json").read_text())["reports"]
+    for model in ("mlp", "cnn"):
+        assert reports[model]["dense"]["config"] == {}  # nothing was pruned
+        for method, (name, sparsity, allocation, schedule) in DEMO_CONFIGS.items():
+            config = reports[model][method]["config"]
+            PruneConfig(**config)  # a valid recipe
+            assert (config["method"], config["sparsity"], config["allocation"]) == (name, sparsity, allocation), method
+            assert (config["schedule"] or {}).get("kind") == schedule, method
+
+
+def test_a_factory_in_the_current_folder_is_found_without_pythonpath(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "first_hour_models.py").write_text(
+        "import torch\nfrom secateurs.demo import train_batches, trained_mlp\n\n"
+        "def net():\n    return trained_mlp()\n\n"
+        "def calibration():\n    return train_batches()[:2]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "first_hour_models", raising=False)
+    path_before = list(sys.path)
+    args = ["prune", "first_hour_models:net", "--method", "wanda", "--sparsity", "0.5",
+            "--data", "first_hour_models:calibration", "--out", "out"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["config"]["method"] == "wanda"
+    assert sys.path == path_before  # the folder is importable while the user's code runs, not afterwards
+
+
+def test_a_factory_that_cannot_be_imported_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "no_such_models:net", "--sparsity", "0.5", "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "the model 'no_such_models:net' cannot be imported" in err and str(tmp_path) in err
+
+
+@pytest.fixture
+def removed_mlp(tmp_path) -> Path:
+    out = tmp_path / "removed"
+    assert main(["prune", TRAINED, "--method", "magnitude", "--sparsity", "0.5", "--mode", "remove",
+                 "--input-shape", "1,8,8", "--out", str(out)]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("weights", ["removed", "removed/model.safetensors"])
+def test_report_reads_a_structurally_pruned_output_through_its_plan(removed_mlp, weights, capsys):
+    capsys.readouterr()
+    assert main(["report", MODEL, "--weights", str(removed_mlp.parent / weights), "--input-shape", "1,8,8"]) == 0
+    text = capsys.readouterr().out
+    assert "1 removal step(s) replayed" in text
+    assert "150x64" in text  # Linear(64, 300) lost half its 300 neurons
+
+
+def test_a_plain_structural_output_named_alone_says_to_name_its_factory(removed_mlp, capsys):
+    capsys.readouterr()
+    assert main(["report", str(removed_mlp)]) == 2
+    assert f"package.module:factory --weights {removed_mlp}" in capsys.readouterr().err
+
+
+def test_weights_of_another_shape_are_a_one_line_error_naming_the_tensors(removed_mlp, tmp_path, capsys):
+    import shutil
+
+    alone = tmp_path / "alone.safetensors"
+    shutil.copy(removed_mlp / "model.safetensors", alone)  # the plan left behind
+    capsys.readouterr()
+    assert main(["report", MODEL, "--weights", str(alone)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "does not fit" in err and "fc1.weight: file (150, 64) vs model (300, 64)" in err and "pruning_plan.json" in err
+    )
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_threads_sets_torch_threads_and_a_bad_value_is_refused_first(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        args = ["prune", TRAINED, "--sparsity", "0.5", "--threads", "2", "--out", str(tmp_path / "o")]
+        assert main(args) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert main(["prune", TRAINED, "--sparsity", "0.5", "--threads", "0", "--out", str(tmp_path / "p")]) == 2
+    assert "--threads must be a positive integer" in capsys.readouterr().err

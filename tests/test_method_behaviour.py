@@ -113,7 +113,7 @@ def test_taylor_ranks_filters_like_the_oracle_loss_change(digits):
     train(model, batches, 300)
     model.eval()
     calibration = batches[:8]
-    conv = model[3]
+    conv = model.conv2
 
     @torch.no_grad()
     def loss() -> float:
@@ -128,14 +128,14 @@ def test_taylor_ranks_filters_like_the_oracle_loss_change(digits):
         conv.weight.data[filter_] = saved
 
     def filter_scores(method: str) -> torch.Tensor:
-        config = PruneConfig(method=method, sparsity=0.5, pattern="output_channel", scope=["3"])
+        config = PruneConfig(method=method, sparsity=0.5, pattern="output_channel", scope=["conv2"])
         targets = resolve(model, config.scope_)
         scores = score_targets(model, targets, config, Data(calibration, show_progress=False))
-        keep = select_masks(targets, scores, config, 0.5)["3.weight"]
+        keep = select_masks(targets, scores, config, 0.5)["conv2.weight"]
         assert keep.any(dim=(1, 2, 3)).sum() == 32  # and selection keeps the top half
         if config.criterion_.signed:
-            return torch.stack([(b.sum(dim=(1, 2))).abs() for b in scores["3.weight"]]).mean(0)
-        return scores["3.weight"].sum(dim=(1, 2))
+            return torch.stack([(b.sum(dim=(1, 2))).abs() for b in scores["conv2.weight"]]).mean(0)
+        return scores["conv2.weight"].sum(dim=(1, 2))
 
     taylor = _spearman(filter_scores("taylor"), oracle)
     assert taylor > 0.6

@@ -134,7 +134,10 @@ def test_numpy_scalars_are_numbers():
 
 
 def test_a_misspelled_keyword_is_a_typed_error_listing_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"prune\(\) got unknown argument\(s\) \['sparsty'\]; valid: .*'sparsity'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prune\(\) got unknown keyword\(s\) 'sparsty' \(did you mean 'sparsity'\?\); valid: .*'sparsity'",
+    ):
         secateurs.prune(small_cnn(), "magnitude", sparsty=0.5)
 
 

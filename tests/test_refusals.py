@@ -34,7 +34,12 @@ CASES = [
     pytest.param(dict(method="magnitude", sparsity=0.5, allocation="fair"), ConfigError,
                  r"unknown allocation.*'global'", id="allocation"),
     pytest.param(dict(method="magnitude", sparsity=0.5, scope={"include": ["decoder.*"]}), ScopeError,
-                 r"scope matches no weight.*decoder", id="empty-scope"),
+                 r"include pattern 'decoder\.\*' matches no module", id="include-matches-nothing"),
+    pytest.param(dict(method="magnitude", sparsity=0.5, scope={"exclude": ["3", "8x"]}), ScopeError,
+                 r"exclude pattern '8x' matches no module of Sequential; did you mean '8'", id="exclude-typo"),
+    pytest.param(dict(method="magnitude", sparsity=0.5, alocation="global"), ConfigError,
+                 r"prune\(\) got unknown keyword\(s\) 'alocation' \(did you mean 'allocation'\?\); valid: .*"
+                 r"'calibration'", id="keyword-typo"),
     pytest.param(dict(method="magnitude", sparsity=0.5, scope={"types": ["LSTM"]}), ScopeError,
                  r"unknown module type.*LSTM", id="unsupported-type"),
     pytest.param(dict(method="wanda", sparsity=0.5), DataRequiredError, r"wanda.*calibration=", id="wanda-no-data"),

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from secateurs import ConfigError, Cubic, Exponential, Linear, LotteryTicket, OneShot, Pruner, StateError
+from secateurs import (
+    ConfigError,
+    Cubic,
+    Exponential,
+    Linear,
+    LotteryTicket,
+    OneShot,
+    Pruner,
+    SecateursWarning,
+    StateError,
+)
 from secateurs.schedules import make_schedule
 
 
@@ -117,3 +129,34 @@ def test_finalize_bakes_when_asked(mlp, mlp_batches):
     pruner.finalize()
     assert list(mlp.state_dict()) == keys
     assert (mlp[0].weight == 0).float().mean() == pytest.approx(0.5)
+
+
+def test_finalize_before_the_schedule_ends_warns_with_the_sparsity_reached(mlp, mlp_batches):
+    pruner = Pruner(mlp, "magnitude", 0.9, schedule=Cubic(start=0, end=8, every=2))
+    _train(mlp, pruner, mlp_batches, 3)  # pruned at steps 0 and 2 only
+    reached = pruner.current_sparsity
+    with pytest.warns(SecateursWarning, match=rf"keeps sparsity {reached:.2%}, not the final 90\.00%.*to_final=True"):
+        pruner.finalize(bake=True)
+    assert pruner.report().sparsity == pytest.approx(reached, abs=1e-3)
+
+
+def test_finalize_to_final_prunes_to_the_final_sparsity_first(mlp, mlp_batches):
+    pruner = Pruner(mlp, "magnitude", 0.9, schedule=Cubic(start=0, end=8, every=2))
+    _train(mlp, pruner, mlp_batches, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # jumping to the end is what was asked: no warning
+        pruner.finalize(to_final=True)
+    assert pruner.report().sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+def test_finalize_after_the_schedule_ends_is_silent(mlp, mlp_batches):
+    pruner = Pruner(mlp, "magnitude", 0.8, schedule=Linear(0, 4, 2))
+    _train(mlp, pruner, mlp_batches, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.finalize()
+
+
+def test_a_misspelled_pruner_keyword_names_itself_and_the_valid_ones(mlp):
+    with pytest.raises(ConfigError, match=r"Pruner\(\) got unknown keyword\(s\) 'shedule' \(did you mean 'schedule'"):
+        Pruner(mlp, "magnitude", 0.5, shedule=Linear(0, 4, 2))

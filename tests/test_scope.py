@@ -82,3 +82,50 @@ def test_scope_accepts_a_list_of_globs(cnn):
     report = prune(cnn, "magnitude", 0.5, scope=["8"])
     assert [layer.name for layer in report.layers] == ["8.weight"]
     assert torch.count_nonzero(cnn[3].weight) == cnn[3].weight.numel()
+
+
+class Net(nn.Module):
+    """A feature extractor and a classifier that is itself a Sequential, as in torchvision's VGG."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.classifier = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_an_excluded_name_covers_every_module_inside_it():
+    assert names(Net(), exclude=["classifier"], skip_last=False) == ["features.0", "features.2"]
+
+
+def test_an_included_name_covers_every_module_inside_it():
+    assert names(Net(), include=["features"]) == ["features.0", "features.2"]
+
+
+def test_a_regex_that_matches_a_container_covers_its_children():
+    assert names(Net(), exclude=["re:^feat"], skip_last=False) == ["classifier.0", "classifier.2"]
+
+
+def test_the_readme_recipe_exclude_leaves_a_sequential_classifier_dense():
+    model = Net()
+    prune(model, "magnitude", 0.8, allocation="global", scope={"exclude": ["classifier"], "skip_last": False})
+    assert all(bool((m.weight != 0).all()) for m in model.classifier if isinstance(m, nn.Linear))
+    assert not bool((model.features[0].weight != 0).all())
+
+
+@pytest.mark.parametrize("key", ["include", "exclude"])
+def test_a_pattern_that_matches_no_module_is_refused_with_the_closest_names(key):
+    with pytest.raises(ScopeError, match=rf"{key} pattern 'clasifier' matches no module of Net; did you mean "
+                                         r"'classifier',"):  # fmt: skip
+        resolve(Net(), ScopeSpec(**{key: ["clasifier"]}))
+
+
+def test_removal_refuses_an_exclude_that_matches_nothing_before_changing_the_model():
+    model = Net()
+    before = [p.shape for p in model.parameters()]
+    with pytest.raises(ScopeError, match=r"exclude pattern 'feature\.0' matches no module"):
+        prune(model, "magnitude", 0.5, mode="remove", pattern="channel", example_inputs=torch.zeros(1, 8),
+              scope={"exclude": ["feature.0"]}, progress=False)  # fmt: skip
+    assert [p.shape for p in model.parameters()] == before

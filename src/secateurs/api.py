@@ -4,6 +4,7 @@ one :class:`~secateurs.PruneConfig` and hand it to the runner it names."""
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .batches import LossFn
+from .collapse import refuse_collapse_of
 from .config import PruneConfig
-from .errors import ConfigError, StateError
+from .errors import ConfigError, SecateursWarning, StateError
 from .guards import outside_inference_mode
 from .masking import bake as bake_all
 from .pipeline import Data, all_or_nothing, check
@@ -23,6 +25,9 @@ from .schedules import OneShot
 from .scope import Target
 from .structural.iterative import ScheduledRemoval
 from .structural.report import StructuralReport
+
+#: keywords of prune() and Pruner() that are not PruneConfig fields (what to run on, how to run)
+_CALL_KEYWORDS = ("calibration", "loss_fn", "example_inputs", "progress", "allow_collapse")
 
 
 @outside_inference_mode
@@ -35,6 +40,7 @@ def prune(
     loss_fn: LossFn | None = None,
     example_inputs: Any = None,
     progress: bool = True,
+    allow_collapse: bool = False,
     **options: Any,
 ) -> Report | StructuralReport:
     """Prune ``model`` in place and return a :class:`Report` of what changed.
@@ -54,8 +60,10 @@ def prune(
         example_inputs: one input batch, used for MACs in the report and by SynFlow for its shape;
             default: the first sample of the first calibration batch.
         progress: show progress bars for work longer than a second.
+        allow_collapse: accept a layer left with no weight, or no path of weights from input to
+            output (refused by default with :class:`~secateurs.LayerCollapseError`, model unchanged).
     """
-    PruneConfig.check_keywords(options, "prune()")
+    PruneConfig.check_keywords(options, "prune()", _CALL_KEYWORDS)
     config = PruneConfig(method=method, sparsity=sparsity, **options)
     if not isinstance(config.schedule_, OneShot) or config.schedule_.at != 0:
         raise ConfigError(
@@ -64,6 +72,7 @@ def prune(
             "exponential rounds without training"
         )
     data = Data.from_user(config, calibration, loss_fn, example_inputs, progress)
+    data.allow_collapse = allow_collapse
     return run(model, config, data)
 
 
@@ -127,10 +136,12 @@ class Pruner:
         loss_fn: LossFn | None = None,
         example_inputs: Any = None,
         progress: bool = False,
+        allow_collapse: bool = False,
         **options: Any,
     ) -> None:
-        PruneConfig.check_keywords(options, "Pruner()")
+        PruneConfig.check_keywords(options, "Pruner()", _CALL_KEYWORDS)
         self.model = model
+        self.allow_collapse = allow_collapse
         self.config = PruneConfig(method=method, sparsity=sparsity, **options)
         if self.config.runner_.name != "model":
             raise ConfigError(
@@ -197,6 +208,8 @@ class Pruner:
         self._pruning.refuse_lower(sparsity)
         with all_or_nothing(self.targets, self.config.application_.writes_weights):
             self._pruning.prune_to(sparsity, round_=self.step_count)
+            if not self.allow_collapse:  # refused inside the block: the previous masks come back
+                refuse_collapse_of(self.model, self.targets, self.data.example_inputs)
         self.current_sparsity = sparsity
         return False
 
@@ -218,8 +231,24 @@ class Pruner:
         return self._pruning.report(example_inputs if example_inputs is not None else self.data.example_inputs)
 
     @outside_inference_mode
-    def finalize(self, bake: bool | None = None) -> nn.Module:
-        """End of training: bake the zeros into the weights (default when mode='bake')."""
+    def finalize(self, bake: bool | None = None, *, to_final: bool = False) -> nn.Module:
+        """End of training: bake the zeros into the weights (default when mode='bake').
+
+        Before the schedule has reached its final sparsity, ``to_final=True`` prunes to it now;
+        otherwise the model keeps the sparsity reached so far, with a :class:`SecateursWarning`."""
+        final = self.config.final_sparsity
+        if self.current_sparsity < final - 1e-9:
+            if to_final:
+                self.prune_to(final)
+            else:
+                warnings.warn(
+                    f"Pruner.finalize() at step {self.step_count}, before the schedule ends (its last pruning step "
+                    f"is {self.config.schedule_.last_step}): the model keeps sparsity {self.current_sparsity:.2%}, "
+                    f"not the final {final:.2%}. Train until the schedule ends, or call finalize(to_final=True) to "
+                    "prune to the final sparsity now",
+                    SecateursWarning,
+                    stacklevel=2,
+                )
         if bake if bake is not None else self.config.mode_ == "bake":
             bake_all(self.model)
         return self.model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 
@@ -45,6 +46,29 @@ class StructureError(SecateursError, RuntimeError):
     """Structural removal cannot follow an op or module, or the pruned model fails its forward check."""
 
 
+class LayerCollapseError(SecateursError, RuntimeError):
+    """Pruning would leave a layer with no weight, or no path from input to output (Tanaka et al. 2020,
+    arXiv:2006.05467: the network then computes a constant). Raised before the model changes."""
+
+
+class SecateursWarning(UserWarning):
+    """Something worked but is probably not what was meant (e.g. finalizing before the schedule ends)."""
+
+
 def choices(values: Iterable[str]) -> str:
     """Format the allowed values for an error message."""
     return ", ".join(sorted(repr(v) for v in values))
+
+
+def refuse_unknown(given: Iterable[str], valid: Iterable[str], where: str) -> None:
+    """A ``ConfigError`` naming each unknown keyword (with the closest valid one) and listing the valid ones;
+    a typo should not surface as Python's bare ``TypeError``."""
+    valid = list(valid)
+    unknown = sorted(set(given) - set(valid))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"{where} got unknown keyword(s) {', '.join(hints)}; valid: {choices(valid)}")

@@ -1,8 +1,11 @@
-"""Measurements: MACs and parameter counts. (Latency and perplexity live beside them.)"""
+"""Measurements: MACs, connectivity and CPU latency (perplexity lives in ``secateurs.llm``)."""
 
 from __future__ import annotations
 
 import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,23 +69,93 @@ def is_connected(model: nn.Module, example_inputs: Any) -> bool | None:
     return bool(out.abs().sum() > 0)
 
 
-def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one forward pass on ``example_inputs`` (eval mode, no autograd).
-    Compare two models with ratios measured in the same process, one right after the other."""
-    import statistics
-    import time
+@dataclass
+class Spread:
+    """Median and spread of repeated measurements (seconds, or a ratio of seconds)."""
 
+    median: float
+    q1: float  # 25th percentile
+    q3: float  # 75th percentile
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        ordered = sorted(values)
+        if len(ordered) == 1:
+            return cls(ordered[0], ordered[0], ordered[0], ordered[0], ordered[0], 1)
+        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        return cls(median, q1, q3, ordered[0], ordered[-1], len(ordered))
+
+    @property
+    def relative_iqr(self) -> float:
+        """Interquartile range over the median: 0.2 means the middle half of the runs spans 20%."""
+        return (self.q3 - self.q1) / self.median if self.median else float("inf")
+
+
+@dataclass
+class LatencyComparison:
+    """Dense and pruned forward times, and the speed-up as the median of per-pair ratios."""
+
+    dense_s: Spread
+    pruned_s: Spread
+    speedup: Spread
+    threads: int  # torch intra-op threads during the runs
+    interleaved: bool = True  # False: measured one after the other (see ``note``)
+    note: str = ""
+
+
+def _timed_runs(model: nn.Module, example_inputs: Any, warmup: int) -> Callable[[], float]:
+    """A function that runs ``model`` once and returns the seconds it took (after ``warmup`` runs)."""
+    device = model_device(model)
+    inputs = to_device(example_inputs, device)
+    # CUDA kernels run asynchronously: without a synchronize the clock would stop at the launch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run_model(model, inputs, "example_inputs")
+
+    def once() -> float:
+        with torch.inference_mode():
+            sync()
+            start = time.perf_counter()
+            run_model(model, inputs, "example_inputs")
+            sync()
+            return time.perf_counter() - start
+
+    return once
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3) -> Spread:
+    """Seconds of one forward pass on ``example_inputs`` (eval mode, no autograd), over ``repeats`` runs.
+    To compare two models use :func:`compare_latency`, which alternates them."""
     was_training = model.training
     model.eval()
-    inputs = to_device(example_inputs, model_device(model))
-    times = []
     try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                start = time.perf_counter()
-                run_model(model, inputs, "example_inputs")
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+        once = _timed_runs(model, example_inputs, warmup)
+        return Spread.of([once() for _ in range(repeats)])
     finally:
         model.train(was_training)
-    return statistics.median(times)
+
+
+def compare_latency(
+    dense: nn.Module, pruned: nn.Module, example_inputs: Any, repeats: int = 20, warmup: int = 3
+) -> LatencyComparison:
+    """Time ``dense`` and ``pruned`` alternately (dense, pruned, dense, ...), so a burst of load on a
+    shared machine hits both alike; the speed-up is the median of the ``repeats`` per-pair ratios."""
+    modes = (dense.training, pruned.training)
+    dense.eval()
+    pruned.eval()
+    try:
+        run_dense, run_pruned = _timed_runs(dense, example_inputs, warmup), _timed_runs(pruned, example_inputs, warmup)
+        pairs = [(run_dense(), run_pruned()) for _ in range(repeats)]
+    finally:
+        dense.train(modes[0])
+        pruned.train(modes[1])
+    return LatencyComparison(
+        dense_s=Spread.of([d for d, _ in pairs]),
+        pruned_s=Spread.of([p for _, p in pairs]),
+        speedup=Spread.of([d / p for d, p in pairs]),
+        threads=torch.get_num_threads(),
+    )

@@ -79,7 +79,8 @@ class StructuralOptions(Spec):
             query heads, ``'query_heads'`` removes query heads evenly inside every KV group;
             ``'auto'``: query heads when groups hold several, else whole groups (plain MHA).
         check: run the pruned model on the example inputs and restore it if that fails.
-        latency: measure CPU latency before and after for the report.
+        latency: time a copy of the dense model against the pruned one, alternately, for the report
+            (the copy holds a second set of weights during the prune: turn off near the memory limit).
 
     Bias compensation is a solver (``solver='bias_compensation'``, FLAP's default) and the block
     container a top-level option (``blocks=``).

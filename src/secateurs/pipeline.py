@@ -42,6 +42,7 @@ class Data:
     device: torch.device | None = None  # block runner: where each block is processed (None: where it lives)
     rollback: bool = True  # keep what is needed to restore the model exactly if the run fails
     example_inputs_given: bool = False  # False: taken from the calibration (messages say which)
+    allow_collapse: bool = False  # accept a layer left empty / no input-output path (refused otherwise)
 
     @classmethod
     def from_user(

@@ -9,6 +9,7 @@ three are left dense unless asked for.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from collections.abc import Sequence
@@ -169,15 +170,36 @@ def target_of(model: nn.Module, module_name: str, param: str = "weight", holders
     return Target(module_name, module, layout_of(module), param, tuple(others))
 
 
+def _matches_one(name: str, pattern: str) -> bool:
+    return bool(re.search(pattern[3:], name)) if pattern.startswith("re:") else fnmatch.fnmatchcase(name, pattern)
+
+
+def _ancestry(name: str) -> list[str]:
+    """``'classifier.0'`` -> ``['classifier', 'classifier.0']``: the module and every module holding it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def matches(name: str, patterns: Sequence[str]) -> bool:
-    """Does ``name`` match a glob, or a ``re:`` regular expression (searched), of ``patterns``?"""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.search(pattern[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, pattern):
-            return True
-    return False
+    """A pattern that matches a module matches everything inside it: ``exclude=['classifier']`` leaves
+    the layers of an ``nn.Sequential`` named ``classifier`` alone too, as a reader would expect."""
+    return any(_matches_one(prefix, p) for prefix in _ancestry(name) for p in patterns)
+
+
+def refuse_unmatched(spec: ScopeSpec, names: Sequence[str], model_name: str) -> None:
+    """An include or exclude pattern that matches none of ``names`` is a typo, not a no-op: an exclude
+    that silently excludes nothing prunes the very layer it was meant to protect."""
+    for key in ("include", "exclude"):
+        for pattern in getattr(spec, key):
+            if any(_matches_one(n, pattern) for n in names):
+                continue
+            close = difflib.get_close_matches(pattern, names, n=3)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ScopeError(
+                f"scope {key} pattern {pattern!r} matches no module of {model_name}; {hint}module names are "
+                f"{shown} (a glob, or re:REGEX searched in the name; a name covers the modules inside it)"
+            )
 
 
 def _type_ok(module: nn.Module, types: Sequence[str]) -> bool:
@@ -218,6 +240,7 @@ def _edge_layers(model: nn.Module) -> tuple[str | None, str | None]:
 def resolve(model: nn.Module, spec: ScopeSpec) -> list[Target]:
     """Turn a spec into targets, in module order, each parameter once (tied weights)."""
     types = tuple(spec.types) + (("Embedding",) if spec.embeddings else ())
+    refuse_unmatched(spec, [n for n, _ in model.named_modules() if n], type(model).__name__)
     first_conv, last_layer = _edge_layers(model)
     skipped = set()
     if spec.skip_first and first_conv is not None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, field, fields
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, RecipeError, choices
+from .errors import ConfigError, RecipeError, choices, refuse_unknown
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -233,11 +233,10 @@ class Spec:
             raise RecipeError(f"{source}: {exc}") from exc
 
     @classmethod
-    def check_keywords(cls, given: Mapping[str, Any], where: str) -> None:
-        """Refuse unknown keyword arguments of a front door with the valid ones (not a raw TypeError)."""
-        unknown = [k for k in given if k not in cls.field_names()]
-        if unknown:
-            raise ConfigError(f"{where} got unknown argument(s) {sorted(unknown)}; valid: {choices(cls.field_names())}")
+    def check_keywords(cls, given: Mapping[str, Any], where: str, extra: Sequence[str] = ()) -> None:
+        """Refuse unknown keyword arguments of a front door (the fields, plus the call's own ``extra``
+        keywords) with the closest valid one and all of them, not a raw TypeError."""
+        refuse_unknown(given, [*cls.field_names(), *extra], where)
 
     def given(self) -> dict[str, Any]:
         """The fields exactly as the user gave them (defaults included)."""

@@ -20,7 +20,7 @@ from .masking import unmask
 from .pipeline import Data, score_targets
 from .runner import RUNNERS
 from .scope import resolve
-from .trial import trial
+from .trials import trial
 
 
 def small_cnn(seed: int = 0) -> nn.Sequential:

@@ -45,7 +45,7 @@ def calib(tmp_path) -> Path:
 def test_prune_sparsegpt_writes_hf_and_compressed_checkpoints(model_dir, calib, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["prune", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", str(calib),
-            "--nsamples", "8", "--seqlen", "32", "--out", str(out)]  # fmt: skip
+            "--nsamples", "8", "--seqlen", "32", "--format", "both", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "50.00% sparse" in printed and "x smaller" in printed
@@ -171,3 +171,42 @@ def _tokenizer_of(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("flag", [["--cloze", "text.txt"], ["--tasks", "arc_easy"]])
+def test_a_missing_lm_eval_is_reported_before_the_model_is_loaded(model_dir, flag, capsys, monkeypatch):
+    import sys
+
+    import secateurs.export
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setattr(secateurs.export, "load_sparse", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["eval", str(model_dir), *flag]) == 2
+    assert "pip install 'lm-eval[hf]'" in capsys.readouterr().err
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def test_the_default_output_is_the_compressed_checkpoint_smaller_than_the_input(model_dir, calib, tmp_path):
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib),
+            "--nsamples", "4", "--seqlen", "32", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert (out / SPARSE_FILE).is_file() and not list(out.glob("model*.safetensors"))
+    assert _weight_bytes(out) < _weight_bytes(model_dir)
+    model = load_sparse(out)  # the loader for it
+    assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_format_hf_is_what_plain_from_pretrained_loads(model_dir, calib, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib),
+            "--nsamples", "4", "--seqlen", "32", "--format", "hf", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert not (out / SPARSE_FILE).exists()
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert_same_bits(state_bits(plain), state_bits(load_sparse(out)))

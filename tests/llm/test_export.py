@@ -69,7 +69,7 @@ def test_tied_weights_are_stored_once(tmp_path):
 def test_saved_directory_loads_from_either_format(segments, tmp_path):
     model = tiny("llama")
     prune_llm(model, "wanda", pattern="2:4", calibration=segments, progress=False)
-    saved = save_sparse(model, tmp_path / "out", pattern=NM(2, 4), extra_files={"report.json": "{}"})
+    saved = save_sparse(model, tmp_path / "out", format="both", pattern=NM(2, 4), extra_files={"report.json": "{}"})
     assert (tmp_path / "out" / SPARSE_FILE).is_file() and (tmp_path / "out" / "report.json").is_file()
     assert saved.compressed.ratio > 1.3  # embeddings and norms stay dense
     for prefer in ("auto", "compressed"):

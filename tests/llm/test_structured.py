@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -92,3 +94,12 @@ def test_cli_flap_saves_a_loadable_directory_and_eval_reads_it(tmp_path, capsys)
     assert _params(loaded) < _params(tiny("llama"))
     assert main(["eval", str(out), "--ppl", str(calib), "--seqlen", "32"]) == 0
     assert "perplexity" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0  # read through its plan, not a size-mismatch traceback
+    assert f"1 removal step(s) replayed from {out}/pruning_plan.json" in capsys.readouterr().out
+    # what the docs say: FLAP's layers differ in width and gain biases, which a stock config cannot
+    # describe, so the plan says so and plain from_pretrained refuses the weights
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((out / "pruning_plan.json").read_text())["config_expressible"] is False
+    with pytest.raises((RuntimeError, ValueError, OSError)):
+        AutoModelForCausalLM.from_pretrained(out)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from ..errors import SecateursError
 from . import demo, eval, methods, prune, report
+from .help import HelpParser
 
 SUBCOMMANDS = (prune, eval, report, methods, demo)
 
@@ -16,7 +17,7 @@ DEBUG_FLAG = "--debug"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secateurs", description="Prune PyTorch models and measure the result.")
+    parser = HelpParser(prog="secateurs", description="Prune PyTorch models and measure the result.")
     parser.add_argument(
         DEBUG_FLAG, action="store_true", help="show the full traceback of an error (accepted anywhere on the line)"
     )

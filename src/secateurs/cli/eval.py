@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .threads import add_threads_argument, apply_threads, note_oversubscription
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a (pruned) language model", description=__doc__)
@@ -42,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compressed", action="store_true", help="load the compressed checkpoint even if dense exists")
     p.add_argument("--json", help="also write the results as JSON to this file (refused up front if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    add_threads_argument(p)
     p.set_defaults(run=run)
 
 
@@ -51,8 +54,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.ppl and not args.tasks and not args.cloze:
         raise ConfigError("nothing to evaluate: pass --ppl TEXT_FILE, --tasks TASK[,TASK] and/or --cloze TEXT_FILE")
+    apply_threads(args)
+    if args.tasks or args.cloze:
+        from ..llm.zeroshot import require_lm_eval
+
+        require_lm_eval()  # before the model is loaded, not after
     if args.json:
         refuse_existing(Path(args.json), args.overwrite)  # before minutes of evaluation, not after
+    note_oversubscription()
     with tempfile.TemporaryDirectory() as tmp:
         results = _evaluate(args, Path(tmp))
     if args.json:

@@ -14,7 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .models import call_factory, input_shape, is_factory, load_model
+from .help import lazy_help
+from .models import call_object, input_shape, is_factory, load_model
+from .threads import add_threads_argument, apply_threads, note_oversubscription
+
+# torch, the pipeline and safetensors are imported inside the functions that use them, so that
+# `secateurs --help` (which builds this parser) does not pay seconds for importing torch.
 
 _FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "solver", "runner", "iterations", "seed",
           "max_batches", "blocks", "nsamples", "seqlen", "batch_size")  # fmt: skip
@@ -26,10 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="'package.module:factory' (returns an nn.Module) or a Hugging Face directory")
     p.add_argument("--weights", help="safetensors weights to load into a factory-built model")
     p.add_argument("--recipe", help="YAML/JSON recipe; flags below override its keys")
-    p.add_argument("--method", help="a registered method (see `secateurs methods`)")
-    p.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1)")
+    lazy_help(p.add_argument("--method", metavar="NAME"), _method_help)
+    p.add_argument(
+        "--sparsity", type=float, help="fraction of the weights to remove, in [0, 1) (0.9 keeps 10%%); N:M implies it"
+    )
     p.add_argument("--pattern", help="element | N:M (e.g. 2:4) | block:HxW | output_channel | input_channel")
-    p.add_argument("--allocation", help="uniform | global | erk | lamp | owl")
+    p.add_argument("--allocation", help="how sparsity is spread over layers: uniform | global | erk | lamp | owl")
     p.add_argument(
         "--mode",
         choices=("mask", "bake", "reconstruct", "remove"),
@@ -41,13 +48,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("model", "blocks"),
         help="model: the whole model at once; blocks: one repeated block at a time (default for LLMs)",
     )
-    p.add_argument("--iterations", type=int, help="pruning rounds in one call (SynFlow's 100)")
-    p.add_argument("--seed", type=int, help="seeds every random choice (and the calibration segments)")
+    p.add_argument(
+        "--iterations", type=int, help="pruning rounds on an exponential schedule (default: the method's, SynFlow 100)"
+    )
+    p.add_argument("--seed", type=int, help="seeds every random choice: random scores, calibration segments (0)")
     p.add_argument("--max-batches", dest="max_batches", type=int, help="use at most this many calibration batches")
     p.add_argument("--include", nargs="+", help="module-name globs to prune (re:REGEX for regexes)")
-    p.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
+    p.add_argument("--exclude", nargs="+", help="module-name globs to leave alone (a name covers its submodules)")
     p.add_argument("--data", help="'package.module:function' returning an iterable of calibration batches")
-    p.add_argument("--input-shape", type=input_shape, help="shape of one input, e.g. 1,8,8 (for SynFlow and MACs)")
+    p.add_argument(
+        "--input-shape",
+        type=input_shape,
+        help="shape of one input without the batch, e.g. 1,8,8 (SynFlow, MACs, removal)",
+    )
+    p.add_argument(
+        "--allow-collapse",
+        dest="allow_collapse",
+        action="store_true",
+        help="accept a layer pruned away entirely (refused by default: the model would compute a constant)",
+    )
+    add_threads_argument(p)
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g = p.add_argument_group("language models (Hugging Face directories; text calibration)")
@@ -66,13 +86,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--format",
         choices=("hf", "compressed", "both"),
-        help="what to save for a Hugging Face model: save_pretrained, compressed, or both",
+        help="what to save for a Hugging Face model: compressed (default: sparse.safetensors, load it with "
+        "secateurs.export.load_sparse or secateurs eval), hf (save_pretrained: plain from_pretrained loads it), "
+        "or both",
     )
     s = p.add_argument_group("structural removal (--mode remove --pattern channel, head, hidden, layer, head+channel)")
     s.add_argument("--round-to", dest="round_to", type=int, help="keep channel counts a multiple of this (e.g. 8)")
     s.add_argument("--max-ratio", dest="max_ratio", type=float, help="remove at most this fraction of any group")
     s.add_argument("--gqa", choices=("auto", "kv_groups", "query_heads"), help="how grouped-KV attention loses heads")
     p.set_defaults(run=run)
+
+
+def _method_help() -> str:
+    """The registered names, read when help is printed (importing the registry imports torch)."""
+    from ..criteria import CRITERIA
+
+    masks = ", ".join(sorted(n for n, c in CRITERIA.items() if "mask" in c.modes))
+    structures = ", ".join(sorted(n for n, c in CRITERIA.items() if "mask" not in c.modes))
+    return (
+        f"pruning method (default: magnitude; wanda for a Hugging Face language model). Masks or zeros: {masks}. "
+        f"Only with --mode remove: {structures}. `secateurs methods` says what each needs and where it runs"
+    )
 
 
 def recipe_from_args(args: argparse.Namespace, schema: Any) -> dict[str, Any]:
@@ -112,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import refuse_existing
     from ..llm import LLMPruneConfig, prune_llm
 
+    apply_threads(args)  # before torch does any work
     language_model = not is_factory(args.model)
     schema = LLMPruneConfig if language_model else PruneConfig
     recipe = recipe_from_args(args, schema)
@@ -119,18 +154,23 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing(Path(args.out), args.overwrite)  # before loading and pruning, not after
     if args.calib and not language_model:
         raise ConfigError("--calib is text calibration for a Hugging Face language model; use --data for a factory")
+    if args.format and not language_model:
+        raise ConfigError("--format chooses how a Hugging Face model is saved; a factory model is saved as safetensors")
     if args.data and language_model:
         raise ConfigError("--data feeds a factory-built model; a Hugging Face language model calibrates on --calib")
+    calibration = call_object(args.data, "--data") if args.data else None
+    note_oversubscription()
     model = load_model(args.model, args.weights)
     tokenizer = _tokenizer_if_any(model, args) if language_model else None
+    allow = args.allow_collapse
     if language_model:
-        report = prune_llm(model, **recipe, calibration=args.calib, tokenizer=tokenizer, device=args.device)
+        report = prune_llm(model, **recipe, calibration=args.calib, tokenizer=tokenizer, device=args.device,
+                           allow_collapse=allow)  # fmt: skip
     else:
         import torch
 
-        calibration = call_factory(args.data, "--data") if args.data else None
         example = torch.zeros(1, *args.input_shape) if args.input_shape else None
-        report = prune(model, **recipe, calibration=calibration, example_inputs=example)
+        report = prune(model, **recipe, calibration=calibration, example_inputs=example, allow_collapse=allow)
     print(report.table())
     files = {"report.json": report.to_json() + "\n",
              "recipe.json": json.dumps(report.config, indent=2, default=str) + "\n"}  # fmt: skip
@@ -159,7 +199,7 @@ def _save_sparse(model: Any, config: Any, args: argparse.Namespace, tokenizer: A
     checkpoint, any other model as safetensors."""
     from safetensors.torch import save_file
 
-    from ..export.hf import write_sparse
+    from ..export.hf import DEFAULT_FORMAT, write_sparse
     from ..io import atomic_dir
     from ..masking import bake, masked_targets, save_masks
     from ..patterns import NM
@@ -170,7 +210,7 @@ def _save_sparse(model: Any, config: Any, args: argparse.Namespace, tokenizer: A
         bake(model)
         if hasattr(model, "save_pretrained"):
             pattern = config.pattern_ if isinstance(config.pattern_, NM) else None
-            saved = write_sparse(model, tmp, tokenizer, args.format or "both", pattern)
+            saved = write_sparse(model, tmp, tokenizer, args.format or DEFAULT_FORMAT, pattern)
         else:
             saved = None
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -1,10 +1,15 @@
-"""Save a pruned Hugging Face model: ``save_pretrained`` (dense with zeros) and/or compressed.
+"""Save a pruned Hugging Face model: compressed (the default) and/or ``save_pretrained`` (dense with zeros).
 
-A saved directory holds the config (and the tokenizer, when given), ``model.safetensors``
-from ``save_pretrained`` so ``from_pretrained`` works unchanged, and ``sparse.safetensors``,
-the compressed checkpoint (:mod:`secateurs.export.compressed`). :func:`load_sparse` loads
-either. The directory is written atomically and an existing one is refused unless
-``overwrite=True``.
+A saved directory holds the config (and the tokenizer, when given) and, by format:
+
+- ``'compressed'`` (default): ``sparse.safetensors``, the compressed checkpoint
+  (:mod:`secateurs.export.compressed`), smaller than the dense model; load it with
+  :func:`load_sparse` (plain ``from_pretrained`` finds no weights in it);
+- ``'hf'``: ``model.safetensors`` from ``save_pretrained``, which plain ``from_pretrained`` loads;
+- ``'both'``: the two, for readers of either kind (larger than the input model).
+
+Writing both by default made every output larger than the model it came from. The directory is
+written atomically and an existing one is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .compressed import CompressedSize, load_compressed_into, save_compressed
 
 SPARSE_FILE = "sparse.safetensors"
 FORMATS = ("hf", "compressed", "both")
+DEFAULT_FORMAT = "compressed"
 
 
 @dataclass
@@ -48,15 +54,16 @@ def save_sparse(
     model: nn.Module,
     path: str | os.PathLike,
     tokenizer: Any = None,
-    format: str = "both",
+    format: str = DEFAULT_FORMAT,
     pattern: NM | None = None,
     overwrite: bool = False,
     extra_files: Mapping[str, str] | None = None,
 ) -> SavedModel:
     """Write ``model`` (already baked: zeros in the weights) to the directory ``path``, atomically.
 
-    ``format``: ``'hf'`` (save_pretrained only), ``'compressed'`` (config + compressed
-    checkpoint) or ``'both'``. ``extra_files`` maps file names to text (report, recipe).
+    ``format``: ``'compressed'`` (config + compressed checkpoint, the default), ``'hf'``
+    (save_pretrained only: plain ``from_pretrained`` loads it) or ``'both'``. ``extra_files`` maps
+    file names to text (report, recipe).
     """
     check_format(model, format)
     with atomic_dir(path, overwrite=overwrite) as tmp:

@@ -78,6 +78,7 @@ def prune_llm(
     device: torch.device | str | None = None,
     rollback: bool = True,
     progress: bool = True,
+    allow_collapse: bool = False,
     **options: Any,
 ) -> Report | StructuralReport:
     """Prune a transformer in place, one block at a time, and report what changed.
@@ -98,6 +99,8 @@ def prune_llm(
         rollback: keep the original weights until the run ends, so a failure leaves the
             model bit-identical (costs a CPU copy of the pruned weights).
         progress: show a progress bar over the blocks.
+        allow_collapse: accept a layer left with no weight (a :class:`~secateurs.LayerCollapseError`
+            otherwise, raised before the model changes).
 
     Returns a :class:`~secateurs.Report` (its ``details`` say the blocks, per-block sparsities, OWL's
     outlier ratios and SparseGPT's dampening); for removal (``'flap'``, ``'shortgpt'``) the
@@ -125,6 +128,7 @@ def prune_llm(
     data = Data.from_user(config, batches, None, None, progress)
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
+    data.allow_collapse = allow_collapse
     report = run(model, config, data)
     if isinstance(report, StructuralReport):
         report.calibration = calibrated

@@ -18,6 +18,19 @@ from torch import nn
 from ..errors import ConfigError
 
 
+def require_lm_eval() -> None:
+    """Refuse, before any model is loaded, when lm-eval or its Hugging Face backend is missing."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+        from lm_eval.tasks import TaskManager  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"zero-shot evaluation needs lm-eval with its Hugging Face backend ({exc}): pip install 'lm-eval[hf]' "
+            "(or secateurs[eval]; its standard tasks download their datasets)"
+        ) from exc
+
+
 def zero_shot(
     model: nn.Module,
     tokenizer: Any,
@@ -32,15 +45,11 @@ def zero_shot(
     for folder in folders:
         if not Path(folder).is_dir():
             raise ConfigError(f"lm-eval include path {str(folder)!r} is not a folder of task YAML files")
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise ConfigError(
-            f"zero-shot evaluation needs lm-eval with its Hugging Face backend ({exc}): pip install 'lm-eval[hf]' "
-            "(its tasks download their datasets)"
-        ) from exc
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     if not tasks:
         raise ConfigError("name at least one lm-eval task, e.g. --tasks arc_easy,hellaswag")
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

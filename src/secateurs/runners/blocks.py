@@ -25,6 +25,7 @@ from torch import nn
 
 from ..batches import model_device, to_device
 from ..blocks import BlockDiscoveryError, BlockInputs, Call, capture_inputs, find_blocks
+from ..collapse import collapsed_targets, refuse_collapse
 from ..config import Plan, PruneConfig
 from ..evidence import Evidence, gather_block
 from ..pipeline import Context, Data, Rollback, apply, check, decide, seeded
@@ -64,6 +65,8 @@ def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
                 allocated.update(sparsities)
                 if inputs is not None and i + 1 < len(blocks):
                     propagate(block, i, inputs)
+        if not data.allow_collapse:  # inside the try: a refusal puts the original weights back
+            refuse_collapse(collapsed_targets(targets), None, restored=data.rollback)
     except BaseException:
         rollback.restore()
         raise

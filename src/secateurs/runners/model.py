@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..batches import check_inputs
+from ..collapse import refuse_collapse
 from ..config import PruneConfig
 from ..evidence import gather, preserved
 from ..masking import refuse_lower_target
@@ -50,8 +51,11 @@ def run_model(model: nn.Module, config: PruneConfig, data: Data) -> Any:
         for k in progress(range(1, rounds + 1), label, data.show_progress and rounds > 1):
             step = exponential_sparsity(k, rounds, config.final_sparsity) if rounds > 1 else config.final_sparsity
             pruning.prune_to(step, round_=k)
+        report = pruning.report(data.example_inputs, time.perf_counter() - start)
+        if not data.allow_collapse:  # inside the block: a refusal restores the masks and weights
+            refuse_collapse(report.collapsed_layers, report.connected)
         config.application_.finish(pruning.targets)
-    return pruning.report(data.example_inputs, time.perf_counter() - start)
+    return report
 
 
 class Pruning:

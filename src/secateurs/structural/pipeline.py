@@ -20,7 +20,7 @@ from ..evidence import DATA_NEEDS, Need, gather, preserved
 from ..guards import refuse_inference_weights
 from ..layout import Layout, layout_of
 from ..pipeline import Data, make_evidence
-from ..scope import ScopeSpec, Target, matches
+from ..scope import ScopeSpec, Target, matches, refuse_unmatched
 from ..selection import keep_mask
 from ..solvers.base import Solver
 from . import hf, layers
@@ -31,7 +31,7 @@ from .graph import DependencyGraph, Group
 from .handlers import handler_for
 from .plan import record_step, start_plan
 from .removal import refuse_reparametrized
-from .report import GroupChange, StructuralReport, measure
+from .report import GroupChange, LatencyTwin, StructuralReport, measure
 from .step import Step
 from .surgery import Surgery
 from .units import GroupEvidence
@@ -42,6 +42,8 @@ def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: Scop
 
     A group that passes through an op or module the graph cannot follow is an error, never a
     silent skip: exclude that module, or register a handler for its type."""
+    names = [n for n, _ in graph.model.named_modules() if n] + [g.name for g in graph.groups]
+    refuse_unmatched(scope, names, type(graph.model).__name__)  # a mistyped exclude must not prune its layer
     chosen = []
     for g in graph.groups:
         if g.kind not in kinds or (g.units == 0 and not g.blocked):
@@ -202,7 +204,8 @@ def remove_structures(model: nn.Module, config: PruneConfig, data: Data) -> Stru
     opts = config.structural_
     refuse_reparametrized(model)
     inputs = example_inputs_for(model, data)
-    before = measure(model, inputs, opts.latency)
+    before = measure(model, inputs)
+    twin = LatencyTwin(model, inputs) if opts.latency else None  # dense copy, timed alternately with the pruned
     start = time.perf_counter()
     deltas: dict[str, Tensor] = {}
     if config.pattern_.kinds == ("layer",):
@@ -222,5 +225,5 @@ def remove_structures(model: nn.Module, config: PruneConfig, data: Data) -> Stru
     apply_steps(model, [step], inputs, check=opts.check, after=after)
     record_step(model, plan, step)
     seconds = time.perf_counter() - start
-    return StructuralReport(changes, before, measure(model, inputs, opts.latency), seconds, removed_blocks,
-                            config.to_dict())  # fmt: skip
+    return StructuralReport(changes, before, measure(model, inputs), seconds, removed_blocks, config.to_dict(),
+                            latency=twin.compare(model) if twin else None)  # fmt: skip
