@@ -83,3 +83,24 @@ def test_the_cli_refuses_a_collapse_unless_allowed(tmp_path, capsys):
     assert not (tmp_path / "refused").exists()
     assert main([*args, "--allow-collapse", "--out", str(tmp_path / "allowed")]) == 0
     assert "LAYER COLLAPSE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+def test_the_block_runner_refuses_a_collapse_too(rollback):
+    """Per-row 99% of a 32-wide row rounds to all 32: every layer of the tiny Llama would be emptied."""
+    pytest.importorskip("transformers")
+    from secateurs.llm import prune_llm
+    from secateurs.testing import tiny_llama
+
+    model = tiny_llama()
+    before = fingerprint(model)
+    with pytest.raises(LayerCollapseError, match=r"every weight of 'model\.layers\.0") as caught:
+        prune_llm(model, "magnitude", 0.99, comparison="row", progress=False, rollback=rollback)
+    if rollback:
+        assert_unchanged(model, before)
+        assert "the model is unchanged" in str(caught.value)
+    else:  # said plainly: nothing kept the original weights
+        assert "rollback=False, so the model keeps the pruned weights" in str(caught.value)
+    model = tiny_llama()
+    report = prune_llm(model, "magnitude", 0.99, comparison="row", progress=False, allow_collapse=True)
+    assert report.collapsed_layers
