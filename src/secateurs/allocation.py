@@ -13,7 +13,6 @@ the whole model (whole-model runner) or once per block (block runner).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from .errors import ConfigError, choices
 from .evidence import Evidence, Need
 from .patterns import Pattern
 from .registry import Registry
-from .scope import Target
+from .scope import Target, target_matches
 from .selection import global_prune_counts
 from .spec import is_number
 
@@ -192,19 +191,23 @@ class Explicit(Allocation):
         self.sparsities = {k: float(v) for k, v in sparsities.items()}
         self.default = default
 
-    def resolve(self, targets: Sequence[Target]) -> dict[str, float]:
-        """Per-target sparsity; every glob must name at least one target."""
-        result: dict[str, float] = {}
+    def check_targets(self, targets: Sequence[Target]) -> None:
+        """Every glob must name at least one target of the run (checked once, before the run splits its
+        targets into config groups: a glob may name targets of an override's group)."""
         for key in self.sparsities:
-            if not any(fnmatch.fnmatchcase(t.module_name, key) or fnmatch.fnmatchcase(t.name, key) for t in targets):
+            if not any(target_matches(t, key) for t in targets):
                 raise ConfigError(
                     f"allocation key {key!r} matches no target; targets are: "
                     f"{', '.join(t.module_name for t in targets[:20])}{' ...' if len(targets) > 20 else ''}"
                 )
+
+    def resolve(self, targets: Sequence[Target]) -> dict[str, float]:
+        """Per-target sparsity: the last glob naming a target wins; targets no glob names get ``default``."""
+        result: dict[str, float] = {}
         for t in targets:
             value = self.default
-            for key, sparsity in self.sparsities.items():  # last matching glob wins
-                if fnmatch.fnmatchcase(t.module_name, key) or fnmatch.fnmatchcase(t.name, key):
+            for key, sparsity in self.sparsities.items():
+                if target_matches(t, key):
                     value = sparsity
             result[t.name] = value
         return result
@@ -270,7 +273,11 @@ class OWL(Allocation):
         ratios = budget.observed
         if not ratios:
             raise ConfigError("OWL needs the outlier ratios of the dense model; the runner observed none")
-        layer_sparsity = dict(zip(ratios, owl_sparsities(list(ratios.values()), budget.sparsity, self.lam)))
+        sizes = dict.fromkeys(ratios, 0)
+        for t in budget.all_targets or budget.targets:  # the weights this allocation spreads its budget over
+            sizes[self.layer_key(t, budget.layer_of)] += t.numel
+        spread = owl_sparsities(list(ratios.values()), budget.sparsity, self.lam, list(sizes.values()))
+        layer_sparsity = dict(zip(ratios, spread))
         return {t.name: layer_sparsity[self.layer_key(t, budget.layer_of)] for t in budget.targets}
 
 
@@ -280,16 +287,28 @@ def outlier_ratio(scores: Sequence[Tensor], m: float) -> float:
     return float((flat > m * flat.mean()).double().mean())
 
 
-def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:
-    """Per-layer sparsities from outlier ratios; their mean is ``sparsity``."""
+def owl_sparsities(
+    ratios: Sequence[float], sparsity: float, lam: float, sizes: Sequence[int] | None = None
+) -> list[float]:
+    """Per-layer sparsities from outlier ratios, spanning ``2 * lam``; their mean weighted by the layers'
+    ``sizes`` (weights pruned; equal when None) is ``sparsity``, so the model loses exactly that share
+    of its weights. The paper's layers (LLaMA blocks) are all one size, where this is its plain mean."""
     check_lambda(lam, sparsity)
     r = torch.tensor(list(ratios), dtype=torch.float64)
     spread = float(r.max() - r.min())
     if spread == 0.0:
         return [sparsity] * len(r)
+    n = torch.ones_like(r) if sizes is None else torch.tensor(list(sizes), dtype=torch.float64)
     density = (r - r.min()) / spread * (2 * lam)
-    density = density - density.mean() + (1.0 - sparsity)
-    return [float(1.0 - d) for d in density]
+    density = density - (density * n).sum() / n.sum() + (1.0 - sparsity)
+    out = [float(1.0 - d) for d in density]
+    bad = [(i, s) for i, (s, size) in enumerate(zip(out, n.tolist())) if size > 0 and not 0.0 <= s < 1.0]
+    if bad:
+        raise ConfigError(
+            f"OWL lambda={lam} at sparsity {sparsity:g} would give layer {bad[0][0]} a sparsity of {bad[0][1]:.3f} "
+            "(the layers differ in size, so the budget-preserving shift is uneven); lower lambda"
+        )
+    return out
 
 
 def check_lambda(lam: float, sparsity: float) -> None:

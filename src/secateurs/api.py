@@ -21,7 +21,6 @@ from .masking import bake as bake_all
 from .pipeline import Data, all_or_nothing, check
 from .report import Report
 from .runners import Pruning, run
-from .schedules import OneShot
 from .scope import Target
 from .structural.iterative import ScheduledRemoval
 from .structural.report import StructuralReport
@@ -65,12 +64,6 @@ def prune(
     """
     PruneConfig.check_keywords(options, "prune()", _CALL_KEYWORDS)
     config = PruneConfig(method=method, sparsity=sparsity, **options)
-    if not isinstance(config.schedule_, OneShot) or config.schedule_.at != 0:
-        raise ConfigError(
-            "prune() runs without training, so a training schedule cannot apply; use "
-            "secateurs.Pruner(model, ..., schedule=...) in your training loop, or iterations=N for "
-            "exponential rounds without training"
-        )
     data = Data.from_user(config, calibration, loss_fn, example_inputs, progress)
     data.allow_collapse = allow_collapse
     return run(model, config, data)

@@ -42,6 +42,8 @@ class Application:
     structural: ClassVar[bool] = False
     #: rounds compose within one call (masks only ever prune what is alive); others apply once
     multi_round: ClassVar[bool] = False
+    #: a solver rewrites the surviving weights (so it may also choose the mask as it goes: SparseGPT)
+    updates_survivors: ClassVar[bool] = False
 
     def apply(
         self,
@@ -103,6 +105,7 @@ class Reconstruct(Application):
     name = "reconstruct"
     takes_solver = True
     requires_solver = True
+    updates_survivors = True
     default_solver = "sparsegpt"
     writes_weights = True
 

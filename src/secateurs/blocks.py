@@ -89,6 +89,11 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[
     return best[1], best[2]
 
 
+def block_owners(blocks: Sequence[nn.Module]) -> dict[int, int]:
+    """``id(module) -> index`` of the block holding it, for every module inside ``blocks``."""
+    return {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+
+
 def _candidates_hint(model: nn.Module) -> str:
     lists = [n for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and n]
     if lists:

@@ -24,7 +24,6 @@ from .training import REGULARIZERS
 
 ROLES = ("criterion", "solver", "allocation", "pattern", "granularity", "mode", "runner", "schedule",
          "regularizer", "handler")  # fmt: skip
-_ELEMENT_MODES = ("mask", "bake", "reconstruct")
 _GRANULARITIES = {
     "channel": "Neurons, filters and channels, with every tensor they are coupled to",
     "head": "Attention heads (grouped-query attention: whole KV groups or query heads evenly)",
@@ -74,17 +73,19 @@ def _criteria() -> list[MethodInfo]:
 
 
 def _others() -> list[MethodInfo]:
+    element_modes = tuple(n for n, a in APPLICATIONS.items() if not a.structural)
+    every_mode = tuple(APPLICATIONS.names())
     out = [
         MethodInfo("solver", n, summary_of(c), _needs(c.needs), c.modes, _runners(c.needs, c.modes))
         for n, c in SOLVERS.items()
     ]
     for n, c in ALLOCATIONS.items():
-        modes = (*_ELEMENT_MODES, "remove") if c.sizes_groups else _ELEMENT_MODES
+        modes = every_mode if c.sizes_groups else element_modes
         out.append(MethodInfo("allocation", n, summary_of(c), _needs(c.needs), modes,
                               _runners(c.needs, modes, c.needs_single_group)))  # fmt: skip
     out.append(MethodInfo("allocation", "{glob: sparsity}", "Explicit per-target sparsities by module-name glob",
-                          (), (*_ELEMENT_MODES, "remove"), tuple(RUNNERS.names())))  # fmt: skip
-    out += [MethodInfo("pattern", n, summary_of(c), modes=_ELEMENT_MODES, runners=tuple(RUNNERS.names()))
+                          (), every_mode, tuple(RUNNERS.names())))  # fmt: skip
+    out += [MethodInfo("pattern", n, summary_of(c), modes=element_modes, runners=tuple(RUNNERS.names()))
             for n, c in PATTERNS.items()]  # fmt: skip
     out += [MethodInfo("granularity", n, _GRANULARITIES[n], modes=("remove",), runners=("model",))
             for n in GRANULARITY_NAMES]  # fmt: skip

@@ -9,7 +9,6 @@ allocation, mode, solver, runner ...) lives beside them in fields ending in ``_`
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,13 +20,13 @@ from . import structural  # noqa: F401  (registration)
 from .allocation import Allocation, Explicit, Uniform, make_allocation
 from .application import APPLICATIONS, Application
 from .criteria import Criterion, make_criterion
-from .errors import ConfigError, choices
+from .errors import ConfigError, PatternError, choices
 from .evidence import Need
 from .granularity import Granularity, StructuralOptions, parse_granularity
 from .patterns import COMPARISONS, NM, Pattern, parse_pattern
 from .runner import RUNNERS, Runner
 from .schedules import OneShot, Schedule, make_schedule
-from .scope import ScopeSpec, Target
+from .scope import ScopeSpec, Target, target_matches
 from .solvers.base import SOLVERS, Solver, make_solver
 from .spec import (
     Spec,
@@ -231,8 +230,11 @@ class PruneConfig(Spec):
         runner.check(self)
 
     def _default_mode(self, criterion: Criterion) -> str:
-        """The mode when the user names none: the method's own (SparseGPT reconstructs), else ``mask``."""
-        return criterion.default_mode or self.default_mode
+        """The mode when the user names none: the method's own (SparseGPT reconstructs), its only one (FLAP,
+        ShortGPT, FPGM and BatchNorm scale remove), else the front door's (``mask``; ``bake`` for LLMs)."""
+        if criterion.default_mode is not None:
+            return criterion.default_mode
+        return criterion.modes[0] if len(criterion.modes) == 1 else self.default_mode
 
     def _runner(self) -> str:
         """The runner when the user names none: the whole model."""
@@ -310,10 +312,23 @@ class PruneConfig(Spec):
                 f"solver {solver.name!r} serves mode {choices(solver.modes)}, not {mode!r}; "
                 f"solvers for {mode!r}: {choices(self._solvers_for(mode))}"
             )
-        adaptive = bool(solver is not None and mode == "reconstruct" and criterion.adaptive and solver.adaptive)
+        adaptive = bool(solver is not None and application.updates_survivors and criterion.adaptive and solver.adaptive)
         if adaptive and solver.patterns is not None and self.pattern_.name not in solver.patterns:
             raise ConfigError(
                 f"solver {solver.name!r} chooses {choices(solver.patterns)} masks, not {self.pattern_.spec()!r}"
+            )
+        if adaptive and (self.method_options or _configured(criterion)):
+            options = dict(self.method_options or {}) or _public(criterion)
+            raise ConfigError(
+                f"method_options={options!r} configure the {criterion.name!r} criterion, which does not "
+                f"run when solver {solver.name!r} chooses the masks (mode='reconstruct'); pass them as solver_options "
+                f"(e.g. solver_options={{'dampening': 0.05}}), or prune with mode='mask' to use the criterion alone"
+            )
+        if adaptive and self.comparison is not None:
+            raise ConfigError(
+                f"solver {solver.name!r} chooses its mask block of columns by block of columns (the paper's adaptive "
+                f"selection), so comparison={self.comparison!r} cannot apply; drop it, or prune with mode='mask' to "
+                "compare within fixed groups"
             )
         if adaptive and self.allocation_.reads_scores:
             raise ConfigError(
@@ -341,7 +356,16 @@ class PruneConfig(Spec):
         return tuple(out)
 
     def _override(self, glob: str, value: Any) -> Override:
+        """One override, checked like the base configuration; every error names the override."""
         where = f"overrides[{glob!r}]"
+        try:
+            return self._check_override(where, glob, value)
+        except (ConfigError, PatternError) as exc:
+            if str(exc).startswith(where):
+                raise
+            raise type(exc)(f"{where}: {exc}") from None
+
+    def _check_override(self, where: str, glob: str, value: Any) -> Override:
         if is_number(value) or value is None:
             value = {"sparsity": value}
         if not isinstance(value, Mapping):
@@ -363,7 +387,7 @@ class PruneConfig(Spec):
         if self.mode_ not in criterion.modes:
             raise ConfigError(f"{where}: method {criterion.name!r} supports mode {choices(criterion.modes)}, "
                               f"not {self.mode_!r}")  # fmt: skip
-        if self.adaptive_ and (criterion is not self.criterion_ or "pattern" in value):
+        if self.adaptive_ and (criterion is not self.criterion_ or "pattern" in value or "comparison" in value):
             raise ConfigError(
                 f"{where}: {self.criterion_.name!r} with solver {self.solver_.name!r} chooses every mask itself; "
                 "an override can set a sparsity only"
@@ -373,8 +397,12 @@ class PruneConfig(Spec):
         comparison = value.get("comparison") or (criterion.default_comparison if "method" in value
                                                  else self.comparison_)  # fmt: skip
         self._check_pattern(criterion, pattern, comparison)
-        allocation = Uniform() if isinstance(pattern, NM) else self.allocation_
+        # an override's own sparsity is its layers' sparsity (an explicit base allocation names other values)
+        own = isinstance(pattern, NM) or (value.get("sparsity") is not None and isinstance(self.allocation_, Explicit))
+        allocation = Uniform() if own else self.allocation_
         self._check_allocation(allocation, pattern, comparison)
+        if sparsity is not None:
+            allocation.check(sparsity)  # e.g. OWL's lambda bound at the override's own sparsity
         return Override(glob, sparsity, pattern, criterion, comparison, allocation)
 
     def _check_remove(self, criterion: Criterion) -> None:
@@ -440,9 +468,11 @@ class PruneConfig(Spec):
     def plans(self, targets: Sequence[Target]) -> list[Plan]:
         """Split ``targets`` into config groups: the base configuration and one per override (the last
         matching glob wins; an override at sparsity 0 leaves its targets dense)."""
+        if isinstance(self.allocation_, Explicit):
+            self.allocation_.check_targets(targets)
         owner: dict[str, Override | None] = {t.name: None for t in targets}
         for override in self.overrides_:
-            matched = [t for t in targets if _matches(t, override.glob)]
+            matched = [t for t in targets if target_matches(t, override.glob)]
             if not matched:
                 names = ", ".join(t.module_name for t in targets[:20])
                 raise ConfigError(f"overrides key {override.glob!r} matches no target; targets are: {names}")
@@ -466,18 +496,18 @@ class PruneConfig(Spec):
         method = self.method if isinstance(self.method, str) else self.criterion_.name
         options = dict(self.method_options or {})
         if not isinstance(self.method, str):
-            options = {k: v for k, v in vars(self.criterion_).items() if not k.startswith("_")}
+            options = _public(self.criterion_)
         solver = self.solver_
         solver_options = None
         if solver is not None:
-            solver_options = {k: v for k, v in vars(solver).items() if not k.startswith("_")} or None
+            solver_options = _public(solver) or None
         return {
             "method": method,
             "sparsity": self.sparsity_,
             "pattern": self.pattern_.spec(),
             "allocation": self.allocation_.to_spec(),
             "allocation_options": self.allocation_.options() or None,
-            "comparison": self.comparison_,
+            "comparison": None if self.adaptive_ else self.comparison_,  # the solver chooses, not a fixed group
             "scope": self.scope_.to_dict(),
             "mode": self.mode_,
             "solver": solver.name if solver is not None else (NO_SOLVER if self.application_.takes_solver else None),
@@ -489,7 +519,7 @@ class PruneConfig(Spec):
             if isinstance(self.schedule_, OneShot) and self.schedule is None
             else self.schedule_.to_spec(),
             "iterations": self.rounds,
-            "method_options": options or None,
+            "method_options": None if self.adaptive_ else options or None,  # the criterion does not run
             "max_batches": self.max_batches,
             "seed": self.seed,
             "structural": None if self.structural_ is None else self.structural_.to_dict(),
@@ -503,5 +533,13 @@ class PruneConfig(Spec):
         return {glob: (dict(v) if isinstance(v, Mapping) else {"sparsity": v}) for glob, v in self.overrides.items()}
 
 
-def _matches(target: Target, glob: str) -> bool:
-    return fnmatch.fnmatchcase(target.module_name, glob) or fnmatch.fnmatchcase(target.name, glob)
+def _public(obj: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+def _configured(criterion: Criterion) -> bool:
+    """Was this criterion instance built with options other than its defaults?"""
+    try:
+        return _public(criterion) != _public(type(criterion)())
+    except TypeError:  # no default construction: every instance is configured
+        return True

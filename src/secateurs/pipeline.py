@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from .allocation import Budget
 from .batches import LossFn, first_sample, model_inputs, take
-from .blocks import BlockDiscoveryError, find_blocks
+from .blocks import BlockDiscoveryError, block_owners, find_blocks
 from .config import Plan, PruneConfig
 from .errors import ConfigError, DataRequiredError, StateError
 from .evidence import DATA_NEEDS, Evidence, Need, gather, preserved
 from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
-from .masking import MaskSnapshot, WeightMask, current_mask, gate_of
+from .masking import MaskSnapshot, WeightMask, current_mask, gate_of, refuse_lower_target
 from .report import LayerResult
 from .scope import Target
 from .selection import check_finite, keep_mask
@@ -75,12 +75,7 @@ def check(plans: Sequence[Plan], config: PruneConfig, data: Data) -> None:
             plan.pattern.check(t.name, t.canonical_shape, plan.comparison)
         plan.criterion.validate(list(plan.targets))
     needs = config.needs
-    if needs & DATA_NEEDS and not data.batches:
-        raise DataRequiredError(
-            f"{config.describe_needs(needs & DATA_NEEDS)} needs calibration data "
-            f"({', '.join(sorted(n.value for n in needs & DATA_NEEDS))}); pass calibration=<iterable of batches>, "
-            "e.g. a DataLoader or a list of (inputs, targets)"
-        )
+    require_data(needs, config.describe_needs(needs & DATA_NEEDS), data)
     if Need.INPUT_SHAPE in needs and data.example_inputs is None and not data.batches:
         raise DataRequiredError(
             f"method {config.criterion_.name!r} runs data-free passes but needs the input shape; "
@@ -105,9 +100,9 @@ def _check_target(t: Target, config: PruneConfig) -> None:
             "then quantize"
         )
     gate = gate_of(t.module, t.param_name)
-    if gate is not None and config.mode_ == "reconstruct":
+    if gate is not None and config.application_.updates_survivors:
         raise StateError(
-            f"{t.name} carries a mask, and mode='reconstruct' rewrites the weights it masks; make the mask "
+            f"{t.name} carries a mask, and mode={config.mode_!r} rewrites the weights it masks; make the mask "
             "permanent first with secateurs.bake(model), or drop it with secateurs.unmask(model)"
         )
     if gate is not None and not isinstance(gate, WeightMask):
@@ -116,6 +111,22 @@ def _check_target(t: Target, config: PruneConfig) -> None:
             "or drop it with secateurs.unmask(model) before pruning it again"
         )
     check_finite(t.weight.detach(), f"weight {t.name}")
+
+
+def refuse_lower(plans: Sequence[Plan], config: PruneConfig, sparsity: float) -> None:
+    """Masks only grow: a request below what the masks already prune would change nothing (both runners)."""
+    for plan in plans:
+        refuse_lower_target(plan.targets, plan_sparsity(plan, config, sparsity))
+
+
+def require_data(needs: frozenset[Need], who: str, data: Data) -> None:
+    """Refuse up front when ``who`` (the subject of the sentence) needs calibration batches that were not given."""
+    missing = needs & DATA_NEEDS
+    if missing and not data.batches:
+        raise DataRequiredError(
+            f"{who} needs calibration data ({', '.join(sorted(n.value for n in missing))}); pass "
+            "calibration=<iterable of batches>, e.g. a DataLoader or a list of (inputs, targets)"
+        )
 
 
 def plan_sparsity(plan: Plan, config: PruneConfig, step_sparsity: float) -> float:
@@ -274,15 +285,6 @@ def score_targets(
         return config.criterion_.scores(evidence)
 
 
-def select_masks(
-    targets: Sequence[Target], scores: dict[str, Tensor], config: PruneConfig, sparsity: float
-) -> dict[str, Tensor]:
-    """Keep-masks of ``targets`` from scores with the configuration's pattern, comparison and allocation."""
-    plan = Plan(list(targets), config.criterion_, config.pattern_, config.comparison_, config.allocation_,
-                config.final_sparsity)  # fmt: skip
-    return select(plan, targets, scores, sparsity, config, Context())[0]
-
-
 def seeded(config: PruneConfig, round_: int) -> torch.Generator:
     """The run's generator for round ``round_`` (random criteria draw from it)."""
     return torch.Generator().manual_seed(config.seed * 1_000_003 + round_)
@@ -296,5 +298,5 @@ def layer_names(model: nn.Module, targets: Sequence[Target], blocks: str | None)
         if blocks is not None:
             raise
         return {}
-    owner = {id(m): f"{name}.{i}" for i, block in enumerate(found) for m in block.modules()}
-    return {t.name: owner[id(t.module)] for t in targets if id(t.module) in owner}
+    owner = block_owners(found)
+    return {t.name: f"{name}.{owner[id(t.module)]}" for t in targets if id(t.module) in owner}

@@ -13,6 +13,7 @@ one, and ``secateurs.methods()`` lists both.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
@@ -94,8 +95,6 @@ class Registry(Generic[T]):
 def construct(cls: type, options: Any, what: str) -> Any:
     """``cls(**options)``, or a typed error naming the options ``cls`` takes (``what``: 'method_options for
     'wanda''): a misspelled option is a message, not a raw TypeError."""
-    import inspect
-
     try:
         return cls(**dict(options or {}))
     except TypeError as exc:

@@ -61,12 +61,16 @@ class RunDetails:
     solved: list[LayerResult] = field(default_factory=list)
     seconds: float | None = None
     calibration: dict[str, int] = field(default_factory=dict)
+    outside_blocks: list[str] = field(default_factory=list)  # scoped, but outside the blocks the runner prunes
 
     def lines(self, allocation: str | None) -> list[str]:
         out = []
         if self.blocks is not None:
             timing = f" in {self.seconds:.1f} s" if self.seconds is not None else ""
             out.append(f"{self.runner} runner: blocks of {self.blocks!r}{timing}")
+        if self.outside_blocks:
+            shown = ", ".join(self.outside_blocks[:5]) + (" ..." if len(self.outside_blocks) > 5 else "")
+            out.append(f"left dense, outside the blocks: {shown} (prune them with runner='model')")
         if "seqlen" in self.calibration:
             out.append(f"calibration: {self.calibration['nsamples']} x {self.calibration['seqlen']} tokens")
         elif self.calibration:

@@ -41,8 +41,11 @@ class Runner:
     def check(self, config: Any) -> None:
         """Refuse a configuration this runner cannot carry out, naming what it supports."""
         if config.mode_ not in self.modes:
-            removing = config.mode_ == "remove"
-            hint = "; structural removal runs on the whole model: use runner='model'" if removing else ""
+            hint = (
+                "; structural removal runs on the whole model: use runner='model'"
+                if config.application_.structural
+                else ""
+            )
             raise ConfigError(
                 f"runner {self.name!r} does not apply mode {config.mode_!r}; it supports {choices(self.modes)}{hint}"
             )

@@ -186,6 +186,12 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(_matches_one(prefix, p) for prefix in _ancestry(name) for p in patterns)
 
 
+def target_matches(target: Target, pattern: str) -> bool:
+    """Does ``pattern`` (a glob or ``re:`` regex) name ``target``: its module, a module holding it, or
+    ``module.weight`` itself? One rule for scope, overrides and explicit allocations."""
+    return matches(target.module_name, [pattern]) or _matches_one(target.name, pattern)
+
+
 def refuse_unmatched(spec: ScopeSpec, names: Sequence[str], model_name: str) -> None:
     """An include or exclude pattern that matches none of ``names`` is a typo, not a no-op: an exclude
     that silently excludes nothing prunes the very layer it was meant to protect."""

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .api import prune
+from .config import PruneConfig
 from .criteria import CRITERIA, Criterion, make_criterion
+from .llm import prune_llm
 from .masking import unmask
 from .pipeline import Data, score_targets
 from .runner import RUNNERS
@@ -92,8 +94,6 @@ def check_criterion(method: str | type[Criterion], options: dict[str, Any] | Non
 
 
 def _check_scores(name: str, pattern: str | None, kwargs: dict[str, Any]) -> None:
-    from .config import PruneConfig
-
     model = small_cnn()
     config = PruneConfig(method=name, sparsity=0.5, method_options=kwargs["method_options"], mode="mask",
                          pattern=pattern)  # fmt: skip
@@ -179,8 +179,6 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 
 
 def _check_block_runner(name: str, options: dict[str, Any] | None, mode: str, pattern: str | None) -> None:
-    from .llm import prune_llm
-
     model = tiny_llama()
     segments = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     before = _state(model)

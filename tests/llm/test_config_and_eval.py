@@ -16,7 +16,7 @@ from .conftest import assert_same_bits, state_bits, tiny
 
 
 def test_config_round_trips_through_to_dict():
-    config = LLMPruneConfig(method="sparsegpt", pattern="2:4", method_options={"dampening": 0.05}, scope=["*.mlp.*"])
+    config = LLMPruneConfig(method="sparsegpt", pattern="2:4", solver_options={"dampening": 0.05}, scope=["*.mlp.*"])
     again = LLMPruneConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict() and again.fingerprint() == config.fingerprint()
     assert config.sparsity is None and config.sparsity_ == 0.5  # stored as given; the resolved view beside it

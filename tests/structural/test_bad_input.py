@@ -94,7 +94,7 @@ def test_fixed_size_splits_name_the_op_and_the_way_out():
 def test_structural_inputs_are_validated_before_anything_runs():
     model = resnet_like()
     with pytest.raises(ConfigError, match="mode='remove'"):
-        secateurs.prune(model, "bn_scale", 0.5)
+        secateurs.prune(model, "bn_scale", 0.5, mode="mask")
     with pytest.raises(ConfigError, match="not one of"):
         _remove(model, pattern="2:4")
     with pytest.raises(ConfigError, match="erk"):

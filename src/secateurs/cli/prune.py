@@ -24,6 +24,12 @@ from .threads import add_threads_argument, apply_threads, note_oversubscription
 _FLAGS = ("method", "sparsity", "pattern", "allocation", "mode", "solver", "runner", "iterations", "seed",
           "max_batches", "blocks", "nsamples", "seqlen", "batch_size")  # fmt: skip
 _LLM_ONLY = ("nsamples", "seqlen", "batch_size")
+_HF_ONLY = {
+    "calib": "is text calibration for a Hugging Face language model (use --data for a factory)",
+    "format": "chooses how a Hugging Face model is saved (a factory model is saved as safetensors)",
+    "tokenizer": "tokenizes --calib text",
+    "device": "moves each block of a Hugging Face model to the device while the block runner prunes it",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -152,10 +158,10 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args, schema)
     config = schema(**recipe)
     refuse_existing(Path(args.out), args.overwrite)  # before loading and pruning, not after
-    if args.calib and not language_model:
-        raise ConfigError("--calib is text calibration for a Hugging Face language model; use --data for a factory")
-    if args.format and not language_model:
-        raise ConfigError("--format chooses how a Hugging Face model is saved; a factory model is saved as safetensors")
+    if not language_model:  # flags only the Hugging Face path reads would be silently ignored
+        for flag, why in _HF_ONLY.items():
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} {why}; it does not apply to a factory-built model ({args.model})")
     if args.data and language_model:
         raise ConfigError("--data feeds a factory-built model; a Hugging Face language model calibrates on --calib")
     calibration = call_object(args.data, "--data") if args.data else None

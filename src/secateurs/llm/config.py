@@ -13,12 +13,14 @@ front door's defaults and the knobs that turn calibration text into token segmen
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..config import PruneConfig
 from ..criteria import Criterion
 from ..scope import ScopeSpec
 from ..spec import instance, integer, option, string
+
+_LLM_SCOPE = {"skip_first": False, "skip_last": False, "types": ("Linear", "Conv1D"), "embeddings": False}
 
 
 @dataclass(frozen=True)
@@ -39,23 +41,20 @@ class LLMPruneConfig(PruneConfig):
     seqlen: int | None = option(None, check=integer(1, optional=True))
     batch_size: int = option(1, check=integer(1))
 
-    def _default_mode(self, criterion: Criterion) -> str:
-        # the LLM front door runs FLAP and ShortGPT by name: a method that only removes, removes
-        if criterion.default_mode is None and tuple(criterion.modes) == ("remove",):
-            return "remove"
-        return super()._default_mode(criterion)
-
     def _runner(self) -> str:
         if self.runner is not None:
             return self.runner
         return "model" if self.application_.structural else "blocks"
 
     def _scope(self) -> ScopeSpec:
-        scope = ScopeSpec.from_value(self.scope)
         if self.application_.structural:
-            return scope
-        # the layers inside the transformer blocks; the LM head and embeddings stay dense
-        return replace(scope, skip_first=False, skip_last=False, types=("Linear", "Conv1D"), embeddings=False)
+            return ScopeSpec.from_value(self.scope)
+        # the layers inside the transformer blocks (the block runner leaves the LM head and embeddings
+        # dense); only the fields the user did not give take these defaults
+        if isinstance(self.scope, ScopeSpec):
+            return self.scope
+        given = {"include": self.scope} if isinstance(self.scope, (str, list, tuple)) else dict(self.scope or {})
+        return ScopeSpec.from_value({**_LLM_SCOPE, **given})
 
     def to_dict(self) -> dict:
         data = super().to_dict()

@@ -24,27 +24,34 @@ import torch
 from torch import nn
 
 from ..batches import model_device, to_device
-from ..blocks import BlockDiscoveryError, BlockInputs, Call, capture_inputs, find_blocks
+from ..blocks import BlockDiscoveryError, BlockInputs, Call, block_owners, capture_inputs, find_blocks
 from ..collapse import collapsed_targets, refuse_collapse
 from ..config import Plan, PruneConfig
+from ..errors import ScopeError
 from ..evidence import Evidence, gather_block
-from ..pipeline import Context, Data, Rollback, apply, check, decide, seeded
+from ..pipeline import Context, Data, Rollback, apply, check, decide, refuse_lower, seeded
 from ..progress import progress as progress_bar
 from ..report import LayerResult, Report, RunDetails, build_report
 from ..runner import implements
-from ..scope import Target, resolve
+from ..scope import ScopeSpec, Target, resolve
 from .model import layer_sparsities
 
 
 @implements("blocks")
 def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
     """The block runner: one repeated block at a time, with recomputed inputs."""
-    container, blocks, per_block = block_targets(model, config)
-    targets = [t for group in per_block for t in group]
-    plans = config.plans(targets)
+    container, blocks, scoped, outside = block_targets(model, config)
+    plans = config.plans(scoped)
+    targets = [t for plan in plans for t in plan.targets]  # an override at sparsity 0 leaves its layers alone
     check(plans, config, data)
+    if config.sparsity is not None:
+        refuse_lower(plans, config, config.final_sparsity)
+    owner = block_owners(blocks)
+    per_block: list[list[Target]] = [[] for _ in blocks]
+    for t in targets:
+        per_block[owner[id(t.module)]].append(t)
     device = data.device if data.device is not None else model_device(model)
-    layer_of = {t.name: f"{container}.{i}" for i, group in enumerate(per_block) for t in group}
+    layer_of = {t.name: f"{container}.{owner[id(t.module)]}" for t in targets}
     context = Context(all_targets={id(p): p.targets for p in plans}, layer_of=layer_of)
     start = time.perf_counter()
     solved: list[LayerResult] = []
@@ -75,26 +82,33 @@ def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
     patterns = {t.name: plan.pattern for plan in plans for t in plan.targets}
     details = RunDetails(
         runner="blocks", blocks=container, layer_sparsities=layer_sparsities(allocated, layer_of),
-        observed=context.observed, solved=solved, seconds=time.perf_counter() - start,
+        observed=context.observed, solved=solved, seconds=time.perf_counter() - start, outside_blocks=outside,
     )  # fmt: skip
-    pruned = [t for plan in plans for t in plan.targets]
-    return build_report(model, pruned, patterns, None, config.to_dict(), details)
+    return build_report(model, targets, patterns, None, config.to_dict(), details)
 
 
-def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.Module], list[list[Target]]]:
-    """The blocks and, per block, the weights the scope selects inside it (resolved once)."""
+def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.Module], list[Target], list[str]]:
+    """The blocks, the weights the scope selects inside them, and the names of those it selects outside.
+
+    Layers outside the blocks (an LM head, a pooler) are not what the block runner prunes: with the
+    front door's ``include`` (everything) they stay dense and the report names them; include patterns
+    that select one are refused rather than silently half-applied."""
     name, blocks = find_blocks(model, config.blocks)
-    targets = resolve(model, config.scope_)
-    owners = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
-    grouped: list[list[Target]] = [[] for _ in blocks]
-    for t in targets:
-        if id(t.module) in owners:
-            grouped[owners[id(t.module)]].append(t)
-    if not any(grouped):
+    owner = block_owners(blocks)
+    scoped = resolve(model, config.scope_)
+    inside = [t for t in scoped if id(t.module) in owner]
+    outside = [t.name for t in scoped if id(t.module) not in owner]
+    if outside and config.scope_.include != ScopeSpec().include:
+        shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+        raise ScopeError(
+            f"the scope includes {shown}, outside the blocks {name!r} that runner='blocks' prunes one at a time; "
+            "exclude them (scope exclude), or prune them with runner='model'"
+        )
+    if not inside:
         raise BlockDiscoveryError(
             f"the scope selects no prunable layer inside the blocks {name!r}; check scope include/exclude"
         )
-    return name, blocks, grouped
+    return name, blocks, inside, outside
 
 
 def _prune_block(

@@ -16,7 +16,6 @@ from ..batches import check_inputs
 from ..collapse import refuse_collapse
 from ..config import PruneConfig
 from ..evidence import gather, preserved
-from ..masking import refuse_lower_target
 from ..pipeline import (
     Context,
     Data,
@@ -26,7 +25,7 @@ from ..pipeline import (
     decide,
     layer_names,
     make_evidence,
-    plan_sparsity,
+    refuse_lower,
 )
 from ..progress import progress
 from ..report import LayerResult, Report, RunDetails, build_report
@@ -77,9 +76,7 @@ class Pruning:
         self.allocated: dict[str, float] = {}
 
     def refuse_lower(self, sparsity: float) -> None:
-        """Masks only grow: a request below what the masks already prune would change nothing."""
-        for plan in self.plans:
-            refuse_lower_target(plan.targets, plan_sparsity(plan, self.config, sparsity))
+        refuse_lower(self.plans, self.config, sparsity)
 
     def prune_to(self, sparsity: float, round_: int = 0) -> None:
         """Gather the evidence on the model as it is now, then score, select and apply at ``sparsity``."""

@@ -186,7 +186,7 @@ class ElementAdapter(GroupCriterion):
         self.reduction = element.reduction
 
     def _views(self, group: Group, modules: dict[str, nn.Module]):
-        on_outputs = self.element.patterns == ("output_channel",)
+        on_outputs = Need.OUTPUTS in self.element.needs  # defined on a layer's outputs: scores its producers only
         for view in group.ports:
             module = modules[view.port.module]
             layout = layout_of(module)

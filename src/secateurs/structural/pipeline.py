@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from ..config import PruneConfig
 from ..errors import DataRequiredError, ScopeError, StructureError
-from ..evidence import DATA_NEEDS, Need, gather, preserved
+from ..evidence import Need, gather, preserved
 from ..guards import refuse_inference_weights
 from ..layout import Layout, layout_of
-from ..pipeline import Data, make_evidence
+from ..pipeline import Data, make_evidence, require_data
 from ..scope import ScopeSpec, Target, matches, refuse_unmatched
 from ..selection import keep_mask
 from ..solvers.base import Solver
@@ -103,11 +103,6 @@ def _needs(criterion: GroupCriterion, solver: Solver | None) -> frozenset[Need]:
     return criterion.needs | (solver.needs if solver is not None else frozenset())
 
 
-def _check_data(needs: frozenset[Need], what: str, data: Data) -> None:
-    if needs & DATA_NEEDS and not data.batches:
-        raise DataRequiredError(f"{what} needs calibration data; pass calibration=<iterable of batches>")
-
-
 def score_groups(
     model: nn.Module, criterion: GroupCriterion, groups: list[Group], config: PruneConfig, data: Data
 ) -> tuple[GroupEvidence, dict[str, Tensor]]:
@@ -116,7 +111,7 @@ def score_groups(
     solver = config.solver_
     targets = _evidence_targets(criterion, solver, groups, modules)
     needs = _needs(criterion, solver)
-    _check_data(needs, f"method {criterion.name!r}" + (f" with solver {solver.name!r}" if solver else ""), data)
+    require_data(needs, f"method {criterion.name!r}" + (f" with solver {solver.name!r}" if solver else ""), data)
     refuse_inference_weights(targets, criterion.name, bool(needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}))
     evidence = make_evidence(model, targets, config, data)
     with preserved(model, targets):
@@ -183,7 +178,7 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     criterion = as_group_criterion(config.criterion_)
     container, blocks = layers.find_blocks(model, config.blocks)
     n = layers.how_many(len(blocks), config.final_sparsity, config.structural_.keep_at_least)
-    _check_data(criterion.needs, f"method {criterion.name!r}", data)
+    require_data(criterion.needs, f"method {criterion.name!r}", data)
     evidence = make_evidence(model, [], config, data)
     scores = criterion.block_scores(model, blocks, evidence)
     gone = (~keep_mask(scores.reshape(1, -1), n)).reshape(-1).nonzero().reshape(-1).tolist()
