@@ -7,7 +7,8 @@ front door's defaults and the knobs that turn calibration text into token segmen
   ShortGPT remove), ``runner='blocks'`` (one transformer block at a time with recomputed inputs;
   removal ranks on the dense model in one whole-model pass, as FLAP and ShortGPT do);
 - the scope is every Linear / Conv1D inside the repeated blocks (the LM head and embeddings
-  stay dense, as in the papers);
+  stay dense, as in the papers); a scope the user gives keeps these defaults for the fields it
+  leaves out;
 - ``nsamples`` segments of ``seqlen`` tokens, ``batch_size`` segments per forward pass.
 """
 
