@@ -210,6 +210,26 @@ def test_network_slimming_drives_batchnorm_scales_to_zero_then_removal_takes_the
     assert report.params_ratio < 0.7
 
 
+def test_bn_l1_penalises_the_new_batchnorm_scales_after_a_removal_step():
+    model = small_mlp().train()
+    x, y = calibration(shape=(16,), batches=1)[0]
+    pruner = secateurs.Pruner(model, "bn_scale", 0.5, mode="remove", example_inputs=x, structural={"latency": False},
+                              regularizer="bn_l1", regularizer_options={"strength": 0.1},
+                              schedule={"kind": "oneshot", "at": 0})  # fmt: skip
+    old = model[1].weight
+    assert pruner.step().reshaped
+    new = model[1].weight
+    assert new is not old and new.shape[0] < old.shape[0]
+    for p in [*model.parameters(), old]:
+        p.grad = None
+    nn.functional.cross_entropy(model(x), y).backward()
+    loss_grad = new.grad.clone()
+    pruner.regularize()
+    penalty = 0.1 * new.detach().sign()  # the L1 subgradient, added on the new scales
+    assert penalty.abs().sum() > 0 and torch.equal(new.grad, loss_grad + penalty)
+    assert old.grad is None  # the replaced tensor is no longer penalised
+
+
 def test_l1_only_touches_the_weights_in_scope_that_are_alive():
     model = small_mlp()
     pruner = secateurs.Pruner(model, "magnitude", 0.5, regularizer="l1", regularizer_options={"strength": 1.0},

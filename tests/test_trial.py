@@ -92,3 +92,70 @@ def test_trial_restores_a_transformer_after_removal_and_the_block_runner():
         with torch.no_grad():
             assert torch.equal(model(segments).logits, dense), method
     assert isinstance(model.config, transformers.LlamaConfig) and model.config.num_hidden_layers == 2
+
+
+def test_trial_puts_back_the_gradients_values_on_the_same_objects():
+    model = small_cnn()
+    x, y = calibration()[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[-1].weight.grad = None  # this one has no gradient before the trial
+    grads = {name: (p.grad, None if p.grad is None else p.grad.clone()) for name, p in model.named_parameters()}
+    with secateurs.trial(model):
+        nn.functional.cross_entropy(model(x), y).backward()  # accumulates into the same .grad tensors, in place
+    for name, p in model.named_parameters():
+        grad, values = grads[name]
+        if grad is None:
+            assert p.grad is None, name  # created inside the trial: gone
+        else:
+            assert p.grad is grad and torch.equal(p.grad.view(torch.uint8), values.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("convert", [nn.Module.half, nn.Module.double, lambda m: m.to(torch.bfloat16)],
+                         ids=["half", "double", "to_bfloat16"])  # fmt: skip
+def test_trial_restores_dtype_and_exact_values_after_a_conversion(convert):
+    model = small_cnn()
+    x, y = calibration()[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = _snapshot(model)
+    grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with secateurs.trial(model):
+        convert(model)  # through .data: the Parameter objects stay, their storage is converted (lossy for half)
+        assert next(model.parameters()).dtype != torch.float32
+    _assert_same(model, before)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == before["parameters"]
+    for p, (grad, values) in zip(model.parameters(), grads):
+        assert p.grad is grad and p.grad.dtype == torch.float32 and torch.equal(p.grad, values)
+
+
+def test_trial_keeps_nested_configs_shared_and_restores_their_fields():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlavaConfig()
+    text = config.text_config
+
+    class LanguageModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = text  # as in transformers' composite models: the outer config's sub-config
+            self.fc = nn.Linear(4, 4)
+
+    class Composite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = config
+            self.language_model = LanguageModel()
+
+    model = Composite()
+    fields = {id(c): dict(vars(c)) for c in (config, text, config.vision_config)}
+    vision = config.vision_config
+    with secateurs.trial(model):
+        text.hidden_size = 8  # what removal does: write a pruned size into the sub-config
+        text.layer_types = ["full_attention"]
+        config.text_config = transformers.LlamaConfig()
+        vision.num_hidden_layers = 1
+    assert model.config is config and model.language_model.config is text
+    assert config.text_config is text and config.vision_config is vision
+    for c in (config, text, vision):
+        assert vars(c).keys() == fields[id(c)].keys()
+        assert all(vars(c)[k] is v for k, v in fields[id(c)].items())  # the same field objects, not copies

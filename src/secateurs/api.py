@@ -195,6 +195,8 @@ class Pruner:
         if self._removal is not None:
             removed = self._removal.remove_to(sparsity) is not None
             self.current_sparsity = sparsity
+            if removed and self.config.regularizer_ is not None:  # it held the replaced tensors: bind the new ones
+                self.config.regularizer_.bind(self.model, self.targets)
             return removed
         assert self._pruning is not None
         check(self._pruning.plans, self.config, self.data)

@@ -1,23 +1,32 @@
 """``with secateurs.trial(model): ...``: prune, measure, and get the model back exactly.
 
 A trial records every module of the model as it is (its class, its attributes, its parameters,
-buffers and children, and a copy of every tensor's values) and, when the block ends, puts all of
-it back: the very same tensor and module objects (an optimizer built earlier still points at
-live parameters), with the same values, classes (a masked module's parametrized class goes) and
-Hugging Face config fields. It works for every application mode and runner because it does not
-ask what happened inside. Sensitivity analysis is a loop of trials.
+buffers and children, a copy of every tensor's values, dtype and device, and of every gradient)
+and, when the block ends, puts all of it back: the very same tensor, gradient and module objects
+(an optimizer built earlier still points at live parameters), with the same values, dtypes,
+devices, classes (a masked module's parametrized class goes) and configuration fields. It works
+for every application mode and runner because it does not ask what happened inside. Sensitivity
+analysis is a loop of trials.
+
+What counts as a configuration is decided by type (:func:`_config_types`), not by sniffing for a
+``to_dict`` method: a configuration's fields are put back one by one on the same object, so every
+module that shares it (a composite model's ``config.text_config`` is its language model's
+``config``) still shares it afterwards. Any other object a module holds is put back by reference,
+as it was, but its contents are not copied.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .spec import Spec
 
 
 @dataclass
@@ -30,32 +39,107 @@ class _ModuleState:
     children: dict[str, Any]
 
 
-def _configs(module: nn.Module) -> list[Any]:
-    """Configuration objects held by a module (Hugging Face ``config``): removal edits their fields."""
-    found = []
-    for value in vars(module).values():
-        if hasattr(value, "to_dict") and hasattr(value, "__dict__") and not isinstance(value, (nn.Module, Tensor)):
-            found.append(value)
-    return found
+@dataclass
+class _TensorState:
+    """A tensor's object, values (a copy on the trial's storage), device and flag, and its gradient's."""
+
+    tensor: Tensor
+    values: Tensor
+    device: torch.device
+    requires_grad: bool
+    grad: Tensor | None
+    grad_values: Tensor | None
+    grad_device: torch.device | None
+
+    @classmethod
+    def of(cls, tensor: Tensor, storage: torch.device | str) -> _TensorState:
+        grad = tensor.grad if tensor.is_leaf else None  # only a leaf accumulates a .grad
+        return cls(
+            tensor, tensor.detach().to(storage, copy=True), tensor.device, tensor.requires_grad, grad,
+            None if grad is None else grad.detach().to(storage, copy=True), None if grad is None else grad.device,
+        )  # fmt: skip
+
+
+def _config_types() -> tuple[type, ...]:
+    """The types whose fields pruning edits and a trial therefore restores one by one.
+
+    transformers' ``PreTrainedConfig``: removal writes the pruned sizes into it. It is looked up in
+    ``sys.modules``, never imported (no object can be one before transformers' configuration module is
+    loaded, and importing transformers takes seconds). secateurs' own :class:`~secateurs.spec.Spec`:
+    its resolved views (fields ending in ``_``) are written after construction. Duck typing
+    (``hasattr(value, "to_dict")``) would also catch unrelated objects, and miss a config without it.
+    """
+    found: list[type] = [Spec]
+    configuration_utils = sys.modules.get("transformers.configuration_utils")
+    for name in ("PreTrainedConfig", "PretrainedConfig"):  # transformers 5 / 4 spelling
+        config_type = getattr(configuration_utils, name, None)
+        if isinstance(config_type, type):
+            found.append(config_type)
+            break
+    return tuple(found)
+
+
+def _configs(modules: list[nn.Module]) -> list[Any]:
+    """Every configuration object reachable from the modules' attributes, nested ones (a config's
+    ``text_config``, configs inside lists and dicts) included, each once."""
+    types = _config_types()
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    pending: list[Any] = [value for m in modules for value in vars(m).values()]
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        if isinstance(value, types):
+            seen.add(id(value))
+            found[id(value)] = value
+            pending.extend(vars(value).values())
+        elif isinstance(value, (list, tuple, dict)):
+            seen.add(id(value))
+            pending.extend(value.values() if isinstance(value, dict) else value)
+    return list(found.values())
+
+
+def _put_back(tensor: Tensor, values: Tensor, device: torch.device) -> None:
+    """Give ``tensor`` its saved values, dtype, device and shape, keeping the object."""
+    saved = (values.shape, values.dtype, device, values.layout)
+    if (tensor.shape, tensor.dtype, tensor.device, tensor.layout) != saved:
+        tensor.data = values.to(device)  # resized (.data =) or converted (.half(), .to()): new storage, same object
+    else:
+        tensor.copy_(values)
+
+
+def _restore_tensors(states: list[_TensorState]) -> None:
+    with torch.no_grad():
+        for state in states:  # unhooked first: a .grad must match its tensor's dtype and shape when set
+            if state.tensor.is_leaf:
+                state.tensor.grad = None
+        for state in states:
+            _put_back(state.tensor, state.values, state.device)
+            state.tensor.requires_grad_(state.requires_grad)
+            if state.grad is not None:  # the same .grad object (code may hold it), its own values back
+                assert state.grad_values is not None and state.grad_device is not None
+                _put_back(state.grad, state.grad_values, state.grad_device)
+                state.tensor.grad = state.grad
 
 
 @contextlib.contextmanager
 def trial(model: nn.Module, storage: torch.device | str = "cpu") -> Iterator[nn.Module]:
     """Run the block on ``model`` and restore it exactly afterwards, whatever the block did (prune in any
-    mode, with any runner, fine-tune, run forward passes in train mode). Copies of the tensors' values
-    live on ``storage`` (the CPU by default, so a GPU model's memory is not doubled)."""
+    mode, with any runner, fine-tune, backpropagate, convert with ``.half()`` or ``.to()``, run forward
+    passes in train mode). Copies of the tensors' values live on ``storage`` (the CPU by default, so a
+    GPU model's memory is not doubled). A gradient that was None is None again."""
     modules = list(dict.fromkeys(model.modules()))
     states = [
         _ModuleState(m, type(m), dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
         for m in modules
     ]
-    configs = {id(c): (c, copy.deepcopy(vars(c))) for m in modules for c in _configs(m)}
-    values: dict[int, tuple[Tensor, Tensor, bool]] = {}
+    configs = [(c, dict(vars(c))) for c in _configs(modules)]  # field by field, on the same objects
+    tensors: dict[int, _TensorState] = {}
     for m in modules:
         for tensor in [*m._parameters.values(), *m._buffers.values()]:
-            if tensor is not None and id(tensor) not in values:
-                values[id(tensor)] = (tensor, tensor.detach().to(storage, copy=True), tensor.requires_grad)
-    grads = {id(t): (t, t.grad) for t, *_ in values.values() if isinstance(t, nn.Parameter)}
+            if tensor is not None and id(tensor) not in tensors:
+                tensors[id(tensor)] = _TensorState.of(tensor, storage)
     try:
         yield model
     finally:
@@ -68,18 +152,10 @@ def trial(model: nn.Module, storage: torch.device | str = "cpu") -> Iterator[nn.
                                  (m._modules, state.children)):  # fmt: skip
                 store.clear()
                 store.update(saved)
-        for config, saved in configs.values():
+        for config, fields in configs:
             vars(config).clear()
-            vars(config).update(saved)
-        with torch.no_grad():
-            for tensor, saved, requires_grad in values.values():
-                if tensor.shape != saved.shape:  # resized in place (.data =): give it its storage back
-                    tensor.data = saved.to(tensor.device)
-                else:
-                    tensor.copy_(saved.to(tensor.device))
-                tensor.requires_grad_(requires_grad)
-        for tensor, grad in grads.values():
-            tensor.grad = grad
+            vars(config).update(fields)
+        _restore_tensors(list(tensors.values()))
         for m in modules:
             if isinstance(m, nn.RNNBase):  # RNNs cache a flat list of their weights
                 m._init_flat_weights()

@@ -1,7 +1,9 @@
 """Training-time penalties, the seam that structured sparsity learning plugs into.
 
-A :class:`Regularizer` is bound to a model once (:meth:`Regularizer.bind`, which validates what it
-acts on), then driven by :class:`secateurs.Pruner`:
+A :class:`Regularizer` is bound to a model (:meth:`Regularizer.bind`, which validates and resolves
+the tensors it acts on) when the pruner is built, and bound again after every step that replaces
+parameters by smaller tensors (``mode='remove'``, ``event.reshaped``), so it never penalises tensors
+the model no longer holds. It is driven by :class:`secateurs.Pruner`:
 
 - ``pruner.regularize()`` between ``loss.backward()`` and ``optimizer.step()`` adds the penalty's
   (sub)gradient to ``.grad`` and returns the penalty's value (for logging);
@@ -43,7 +45,9 @@ class Regularizer:
         return {"strength": self.strength}
 
     def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
-        """Resolve and validate what the penalty acts on (before training starts)."""
+        """Resolve and validate what the penalty acts on: before training starts, and again after each
+        step that replaced the model's parameters by new tensors (structural removal). Resolve the
+        tensors here, afresh each time; anything kept per tensor starts over."""
         raise NotImplementedError
 
     def penalize(self) -> float:
