@@ -396,3 +396,19 @@ def test_the_llm_front_doors_scope_defaults_fill_only_what_the_user_left_out():
     scope = LLMPruneConfig(sparsity=0.5, scope={"types": ["Conv2d"], "embeddings": True, "skip_last": True}).scope_
     assert (scope.types, scope.embeddings, scope.skip_last, scope.skip_first) == (("Conv2d",), True, True, False)
     assert LLMPruneConfig(sparsity=0.5, scope=["*.mlp.*"]).scope_.types == ("Linear", "Conv1D")
+
+
+def test_l1_in_remove_mode_regularizes_the_scopes_weights_and_follows_every_reshape():
+    model = small_mlp()  # "the scope selects none" before: removal has no mask targets to bind to
+    pruner = secateurs.Pruner(model, "magnitude", 0.5, mode="remove", regularizer="l1",
+                              example_inputs=torch.randn(2, 16), structural={"latency": False},
+                              schedule={"kind": "linear", "start": 0, "end": 2, "every": 1})  # fmt: skip
+    widths = []
+    for _ in range(3):
+        model(torch.randn(4, 16)).sum().backward()
+        pruner.regularize()  # adds strength * sign(w) to the gradients of the weights in scope, as they are now
+        widths.append(model[3].weight.shape[0])
+        assert model[3].weight.grad is not None and model[3].weight.grad.abs().sum() > 0
+        model.zero_grad()
+        pruner.step()
+    assert widths[0] > widths[-1]  # it reshaped, and the penalty followed the new tensors

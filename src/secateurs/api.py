@@ -21,7 +21,7 @@ from .masking import bake as bake_all
 from .pipeline import Data, all_or_nothing, check
 from .report import Report
 from .runners import Pruning, run
-from .scope import Target
+from .scope import Target, resolve
 from .structural.iterative import ScheduledRemoval
 from .structural.report import StructuralReport
 
@@ -150,8 +150,7 @@ class Pruner:
         else:
             self._pruning = Pruning(model, self.config, self.data)
             self.targets = self._pruning.targets
-        if self.config.regularizer_ is not None:
-            self.config.regularizer_.bind(model, self.targets)
+        self._bind_regularizer()
         self.step_count = 0
         self.current_sparsity = 0.0
         schedule = self.config.schedule_
@@ -186,6 +185,13 @@ class Pruner:
         self.step_count += 1
         return event
 
+    def _bind_regularizer(self) -> None:
+        """Point the regularizer at the weights in scope as they are now (removal has no mask targets:
+        its scope's weights, re-resolved after every reshaping step)."""
+        if self.config.regularizer_ is not None:
+            targets = resolve(self.model, self.config.scope_) if self._removal is not None else self.targets
+            self.config.regularizer_.bind(self.model, targets)
+
     @outside_inference_mode
     def prune_to(self, sparsity: float) -> bool:
         """Prune now to ``sparsity`` overall (what :meth:`step` calls on schedule). Returns whether
@@ -195,8 +201,8 @@ class Pruner:
         if self._removal is not None:
             removed = self._removal.remove_to(sparsity) is not None
             self.current_sparsity = sparsity
-            if removed and self.config.regularizer_ is not None:  # it held the replaced tensors: bind the new ones
-                self.config.regularizer_.bind(self.model, self.targets)
+            if removed:  # the regularizer held the replaced tensors: bind the new ones
+                self._bind_regularizer()
             return removed
         assert self._pruning is not None
         check(self._pruning.plans, self.config, self.data)
