@@ -47,6 +47,8 @@ HOOKED = frozenset({Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN})
 DATA_NEEDS = frozenset(
     {Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN, Need.GRADIENTS, Need.BATCH_GRADIENTS, Need.DATA_PASSES}
 )
+#: needs met by backward passes (the weights must be able to require gradients)
+GRADIENT_NEEDS = frozenset({Need.GRADIENTS, Need.BATCH_GRADIENTS})
 
 
 @dataclass
@@ -372,7 +374,7 @@ def gather(evidence: Evidence, needs: frozenset[Need]) -> None:
             evidence.targets, needs, batches, lambda b: run_model(evidence.model, to_device(b, device))
         )
         evidence.activations, evidence.hessians = collector.result()
-    if needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}:
+    if needs & GRADIENT_NEEDS:
         _gather_gradients(evidence, keep_batches=Need.BATCH_GRADIENTS in needs)
 
 

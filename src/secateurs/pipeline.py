@@ -22,7 +22,7 @@ from .batches import LossFn, first_sample, model_inputs, take
 from .blocks import BlockDiscoveryError, find_blocks
 from .config import Plan, PruneConfig
 from .errors import ConfigError, DataRequiredError, StateError
-from .evidence import DATA_NEEDS, Evidence, Need, gather, preserved
+from .evidence import DATA_NEEDS, GRADIENT_NEEDS, Evidence, Need, gather, preserved
 from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
 from .masking import MaskSnapshot, WeightMask, current_mask, gate_of
@@ -91,9 +91,6 @@ def check(plans: Sequence[Plan], config: PruneConfig, data: Data) -> None:
     refuse_inference_weights(targets, config.criterion_.name, bool(needs & GRADIENT_NEEDS))
     for t in targets:
         _check_target(t, config)
-
-
-GRADIENT_NEEDS = frozenset({Need.GRADIENTS, Need.BATCH_GRADIENTS})
 
 
 def _check_target(t: Target, config: PruneConfig) -> None:

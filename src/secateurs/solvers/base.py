@@ -4,7 +4,7 @@ A solver is the ``reconstruct`` application mode's engine (SparseGPT's OBS updat
 ``remove`` mode's optional compensation (FLAP's bias compensation). It declares what evidence
 it needs, which modes it serves, and whether it can choose the mask itself while it updates the
 weights (adaptive selection). Solvers share one Hessian accumulator and one dampening policy
-(:mod:`secateurs.solvers.hessian`).
+(:mod:`secateurs.hessian`).
 """
 
 from __future__ import annotations
