@@ -59,40 +59,45 @@ def sparsegpt(
     ``loss`` is the OBS estimate ``sum w^2 / (2 [H^-1]_qq)`` of the added squared error.
     Unstructured: ``sparsity`` of every column block is pruned (exact for the layer in total).
     N:M: ``pattern`` is applied along the input dimension, and ``sparsity`` is ignored.
-    ``keep`` (bool ``(out, in)``): a fixed mask; only the reconstruction runs.
+    ``keep`` (bool ``(out, in)``): a fixed mask; only the reconstruction runs (the same column
+    sweep with the selection step left out).
     """
-    if keep is not None:
-        return _reconstruct(weight, inverse, keep.to(weight.device, torch.bool), blocksize)
-    if pattern is None and (sparsity is None or not 0.0 <= sparsity < 1.0):
-        raise ConfigError(f"SparseGPT needs a sparsity in [0, 1) or an N:M pattern, got {sparsity!r}")
     if blocksize < 1:
         raise ConfigError(f"SparseGPT blocksize must be positive, got {blocksize!r}")
     rows, columns = weight.shape
-    if pattern is not None:
-        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
-        if columns % pattern.m:
-            raise ConfigError(f"N:M {pattern.spec()} needs the input dimension ({columns}) divisible by {pattern.m}")
+    choose = keep is None
+    if choose:
+        if pattern is None and (sparsity is None or not 0.0 <= sparsity < 1.0):
+            raise ConfigError(f"SparseGPT needs a sparsity in [0, 1) or an N:M pattern, got {sparsity!r}")
+        if pattern is not None:
+            blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+            if columns % pattern.m:
+                raise ConfigError(
+                    f"N:M {pattern.spec()} needs the input dimension ({columns}) divisible by {pattern.m}"
+                )
+        keep = torch.ones(rows, columns, dtype=torch.bool, device=weight.device)
+    else:
+        keep = keep.to(weight.device, torch.bool)
+    nm = pattern if choose else None
     w = weight.detach().float().clone()
     w[:, inverse.dead] = 0.0
     hinv = inverse.factor
-    keep = torch.ones(rows, columns, dtype=torch.bool, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
-    counts = block_prune_counts(rows, columns, blocksize, sparsity or 0.0)
+    counts = block_prune_counts(rows, columns, blocksize, sparsity or 0.0) if choose and nm is None else []
     for b, start in enumerate(range(0, columns, blocksize)):
         end = min(start + blocksize, columns)
         w1 = w[:, start:end].clone()
         h1 = hinv[start:end, start:end]
         d = torch.diagonal(h1)
         err = torch.zeros_like(w1)
-        if pattern is None:  # adaptive mask selection for the whole block (section 3.4)
+        if counts:  # adaptive mask selection for the whole block (section 3.4)
             saliency = w1.square() / d.square()
             keep[:, start:end] = keep_mask(saliency.reshape(1, -1), counts[b]).reshape(w1.shape)
         for i in range(end - start):
-            if pattern is not None and i % pattern.m == 0:
-                saliency = w1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square()
-                keep[:, start + i : start + i + pattern.m] = keep_mask(saliency, pattern.m - pattern.n)
-            column = w1[:, i]
-            pruned = column.masked_fill(keep[:, start + i], 0.0)
+            if nm is not None and i % nm.m == 0:
+                saliency = w1[:, i : i + nm.m].square() / d[i : i + nm.m].square()
+                keep[:, start + i : start + i + nm.m] = keep_mask(saliency, nm.m - nm.n)
+            pruned = w1[:, i].masked_fill(keep[:, start + i], 0.0)
             loss += (pruned.double() / d[i].double()).square().sum() / 2  # stays on the device: no sync per column
             e = pruned / d[i]
             # eq. 3 within the block: the remaining columns absorb the error of column i
@@ -102,33 +107,6 @@ def sparsegpt(
         w[:, start:end] = w1
         # lazy batch update (section 3.3): the columns right of the block, all at once
         w[:, end:] -= err @ hinv[start:end, end:]
-    if not bool(torch.isfinite(w).all()):
-        raise NonFiniteError("SparseGPT produced NaN/Inf weights; the Hessian is ill-conditioned, raise dampening")
-    return w.to(weight.dtype), keep, float(loss)
-
-
-def _reconstruct(weight: Tensor, inverse: InverseFactor, keep: Tensor, blocksize: int) -> tuple[Tensor, Tensor, float]:
-    """The OBS update for a fixed mask: the same column sweep with the selection step left out."""
-    columns = weight.shape[1]
-    w = weight.detach().float().clone()
-    w[:, inverse.dead] = 0.0
-    hinv = inverse.factor
-    loss = torch.zeros((), dtype=torch.float64, device=w.device)
-    for start in range(0, columns, blocksize):
-        end = min(start + blocksize, columns)
-        w1 = w[:, start:end].clone()
-        h1 = hinv[start:end, start:end]
-        d = torch.diagonal(h1)
-        err = torch.zeros_like(w1)
-        for i in range(end - start):
-            pruned = w1[:, i].masked_fill(keep[:, start + i], 0.0)
-            loss += (pruned.double() / d[i].double()).square().sum() / 2
-            e = pruned / d[i]
-            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)  # eq. 3
-            err[:, i] = e
-        w1.masked_fill_(~keep[:, start:end], 0.0)
-        w[:, start:end] = w1
-        w[:, end:] -= err @ hinv[start:end, end:]  # lazy batch update (section 3.3)
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteError("SparseGPT produced NaN/Inf weights; the Hessian is ill-conditioned, raise dampening")
     return w.to(weight.dtype), keep, float(loss)
