@@ -140,3 +140,37 @@ def test_bias_compensation_after_removal_works_for_any_method_and_can_be_turned_
             errors[solver] = float((model(x).mean(0) - reference).abs().sum())
     assert errors["bias_compensation"] < 0.5 * errors["none"], errors
     assert secateurs.PruneConfig(method="flap", sparsity=0.2, mode="remove", solver="none").solver_ is None
+
+
+def _dead_input_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first 4 of 16 inputs are always 0, as a ReLU channel that never fires."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 16, generator=g) for _ in range(3)]
+    for x in batches:
+        x[:, :4] = 0
+    return [(x, torch.zeros(8, dtype=torch.long)) for x in batches]
+
+
+def test_a_fixed_mask_keeps_the_weights_of_inputs_that_never_fired(mlp):
+    """The solver reconstructs the mask it is given: inputs dead in calibration get no update, and the weights
+    the mask keeps on them stay as they were (they are not zeroed, so the sparsity is exactly the one asked)."""
+    dense = mlp[0].weight.detach().clone()
+    report = secateurs.prune(mlp, "magnitude", 0.5, mode="reconstruct", solver="sparsegpt", scope=["0"],
+                             calibration=_dead_input_batches(), progress=False)  # fmt: skip
+    weight = mlp[0].weight.detach()
+    assert report.layers[0].sparsity == 0.5 and float((weight == 0).float().mean()) == 0.5
+    kept_dead = (weight[:, :4] != 0) & (dense[:, :4] != 0)
+    assert kept_dead.any()  # the mask keeps some of them ...
+    assert torch.equal(weight[:, :4][kept_dead], dense[:, :4][kept_dead])  # ... unchanged
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5])
+def test_sparsegpt_choosing_its_mask_prunes_exactly_the_sparsity_asked_with_dead_inputs(mlp, sparsity):
+    """Dead inputs are pruned first (their saliency is 0); below their share the ones left keep their weights."""
+    dense = mlp[0].weight.detach().clone()
+    secateurs.prune(mlp, "sparsegpt", sparsity, scope=["0"], calibration=_dead_input_batches(), progress=False)
+    weight = mlp[0].weight.detach()
+    assert int((weight == 0).sum()) == round(sparsity * weight.numel())
+    dead_pruned = int((weight[:, :4] == 0).sum())
+    assert dead_pruned == min(round(sparsity * weight.numel()), dense[:, :4].numel())
+    assert torch.equal(weight[:, :4][weight[:, :4] != 0], dense[:, :4][weight[:, :4] != 0])

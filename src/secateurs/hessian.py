@@ -77,7 +77,7 @@ def inverse_factor(hessian: Tensor, dampening: float = 0.01, max_retries: int = 
     h = hessian.clone()
     diagonal = torch.diagonal(h)
     dead = diagonal == 0
-    diagonal[dead] = 1.0  # an input that was always 0 says nothing; its weights are pruned first
+    diagonal[dead] = 1.0  # an input that was always 0 says nothing; SparseGPT prunes its weights first
     mean_diagonal = float(diagonal.mean())
     lam = dampening
     for retry in range(max_retries + 1):

@@ -80,7 +80,11 @@ def sparsegpt(
         keep = keep.to(weight.device, torch.bool)
     nm = pattern if choose else None
     w = weight.detach().float().clone()
-    w[:, inverse.dead] = 0.0
+    # An input that was always 0 in calibration (a dead ReLU channel) has no Hessian coupling: its
+    # weights cost nothing to prune (saliency 0, so an adaptive mask drops them first), their error is
+    # not spread to other columns, and where the mask keeps them they stay as they are. (The reference
+    # code zeroes them all up front, which prunes more than asked when the mask keeps some.)
+    dead = inverse.dead.to(w.device)
     hinv = inverse.factor
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
     counts = block_prune_counts(rows, columns, blocksize, sparsity or 0.0) if choose and nm is None else []
@@ -91,13 +95,14 @@ def sparsegpt(
         d = torch.diagonal(h1)
         err = torch.zeros_like(w1)
         if counts:  # adaptive mask selection for the whole block (section 3.4)
-            saliency = w1.square() / d.square()
+            saliency = (w1.square() / d.square()).masked_fill(dead[start:end], 0.0)
             keep[:, start:end] = keep_mask(saliency.reshape(1, -1), counts[b]).reshape(w1.shape)
         for i in range(end - start):
             if nm is not None and i % nm.m == 0:
+                group = slice(start + i, start + i + nm.m)
                 saliency = w1[:, i : i + nm.m].square() / d[i : i + nm.m].square()
-                keep[:, start + i : start + i + nm.m] = keep_mask(saliency, nm.m - nm.n)
-            pruned = w1[:, i].masked_fill(keep[:, start + i], 0.0)
+                keep[:, group] = keep_mask(saliency.masked_fill(dead[group], 0.0), nm.m - nm.n)
+            pruned = w1[:, i].masked_fill(keep[:, start + i] | dead[start + i], 0.0)
             loss += (pruned.double() / d[i].double()).square().sum() / 2  # stays on the device: no sync per column
             e = pruned / d[i]
             # eq. 3 within the block: the remaining columns absorb the error of column i
