@@ -4,7 +4,8 @@ Methods declare their needs (:class:`Need`); a runner gathers them and never ask
 will read them. Two runners share one collector (:class:`StatsCollector`, forward hooks on the
 targets): the whole-model runner feeds it the calibration batches (:func:`gather`), the
 block-by-block runner feeds it one block's captured inputs (:func:`gather_block`). Layers fed
-the very same tensor (q/k/v, gate/up) share one accumulator.
+the very same tensor (q/k/v, gate/up) share one accumulator (convolutions share a Hessian only
+when they also unfold the tensor alike).
 
 Nothing about the model is changed: buffers (BatchNorm running statistics), ``.grad`` fields,
 ``requires_grad`` flags, the training mode and the RNG state are restored afterwards.
@@ -16,7 +17,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -186,30 +187,55 @@ def check_hessian_target(target: Target) -> None:
             f"{target.module_name!r} is a Conv3d, whose input patches torch cannot unfold for the Hessian; "
             "exclude it from the scope or use a criterion that needs no Hessian"
         )
+    groups = getattr(module, "groups", 1)
+    for name, holder, _ in target.tied:
+        if layout_of(holder) is Layout.CONV and holder.groups != groups:
+            raise ConfigError(
+                f"{target.name} is shared by {target.module_name!r} (groups={groups}) and {name!r} "
+                f"(groups={holder.groups}), which split its Hessian differently; exclude it from the scope "
+                "or use a criterion that needs no Hessian"
+            )
 
 
-def hessian_rows(target: Target, x: Tensor) -> Tensor:
+class Unfolding(NamedTuple):
+    """How a convolution turns its input into patches: with the input, this decides its Hessian rows."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad: tuple[int, ...]  # in F.pad's order
+    padding_mode: str
+    groups: int
+    in_channels: int
+    height_one: bool  # a Conv1d: torch unfolds only 2-D inputs, so it is a 2-D conv of height 1
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Unfolding:
+        pad = tuple(module._reversed_padding_repeated_twice)
+        if isinstance(module, nn.Conv1d):
+            return cls((1, *module.kernel_size), (1, *module.stride), (1, *module.dilation), (*pad, 0, 0),
+                       module.padding_mode, module.groups, module.in_channels, True)  # fmt: skip
+        return cls(tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation), pad, module.padding_mode,
+                   module.groups, module.in_channels, False)  # fmt: skip
+
+
+def hessian_rows(target: Target, x: Tensor, module: nn.Module | None = None) -> Tensor:
     """The input of ``target`` as rows of Hessian columns, ordered like the canonical ``(spatial, in)``
     weight: ``(positions, columns)``, or ``(positions, groups, columns)`` for a grouped conv.
-    A conv's rows are its unfolded input patches (OBC, arXiv:2208.11580, section 4)."""
+    A conv's rows are its unfolded input patches (OBC, arXiv:2208.11580, section 4). ``module``: the
+    holder that read ``x`` (the holders of a tied weight may unfold differently); the target's by default."""
     if target.layout is not Layout.CONV:
         return x.reshape(-1, x.shape[-1])
-    module = target.module
-    if isinstance(module, nn.Conv1d):  # unfold is 2-D: a 1-D conv is a 2-D conv of height 1
+    unfolding = Unfolding.of(target.module if module is None else module)
+    if unfolding.height_one:
         x = x.unsqueeze(2)
-        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
-    else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    pad = tuple(module._reversed_padding_repeated_twice)
-    if isinstance(module, nn.Conv1d):
-        pad = (*pad, 0, 0)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
-    patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*K, L), channel-major
+    if any(unfolding.pad):
+        mode = "constant" if unfolding.padding_mode == "zeros" else unfolding.padding_mode
+        x = F.pad(x, unfolding.pad, mode=mode)
+    patches = F.unfold(x, unfolding.kernel, dilation=unfolding.dilation, stride=unfolding.stride)  # (N, C*K, L)
     groups, columns = hessian_columns(target)
     n, _, length = patches.shape
-    in_per_group = module.in_channels // groups
+    in_per_group = unfolding.in_channels // groups
     spatial = columns // in_per_group
     # (N, groups, C_g, K, L) -> (N, L, groups, K, C_g): spatial-major, as the canonical (out, spatial, in) weight
     rows = patches.reshape(n, groups, in_per_group, spatial, length).permute(0, 4, 1, 3, 2)
@@ -222,13 +248,24 @@ def _input_key(x: Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
 
 
+def _reading(layout: Layout, module: nn.Module) -> tuple[str, Unfolding | None]:
+    """How a layer reads its input tensor: which axis holds the channels (its input statistics), and
+    for a convolution how it unfolds it (its Hessian rows too)."""
+    if layout is Layout.CONV:
+        return "channels first", Unfolding.of(module)
+    return ("indices" if layout is Layout.EMBEDDING else "channels last"), None
+
+
 class StatsCollector:
     """Forward hooks on ``targets`` accumulating input/output statistics and Hessians.
 
     Which targets share one accumulator is decided after the first batch: targets that saw
-    exactly the same input tensors (same storage, shape, stride and version) in the same order
-    share, and from then on only one of them computes. (Object identity cannot tell: every
-    hook call's ``detach()`` is a new tensor over the same data.)
+    exactly the same input tensors (same storage, shape, stride and version) in the same order,
+    read the same way, share, and from then on only one of them computes. Input statistics need
+    the channels on the same axis; a Hessian needs identical rows, so convolutions share one only
+    when they also unfold alike (a 3x3 conv and a strided or 1x1 one reading the same ``x`` do not).
+    (Object identity cannot tell inputs apart: every hook call's ``detach()`` is a new tensor over
+    the same data.)
     """
 
     def __init__(self, targets: Sequence[Target], needs: frozenset[Need]) -> None:
@@ -237,9 +274,10 @@ class StatsCollector:
         self.activations: dict[str, ActivationStats] = {}
         self.hessians: dict[str, HessianAccumulator] = {}
         self._inputs: dict[str, InputStats | None] = {}
-        self._keys: dict[str, list[tuple]] = {}
+        self._calls: dict[str, list[tuple]] = {}  # first batch: (input, channel axis, unfolding) per call
         self._alive: list[Tensor] = []  # first-batch inputs kept alive so their addresses stay unique
-        self._sharing: set[str] = set()  # targets whose inputs another target accumulates
+        self._shared_inputs: set[str] = set()  # targets whose input statistics another target accumulates
+        self._shared_hessians: set[str] = set()  # ... and whose Hessian
         self._first = True
         self._handles: list[Any] = []
 
@@ -269,24 +307,26 @@ class StatsCollector:
             if self.needs & {Need.ACTIVATIONS, Need.OUTPUTS} and isinstance(output, Tensor):
                 self._outputs(target, output.detach())
             name = target.name
-            if name in self._sharing:
-                return
             if self._first:
-                self._keys.setdefault(name, []).append(_input_key(x))
+                self._calls.setdefault(name, []).append((_input_key(x), *_reading(target.layout, module)))
                 self._alive.append(x)
-            if Need.ACTIVATIONS in self.needs and target.layout is not Layout.EMBEDDING:
+            if (
+                Need.ACTIVATIONS in self.needs
+                and target.layout is not Layout.EMBEDDING
+                and name not in self._shared_inputs
+            ):
                 rows = _channels_last(x.float(), target.layout)
                 stats = self._inputs.get(name)
                 if stats is None:
                     zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
                     stats = self._inputs[name] = InputStats(zeros, zeros.clone())
                 stats.add(rows)
-            if Need.HESSIAN in self.needs:
+            if Need.HESSIAN in self.needs and name not in self._shared_hessians:
                 accumulator = self.hessians.get(name)
                 if accumulator is None:
                     groups, columns = hessian_columns(target)
                     accumulator = self.hessians[name] = HessianAccumulator(columns, x.device, groups)
-                accumulator.add(hessian_rows(target, x))
+                accumulator.add(hessian_rows(target, x, module))
 
         return hook
 
@@ -306,24 +346,26 @@ class StatsCollector:
         stats.positions += positions
 
     def end_batch(self) -> None:
-        """After the first batch, targets with identical input histories share one accumulator."""
+        """After the first batch, targets with identical input histories share one accumulator: of input
+        statistics when they read the channels alike, of the Hessian when their rows are the same too."""
         if not self._first:
             return
         self._first = False
-        owner_of: dict[tuple, str] = {}
+        inputs_owner: dict[tuple, str] = {}
+        hessian_owner: dict[tuple, str] = {}
         for t in self.targets:
-            keys = self._keys.get(t.name)
-            if not keys:
+            calls = self._calls.get(t.name)
+            if not calls:
                 continue
-            owner = owner_of.setdefault(tuple(keys), t.name)
-            if owner == t.name:
-                continue
-            self._sharing.add(t.name)
-            if t.name in self._inputs:
+            owner = inputs_owner.setdefault(tuple((key, axis) for key, axis, _ in calls), t.name)
+            if owner != t.name and t.name in self._inputs:
+                self._shared_inputs.add(t.name)
                 self._inputs[t.name] = self._inputs[owner]
-            if t.name in self.hessians:
+            owner = hessian_owner.setdefault(tuple(calls), t.name)
+            if owner != t.name and t.name in self.hessians:
+                self._shared_hessians.add(t.name)
                 self.hessians[t.name] = self.hessians[owner]
-        self._keys.clear()
+        self._calls.clear()
         self._alive.clear()
 
     def result(self) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
