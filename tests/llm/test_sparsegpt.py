@@ -123,3 +123,15 @@ def test_hessian_is_twice_the_mean_outer_product():
     h.add(x[:4])
     h.add(x[4:])
     torch.testing.assert_close(h.hessian, 2 * x.t() @ x / 10)
+
+
+@pytest.mark.parametrize("value", [0, -0.01, True, float("nan"), float("inf"), "0.01"])
+def test_dampening_is_checked_the_same_wherever_it_is_set(value):
+    """One check for the criterion's, the solver's and the inverse's dampening: the same message, naming the option."""
+    expected = r"must be a number in \(0, inf\), got .*SparseGPT uses 0.01"
+    with pytest.raises(secateurs.ConfigError, match="method_options.dampening " + expected):
+        secateurs.PruneConfig(method="sparsegpt", sparsity=0.5, mode="mask", method_options={"dampening": value})
+    with pytest.raises(secateurs.ConfigError, match="solver_options.dampening " + expected):
+        secateurs.PruneConfig(method="sparsegpt", sparsity=0.5, solver_options={"dampening": value})
+    with pytest.raises(secateurs.ConfigError, match="^dampening " + expected):
+        inverse_factor(torch.eye(2), dampening=value)

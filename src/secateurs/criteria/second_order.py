@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..evidence import Evidence, Need, check_hessian_target
-from ..hessian import inverse_factor
+from ..hessian import check_dampening, inverse_factor
 from ..scope import Target
 from .base import Criterion, grad3, register, weight3
 
@@ -46,8 +45,7 @@ class SparseGPT(Criterion):
     scores_embeddings = False
 
     def __init__(self, dampening: float = 0.01) -> None:
-        if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not dampening > 0:
-            raise ConfigError(f"sparsegpt dampening must be a positive number, got {dampening!r} (the paper uses 0.01)")
+        check_dampening("method_options.dampening", dampening)
         self.dampening = float(dampening)
 
     def validate(self, targets: list[Target]) -> None:

@@ -27,12 +27,12 @@ from torch import Tensor
 
 from ..errors import ConfigError, NonFiniteError
 from ..evidence import Evidence, Need, check_hessian_target
-from ..hessian import InverseFactor, inverse_factor
+from ..hessian import InverseFactor, check_dampening, inverse_factor
 from ..layout import from_canonical, to_canonical
 from ..patterns import NM, Element, Pattern
 from ..scope import Target
 from ..selection import keep_mask
-from ..spec import Spec, integer, number, option
+from ..spec import Spec, integer, option
 from .base import Solver, SolveResult, register_solver
 
 
@@ -195,5 +195,5 @@ class _SparseGPTOptions(Spec):
     _prefix = "solver_options."
 
     blocksize: int = option(128, check=integer(1))
-    dampening: float = option(0.01, check=number(0.0, low_open=True))
+    dampening: float = option(0.01, check=check_dampening)
     max_retries: int = option(5, check=integer(0))
