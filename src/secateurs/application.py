@@ -121,8 +121,12 @@ class Reconstruct(Application):
                 if result.bias_delta is not None:
                     bias = t.module.bias
                     bias.add_(result.bias_delta.to(bias.device, bias.dtype))
-                requested = sparsities[t.name] if sparsities is not None else 1.0 - float(result.keep.float().mean())
                 info = result.info
-                out.append(LayerResult(t.name, requested, info.get("dampening"), int(info.get("retries", 0)),
-                                       info.get("loss")))  # fmt: skip
+                out.append(LayerResult(t.name, requested_sparsity(t, result.keep, sparsities), info.get("dampening"),
+                                       int(info.get("retries", 0)), info.get("loss")))  # fmt: skip
         return out
+
+
+def requested_sparsity(target: Target, keep: Tensor, sparsities: Mapping[str, float] | None) -> float:
+    """What a layer result reports as asked: the allocation's fraction when it sets one, else what the mask prunes."""
+    return sparsities[target.name] if sparsities is not None else 1.0 - float(keep.float().mean())

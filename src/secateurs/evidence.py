@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .batches import LossFn, default_loss, model_device, run_model, to_device
 from .blocks import BlockInputs
 from .errors import ConfigError, DataRequiredError
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, InverseFactor, inverse_factor
 from .layout import Layout, layout_of
 from .progress import progress
 from .scope import Target
@@ -151,12 +151,32 @@ class Evidence:
     hessians: dict[str, HessianAccumulator] = field(default_factory=dict)
     gradients: dict[str, GradientStats] = field(default_factory=dict)
     show_progress: bool = True
+    #: dampened inverse factors already computed, per (Hessian, group, dampening, retries allowed)
+    inverses: dict[tuple, InverseFactor] = field(default_factory=dict, repr=False)
+    #: per target: the dampening its Hessian finally took and how many retries that needed (for the report)
+    dampening: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
     def hessian(self, target: Target) -> HessianAccumulator:
         found = self.hessians.get(target.name)
         if found is None:
             raise DataRequiredError(f"no calibration input reached {target.module_name!r}; is it used in forward()?")
         return found
+
+    def inverse_factors(self, target: Target, dampening: float, max_retries: int = 5) -> list[InverseFactor]:
+        """The dampened inverse factor of the Hessian of ``target``, one per conv group
+        (:func:`~secateurs.hessian.inverse_factor`). A Hessian shared by several targets (q/k/v) is
+        factored once; the dampening it took and the retries are recorded in :attr:`dampening`, so
+        whoever factors (a criterion or a solver) gets them reported."""
+        accumulator = self.hessian(target)
+        keys = [(id(accumulator), g, dampening, max_retries) for g in range(accumulator.groups)]
+        if any(key not in self.inverses for key in keys):
+            hessian = accumulator.hessian
+            for key, h in zip(keys, hessian.reshape(-1, *hessian.shape[-2:])):
+                if key not in self.inverses:
+                    self.inverses[key] = inverse_factor(h, dampening, max_retries)
+        factors = [self.inverses[key] for key in keys]
+        self.dampening[target.name] = (max(f.dampening for f in factors), max(f.retries for f in factors))
+        return factors
 
 
 # -- what a layer's input looks like to a statistic -----------------------------------------------

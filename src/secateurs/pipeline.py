@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .allocation import Budget
+from .application import requested_sparsity
 from .batches import LossFn, first_sample, model_inputs, take
 from .blocks import BlockDiscoveryError, find_blocks
 from .config import Plan, PruneConfig
@@ -179,6 +180,8 @@ class Decision:
     evidence: Evidence  # restricted to ``targets`` (a solver reads it)
     masks: dict[str, Tensor] | None
     sparsities: dict[str, float] | None
+    #: what scoring took, per target: the dampening a Hessian criterion's inverse needed (reported as a solver's)
+    scored: list[LayerResult] = field(default_factory=list)
 
 
 def decide(
@@ -198,7 +201,9 @@ def decide(
             decisions.append(Decision(plan, list(targets), view, None, plan.allocation.target_sparsities(budget)))
         else:
             masks, sparsities = select(plan, targets, plan.criterion.scores(view), sparsity, config, context)
-            decisions.append(Decision(plan, list(targets), view, masks, sparsities))
+            scored = [LayerResult(t.name, requested_sparsity(t, masks[t.name], sparsities), *view.dampening[t.name])
+                      for t in targets if t.name in view.dampening]  # fmt: skip
+            decisions.append(Decision(plan, list(targets), view, masks, sparsities, scored))
     return decisions
 
 
@@ -208,10 +213,24 @@ def apply(decisions: Sequence[Decision], config: PruneConfig) -> tuple[list[Laye
     results: list[LayerResult] = []
     allocated: dict[str, float] = {}
     for d in decisions:
-        results += config.application_.apply(d.targets, d.masks, d.evidence, config.solver_, d.sparsities,
-                                             d.plan.pattern)  # fmt: skip
+        solved = config.application_.apply(d.targets, d.masks, d.evidence, config.solver_, d.sparsities,
+                                           d.plan.pattern)  # fmt: skip
+        results += _merged(d.scored, solved)
         allocated.update(d.sparsities or {})
     return results, allocated
+
+
+def _merged(scored: list[LayerResult], solved: list[LayerResult]) -> list[LayerResult]:
+    """One result per target: the solver's, with the larger dampening and retries of scoring and solving
+    (a Hessian criterion and the solver may factor the same Hessian with different dampening)."""
+    by_name = {r.name: r for r in scored}
+    out = []
+    for r in solved:
+        s = by_name.pop(r.name, None)
+        if s is not None and s.retries > r.retries:
+            r = replace(r, dampening=s.dampening, retries=s.retries)
+        out.append(r)
+    return out + list(by_name.values())
 
 
 class Rollback:

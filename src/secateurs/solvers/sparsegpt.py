@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, NonFiniteError
 from ..evidence import Evidence, Need, check_hessian_target
-from ..hessian import InverseFactor, check_dampening, inverse_factor
+from ..hessian import InverseFactor, check_dampening
 from ..layout import from_canonical, to_canonical
 from ..patterns import NM, Element, Pattern
 from ..scope import Target
@@ -149,28 +149,23 @@ class SparseGPTSolver(Solver):
         sparsities: Mapping[str, float] | None = None,
         pattern: Pattern | None = None,
     ) -> dict[str, SolveResult]:
-        factors: dict[tuple[int, int], InverseFactor] = {}  # one inverse per distinct Hessian (q/k/v share)
         nm = pattern if isinstance(pattern, NM) else None
         if masks is None and not isinstance(pattern, (Element, NM)):
             raise ConfigError(f"SparseGPT chooses element or N:M masks, not {pattern.spec() if pattern else None!r}")
         results = {}
         for t in targets:
-            accumulator = evidence.hessian(t)
-            hessians = accumulator.hessian.reshape(-1, *accumulator.hessian.shape[-2:])
+            factors = evidence.inverse_factors(t, self.dampening, self.max_retries)  # q/k/v: factored once
             w3 = to_canonical(t.parameter.detach(), t.layout)
             out, spatial, inp = w3.shape
-            groups = hessians.shape[0]
+            groups = len(factors)
             rows = out // groups
             keep3 = None if masks is None else to_canonical(masks[t.name].to(w3.device), t.layout)
             sparsity = None if sparsities is None else sparsities[t.name]
             new3 = torch.empty_like(w3)
             chosen3 = torch.empty(w3.shape, dtype=torch.bool, device=w3.device)
-            info: dict[str, Any] = {"loss": 0.0, "dampening": 0.0, "retries": 0}
-            for g in range(groups):
-                key = (id(accumulator), g)
-                if key not in factors:
-                    factors[key] = inverse_factor(hessians[g], self.dampening, self.max_retries)
-                factor = factors[key]
+            dampening, retries = evidence.dampening[t.name]
+            info: dict[str, Any] = {"loss": 0.0, "dampening": dampening, "retries": retries}
+            for g, factor in enumerate(factors):
                 part = slice(g * rows, (g + 1) * rows)
                 weight2 = w3[part].reshape(rows, spatial * inp)
                 fixed = None if keep3 is None else keep3[part].reshape(rows, spatial * inp)
@@ -178,8 +173,6 @@ class SparseGPTSolver(Solver):
                 new3[part] = new.reshape(rows, spatial, inp)
                 chosen3[part] = keep.reshape(rows, spatial, inp)
                 info["loss"] += loss
-                info["dampening"] = max(info["dampening"], factor.dampening)
-                info["retries"] = max(info["retries"], factor.retries)
             results[t.name] = SolveResult(
                 keep=from_canonical(chosen3, t.layout, t.shape),
                 weight=from_canonical(new3, t.layout, t.shape),
