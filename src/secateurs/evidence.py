@@ -65,6 +65,10 @@ class InputStats:
         self.sum += rows.sum(0).double()
         self.positions += rows.shape[0]
 
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / max(self.positions, 1)
+
 
 @dataclass
 class ActivationStats:
@@ -74,11 +78,23 @@ class ActivationStats:
     output_abs_sum: Tensor  # (out_channels,): sum of |y_i| (gathered for Need.OUTPUTS)
     output_nonpositive: Tensor  # (out_channels,): count of y_i <= 0, i.e. zero after ReLU (Need.OUTPUTS)
     positions: int = 0
+    #: a tied weight: each holder's own input sums, by module name (``inputs`` sums them all); else empty
+    holders: dict[str, InputStats] = field(default_factory=dict)
 
     def _inputs(self) -> InputStats:
         if self.inputs is None:
             raise DataRequiredError("this layer takes integer inputs (an Embedding); it has no input statistics")
         return self.inputs
+
+    def holder_input_mean(self, holder: str) -> Tensor:
+        """The mean of each input channel as one holder of the weight saw it (a tied weight's holders see
+        different inputs); the target's own mean when the weight is not tied."""
+        if not self.holders:
+            return self.input_mean
+        stats = self.holders.get(holder)
+        if stats is None:
+            raise DataRequiredError(f"no calibration input reached {holder!r}; is it used in forward()?")
+        return stats.mean
 
     @property
     def input_sq_sum(self) -> Tensor:
@@ -90,8 +106,7 @@ class ActivationStats:
 
     @property
     def input_mean(self) -> Tensor:
-        stats = self._inputs()
-        return stats.sum / max(stats.positions, 1)
+        return self._inputs().mean
 
     @property
     def input_variance(self) -> Tensor:
@@ -207,13 +222,18 @@ def check_hessian_target(target: Target) -> None:
             f"{target.module_name!r} is a Conv3d, whose input patches torch cannot unfold for the Hessian; "
             "exclude it from the scope or use a criterion that needs no Hessian"
         )
-    groups = getattr(module, "groups", 1)
+    check_tied_groups(target, "its Hessian")
+
+
+def check_tied_groups(target: Target, what: str) -> None:
+    """Refuse a conv weight tied across convolutions with different ``groups``: they split ``what`` (its Hessian,
+    its input channels) differently."""
+    groups = getattr(target.module, "groups", 1)
     for name, holder, _ in target.tied:
         if layout_of(holder) is Layout.CONV and holder.groups != groups:
             raise ConfigError(
                 f"{target.name} is shared by {target.module_name!r} (groups={groups}) and {name!r} "
-                f"(groups={holder.groups}), which split its Hessian differently; exclude it from the scope "
-                "or use a criterion that needs no Hessian"
+                f"(groups={holder.groups}), which split {what} differently; exclude it from the scope"
             )
 
 
@@ -264,6 +284,15 @@ def hessian_rows(target: Target, x: Tensor, module: nn.Module | None = None) -> 
 
 
 # -- the collector ------------------------------------------------------------------------------
+def _sums(table: dict, key: str, rows: Tensor) -> InputStats:
+    """``table[key]``, started at zero for ``rows``' channels if missing."""
+    stats = table.get(key)
+    if stats is None:
+        zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+        stats = table[key] = InputStats(zeros, zeros.clone())
+    return stats
+
+
 def _input_key(x: Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
 
@@ -294,6 +323,7 @@ class StatsCollector:
         self.activations: dict[str, ActivationStats] = {}
         self.hessians: dict[str, HessianAccumulator] = {}
         self._inputs: dict[str, InputStats | None] = {}
+        self._holder_inputs: dict[str, dict[str, InputStats]] = {}  # tied weights: target -> holder -> sums
         self._calls: dict[str, list[tuple]] = {}  # first batch: (input, channel axis, unfolding) per call
         self._alive: list[Tensor] = []  # first-batch inputs kept alive so their addresses stay unique
         self._shared_inputs: set[str] = set()  # targets whose input statistics another target accumulates
@@ -306,9 +336,9 @@ class StatsCollector:
             # a tied weight (one tensor, several modules) is one target: every holder of the same kind feeds
             # it (the same W multiplies both inputs, so both belong to its statistics and its Hessian)
             self._handles = [
-                module.register_forward_hook(self._hook(t))
+                module.register_forward_hook(self._hook(t, holder))
                 for t in self.targets
-                for _, module, _ in t.users
+                for holder, module, _ in t.users
                 if layout_of(module) is t.layout
             ]
         return self
@@ -319,7 +349,7 @@ class StatsCollector:
         self._handles = []
         self._alive.clear()
 
-    def _hook(self, target: Target):
+    def _hook(self, target: Target, holder: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not args or not isinstance(args[0], Tensor):
                 return
@@ -330,17 +360,8 @@ class StatsCollector:
             if self._first:
                 self._calls.setdefault(name, []).append((_input_key(x), *_reading(target.layout, module)))
                 self._alive.append(x)
-            if (
-                Need.ACTIVATIONS in self.needs
-                and target.layout is not Layout.EMBEDDING
-                and name not in self._shared_inputs
-            ):
-                rows = _channels_last(x.float(), target.layout)
-                stats = self._inputs.get(name)
-                if stats is None:
-                    zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
-                    stats = self._inputs[name] = InputStats(zeros, zeros.clone())
-                stats.add(rows)
+            if Need.ACTIVATIONS in self.needs and target.layout is not Layout.EMBEDDING:
+                self._add_inputs(target, holder, x)
             if Need.HESSIAN in self.needs and name not in self._shared_hessians:
                 accumulator = self.hessians.get(name)
                 if accumulator is None:
@@ -349,6 +370,18 @@ class StatsCollector:
                 accumulator.add(hessian_rows(target, x, module))
 
         return hook
+
+    def _add_inputs(self, target: Target, holder: str, x: Tensor) -> None:
+        """The target's input sums (unless another target reading the same inputs keeps them) and, for a tied
+        weight, each holder's own: bias compensation corrects each holder by the mean of its own input."""
+        own = target.name not in self._shared_inputs
+        if not own and not target.tied:
+            return
+        rows = _channels_last(x.float(), target.layout)
+        if own:
+            _sums(self._inputs, target.name, rows).add(rows)
+        if target.tied:
+            _sums(self._holder_inputs.setdefault(target.name, {}), holder, rows).add(rows)
 
     def _outputs(self, target: Target, y: Tensor) -> None:
         """The target's ActivationStats; output statistics only when something reads them (two passes over
@@ -391,6 +424,7 @@ class StatsCollector:
     def result(self) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
         for name, stats in self.activations.items():
             stats.inputs = self._inputs.get(name)
+            stats.holders = self._holder_inputs.get(name, {})
         return self.activations, self.hessians
 
 

@@ -247,7 +247,8 @@ class Rollback:
         if not self.weights:
             return
         for t in targets:
-            for tensor in (t.parameter, getattr(t.module, "bias", None)):
+            biases = [getattr(module, "bias", None) for _, module, _ in t.users]  # a solver corrects every holder
+            for tensor in (t.parameter, *biases):
                 if isinstance(tensor, Tensor) and id(tensor) not in self._saved:
                     self._saved[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
 
