@@ -221,8 +221,8 @@ def apply(decisions: Sequence[Decision], config: PruneConfig) -> tuple[list[Laye
 
 
 def _merged(scored: list[LayerResult], solved: list[LayerResult]) -> list[LayerResult]:
-    """One result per target: the solver's, with the larger dampening and retries of scoring and solving
-    (a Hessian criterion and the solver may factor the same Hessian with different dampening)."""
+    """One result per target: the solver's, carrying the scoring's dampening and retries when scoring needed
+    more (a Hessian criterion and the solver may factor the same Hessian with different dampening)."""
     by_name = {r.name: r for r in scored}
     out = []
     for r in solved:
