@@ -140,3 +140,122 @@ def test_bias_compensation_after_removal_works_for_any_method_and_can_be_turned_
             errors[solver] = float((model(x).mean(0) - reference).abs().sum())
     assert errors["bias_compensation"] < 0.5 * errors["none"], errors
     assert secateurs.PruneConfig(method="flap", sparsity=0.2, mode="remove", solver="none").solver_ is None
+
+
+def _dead_input_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first 4 of 16 inputs are always 0, as a ReLU channel that never fires."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 16, generator=g) for _ in range(3)]
+    for x in batches:
+        x[:, :4] = 0
+    return [(x, torch.zeros(8, dtype=torch.long)) for x in batches]
+
+
+def test_a_fixed_mask_keeps_the_weights_of_inputs_that_never_fired(mlp):
+    """The solver reconstructs the mask it is given: inputs dead in calibration get no update, and the weights
+    the mask keeps on them stay as they were (they are not zeroed, so the sparsity is exactly the one asked)."""
+    dense = mlp[0].weight.detach().clone()
+    report = secateurs.prune(mlp, "magnitude", 0.5, mode="reconstruct", solver="sparsegpt", scope=["0"],
+                             calibration=_dead_input_batches(), progress=False)  # fmt: skip
+    weight = mlp[0].weight.detach()
+    assert report.layers[0].sparsity == 0.5 and float((weight == 0).float().mean()) == 0.5
+    kept_dead = (weight[:, :4] != 0) & (dense[:, :4] != 0)
+    assert kept_dead.any()  # the mask keeps some of them ...
+    assert torch.equal(weight[:, :4][kept_dead], dense[:, :4][kept_dead])  # ... unchanged
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5])
+def test_sparsegpt_choosing_its_mask_prunes_exactly_the_sparsity_asked_with_dead_inputs(mlp, sparsity):
+    """Dead inputs are pruned first (their saliency is 0); below their share the ones left keep their weights."""
+    dense = mlp[0].weight.detach().clone()
+    secateurs.prune(mlp, "sparsegpt", sparsity, scope=["0"], calibration=_dead_input_batches(), progress=False)
+    weight = mlp[0].weight.detach()
+    assert int((weight == 0).sum()) == round(sparsity * weight.numel())
+    dead_pruned = int((weight[:, :4] == 0).sum())
+    assert dead_pruned == min(round(sparsity * weight.numel()), dense[:, :4].numel())
+    assert torch.equal(weight[:, :4][weight[:, :4] != 0], dense[:, :4][weight[:, :4] != 0])
+
+
+class _TwoConvsOnOneInput(nn.Module):
+    """A ResNet-style block: ``conv1`` and the shortcut ``down`` read the same tensor, unfolding it differently."""
+
+    def __init__(self, down: nn.Conv2d):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = down
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.fc(self.conv1(x).mean((2, 3)) + self.down(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("down", [dict(kernel_size=3, stride=2), dict(kernel_size=1)], ids=["3x3-stride-2", "1x1"])
+def test_convs_reading_one_input_but_unfolding_it_differently_keep_their_own_hessians(down):
+    """A Hessian is shared only when the rows are: ``down`` is pruned the same with or without ``conv1``."""
+    batches = calibration(batches=3)
+    pruned = []
+    for scope in (["down"], ["conv1", "down"]):
+        torch.manual_seed(0)
+        model = _TwoConvsOnOneInput(nn.Conv2d(8, 8, **down))
+        secateurs.prune(model, "sparsegpt", 0.5, scope=scope, calibration=batches, progress=False)
+        pruned.append(model.down.weight.detach().clone())
+    assert torch.equal(*pruned)
+
+
+def test_convs_reading_one_input_still_share_its_channel_statistics():
+    from secateurs.evidence import Need, StatsCollector
+
+    torch.manual_seed(0)
+    model = _TwoConvsOnOneInput(nn.Conv2d(8, 8, 1))
+    targets = [Target(name, getattr(model, name), layout_of(model.conv1)) for name in ("conv1", "down")]
+    with StatsCollector(targets, frozenset({Need.ACTIVATIONS, Need.HESSIAN})) as collector:
+        for x, _ in calibration(batches=2):
+            model(x)
+            collector.end_batch()
+    activations, hessians = collector.result()
+    assert activations["conv1.weight"].inputs is activations["down.weight"].inputs
+    assert hessians["conv1.weight"] is not hessians["down.weight"]
+
+
+def test_a_conv_weight_tied_to_a_strided_conv_is_calibrated_on_each_holders_own_patches():
+    """The Hessian of a weight two convs share sums each holder's rows, unfolded as that holder unfolds."""
+    from secateurs.evidence import Need, StatsCollector
+    from secateurs.hessian import HessianAccumulator
+    from secateurs.scope import ScopeSpec, resolve
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.a(x).mean() + self.b(x).mean()
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(2, 4, 7, 7)
+    (target,) = resolve(model, ScopeSpec(skip_first=False, skip_last=False))
+    with StatsCollector([target], frozenset({Need.HESSIAN})) as collector:
+        model(x)
+        collector.end_batch()
+    expected = HessianAccumulator(36)
+    for holder in (model.a, model.b):
+        expected.add(hessian_rows(Target("holder", holder, target.layout), x))
+    torch.testing.assert_close(collector.result()[1][target.name].hessian, expected.hessian)
+
+
+def test_a_conv_weight_tied_across_different_groups_is_refused_for_a_hessian():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1, groups=2)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.a(x).mean() + self.b(torch.cat([x, x], 1)).mean()
+
+    with pytest.raises(ConfigError, match=r"groups=1.*'b' \(groups=2\)"):
+        secateurs.prune(Tied(), "sparsegpt", 0.5, scope={"skip_first": False, "skip_last": False},
+                        calibration=[torch.randn(2, 4, 5, 5)], progress=False)  # fmt: skip

@@ -201,3 +201,75 @@ def test_a_weight_shared_by_two_layers_is_calibrated_on_both_inputs():
     report = secateurs.prune(model, "sparsegpt", 0.5, calibration=[x], scope={"skip_first": False, "skip_last": False},
                              progress=False)  # fmt: skip
     assert report.layers[0].sparsity == 0.5 and model.a.weight is model.b.weight
+
+
+class TwoInputs(nn.Module):
+    """``a`` and ``b`` share one weight but see inputs with means +3 and -3 (``up`` feeds both)."""
+
+    def __init__(self, bias_b: bool = True) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(16, 8, bias=bias_b)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(16, 2)
+
+    def hidden(self, x):
+        return torch.relu(self.up(x))
+
+    def holders(self, x):
+        h = self.hidden(x)
+        return self.a(h + 3.0), self.b(h - 3.0)
+
+    def forward(self, x):
+        return self.head(torch.cat(self.holders(x), -1))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(32, 8, generator=g), torch.zeros(32, dtype=torch.long)) for _ in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "scope"), [("reconstruct", ["a", "b"]), ("remove", ["up"])], ids=["reconstruct", "remove"]
+)
+def test_bias_compensation_corrects_each_holder_of_a_tied_weight_by_its_own_inputs(mode, scope):
+    """Each holder's mean output is kept: its own input mean goes into its own bias (reconstruct prunes the
+    tied weight; remove cuts the channels of ``up`` that both holders read)."""
+    torch.manual_seed(0)
+    model = TwoInputs()
+    x = torch.cat([b for b, _ in _batches()])
+    with torch.no_grad():
+        before = [y.mean(0) for y in model.holders(x)]
+    secateurs.prune(model, "magnitude", 0.5, mode=mode, solver="bias_compensation", scope=scope, calibration=_batches(),
+                    structural={"latency": False} if mode == "remove" else None, progress=False)  # fmt: skip
+    assert model.a.weight is model.b.weight
+    with torch.no_grad():
+        for y, mean in zip(model.holders(x), before):
+            torch.testing.assert_close(y.mean(0), mean, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_compensation_refuses_a_tied_holder_without_a_bias_naming_it():
+    torch.manual_seed(0)
+    model = TwoInputs(bias_b=False)
+    before = fingerprint(model)
+    with pytest.raises(secateurs.ConfigError, match=r"'b' \(which shares a.weight\) has no bias to fold"):
+        secateurs.prune(model, "magnitude", 0.5, mode="reconstruct", solver="bias_compensation", scope=["a", "b"],
+                        calibration=_batches(), progress=False)  # fmt: skip
+    assert_unchanged(model, before)
+
+
+def test_a_solver_that_corrects_one_holder_of_a_tied_weight_is_refused_before_any_write():
+    from secateurs.solvers import BiasCompensation, SolveResult
+
+    class FirstHolderOnly(BiasCompensation):
+        def solve(self, targets, evidence, masks, sparsities=None, pattern=None):
+            results = super().solve(targets, evidence, masks, sparsities, pattern)
+            return {name: SolveResult(r.keep, r.weight, r.bias_delta) for name, r in results.items()}
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    before = fingerprint(model)
+    with pytest.raises(secateurs.ConfigError, match=r"tied weight a.weight but not 'b'"):
+        secateurs.prune(model, "magnitude", 0.5, mode="reconstruct", solver=FirstHolderOnly(), scope=["a", "b"],
+                        calibration=_batches(), progress=False)  # fmt: skip
+    assert_unchanged(model, before)

@@ -23,7 +23,7 @@ from .patterns import Pattern
 from .registry import Registry
 from .report import LayerResult
 from .scope import Target
-from .solvers.base import Solver
+from .solvers.base import Solver, SolveResult
 
 
 class Application:
@@ -113,6 +113,7 @@ class Reconstruct(Application):
         if solver is None or evidence is None:
             raise ConfigError("mode='reconstruct' needs a solver and its evidence")
         results = solver.solve(targets, evidence, masks, sparsities, pattern)
+        deltas = {t.name: _bias_deltas(t, results[t.name], solver) for t in targets}  # checked before any write
         out = []
         with torch.no_grad():
             for t in targets:
@@ -121,11 +122,38 @@ class Reconstruct(Application):
                 if result.weight is not None:
                     parameter.copy_(result.weight.to(parameter.device, parameter.dtype))
                 parameter.masked_fill_(~result.keep.to(parameter.device, torch.bool), 0.0)
-                if result.bias_delta is not None:
-                    bias = t.module.bias
-                    bias.add_(result.bias_delta.to(bias.device, bias.dtype))
-                requested = sparsities[t.name] if sparsities is not None else 1.0 - float(result.keep.float().mean())
+                for bias, delta in deltas[t.name]:
+                    bias.add_(delta.to(bias.device, bias.dtype))
                 info = result.info
-                out.append(LayerResult(t.name, requested, info.get("dampening"), int(info.get("retries", 0)),
-                                       info.get("loss")))  # fmt: skip
+                out.append(LayerResult(t.name, requested_sparsity(t, result.keep, sparsities), info.get("dampening"),
+                                       int(info.get("retries", 0)), info.get("loss")))  # fmt: skip
         return out
+
+
+def _bias_deltas(target: Target, result: SolveResult, solver: Solver) -> list[tuple[Tensor, Tensor]]:
+    """``(bias, delta)`` for every holder of the weight a solver corrects: a tied weight's holders see different
+    inputs, so each needs its own delta, and each must have a bias to take it."""
+    if result.bias_delta is None and not result.tied_bias_deltas:
+        return []
+    given = {target.module_name: result.bias_delta, **result.tied_bias_deltas}
+    pairs = []
+    for holder, module, _ in target.users:
+        delta = given.get(holder)
+        if delta is None:
+            raise ConfigError(
+                f"solver {solver.name!r} corrected some holders of the tied weight {target.name} but not {holder!r}, "
+                "which sees other inputs; a solver returns one bias delta per holder (SolveResult.tied_bias_deltas), "
+                "or exclude the weight from the scope"
+            )
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, Tensor):
+            raise ConfigError(
+                f"solver {solver.name!r} corrects the bias of {holder!r}, which has none; exclude it from the scope"
+            )
+        pairs.append((bias, delta))
+    return pairs
+
+
+def requested_sparsity(target: Target, keep: Tensor, sparsities: Mapping[str, float] | None) -> float:
+    """What a layer result reports as asked: the allocation's fraction when it sets one, else what the mask prunes."""
+    return sparsities[target.name] if sparsities is not None else 1.0 - float(keep.float().mean())

@@ -4,7 +4,8 @@ Methods declare their needs (:class:`Need`); a runner gathers them and never ask
 will read them. Two runners share one collector (:class:`StatsCollector`, forward hooks on the
 targets): the whole-model runner feeds it the calibration batches (:func:`gather`), the
 block-by-block runner feeds it one block's captured inputs (:func:`gather_block`). Layers fed
-the very same tensor (q/k/v, gate/up) share one accumulator.
+the very same tensor (q/k/v, gate/up) share one accumulator (convolutions share a Hessian only
+when they also unfold the tensor alike).
 
 Nothing about the model is changed: buffers (BatchNorm running statistics), ``.grad`` fields,
 ``requires_grad`` flags, the training mode and the RNG state are restored afterwards.
@@ -16,7 +17,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from .batches import LossFn, default_loss, model_device, run_model, to_device
 from .blocks import BlockInputs
 from .errors import ConfigError, DataRequiredError
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, InverseFactor, inverse_factor
 from .layout import Layout, layout_of
 from .progress import progress
 from .scope import Target
@@ -47,6 +48,8 @@ HOOKED = frozenset({Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN})
 DATA_NEEDS = frozenset(
     {Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN, Need.GRADIENTS, Need.BATCH_GRADIENTS, Need.DATA_PASSES}
 )
+#: needs met by backward passes (the weights must be able to require gradients)
+GRADIENT_NEEDS = frozenset({Need.GRADIENTS, Need.BATCH_GRADIENTS})
 
 
 @dataclass
@@ -62,6 +65,10 @@ class InputStats:
         self.sum += rows.sum(0).double()
         self.positions += rows.shape[0]
 
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / max(self.positions, 1)
+
 
 @dataclass
 class ActivationStats:
@@ -71,11 +78,23 @@ class ActivationStats:
     output_abs_sum: Tensor  # (out_channels,): sum of |y_i| (gathered for Need.OUTPUTS)
     output_nonpositive: Tensor  # (out_channels,): count of y_i <= 0, i.e. zero after ReLU (Need.OUTPUTS)
     positions: int = 0
+    #: a tied weight: each holder's own input sums, by module name (``inputs`` sums them all); else empty
+    holders: dict[str, InputStats] = field(default_factory=dict)
 
     def _inputs(self) -> InputStats:
         if self.inputs is None:
             raise DataRequiredError("this layer takes integer inputs (an Embedding); it has no input statistics")
         return self.inputs
+
+    def holder_input_mean(self, holder: str) -> Tensor:
+        """The mean of each input channel as one holder of the weight saw it (a tied weight's holders see
+        different inputs); the target's own mean when the weight is not tied."""
+        if not self.holders:
+            return self.input_mean
+        stats = self.holders.get(holder)
+        if stats is None:
+            raise DataRequiredError(f"no calibration input reached {holder!r}; is it used in forward()?")
+        return stats.mean
 
     @property
     def input_sq_sum(self) -> Tensor:
@@ -87,8 +106,7 @@ class ActivationStats:
 
     @property
     def input_mean(self) -> Tensor:
-        stats = self._inputs()
-        return stats.sum / max(stats.positions, 1)
+        return self._inputs().mean
 
     @property
     def input_variance(self) -> Tensor:
@@ -148,12 +166,32 @@ class Evidence:
     hessians: dict[str, HessianAccumulator] = field(default_factory=dict)
     gradients: dict[str, GradientStats] = field(default_factory=dict)
     show_progress: bool = True
+    #: dampened inverse factors already computed, per (Hessian, group, dampening, retries allowed)
+    inverses: dict[tuple, InverseFactor] = field(default_factory=dict, repr=False)
+    #: per target: the dampening its Hessian finally took and how many retries that needed (for the report)
+    dampening: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
     def hessian(self, target: Target) -> HessianAccumulator:
         found = self.hessians.get(target.name)
         if found is None:
             raise DataRequiredError(f"no calibration input reached {target.module_name!r}; is it used in forward()?")
         return found
+
+    def inverse_factors(self, target: Target, dampening: float, max_retries: int = 5) -> list[InverseFactor]:
+        """The dampened inverse factor of the Hessian of ``target``, one per conv group
+        (:func:`~secateurs.hessian.inverse_factor`). A Hessian shared by several targets (q/k/v) is
+        factored once; the dampening it took and the retries are recorded in :attr:`dampening`, so
+        whoever factors (a criterion or a solver) gets them reported."""
+        accumulator = self.hessian(target)
+        keys = [(id(accumulator), g, dampening, max_retries) for g in range(accumulator.groups)]
+        if any(key not in self.inverses for key in keys):
+            hessian = accumulator.hessian
+            for key, h in zip(keys, hessian.reshape(-1, *hessian.shape[-2:])):
+                if key not in self.inverses:
+                    self.inverses[key] = inverse_factor(h, dampening, max_retries)
+        factors = [self.inverses[key] for key in keys]
+        self.dampening[target.name] = (max(f.dampening for f in factors), max(f.retries for f in factors))
+        return factors
 
 
 # -- what a layer's input looks like to a statistic -----------------------------------------------
@@ -184,30 +222,60 @@ def check_hessian_target(target: Target) -> None:
             f"{target.module_name!r} is a Conv3d, whose input patches torch cannot unfold for the Hessian; "
             "exclude it from the scope or use a criterion that needs no Hessian"
         )
+    check_tied_groups(target, "its Hessian")
 
 
-def hessian_rows(target: Target, x: Tensor) -> Tensor:
+def check_tied_groups(target: Target, what: str) -> None:
+    """Refuse a conv weight tied across convolutions with different ``groups``: they split ``what`` (its Hessian,
+    its input channels) differently."""
+    groups = getattr(target.module, "groups", 1)
+    for name, holder, _ in target.tied:
+        if layout_of(holder) is Layout.CONV and holder.groups != groups:
+            raise ConfigError(
+                f"{target.name} is shared by {target.module_name!r} (groups={groups}) and {name!r} "
+                f"(groups={holder.groups}), which split {what} differently; exclude it from the scope"
+            )
+
+
+class Unfolding(NamedTuple):
+    """How a convolution turns its input into patches: with the input, this decides its Hessian rows."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad: tuple[int, ...]  # in F.pad's order
+    padding_mode: str
+    groups: int
+    in_channels: int
+    height_one: bool  # a Conv1d: torch unfolds only 2-D inputs, so it is a 2-D conv of height 1
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Unfolding:
+        pad = tuple(module._reversed_padding_repeated_twice)
+        if isinstance(module, nn.Conv1d):
+            return cls((1, *module.kernel_size), (1, *module.stride), (1, *module.dilation), (*pad, 0, 0),
+                       module.padding_mode, module.groups, module.in_channels, True)  # fmt: skip
+        return cls(tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation), pad, module.padding_mode,
+                   module.groups, module.in_channels, False)  # fmt: skip
+
+
+def hessian_rows(target: Target, x: Tensor, module: nn.Module | None = None) -> Tensor:
     """The input of ``target`` as rows of Hessian columns, ordered like the canonical ``(spatial, in)``
     weight: ``(positions, columns)``, or ``(positions, groups, columns)`` for a grouped conv.
-    A conv's rows are its unfolded input patches (OBC, arXiv:2208.11580, section 4)."""
+    A conv's rows are its unfolded input patches (OBC, arXiv:2208.11580, section 4). ``module``: the
+    holder that read ``x`` (the holders of a tied weight may unfold differently); the target's by default."""
     if target.layout is not Layout.CONV:
         return x.reshape(-1, x.shape[-1])
-    module = target.module
-    if isinstance(module, nn.Conv1d):  # unfold is 2-D: a 1-D conv is a 2-D conv of height 1
+    unfolding = Unfolding.of(target.module if module is None else module)
+    if unfolding.height_one:
         x = x.unsqueeze(2)
-        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
-    else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    pad = tuple(module._reversed_padding_repeated_twice)
-    if isinstance(module, nn.Conv1d):
-        pad = (*pad, 0, 0)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
-    patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*K, L), channel-major
+    if any(unfolding.pad):
+        mode = "constant" if unfolding.padding_mode == "zeros" else unfolding.padding_mode
+        x = F.pad(x, unfolding.pad, mode=mode)
+    patches = F.unfold(x, unfolding.kernel, dilation=unfolding.dilation, stride=unfolding.stride)  # (N, C*K, L)
     groups, columns = hessian_columns(target)
     n, _, length = patches.shape
-    in_per_group = module.in_channels // groups
+    in_per_group = unfolding.in_channels // groups
     spatial = columns // in_per_group
     # (N, groups, C_g, K, L) -> (N, L, groups, K, C_g): spatial-major, as the canonical (out, spatial, in) weight
     rows = patches.reshape(n, groups, in_per_group, spatial, length).permute(0, 4, 1, 3, 2)
@@ -216,17 +284,37 @@ def hessian_rows(target: Target, x: Tensor) -> Tensor:
 
 
 # -- the collector ------------------------------------------------------------------------------
+def _sums(table: dict, key: str, rows: Tensor) -> InputStats:
+    """``table[key]``, started at zero for ``rows``' channels if missing."""
+    stats = table.get(key)
+    if stats is None:
+        zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+        stats = table[key] = InputStats(zeros, zeros.clone())
+    return stats
+
+
 def _input_key(x: Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
+
+
+def _reading(layout: Layout, module: nn.Module) -> tuple[str, Unfolding | None]:
+    """How a layer reads its input tensor: which axis holds the channels (its input statistics), and
+    for a convolution how it unfolds it (its Hessian rows too)."""
+    if layout is Layout.CONV:
+        return "channels first", Unfolding.of(module)
+    return ("indices" if layout is Layout.EMBEDDING else "channels last"), None
 
 
 class StatsCollector:
     """Forward hooks on ``targets`` accumulating input/output statistics and Hessians.
 
     Which targets share one accumulator is decided after the first batch: targets that saw
-    exactly the same input tensors (same storage, shape, stride and version) in the same order
-    share, and from then on only one of them computes. (Object identity cannot tell: every
-    hook call's ``detach()`` is a new tensor over the same data.)
+    exactly the same input tensors (same storage, shape, stride and version) in the same order,
+    read the same way, share, and from then on only one of them computes. Input statistics need
+    the channels on the same axis; a Hessian needs identical rows, so convolutions share one only
+    when they also unfold alike (a 3x3 conv and a strided or 1x1 one reading the same ``x`` do not).
+    (Object identity cannot tell inputs apart: every hook call's ``detach()`` is a new tensor over
+    the same data.)
     """
 
     def __init__(self, targets: Sequence[Target], needs: frozenset[Need]) -> None:
@@ -235,9 +323,11 @@ class StatsCollector:
         self.activations: dict[str, ActivationStats] = {}
         self.hessians: dict[str, HessianAccumulator] = {}
         self._inputs: dict[str, InputStats | None] = {}
-        self._keys: dict[str, list[tuple]] = {}
+        self._holder_inputs: dict[str, dict[str, InputStats]] = {}  # tied weights: target -> holder -> sums
+        self._calls: dict[str, list[tuple]] = {}  # first batch: (input, channel axis, unfolding) per call
         self._alive: list[Tensor] = []  # first-batch inputs kept alive so their addresses stay unique
-        self._sharing: set[str] = set()  # targets whose inputs another target accumulates
+        self._shared_inputs: set[str] = set()  # targets whose input statistics another target accumulates
+        self._shared_hessians: set[str] = set()  # ... and whose Hessian
         self._first = True
         self._handles: list[Any] = []
 
@@ -246,9 +336,9 @@ class StatsCollector:
             # a tied weight (one tensor, several modules) is one target: every holder of the same kind feeds
             # it (the same W multiplies both inputs, so both belong to its statistics and its Hessian)
             self._handles = [
-                module.register_forward_hook(self._hook(t))
+                module.register_forward_hook(self._hook(t, holder))
                 for t in self.targets
-                for _, module, _ in t.users
+                for holder, module, _ in t.users
                 if layout_of(module) is t.layout
             ]
         return self
@@ -259,7 +349,7 @@ class StatsCollector:
         self._handles = []
         self._alive.clear()
 
-    def _hook(self, target: Target):
+    def _hook(self, target: Target, holder: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not args or not isinstance(args[0], Tensor):
                 return
@@ -267,26 +357,31 @@ class StatsCollector:
             if self.needs & {Need.ACTIVATIONS, Need.OUTPUTS} and isinstance(output, Tensor):
                 self._outputs(target, output.detach())
             name = target.name
-            if name in self._sharing:
-                return
             if self._first:
-                self._keys.setdefault(name, []).append(_input_key(x))
+                self._calls.setdefault(name, []).append((_input_key(x), *_reading(target.layout, module)))
                 self._alive.append(x)
             if Need.ACTIVATIONS in self.needs and target.layout is not Layout.EMBEDDING:
-                rows = _channels_last(x.float(), target.layout)
-                stats = self._inputs.get(name)
-                if stats is None:
-                    zeros = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
-                    stats = self._inputs[name] = InputStats(zeros, zeros.clone())
-                stats.add(rows)
-            if Need.HESSIAN in self.needs:
+                self._add_inputs(target, holder, x)
+            if Need.HESSIAN in self.needs and name not in self._shared_hessians:
                 accumulator = self.hessians.get(name)
                 if accumulator is None:
                     groups, columns = hessian_columns(target)
                     accumulator = self.hessians[name] = HessianAccumulator(columns, x.device, groups)
-                accumulator.add(hessian_rows(target, x))
+                accumulator.add(hessian_rows(target, x, module))
 
         return hook
+
+    def _add_inputs(self, target: Target, holder: str, x: Tensor) -> None:
+        """The target's input sums (unless another target reading the same inputs keeps them) and, for a tied
+        weight, each holder's own: bias compensation corrects each holder by the mean of its own input."""
+        own = target.name not in self._shared_inputs
+        if not own and not target.tied:
+            return
+        rows = _channels_last(x.float(), target.layout)
+        if own:
+            _sums(self._inputs, target.name, rows).add(rows)
+        if target.tied:
+            _sums(self._holder_inputs.setdefault(target.name, {}), holder, rows).add(rows)
 
     def _outputs(self, target: Target, y: Tensor) -> None:
         """The target's ActivationStats; output statistics only when something reads them (two passes over
@@ -304,29 +399,32 @@ class StatsCollector:
         stats.positions += positions
 
     def end_batch(self) -> None:
-        """After the first batch, targets with identical input histories share one accumulator."""
+        """After the first batch, targets with identical input histories share one accumulator: of input
+        statistics when they read the channels alike, of the Hessian when their rows are the same too."""
         if not self._first:
             return
         self._first = False
-        owner_of: dict[tuple, str] = {}
+        inputs_owner: dict[tuple, str] = {}
+        hessian_owner: dict[tuple, str] = {}
         for t in self.targets:
-            keys = self._keys.get(t.name)
-            if not keys:
+            calls = self._calls.get(t.name)
+            if not calls:
                 continue
-            owner = owner_of.setdefault(tuple(keys), t.name)
-            if owner == t.name:
-                continue
-            self._sharing.add(t.name)
-            if t.name in self._inputs:
+            owner = inputs_owner.setdefault(tuple((key, axis) for key, axis, _ in calls), t.name)
+            if owner != t.name and t.name in self._inputs:
+                self._shared_inputs.add(t.name)
                 self._inputs[t.name] = self._inputs[owner]
-            if t.name in self.hessians:
+            owner = hessian_owner.setdefault(tuple(calls), t.name)
+            if owner != t.name and t.name in self.hessians:
+                self._shared_hessians.add(t.name)
                 self.hessians[t.name] = self.hessians[owner]
-        self._keys.clear()
+        self._calls.clear()
         self._alive.clear()
 
     def result(self) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
         for name, stats in self.activations.items():
             stats.inputs = self._inputs.get(name)
+            stats.holders = self._holder_inputs.get(name, {})
         return self.activations, self.hessians
 
 
@@ -372,7 +470,7 @@ def gather(evidence: Evidence, needs: frozenset[Need]) -> None:
             evidence.targets, needs, batches, lambda b: run_model(evidence.model, to_device(b, device))
         )
         evidence.activations, evidence.hessians = collector.result()
-    if needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}:
+    if needs & GRADIENT_NEEDS:
         _gather_gradients(evidence, keep_batches=Need.BATCH_GRADIENTS in needs)
 
 

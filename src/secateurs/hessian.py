@@ -15,8 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, SecateursError
+from .errors import SecateursError
 from .selection import check_finite
+from .spec import number
+
+#: the dampening ``lambda`` of ``H + lambda * mean(diag H) * I``: every option that sets it is checked here
+check_dampening = number(
+    0.0, float("inf"), low_open=True, high_open=True, hint=" (a fraction of mean diag(H); SparseGPT uses 0.01)"
+)
 
 
 class CholeskyError(SecateursError, ArithmeticError):
@@ -71,13 +77,12 @@ def inverse_factor(hessian: Tensor, dampening: float = 0.01, max_retries: int = 
     factorisation retried, up to ``max_retries`` times; the result records it. Never falls back
     to another criterion: after the last retry it raises :class:`CholeskyError`.
     """
-    if not dampening > 0:
-        raise ConfigError(f"dampening must be positive, got {dampening!r} (SparseGPT uses 0.01)")
+    check_dampening("dampening", dampening)
     check_finite(hessian, "the layer Hessian")
     h = hessian.clone()
     diagonal = torch.diagonal(h)
     dead = diagonal == 0
-    diagonal[dead] = 1.0  # an input that was always 0 says nothing; its weights are pruned first
+    diagonal[dead] = 1.0  # an input that was always 0 says nothing; SparseGPT prunes its weights first
     mean_diagonal = float(diagonal.mean())
     lam = dampening
     for retry in range(max_retries + 1):

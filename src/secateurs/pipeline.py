@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from .allocation import Budget
+from .application import requested_sparsity
 from .batches import LossFn, first_sample, model_inputs, take
 from .blocks import BlockDiscoveryError, block_owners, find_blocks
 from .config import Plan, PruneConfig
 from .errors import ConfigError, DataRequiredError, StateError
-from .evidence import DATA_NEEDS, Evidence, Need, gather, preserved
+from .evidence import DATA_NEEDS, GRADIENT_NEEDS, Evidence, Need, gather, preserved
 from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
 from .masking import MaskSnapshot, WeightMask, current_mask, gate_of, refuse_lower_target
@@ -86,9 +87,6 @@ def check(plans: Sequence[Plan], config: PruneConfig, data: Data) -> None:
     refuse_inference_weights(targets, config.criterion_.name, bool(needs & GRADIENT_NEEDS))
     for t in targets:
         _check_target(t, config)
-
-
-GRADIENT_NEEDS = frozenset({Need.GRADIENTS, Need.BATCH_GRADIENTS})
 
 
 def _check_target(t: Target, config: PruneConfig) -> None:
@@ -193,6 +191,8 @@ class Decision:
     evidence: Evidence  # restricted to ``targets`` (a solver reads it)
     masks: dict[str, Tensor] | None
     sparsities: dict[str, float] | None
+    #: what scoring took, per target: the dampening a Hessian criterion's inverse needed (reported as a solver's)
+    scored: list[LayerResult] = field(default_factory=list)
 
 
 def decide(
@@ -212,7 +212,9 @@ def decide(
             decisions.append(Decision(plan, list(targets), view, None, plan.allocation.target_sparsities(budget)))
         else:
             masks, sparsities = select(plan, targets, plan.criterion.scores(view), sparsity, config, context)
-            decisions.append(Decision(plan, list(targets), view, masks, sparsities))
+            scored = [LayerResult(t.name, requested_sparsity(t, masks[t.name], sparsities), *view.dampening[t.name])
+                      for t in targets if t.name in view.dampening]  # fmt: skip
+            decisions.append(Decision(plan, list(targets), view, masks, sparsities, scored))
     return decisions
 
 
@@ -222,10 +224,24 @@ def apply(decisions: Sequence[Decision], config: PruneConfig) -> tuple[list[Laye
     results: list[LayerResult] = []
     allocated: dict[str, float] = {}
     for d in decisions:
-        results += config.application_.apply(d.targets, d.masks, d.evidence, config.solver_, d.sparsities,
-                                             d.plan.pattern)  # fmt: skip
+        solved = config.application_.apply(d.targets, d.masks, d.evidence, config.solver_, d.sparsities,
+                                           d.plan.pattern)  # fmt: skip
+        results += _merged(d.scored, solved)
         allocated.update(d.sparsities or {})
     return results, allocated
+
+
+def _merged(scored: list[LayerResult], solved: list[LayerResult]) -> list[LayerResult]:
+    """One result per target: the solver's, carrying the scoring's dampening and retries when scoring needed
+    more (a Hessian criterion and the solver may factor the same Hessian with different dampening)."""
+    by_name = {r.name: r for r in scored}
+    out = []
+    for r in solved:
+        s = by_name.pop(r.name, None)
+        if s is not None and s.retries > r.retries:
+            r = replace(r, dampening=s.dampening, retries=s.retries)
+        out.append(r)
+    return out + list(by_name.values())
 
 
 class Rollback:
@@ -242,7 +258,8 @@ class Rollback:
         if not self.weights:
             return
         for t in targets:
-            for tensor in (t.parameter, getattr(t.module, "bias", None)):
+            biases = [getattr(module, "bias", None) for _, module, _ in t.users]  # a solver corrects every holder
+            for tensor in (t.parameter, *biases):
                 if isinstance(tensor, Tensor) and id(tensor) not in self._saved:
                     self._saved[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
 

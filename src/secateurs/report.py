@@ -41,7 +41,8 @@ class LayerReport:
 
 @dataclass
 class LayerResult:
-    """What a solver did to one weight (reconstruct mode)."""
+    """What a solver did to one weight (reconstruct mode), or what scoring it took (the OBS saliency's
+    Hessian inverse in mask / bake mode)."""
 
     name: str
     sparsity: float  # requested for this layer
@@ -58,7 +59,7 @@ class RunDetails:
     blocks: str | None = None  # the container of repeated blocks (block runner)
     layer_sparsities: dict[str, float] = field(default_factory=dict)  # per layer (block), when they differ
     observed: dict[str, float] = field(default_factory=dict)  # what the allocation observed (OWL: outlier ratios)
-    solved: list[LayerResult] = field(default_factory=list)
+    solved: list[LayerResult] = field(default_factory=list)  # per layer: the solver's results, Hessian dampening
     seconds: float | None = None
     calibration: dict[str, int] = field(default_factory=dict)
     outside_blocks: list[str] = field(default_factory=list)  # scoped, but outside the blocks the runner prunes

@@ -123,3 +123,55 @@ def test_hessian_is_twice_the_mean_outer_product():
     h.add(x[:4])
     h.add(x[4:])
     torch.testing.assert_close(h.hessian, 2 * x.t() @ x / 10)
+
+
+@pytest.mark.parametrize("value", [0, -0.01, True, float("nan"), float("inf"), "0.01"])
+def test_dampening_is_checked_the_same_wherever_it_is_set(value):
+    """One check for the criterion's, the solver's and the inverse's dampening: the same message, naming the option."""
+    expected = r"must be a number in \(0, inf\), got .*SparseGPT uses 0.01"
+    with pytest.raises(secateurs.ConfigError, match="method_options.dampening " + expected):
+        secateurs.PruneConfig(method="sparsegpt", sparsity=0.5, mode="mask", method_options={"dampening": value})
+    with pytest.raises(secateurs.ConfigError, match="solver_options.dampening " + expected):
+        secateurs.PruneConfig(method="sparsegpt", sparsity=0.5, solver_options={"dampening": value})
+    with pytest.raises(secateurs.ConfigError, match="^dampening " + expected):
+        inverse_factor(torch.eye(2), dampening=value)
+
+
+@pytest.mark.parametrize("mode", ["mask", "bake", "reconstruct"])
+def test_raised_dampening_is_reported_whether_the_criterion_or_the_solver_factors(mode):
+    """Two calibration samples for 16 inputs and a tiny dampening: the Cholesky fails and is retried. The
+    OBS saliency of mode='mask'/'bake' reports it as the solver of mode='reconstruct' does."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    option = "solver_options" if mode == "reconstruct" else "method_options"
+    report = secateurs.prune(model, "sparsegpt", 0.5, mode=mode, scope=["0"], calibration=[x], progress=False,
+                             **{option: {"dampening": 1e-10}})  # fmt: skip
+    (raised,) = report.dampening_raised
+    assert raised.name == "0.weight" and raised.retries >= 1 and raised.dampening > 1e-10
+    assert any(line.startswith("NOTE 0.weight: Hessian not positive definite") for line in report.details.lines(None))
+
+
+def test_scoring_factors_a_hessian_shared_by_q_k_v_once(segments, monkeypatch):
+    from secateurs.llm import prune_llm
+
+    from .conftest import tiny
+
+    calls = []
+    cholesky = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or cholesky(*a, **k))
+    report = prune_llm(tiny("llama"), "sparsegpt", 0.5, mode="mask", calibration=segments, progress=False)
+    # per block, 4 Hessians (q/k/v share one, gate/up one, o_proj and down_proj their own) for 7 layers;
+    # each factored once: a Cholesky of H + lambda I, then one of its inverse
+    assert len(calls) == 2 * 4 * 2 and len(report.details.solved) == 2 * 7
+
+
+def test_a_layer_scored_and_solved_with_hessians_is_reported_once_with_the_larger_retries():
+    """A SparseGPT-scored override reconstructed by the solver: one result per layer, keeping the solver's loss
+    and the scoring's raised dampening."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    report = secateurs.prune(model, "magnitude", 0.5, mode="reconstruct", solver="sparsegpt", scope=["0"],
+                             overrides={"0": {"method": "sparsegpt", "method_options": {"dampening": 1e-10}}},
+                             calibration=[x], progress=False)  # fmt: skip
+    (result,) = report.details.solved
+    assert result.name == "0.weight" and result.retries >= 1 and result.loss is not None

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..evidence import Evidence, Need, check_hessian_target
-from ..hessian import inverse_factor
+from ..hessian import check_dampening
 from ..scope import Target
 from .base import Criterion, grad3, register, weight3
 
@@ -46,8 +45,7 @@ class SparseGPT(Criterion):
     scores_embeddings = False
 
     def __init__(self, dampening: float = 0.01) -> None:
-        if isinstance(dampening, bool) or not isinstance(dampening, (int, float)) or not dampening > 0:
-            raise ConfigError(f"sparsegpt dampening must be a positive number, got {dampening!r} (the paper uses 0.01)")
+        check_dampening("method_options.dampening", dampening)
         self.dampening = float(dampening)
 
     def validate(self, targets: list[Target]) -> None:
@@ -55,13 +53,12 @@ class SparseGPT(Criterion):
             check_hessian_target(t)
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
-        hessian = evidence.hessian(target).hessian
+        # one factor per conv group; a Hessian shared by q/k/v is factored once, and raised dampening is reported
+        factors = evidence.inverse_factors(target, self.dampening)
         w = weight3(target).double()
         out, spatial, inp = w.shape
-        per_group = hessian.reshape(-1, spatial * inp, spatial * inp)  # one Hessian per conv group
         saliency_scale = []
-        for h in per_group:
-            inverse = inverse_factor(h, self.dampening)
+        for inverse in factors:
             upper = inverse.factor.double()
             # 1 / diag(H^-1), with diag(H^-1) = diag(U^T U); an input that was always 0 counts for nothing
             saliency_scale.append((1.0 / upper.square().sum(0)).masked_fill(inverse.dead, 0.0))

@@ -4,7 +4,7 @@ A solver is the ``reconstruct`` application mode's engine (SparseGPT's OBS updat
 ``remove`` mode's optional compensation (FLAP's bias compensation). It declares what evidence
 it needs, which modes it serves, and whether it can choose the mask itself while it updates the
 weights (adaptive selection). Solvers share one Hessian accumulator and one dampening policy
-(:mod:`secateurs.solvers.hessian`).
+(:mod:`secateurs.hessian`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class SolveResult:
     keep: Tensor  # bool: the entries that survive
     weight: Tensor | None = None  # the new weight (pruned entries +0.0); None: the weight is only masked
     bias_delta: Tensor | None = None  # added to the layer's bias, one value per output
+    #: a tied weight: the delta of each other holder's bias, by module name (each holder sees its own inputs)
+    tied_bias_deltas: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. dampening used, retries, estimated loss
 
 

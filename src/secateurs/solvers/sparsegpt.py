@@ -27,12 +27,12 @@ from torch import Tensor
 
 from ..errors import ConfigError, NonFiniteError
 from ..evidence import Evidence, Need, check_hessian_target
-from ..hessian import InverseFactor, inverse_factor
+from ..hessian import InverseFactor, check_dampening
 from ..layout import from_canonical, to_canonical
 from ..patterns import NM, Element, Pattern
 from ..scope import Target
 from ..selection import keep_mask
-from ..spec import Spec, integer, number, option
+from ..spec import Spec, integer, option
 from .base import Solver, SolveResult, register_solver
 
 
@@ -59,40 +59,50 @@ def sparsegpt(
     ``loss`` is the OBS estimate ``sum w^2 / (2 [H^-1]_qq)`` of the added squared error.
     Unstructured: ``sparsity`` of every column block is pruned (exact for the layer in total).
     N:M: ``pattern`` is applied along the input dimension, and ``sparsity`` is ignored.
-    ``keep`` (bool ``(out, in)``): a fixed mask; only the reconstruction runs.
+    ``keep`` (bool ``(out, in)``): a fixed mask; only the reconstruction runs (the same column
+    sweep with the selection step left out).
     """
-    if keep is not None:
-        return _reconstruct(weight, inverse, keep.to(weight.device, torch.bool), blocksize)
-    if pattern is None and (sparsity is None or not 0.0 <= sparsity < 1.0):
-        raise ConfigError(f"SparseGPT needs a sparsity in [0, 1) or an N:M pattern, got {sparsity!r}")
     if blocksize < 1:
         raise ConfigError(f"SparseGPT blocksize must be positive, got {blocksize!r}")
     rows, columns = weight.shape
-    if pattern is not None:
-        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
-        if columns % pattern.m:
-            raise ConfigError(f"N:M {pattern.spec()} needs the input dimension ({columns}) divisible by {pattern.m}")
+    choose = keep is None
+    if choose:
+        if pattern is None and (sparsity is None or not 0.0 <= sparsity < 1.0):
+            raise ConfigError(f"SparseGPT needs a sparsity in [0, 1) or an N:M pattern, got {sparsity!r}")
+        if pattern is not None:
+            blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+            if columns % pattern.m:
+                raise ConfigError(
+                    f"N:M {pattern.spec()} needs the input dimension ({columns}) divisible by {pattern.m}"
+                )
+        keep = torch.ones(rows, columns, dtype=torch.bool, device=weight.device)
+    else:
+        keep = keep.to(weight.device, torch.bool)
+    nm = pattern if choose else None
     w = weight.detach().float().clone()
-    w[:, inverse.dead] = 0.0
+    # An input that was always 0 in calibration (a dead ReLU channel) has no Hessian coupling: its
+    # weights cost nothing to prune (saliency 0, so an adaptive mask drops them first), their error is
+    # not spread to other columns, and where the mask keeps them they stay as they are. (The reference
+    # code zeroes them all up front, which prunes more than asked when the mask keeps some.)
+    dead = inverse.dead.to(w.device)
     hinv = inverse.factor
-    keep = torch.ones(rows, columns, dtype=torch.bool, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
-    counts = block_prune_counts(rows, columns, blocksize, sparsity or 0.0)
+    counts = block_prune_counts(rows, columns, blocksize, sparsity or 0.0) if choose and nm is None else []
     for b, start in enumerate(range(0, columns, blocksize)):
         end = min(start + blocksize, columns)
         w1 = w[:, start:end].clone()
         h1 = hinv[start:end, start:end]
         d = torch.diagonal(h1)
         err = torch.zeros_like(w1)
-        if pattern is None:  # adaptive mask selection for the whole block (section 3.4)
-            saliency = w1.square() / d.square()
+        if counts:  # adaptive mask selection for the whole block (section 3.4)
+            saliency = (w1.square() / d.square()).masked_fill(dead[start:end], 0.0)
             keep[:, start:end] = keep_mask(saliency.reshape(1, -1), counts[b]).reshape(w1.shape)
         for i in range(end - start):
-            if pattern is not None and i % pattern.m == 0:
-                saliency = w1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square()
-                keep[:, start + i : start + i + pattern.m] = keep_mask(saliency, pattern.m - pattern.n)
-            column = w1[:, i]
-            pruned = column.masked_fill(keep[:, start + i], 0.0)
+            if nm is not None and i % nm.m == 0:
+                group = slice(start + i, start + i + nm.m)
+                saliency = w1[:, i : i + nm.m].square() / d[i : i + nm.m].square()
+                keep[:, group] = keep_mask(saliency.masked_fill(dead[group], 0.0), nm.m - nm.n)
+            pruned = w1[:, i].masked_fill(keep[:, start + i] | dead[start + i], 0.0)
             loss += (pruned.double() / d[i].double()).square().sum() / 2  # stays on the device: no sync per column
             e = pruned / d[i]
             # eq. 3 within the block: the remaining columns absorb the error of column i
@@ -102,33 +112,6 @@ def sparsegpt(
         w[:, start:end] = w1
         # lazy batch update (section 3.3): the columns right of the block, all at once
         w[:, end:] -= err @ hinv[start:end, end:]
-    if not bool(torch.isfinite(w).all()):
-        raise NonFiniteError("SparseGPT produced NaN/Inf weights; the Hessian is ill-conditioned, raise dampening")
-    return w.to(weight.dtype), keep, float(loss)
-
-
-def _reconstruct(weight: Tensor, inverse: InverseFactor, keep: Tensor, blocksize: int) -> tuple[Tensor, Tensor, float]:
-    """The OBS update for a fixed mask: the same column sweep with the selection step left out."""
-    columns = weight.shape[1]
-    w = weight.detach().float().clone()
-    w[:, inverse.dead] = 0.0
-    hinv = inverse.factor
-    loss = torch.zeros((), dtype=torch.float64, device=w.device)
-    for start in range(0, columns, blocksize):
-        end = min(start + blocksize, columns)
-        w1 = w[:, start:end].clone()
-        h1 = hinv[start:end, start:end]
-        d = torch.diagonal(h1)
-        err = torch.zeros_like(w1)
-        for i in range(end - start):
-            pruned = w1[:, i].masked_fill(keep[:, start + i], 0.0)
-            loss += (pruned.double() / d[i].double()).square().sum() / 2
-            e = pruned / d[i]
-            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)  # eq. 3
-            err[:, i] = e
-        w1.masked_fill_(~keep[:, start:end], 0.0)
-        w[:, start:end] = w1
-        w[:, end:] -= err @ hinv[start:end, end:]  # lazy batch update (section 3.3)
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteError("SparseGPT produced NaN/Inf weights; the Hessian is ill-conditioned, raise dampening")
     return w.to(weight.dtype), keep, float(loss)
@@ -166,28 +149,23 @@ class SparseGPTSolver(Solver):
         sparsities: Mapping[str, float] | None = None,
         pattern: Pattern | None = None,
     ) -> dict[str, SolveResult]:
-        factors: dict[tuple[int, int], InverseFactor] = {}  # one inverse per distinct Hessian (q/k/v share)
         nm = pattern if isinstance(pattern, NM) else None
         if masks is None and not isinstance(pattern, (Element, NM)):
             raise ConfigError(f"SparseGPT chooses element or N:M masks, not {pattern.spec() if pattern else None!r}")
         results = {}
         for t in targets:
-            accumulator = evidence.hessian(t)
-            hessians = accumulator.hessian.reshape(-1, *accumulator.hessian.shape[-2:])
+            factors = evidence.inverse_factors(t, self.dampening, self.max_retries)  # q/k/v: factored once
             w3 = to_canonical(t.parameter.detach(), t.layout)
             out, spatial, inp = w3.shape
-            groups = hessians.shape[0]
+            groups = len(factors)
             rows = out // groups
             keep3 = None if masks is None else to_canonical(masks[t.name].to(w3.device), t.layout)
             sparsity = None if sparsities is None else sparsities[t.name]
             new3 = torch.empty_like(w3)
             chosen3 = torch.empty(w3.shape, dtype=torch.bool, device=w3.device)
-            info: dict[str, Any] = {"loss": 0.0, "dampening": 0.0, "retries": 0}
-            for g in range(groups):
-                key = (id(accumulator), g)
-                if key not in factors:
-                    factors[key] = inverse_factor(hessians[g], self.dampening, self.max_retries)
-                factor = factors[key]
+            dampening, retries = evidence.dampening[t.name]
+            info: dict[str, Any] = {"loss": 0.0, "dampening": dampening, "retries": retries}
+            for g, factor in enumerate(factors):
                 part = slice(g * rows, (g + 1) * rows)
                 weight2 = w3[part].reshape(rows, spatial * inp)
                 fixed = None if keep3 is None else keep3[part].reshape(rows, spatial * inp)
@@ -195,8 +173,6 @@ class SparseGPTSolver(Solver):
                 new3[part] = new.reshape(rows, spatial, inp)
                 chosen3[part] = keep.reshape(rows, spatial, inp)
                 info["loss"] += loss
-                info["dampening"] = max(info["dampening"], factor.dampening)
-                info["retries"] = max(info["retries"], factor.retries)
             results[t.name] = SolveResult(
                 keep=from_canonical(chosen3, t.layout, t.shape),
                 weight=from_canonical(new3, t.layout, t.shape),
@@ -212,5 +188,5 @@ class _SparseGPTOptions(Spec):
     _prefix = "solver_options."
 
     blocksize: int = option(128, check=integer(1))
-    dampening: float = option(0.01, check=number(0.0, low_open=True))
+    dampening: float = option(0.01, check=check_dampening)
     max_retries: int = option(5, check=integer(0))

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import PruneConfig
 from ..errors import DataRequiredError, ScopeError, StructureError
-from ..evidence import Need, gather, preserved
+from ..evidence import GRADIENT_NEEDS, Need, gather, preserved
 from ..guards import refuse_inference_weights
 from ..layout import Layout, layout_of
 from ..pipeline import Data, make_evidence, require_data
@@ -112,7 +112,7 @@ def score_groups(
     targets = _evidence_targets(criterion, solver, groups, modules)
     needs = _needs(criterion, solver)
     require_data(needs, f"method {criterion.name!r}" + (f" with solver {solver.name!r}" if solver else ""), data)
-    refuse_inference_weights(targets, criterion.name, bool(needs & {Need.GRADIENTS, Need.BATCH_GRADIENTS}))
+    refuse_inference_weights(targets, criterion.name, bool(needs & GRADIENT_NEEDS))
     evidence = make_evidence(model, targets, config, data)
     with preserved(model, targets):
         gather(evidence, needs)
