@@ -412,3 +412,37 @@ def test_l1_in_remove_mode_regularizes_the_scopes_weights_and_follows_every_resh
         model.zero_grad()
         pruner.step()
     assert widths[0] > widths[-1]  # it reshaped, and the penalty followed the new tensors
+
+
+def test_each_config_group_gathers_only_the_evidence_its_method_reads():
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.out = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.fc(self.emb(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag()
+    batches = [(torch.randint(0, 20, (4, 5)), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    # a Hessian used to be gathered for the embedding too (magnitude reads none), and crashed the run
+    report = secateurs.prune(model, "magnitude", 0.5, overrides={"fc": {"method": "sparsegpt"}}, calibration=batches,
+                             scope={"include": ["emb", "fc"], "embeddings": True, "skip_first": False},
+                             progress=False)  # fmt: skip
+    assert {layer.name: layer.sparsity for layer in report.layers} == {"emb.weight": 0.5, "fc.weight": 0.5}
+
+
+def test_the_block_runner_gathers_per_config_group_too():
+    pytest.importorskip("transformers")
+    from secateurs.masking import masked_targets
+    from secateurs.testing import tiny_llama
+
+    mixed, plain = tiny_llama(), tiny_llama()
+    secateurs.prune(mixed, "magnitude", 0.5, runner="blocks", overrides={"*.mlp.*": {"method": "sparsegpt"}},
+                    calibration=_llama_segments(), progress=False)  # fmt: skip
+    secateurs.prune(plain, "magnitude", 0.5, runner="blocks", calibration=_llama_segments(), progress=False)
+    masks = {t.name: t.module.parametrizations.weight[0].mask for t in masked_targets(mixed)}
+    for t in masked_targets(plain):
+        same = torch.equal(masks[t.name], t.module.parametrizations.weight[0].mask)
+        assert same == (".mlp." not in t.name), t.name  # attention: magnitude's masks; MLP: SparseGPT's

@@ -440,6 +440,23 @@ class PruneConfig(Spec):
             found.append((f"solver {self.solver_.name!r}", self.solver_.needs))
         return found
 
+    def target_needs(self, plans: Sequence[Plan]) -> dict[str, frozenset[Need]]:
+        """What each target's config group reads: its criterion (not when the solver chooses the masks), its
+        allocation and the solver. Gathering only that keeps, e.g., a Hessian off the layers whose method
+        does not read one."""
+        solver = self.solver_.needs if self.solver_ is not None else frozenset()
+        out: dict[str, frozenset[Need]] = {}
+        for plan in plans:
+            criterion = frozenset() if self.adaptive_ and plan.criterion is self.criterion_ else plan.criterion.needs
+            needs = criterion | plan.allocation.needs | solver
+            out.update(dict.fromkeys((t.name for t in plan.targets), needs))
+        return out
+
+    @staticmethod
+    def observed_targets(plans: Sequence[Plan]) -> list[Target]:
+        """The targets an observing allocation (OWL) reads the dense model for: those it allocates."""
+        return [t for plan in plans if plan.allocation.needs for t in plan.targets]
+
     @property
     def needs(self) -> frozenset[Need]:
         """Everything the run must gather."""

@@ -14,7 +14,7 @@ Nothing about the model is changed: buffers (BatchNorm running statistics), ``.g
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
@@ -50,6 +50,8 @@ DATA_NEEDS = frozenset(
 )
 #: needs met by backward passes (the weights must be able to require gradients)
 GRADIENT_NEEDS = frozenset({Need.GRADIENTS, Need.BATCH_GRADIENTS})
+#: what to gather: one set for every target, or a set per target name (config groups read different evidence)
+Needs = frozenset[Need] | Mapping[str, frozenset[Need]]
 
 
 @dataclass
@@ -317,9 +319,10 @@ class StatsCollector:
     the same data.)
     """
 
-    def __init__(self, targets: Sequence[Target], needs: frozenset[Need]) -> None:
-        self.targets = list(targets)
-        self.needs = needs & HOOKED
+    def __init__(self, targets: Sequence[Target], needs: Needs) -> None:
+        self._needs = {name: n & HOOKED for name, n in needs_by_target(targets, needs).items()}
+        self.targets = [t for t in targets if self._needs[t.name]]
+        self.needs = frozenset().union(*self._needs.values())
         self.activations: dict[str, ActivationStats] = {}
         self.hessians: dict[str, HessianAccumulator] = {}
         self._inputs: dict[str, InputStats | None] = {}
@@ -332,7 +335,7 @@ class StatsCollector:
         self._handles: list[Any] = []
 
     def __enter__(self) -> StatsCollector:
-        if self.needs:
+        if self.targets:
             # a tied weight (one tensor, several modules) is one target: every holder of the same kind feeds
             # it (the same W multiplies both inputs, so both belong to its statistics and its Hessian)
             self._handles = [
@@ -354,15 +357,16 @@ class StatsCollector:
             if not args or not isinstance(args[0], Tensor):
                 return
             x = args[0].detach()
-            if self.needs & {Need.ACTIVATIONS, Need.OUTPUTS} and isinstance(output, Tensor):
-                self._outputs(target, output.detach())
             name = target.name
+            needs = self._needs[name]
+            if needs & {Need.ACTIVATIONS, Need.OUTPUTS} and isinstance(output, Tensor):
+                self._outputs(target, output.detach())
             if self._first:
                 self._calls.setdefault(name, []).append((_input_key(x), *_reading(target.layout, module)))
                 self._alive.append(x)
-            if Need.ACTIVATIONS in self.needs and target.layout is not Layout.EMBEDDING:
+            if Need.ACTIVATIONS in needs and target.layout is not Layout.EMBEDDING:
                 self._add_inputs(target, holder, x)
-            if Need.HESSIAN in self.needs and name not in self._shared_hessians:
+            if Need.HESSIAN in needs and name not in self._shared_hessians:
                 accumulator = self.hessians.get(name)
                 if accumulator is None:
                     groups, columns = hessian_columns(target)
@@ -392,7 +396,7 @@ class StatsCollector:
             zeros = torch.zeros(channels, dtype=torch.float64, device=y.device)
             stats = self.activations[target.name] = ActivationStats(self._inputs.get(target.name), zeros, zeros.clone())
         positions = y.numel() // max(channels, 1)
-        if Need.OUTPUTS in self.needs:
+        if Need.OUTPUTS in self._needs[target.name]:
             rows = _channels_last(y.float(), target.layout)
             stats.output_abs_sum += rows.abs().sum(0).double()
             stats.output_nonpositive += (rows <= 0).sum(0).double()
@@ -410,12 +414,16 @@ class StatsCollector:
             calls = self._calls.get(t.name)
             if not calls:
                 continue
-            owner = inputs_owner.setdefault(tuple((key, axis) for key, axis, _ in calls), t.name)
-            if owner != t.name and t.name in self._inputs:
-                self._shared_inputs.add(t.name)
-                self._inputs[t.name] = self._inputs[owner]
+            # an owner keeps what the sharer needs: targets only share with one that gathers the same thing
+            if t.name in self._inputs:
+                owner = inputs_owner.setdefault(tuple((key, axis) for key, axis, _ in calls), t.name)
+                if owner != t.name:
+                    self._shared_inputs.add(t.name)
+                    self._inputs[t.name] = self._inputs[owner]
+            if t.name not in self.hessians:
+                continue
             owner = hessian_owner.setdefault(tuple(calls), t.name)
-            if owner != t.name and t.name in self.hessians:
+            if owner != t.name:
                 self._shared_hessians.add(t.name)
                 self.hessians[t.name] = self.hessians[owner]
         self._calls.clear()
@@ -452,7 +460,15 @@ def preserved(model: nn.Module, targets: Sequence[Target]) -> Iterator[None]:
         torch.set_rng_state(rng)
 
 
-def _collect(targets: Sequence[Target], needs: frozenset[Need], batches: Iterable[Any], run) -> StatsCollector:
+def needs_by_target(targets: Sequence[Target], needs: Needs) -> dict[str, frozenset[Need]]:
+    """What each target needs: the same for all (a set) or each its own (a mapping by target name;
+    config groups of one run may read different evidence)."""
+    if isinstance(needs, Mapping):
+        return {t.name: needs.get(t.name, frozenset()) for t in targets}
+    return dict.fromkeys((t.name for t in targets), needs)
+
+
+def _collect(targets: Sequence[Target], needs: Needs, batches: Iterable[Any], run) -> StatsCollector:
     with StatsCollector(targets, needs) as collector, torch.no_grad():
         for batch in batches:
             run(batch)
@@ -460,22 +476,26 @@ def _collect(targets: Sequence[Target], needs: frozenset[Need], batches: Iterabl
     return collector
 
 
-def gather(evidence: Evidence, needs: frozenset[Need]) -> None:
-    """Whole-model runner: fill ``evidence`` with what ``needs`` asks for, from the calibration batches."""
+def gather(evidence: Evidence, needs: Needs) -> None:
+    """Whole-model runner: fill ``evidence`` with what ``needs`` asks for (for every target, or per target),
+    from the calibration batches."""
+    per_target = needs_by_target(evidence.targets, needs)
+    needs = frozenset().union(*per_target.values())
     if needs & HOOKED:
         device = model_device(evidence.model)
         label = "+".join(sorted(n.value for n in needs & HOOKED))
         batches = progress(evidence.batches, label, evidence.show_progress)
         collector = _collect(
-            evidence.targets, needs, batches, lambda b: run_model(evidence.model, to_device(b, device))
+            evidence.targets, per_target, batches, lambda b: run_model(evidence.model, to_device(b, device))
         )
         evidence.activations, evidence.hessians = collector.result()
     if needs & GRADIENT_NEEDS:
-        _gather_gradients(evidence, keep_batches=Need.BATCH_GRADIENTS in needs)
+        wanted = [t for t in evidence.targets if per_target[t.name] & GRADIENT_NEEDS]
+        _gather_gradients(evidence, wanted, keep_batches=Need.BATCH_GRADIENTS in needs)
 
 
 def gather_block(
-    block: nn.Module, block_index: int, targets: Sequence[Target], inputs: BlockInputs, needs: frozenset[Need]
+    block: nn.Module, block_index: int, targets: Sequence[Target], inputs: BlockInputs, needs: Needs
 ) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
     """Block runner: one pass of ``block`` over every captured calibration batch, hooks on ``targets``."""
 
@@ -485,10 +505,10 @@ def gather_block(
     return _collect(targets, needs, range(len(inputs.hidden)), run).result()
 
 
-def _gather_gradients(evidence: Evidence, keep_batches: bool) -> None:
+def _gather_gradients(evidence: Evidence, targets: Sequence[Target], keep_batches: bool) -> None:
     loss_fn = evidence.loss_fn or default_loss
     model, device = evidence.model, model_device(evidence.model)
-    params = {t.name: t.parameter for t in evidence.targets}
+    params = {t.name: t.parameter for t in targets}
     for p in params.values():
         p.requires_grad_(True)
     stats = {

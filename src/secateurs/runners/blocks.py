@@ -28,7 +28,7 @@ from ..blocks import BlockDiscoveryError, BlockInputs, Call, block_owners, captu
 from ..collapse import collapsed_targets, refuse_collapse
 from ..config import Plan, PruneConfig
 from ..errors import ScopeError
-from ..evidence import Evidence, gather_block
+from ..evidence import Evidence, Need, gather_block
 from ..pipeline import Context, Data, Rollback, apply, check, decide, refuse_lower, seeded
 from ..progress import progress as progress_bar
 from ..report import LayerResult, Report, RunDetails, build_report
@@ -60,14 +60,17 @@ def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
     was_training = model.training
     model.eval()
     try:
-        if config.allocation_.needs:
-            context.observed = _observe(model, blocks, per_block, config, data, device, layer_of)
+        observed = {t.name for t in config.observed_targets(plans)}
+        if observed:
+            watched = [[t for t in group if t.name in observed] for group in per_block]
+            context.observed = _observe(model, blocks, watched, config, data, device, layer_of)
+        needs = config.target_needs(plans)
         inputs = _capture(model, blocks, data.batches, device) if config.needs else None
         for i, block in enumerate(progress_bar(blocks, f"{config.criterion_.name} blocks", data.show_progress)):
             if data.rollback:
                 rollback.save(per_block[i])
             with on_device(block, device):
-                results, sparsities = _prune_block(block, i, per_block[i], plans, inputs, config, context)
+                results, sparsities = _prune_block(block, i, per_block[i], plans, inputs, config, context, needs)
                 solved += results
                 allocated.update(sparsities)
                 if inputs is not None and i + 1 < len(blocks):
@@ -113,12 +116,12 @@ def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.M
 
 def _prune_block(
     block: nn.Module, index: int, targets: list[Target], plans: Sequence[Plan], inputs: BlockInputs | None,
-    config: PruneConfig, context: Context,
+    config: PruneConfig, context: Context, needs: dict[str, frozenset[Need]],
 ) -> tuple[list[LayerResult], dict[str, float]]:  # fmt: skip
     if not targets:
         return [], {}
     mine = {t.name for t in targets}
-    activations, hessians = gather_block(block, index, targets, inputs, config.needs) if inputs else ({}, {})
+    activations, hessians = gather_block(block, index, targets, inputs, needs) if inputs else ({}, {})
     evidence = Evidence(model=block, targets=targets, activations=activations, hessians=hessians,
                         generator=seeded(config, index), show_progress=False)  # fmt: skip
     pairs = [(plan, [t for t in plan.targets if t.name in mine]) for plan in plans]

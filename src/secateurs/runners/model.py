@@ -69,6 +69,8 @@ class Pruning:
         check(self.plans, config, data)
         source = "example_inputs" if data.example_inputs_given else "the first sample of the first calibration batch"
         check_inputs(model, data.example_inputs, source)  # the report runs them after the pruning
+        self.needs = config.target_needs(self.plans)
+        self.observed = config.observed_targets(self.plans)
         self.context = Context(all_targets={id(p): p.targets for p in self.plans})
         if config.allocation_.needs:
             self.context.layer_of = layer_names(model, self.targets, config.blocks)
@@ -83,9 +85,9 @@ class Pruning:
         config = self.config
         evidence = make_evidence(self.model, self.targets, config, self.data, round_)
         with preserved(self.model, self.targets):  # passes leave no trace; the pruning itself comes after
-            gather(evidence, config.needs)
-            if config.allocation_.needs and not self.context.observed:  # observed once, on the dense model
-                self.context.observed = config.allocation_.observe(self.targets, evidence, self.context.layer_of)
+            gather(evidence, self.needs)
+            if self.observed and not self.context.observed:  # observed once, on the dense model
+                self.context.observed = config.allocation_.observe(self.observed, evidence, self.context.layer_of)
             decisions = decide([(p, p.targets) for p in self.plans], evidence, config, sparsity, self.context)
         self.solved, self.allocated = apply(decisions, config)
 
