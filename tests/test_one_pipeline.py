@@ -390,6 +390,35 @@ def test_the_block_runner_refuses_a_lower_sparsity_over_existing_masks():
                         progress=False)  # fmt: skip
 
 
+def test_an_explicit_allocation_checks_each_named_layer_against_its_masks():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    secateurs.prune(model, "magnitude", 0.5, scope={"skip_first": False}, progress=False)
+    with pytest.raises(ConfigError, match=r"'2.weight' is already 50\.00% sparse"):
+        secateurs.prune(model, "magnitude", None, allocation={"0": 0.7, "2": 0.3}, progress=False)
+    report = secateurs.prune(model, "magnitude", None, allocation={"0": 0.7}, scope={"skip_first": False},
+                             progress=False)  # a layer no key names keeps its masks  # fmt: skip
+    assert {r.name: round(r.sparsity, 2) for r in report.layers} == {"0.weight": 0.7, "2.weight": 0.5}
+
+
+def test_an_override_method_with_other_defaults_needs_the_runs_allocation_and_rounds_chosen():
+    """Under the run's allocation LAMP would rank like magnitude and SynFlow would run one round: refused
+    unless the run names them (then they are the user's choice)."""
+    x = torch.randn(4, 8)
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    with pytest.raises(ConfigError, match="'lamp' ranks with allocation 'global' by default"):
+        secateurs.prune(mlp(), "magnitude", 0.5, overrides={"*": {"method": "lamp"}}, progress=False)
+    with pytest.raises(ConfigError, match="'synflow' prunes in 100 rounds by default, but an override runs in"):
+        secateurs.prune(mlp(), "magnitude", 0.5, allocation="global", overrides={"2": {"method": "synflow"}},
+                        example_inputs=x, progress=False)  # fmt: skip
+    secateurs.prune(mlp(), "magnitude", 0.5, allocation="uniform", overrides={"*": {"method": "lamp"}}, progress=False)
+    secateurs.prune(mlp(), "magnitude", 0.5, allocation="global", iterations=4, overrides={"2": {"method": "synflow"}},
+                    example_inputs=x, progress=False)  # fmt: skip
+
+
 def test_the_llm_front_doors_scope_defaults_fill_only_what_the_user_left_out():
     from secateurs.llm import LLMPruneConfig
 

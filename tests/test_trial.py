@@ -159,3 +159,48 @@ def test_trial_keeps_nested_configs_shared_and_restores_their_fields():
     for c in (config, text, vision):
         assert vars(c).keys() == fields[id(c)].keys()
         assert all(vars(c)[k] is v for k, v in fields[id(c)].items())  # the same field objects, not copies
+
+
+class _Halve(nn.Module):
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b * 0.5
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda m: secateurs.bake(m),
+        lambda m: secateurs.unmask(m),
+        lambda m: secateurs.prune(m, "magnitude", 0.7, mode="bake", progress=False),
+        lambda m: torch.nn.utils.parametrize.register_parametrization(m[3], "bias", _Halve()),
+    ],
+    ids=["bake", "unmask", "re-prune-bake", "new-parametrization"],
+)
+def test_trial_restores_an_already_masked_model(body):
+    """torch edits a masked module's parametrized class in place (removing the last parametrization of a
+    tensor deletes the class's property); the trial must give the class its properties back."""
+    model = small_cnn()
+    secateurs.prune(model, "magnitude", 0.5, progress=False)
+    before = _snapshot(model)
+    x = torch.randn(4, 3, 8, 8)
+    masked = model(x)
+    with secateurs.trial(model):
+        body(model)
+    _assert_same(model, before)
+    torch.testing.assert_close(model(x), masked, rtol=0, atol=0)
+    assert [t.module_name for t in secateurs.masking.masked_targets(model)] == ["3", "5", "9"]
+    secateurs.bake(model)  # still a working masked model: it bakes and runs
+    assert model(x).shape == masked.shape
+
+
+def test_trial_removes_hooks_and_non_persistent_buffers_added_inside():
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    dense = model(x)
+    with secateurs.trial(model):
+        model[0].register_forward_hook(lambda module, args, out: out * 0)
+        model[0].register_forward_pre_hook(lambda module, args: None)
+        model[0].register_buffer("scratch", torch.ones(1), persistent=False)
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+    assert "scratch" not in model[0]._non_persistent_buffers_set and not hasattr(model[0], "scratch")
+    torch.testing.assert_close(model(x), dense, rtol=0, atol=0)

@@ -27,7 +27,7 @@ from .errors import ConfigError, choices
 from .evidence import Evidence, Need
 from .patterns import Pattern
 from .registry import Registry
-from .scope import Target, target_matches
+from .scope import Target, check_glob, target_matches
 from .selection import global_prune_counts
 from .spec import is_number
 
@@ -186,18 +186,20 @@ class Explicit(Allocation):
         for key, value in sparsities.items():
             if not isinstance(key, str):
                 raise ConfigError(f"allocation keys are module-name globs (strings), got {key!r}")
+            check_glob(key, "allocation key")
             if not is_number(value) or not 0.0 <= value < 1.0:
                 raise ConfigError(f"allocation[{key!r}] = {value!r}: a sparsity must be a number in [0, 1)")
         self.sparsities = {k: float(v) for k, v in sparsities.items()}
         self.default = default
 
-    def check_targets(self, targets: Sequence[Target]) -> None:
+    def check_targets(self, targets: Sequence[Target], kind: str = "target", hint: str = "") -> None:
         """Every glob must name at least one target of the run (checked once, before the run splits its
-        targets into config groups: a glob may name targets of an override's group)."""
+        targets into config groups: a glob may name targets of an override's group). ``kind`` says what
+        the targets are (structural removal allocates over groups of channels), ``hint`` how they are named."""
         for key in self.sparsities:
             if not any(target_matches(t, key) for t in targets):
                 raise ConfigError(
-                    f"allocation key {key!r} matches no target; targets are: "
+                    f"allocation key {key!r} matches no {kind}{hint}; {kind}s are: "
                     f"{', '.join(t.module_name for t in targets[:20])}{' ...' if len(targets) > 20 else ''}"
                 )
 

@@ -64,8 +64,7 @@ def prune(
     """
     PruneConfig.check_keywords(options, "prune()", _CALL_KEYWORDS)
     config = PruneConfig(method=method, sparsity=sparsity, **options)
-    data = Data.from_user(config, calibration, loss_fn, example_inputs, progress)
-    data.allow_collapse = allow_collapse
+    data = Data.from_user(config, calibration, loss_fn, example_inputs, progress, allow_collapse)
     return run(model, config, data)
 
 
@@ -141,7 +140,7 @@ class Pruner:
                 f"Pruner prunes the whole model between training steps; runner={self.config.runner!r} is for one-shot "
                 "pruning with prune() / prune_llm()"
             )
-        self.data = Data.from_user(self.config, calibration, loss_fn, example_inputs, progress)
+        self.data = Data.from_user(self.config, calibration, loss_fn, example_inputs, progress, allow_collapse)
         self._removal: ScheduledRemoval | None = None
         self._pruning: Pruning | None = None
         self.targets: list[Target] = []

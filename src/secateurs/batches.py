@@ -13,8 +13,10 @@ Anything else: pass ``loss_fn(model, batch) -> scalar``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import DataRequiredError, SecateursError
+from .errors import ConfigError, DataRequiredError, SecateursError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -116,11 +118,17 @@ def run_model(model: nn.Module, batch: Any, what: str | None = "a calibration ba
     if what is None:
         return forward()
     check_token_ids(model, inputs, what)
-    try:
+    with blaming_inputs(inputs, what):
         return forward()
-    except SecateursError:
-        raise
-    except torch.OutOfMemoryError:
+
+
+@contextlib.contextmanager
+def blaming_inputs(inputs: Any, what: str) -> Iterator[None]:
+    """The model failing inside the block on ``inputs`` is a :class:`DataRequiredError` that describes
+    them (the cause is chained); our own errors and running out of memory pass through."""
+    try:
+        yield
+    except (SecateursError, torch.OutOfMemoryError):
         raise
     except (RuntimeError, IndexError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DataRequiredError(
@@ -157,6 +165,27 @@ def logits_of(output: Any) -> Tensor:
     if isinstance(output, (list, tuple)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise DataRequiredError(f"cannot find a tensor in the model output of type {type(output).__name__}")
+
+
+def checked_loss(loss_fn: LossFn | None) -> LossFn | None:
+    """The user's ``loss_fn``, refused up front if it cannot be called, and checked at every call: a loss
+    that is not one number would fail inside ``backward()`` with a message that never names it."""
+    if loss_fn is None:
+        return None
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got {loss_fn!r}")
+
+    @functools.wraps(loss_fn)
+    def call(model: nn.Module, batch: Any) -> Tensor:
+        loss = loss_fn(model, batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise DataRequiredError(
+                f"loss_fn(model, batch) must return a scalar tensor, but it returned {describe(loss)}; "
+                "reduce it (e.g. .mean()), and note the model comes first, then the batch"
+            )
+        return loss
+
+    return call
 
 
 def default_loss(model: nn.Module, batch: Any) -> Tensor:

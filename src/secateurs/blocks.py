@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .batches import model_inputs
+from .batches import blaming_inputs, model_inputs
 from .errors import ConfigError
 from .layout import Layout, layout_of
 
@@ -217,12 +217,13 @@ def _run_until_blocks(model: nn.Module, batch: Any, extra: dict[str, Any]) -> No
     An encoder-decoder given token ids alone reads them on both sides (the decoder's blocks need
     inputs too), as a denoising model does."""
     inputs = model_inputs(batch)
-    if isinstance(inputs, dict):
-        model(**inputs, **extra)
-    elif isinstance(inputs, Tensor) and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        model(input_ids=inputs, decoder_input_ids=inputs, **extra)
-    else:
-        model(inputs, **extra)
+    with blaming_inputs(inputs, "a calibration batch"):
+        if isinstance(inputs, dict):
+            model(**inputs, **extra)
+        elif isinstance(inputs, Tensor) and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            model(input_ids=inputs, decoder_input_ids=inputs, **extra)
+        else:
+            model(inputs, **extra)
 
 
 def capture_inputs(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[Any]) -> BlockInputs:

@@ -26,7 +26,7 @@ from .granularity import Granularity, StructuralOptions, parse_granularity
 from .patterns import COMPARISONS, NM, Pattern, parse_pattern
 from .runner import RUNNERS, Runner
 from .schedules import OneShot, Schedule, make_schedule
-from .scope import ScopeSpec, Target, target_matches
+from .scope import ScopeSpec, Target, check_glob, target_matches
 from .solvers.base import SOLVERS, Solver, make_solver
 from .spec import (
     Spec,
@@ -366,6 +366,7 @@ class PruneConfig(Spec):
             raise type(exc)(f"{where}: {exc}") from None
 
     def _check_override(self, where: str, glob: str, value: Any) -> Override:
+        check_glob(glob, "overrides key")
         if is_number(value) or value is None:
             value = {"sparsity": value}
         if not isinstance(value, Mapping):
@@ -400,10 +401,30 @@ class PruneConfig(Spec):
         # an override's own sparsity is its layers' sparsity (an explicit base allocation names other values)
         own = isinstance(pattern, NM) or (value.get("sparsity") is not None and isinstance(self.allocation_, Explicit))
         allocation = Uniform() if own else self.allocation_
+        if "method" in value:
+            self._check_override_defaults(where, criterion, allocation)
         self._check_allocation(allocation, pattern, comparison)
         if sparsity is not None:
             allocation.check(sparsity)  # e.g. OWL's lambda bound at the override's own sparsity
         return Override(glob, sparsity, pattern, criterion, comparison, allocation)
+
+    def _check_override_defaults(self, where: str, criterion: Criterion, allocation: Allocation) -> None:
+        """An override shares the run's allocation and rounds. A method whose own defaults differ (LAMP and
+        SNIP rank globally, SynFlow prunes in 100 rounds) would silently become another method under
+        them, so the run must choose them explicitly."""
+        if self.allocation is None and criterion.default_allocation != allocation.name:
+            raise ConfigError(
+                f"{where}: method {criterion.name!r} ranks with allocation {criterion.default_allocation!r} "
+                f"by default, but an override runs under the run's allocation, here {allocation.name!r}; make "
+                f"{criterion.name!r} the run's method, or set allocation=... on the run to choose explicitly"
+            )
+        rounds = criterion.default_iterations if self.application_.multi_round else 1
+        if self.iterations is None and rounds != self.rounds:
+            raise ConfigError(
+                f"{where}: method {criterion.name!r} prunes in {rounds} rounds by default, but an override runs "
+                f"in the run's {self.rounds}; make {criterion.name!r} the run's method, or set iterations=... "
+                "on the run to choose explicitly"
+            )
 
     def _check_remove(self, criterion: Criterion) -> None:
         moved = {"blocks": "blocks=... (a top-level option)", "bias_compensation": "solver='bias_compensation' "
@@ -418,6 +439,11 @@ class PruneConfig(Spec):
                 "or 'global'"
             )
         kinds = self.pattern_.kinds
+        if kinds == ("layer",) and isinstance(self.allocation_, Explicit):
+            raise ConfigError(
+                "pattern='layer' ranks the blocks against each other and removes the lowest-scored share of them; "
+                "an explicit allocation cannot name blocks. Give one sparsity: the share of blocks to remove"
+            )
         unsupported = [k for k in kinds if k not in criterion.granularities]
         if unsupported:
             hint = ("Use method='shortgpt' (block influence) or 'random'" if kinds == ("layer",)

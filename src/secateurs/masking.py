@@ -370,7 +370,7 @@ def load_masks(model: nn.Module, path: str | os.PathLike, mode: str = "mask") ->
     return [t.name for t in targets]
 
 
-def refuse_lower_target(targets: Sequence[Target], sparsity: float) -> None:
+def refuse_lower_target(targets: Sequence[Target], sparsity: float, what: str = "the scope") -> None:
     """Masks only grow (pruned units stay pruned and count toward the budget), so asking for less
     than the targets' current sparsity would silently change nothing: say so instead."""
     masks = [current_mask(t) for t in targets]
@@ -380,7 +380,7 @@ def refuse_lower_target(targets: Sequence[Target], sparsity: float) -> None:
     current = pruned / max(sum(t.numel for t in targets), 1)
     if current > sparsity + 1e-9:
         raise ConfigError(
-            f"the scope is already {current:.2%} sparse (masks from an earlier prune), more than the "
+            f"{what} is already {current:.2%} sparse (masks from an earlier prune), more than the "
             f"requested sparsity={sparsity:g}; masks only grow, so nothing would change. Ask for more than "
             f"{current:.2%}, or call secateurs.unmask(model) first to start again from the dense weights"
         )

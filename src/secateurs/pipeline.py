@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .allocation import Budget
+from .allocation import Budget, Explicit
 from .application import requested_sparsity
-from .batches import LossFn, first_sample, model_inputs, take
+from .batches import LossFn, checked_loss, first_sample, model_inputs, take
 from .blocks import BlockDiscoveryError, block_owners, find_blocks
 from .config import Plan, PruneConfig
 from .errors import ConfigError, DataRequiredError, StateError
@@ -28,8 +28,9 @@ from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
 from .masking import MaskSnapshot, WeightMask, current_mask, gate_of, refuse_lower_target
 from .report import LayerResult
-from .scope import Target
+from .scope import Target, target_matches
 from .selection import check_finite, keep_mask
+from .spec import boolean
 
 
 @dataclass
@@ -48,13 +49,18 @@ class Data:
     @classmethod
     def from_user(
         cls, config: PruneConfig, calibration: Iterable[Any] | None, loss_fn: LossFn | None, example_inputs: Any,
-        show_progress: bool,
+        show_progress: bool, allow_collapse: bool = False,
     ) -> Data:  # fmt: skip
+        """Check the call's own arguments (the config checked its fields) and take the batches."""
+        boolean()("progress", show_progress)
+        boolean()("allow_collapse", allow_collapse)
+        loss_fn = checked_loss(loss_fn)
         batches = take(calibration, config.max_batches)
         given = example_inputs is not None
         if example_inputs is None and batches:
             example_inputs = first_sample(model_inputs(batches[0]))
-        return cls(batches, loss_fn, example_inputs, show_progress, example_inputs_given=given)
+        return cls(batches, loss_fn, example_inputs, show_progress, example_inputs_given=given,
+                   allow_collapse=allow_collapse)  # fmt: skip
 
 
 @dataclass
@@ -112,9 +118,18 @@ def _check_target(t: Target, config: PruneConfig) -> None:
 
 
 def refuse_lower(plans: Sequence[Plan], config: PruneConfig, sparsity: float) -> None:
-    """Masks only grow: a request below what the masks already prune would change nothing (both runners)."""
+    """Masks only grow: a request below what the masks already prune would change nothing (both runners).
+    An explicit allocation asks each target for its own value, so each target it names is checked alone
+    (a target no glob names, left at a default of 0, is not asked anything)."""
     for plan in plans:
-        refuse_lower_target(plan.targets, plan_sparsity(plan, config, sparsity))
+        allocation = plan.allocation
+        if not isinstance(allocation, Explicit):
+            refuse_lower_target(plan.targets, plan_sparsity(plan, config, sparsity))
+            continue
+        wanted = allocation.resolve(plan.targets)
+        for t in plan.targets:
+            if allocation.default > 0 or any(target_matches(t, key) for key in allocation.sparsities):
+                refuse_lower_target([t], wanted[t.name], f"{t.name!r}")
 
 
 def require_data(needs: frozenset[Need], who: str, data: Data) -> None:

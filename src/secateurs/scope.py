@@ -52,11 +52,7 @@ class ScopeSpec(Spec):
         if unknown:
             raise ScopeError(f"scope.types has unknown module type(s) {unknown}; supported: {choices(SUPPORTED_TYPES)}")
         for pattern in (*self.include, *self.exclude):
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ScopeError(f"scope pattern {pattern!r} is not a valid regex: {exc}") from exc
+            check_glob(pattern, "scope pattern")
 
     @classmethod
     def from_value(cls, value: ScopeSpec | dict | Sequence[str] | str | None) -> ScopeSpec:
@@ -73,6 +69,11 @@ class ScopeSpec(Spec):
             if unknown:
                 raise ScopeError(f"unknown scope key(s) {sorted(unknown)}; valid: {choices(valid)}")
             return cls(**value)
+        if not isinstance(value, (list, tuple)):
+            raise ScopeError(
+                f"scope must be a glob, a list of globs, a dict of {choices(cls.__dataclass_fields__)} or a "
+                f"ScopeSpec; got {value!r}"
+            )
         return cls(include=tuple(value))
 
     def to_dict(self) -> dict:
@@ -168,6 +169,15 @@ def target_of(model: nn.Module, module_name: str, param: str = "weight", holders
     tensor = _held(module, param)
     others = [h for h in holders.get(id(tensor), []) if h[1] is not module or h[2] != param]
     return Target(module_name, module, layout_of(module), param, tuple(others))
+
+
+def check_glob(pattern: str, what: str) -> None:
+    """Refuse a ``re:`` pattern that does not compile, naming ``what`` it is (before anything runs)."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ScopeError(f"{what} {pattern!r} is not a valid regex: {exc}") from exc
 
 
 def _matches_one(name: str, pattern: str) -> bool:

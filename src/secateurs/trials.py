@@ -12,7 +12,13 @@ What counts as a configuration is decided by type (:func:`_config_types`), not b
 ``to_dict`` method: a configuration's fields are put back one by one on the same object, so every
 module that shares it (a composite model's ``config.text_config`` is its language model's
 ``config``) still shares it afterwards. Any other object a module holds is put back by reference,
-as it was, but its contents are not copied.
+as it was, but its contents are not copied, with one exception: the lists, dicts and sets a module or
+a configuration holds directly (hook tables, the non-persistent buffer set, a config's list of layer
+types) get their contents back, because torch and user code edit those in place.
+
+A masked module's class is torch's per-module parametrized class, and torch edits that class in place
+(removing the last parametrization of a tensor deletes the class's property for it; adding one adds a
+property), so a trial also restores the properties of every parametrized class it saw.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
+from .errors import ConfigError
 from .spec import Spec
 
 
@@ -37,6 +45,42 @@ class _ModuleState:
     parameters: dict[str, Any]
     buffers: dict[str, Any]
     children: dict[str, Any]
+
+
+_Container = list | dict | set
+
+
+def _contents(holders: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    """A shallow copy of every list, dict and set the holders' attributes hold directly, each once."""
+    found: dict[int, tuple[Any, Any]] = {}
+    for attributes in holders:
+        for value in attributes.values():
+            if isinstance(value, _Container) and id(value) not in found:
+                found[id(value)] = (value, value.copy())
+    return list(found.values())
+
+
+def _refill(container: Any, saved: Any) -> None:
+    """Give a list, dict or set its saved contents back, keeping the object (handles hold it)."""
+    if isinstance(container, list):
+        container[:] = saved
+    else:
+        container.clear()
+        container.update(saved)
+
+
+def _class_properties(modules: list[nn.Module]) -> list[tuple[type, dict[str, Any]]]:
+    """The attributes of each parametrized class the modules have: torch adds and deletes properties there."""
+    classes = {id(type(m)): type(m) for m in modules if parametrize.is_parametrized(m)}
+    return [(cls, dict(vars(cls))) for cls in classes.values()]
+
+
+def _restore_class(cls: type, saved: dict[str, Any]) -> None:
+    for name in [n for n in vars(cls) if n not in saved]:
+        delattr(cls, name)
+    for name, value in saved.items():
+        if vars(cls).get(name) is not value:
+            setattr(cls, name, value)
 
 
 @dataclass
@@ -129,12 +173,16 @@ def trial(model: nn.Module, storage: torch.device | str = "cpu") -> Iterator[nn.
     mode, with any runner, fine-tune, backpropagate, convert with ``.half()`` or ``.to()``, run forward
     passes in train mode). Copies of the tensors' values live on ``storage`` (the CPU by default, so a
     GPU model's memory is not doubled). A gradient that was None is None again."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"trial() restores a torch.nn.Module, got {type(model).__name__}")
     modules = list(dict.fromkeys(model.modules()))
     states = [
         _ModuleState(m, type(m), dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
         for m in modules
     ]
     configs = [(c, dict(vars(c))) for c in _configs(modules)]  # field by field, on the same objects
+    contents = _contents([state.attributes for state in states] + [fields for _, fields in configs])
+    classes = _class_properties(modules)
     tensors: dict[int, _TensorState] = {}
     for m in modules:
         for tensor in [*m._parameters.values(), *m._buffers.values()]:
@@ -155,6 +203,10 @@ def trial(model: nn.Module, storage: torch.device | str = "cpu") -> Iterator[nn.
         for config, fields in configs:
             vars(config).clear()
             vars(config).update(fields)
+        for container, saved in contents:
+            _refill(container, saved)
+        for cls, properties in classes:
+            _restore_class(cls, properties)
         _restore_tensors(list(tensors.values()))
         for m in modules:
             if isinstance(m, nn.RNNBase):  # RNNs cache a flat list of their weights

@@ -121,6 +121,9 @@ def test_block_influence_removes_the_block_that_changes_its_input_least():
                              calibration=batches, progress=False, structural={"latency": False})  # fmt: skip
     assert report.removed_blocks == ["1.1"]
     assert len(net[1]) == 2
+    with pytest.raises(ConfigError, match="an explicit allocation cannot name blocks"):  # keys would be ignored
+        secateurs.prune(net, "shortgpt", None, allocation={"1.0": 0.5}, pattern="layer", mode="remove",
+                        example_inputs=batches[0], calibration=batches, progress=False)  # fmt: skip
 
 
 def test_a_criterion_refuses_groups_it_cannot_read_before_anything_runs():

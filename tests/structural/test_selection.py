@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from structural_nets import resnet_like
 from torch import nn
 
 import secateurs
+from secateurs import ConfigError
 from secateurs.allocation import Global, Uniform
 from secateurs.granularity import StructuralOptions
 from secateurs.structural import DependencyGraph, plan_of
@@ -65,6 +67,16 @@ def test_explicit_allocation_uses_group_names():
                              progress=False, structural={"latency": False})  # fmt: skip
     changed = {g.name: (g.units_before, g.units_after) for g in report.groups if g.units_after != g.units_before}
     assert changed == {name: (16, 8)}
+
+
+def test_an_explicit_allocation_key_that_names_no_group_is_refused_with_the_group_names():
+    """Removal cannot be undone: a misspelt key, or a consumer's name, must not leave a group unprotected."""
+    model, groups = _groups()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match=rf"'{groups[1].name}x' matches no group.*named by the layer that produces"):
+        secateurs.prune(model, "magnitude", 0.5, allocation={f"{groups[1].name}x": 0.0}, mode="remove",
+                        example_inputs=X, progress=False, structural={"latency": False})  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_scope_limits_removal_to_included_producers_and_untouched_excluded_modules():

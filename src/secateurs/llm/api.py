@@ -125,10 +125,9 @@ def prune_llm(
             segments, seqlen = calibration_segments(model, calibration, tokenizer, config)
             batches = list(batched(segments, config.batch_size))
             calibrated = {"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)}
-    data = Data.from_user(config, batches, None, None, progress)
+    data = Data.from_user(config, batches, None, None, progress, allow_collapse)
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
-    data.allow_collapse = allow_collapse
     report = run(model, config, data)
     if isinstance(report, StructuralReport):
         report.calibration = calibrated

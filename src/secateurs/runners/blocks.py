@@ -44,8 +44,7 @@ def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
     plans = config.plans(scoped)
     targets = [t for plan in plans for t in plan.targets]  # an override at sparsity 0 leaves its layers alone
     check(plans, config, data)
-    if config.sparsity is not None:
-        refuse_lower(plans, config, config.final_sparsity)
+    refuse_lower(plans, config, config.final_sparsity)
     owner = block_owners(blocks)
     per_block: list[list[Target]] = [[] for _ in blocks]
     for t in targets:

@@ -41,8 +41,7 @@ def run_model(model: nn.Module, config: PruneConfig, data: Data) -> Any:
     if config.application_.structural:
         return remove_structures(model, config, data)
     pruning = Pruning(model, config, data)
-    if config.sparsity is not None:
-        pruning.refuse_lower(config.final_sparsity)
+    pruning.refuse_lower(config.final_sparsity)
     start = time.perf_counter()
     rounds = config.rounds
     with all_or_nothing(pruning.targets, config.application_.writes_weights):
