@@ -398,6 +398,13 @@ def test_an_explicit_allocation_checks_each_named_layer_against_its_masks():
     report = secateurs.prune(model, "magnitude", None, allocation={"0": 0.7}, scope={"skip_first": False},
                              progress=False)  # a layer no key names keeps its masks  # fmt: skip
     assert {r.name: round(r.sparsity, 2) for r in report.layers} == {"0.weight": 0.7, "2.weight": 0.5}
+    # a schedule's steps ask each named layer for its share of the value, so they grow without a refusal
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    pruner = secateurs.Pruner(model, "magnitude", None, allocation={"0": 0.6, "2": 0.3}, scope={"skip_first": False},
+                              schedule={"kind": "linear", "start": 0, "end": 4, "every": 1})  # fmt: skip
+    for _ in range(5):
+        pruner.step()
+    assert [round(float((model[i].weight == 0).float().mean()), 1) for i in (0, 2)] == [0.6, 0.3]
 
 
 def test_an_override_method_with_other_defaults_needs_the_runs_allocation_and_rounds_chosen():

@@ -126,10 +126,12 @@ def refuse_lower(plans: Sequence[Plan], config: PruneConfig, sparsity: float) ->
         if not isinstance(allocation, Explicit):
             refuse_lower_target(plan.targets, plan_sparsity(plan, config, sparsity))
             continue
+        final = config.final_sparsity
+        scale = sparsity / final if final > 0 else 1.0  # a schedule's step asks for its share of each value
         wanted = allocation.resolve(plan.targets)
         for t in plan.targets:
             if allocation.default > 0 or any(target_matches(t, key) for key in allocation.sparsities):
-                refuse_lower_target([t], wanted[t.name], f"{t.name!r}")
+                refuse_lower_target([t], wanted[t.name] * scale, f"{t.name!r}")
 
 
 def require_data(needs: frozenset[Need], who: str, data: Data) -> None:
