@@ -405,6 +405,44 @@ def test_an_explicit_allocation_checks_each_named_layer_against_its_masks():
     for _ in range(5):
         pruner.step()
     assert [round(float((model[i].weight == 0).float().mean()), 1) for i in (0, 2)] == [0.6, 0.3]
+    secateurs.prune(model, "magnitude", None, allocation={"0": 0.8, "2": 0.0}, scope={"skip_first": False},
+                    progress=False)  # 0 leaves a masked layer as it is, as an override at 0 does  # fmt: skip
+    assert round(float((model[2].weight == 0).float().mean()), 1) == 0.3
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "output_channel"])
+def test_a_gradual_schedule_is_never_refused_when_a_rounded_step_already_reached_the_next(pattern):
+    """Rounding up at one step can leave the next, smaller step already reached: a no-op, not an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    pruner = secateurs.Pruner(model, "magnitude", 0.5, pattern=pattern, example_inputs=torch.randn(4, 256),
+                              schedule={"kind": "cubic", "start": 0, "end": 100})  # fmt: skip
+    for _ in range(101):
+        pruner.step()
+    assert pruner.current_sparsity == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="masks only grow"):
+        pruner.prune_to(0.3)  # a request below the last one is still refused
+
+
+def test_a_pruner_with_a_loss_fn_pickles():
+    import pickle
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    batch = (torch.randn(4, 8), torch.randint(0, 4, (4,)))
+    pruner = secateurs.Pruner(model, "taylor", 0.5, calibration=[batch], loss_fn=_cross_entropy_loss,
+                              schedule={"kind": "linear", "start": 0, "end": 2})  # fmt: skip
+    restored = pickle.loads(pickle.dumps(pruner))
+    assert restored.data.loss_fn(restored.model, batch).numel() == 1
+
+
+def _cross_entropy_loss(model: nn.Module, batch) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_scope_takes_any_iterable_of_globs():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    report = secateurs.prune(model, "magnitude", 0.5, scope={"2"}, progress=False)
+    assert [r.name for r in report.layers] == ["2.weight"]
 
 
 def test_an_override_method_with_other_defaults_needs_the_runs_allocation_and_rounds_chosen():

@@ -204,3 +204,17 @@ def test_trial_removes_hooks_and_non_persistent_buffers_added_inside():
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
     assert "scratch" not in model[0]._non_persistent_buffers_set and not hasattr(model[0], "scratch")
     torch.testing.assert_close(model(x), dense, rtol=0, atol=0)
+
+
+def test_trial_puts_back_containers_that_refuse_changes_by_reference():
+    """fx's immutable collections and transformers' ModelOutput refuse clear()/update(): a trial must not
+    try, and must still restore the weights."""
+    from torch.fx.immutable_collections import immutable_list
+
+    model = small_cnn()
+    model.shape_info = immutable_list([1, 2, 3])
+    before = _snapshot(model)
+    with secateurs.trial(model):
+        secateurs.prune(model, "magnitude", 0.5, mode="bake", progress=False)
+    _assert_same(model, before)
+    assert model.shape_info == [1, 2, 3]

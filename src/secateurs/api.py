@@ -205,7 +205,10 @@ class Pruner:
             return removed
         assert self._pruning is not None
         check(self._pruning.plans, self.config, self.data)
-        self._pruning.refuse_lower(sparsity)
+        if self.current_sparsity == 0.0 or sparsity < self.current_sparsity:
+            # masks from before this Pruner, or a request below its last one: a schedule never goes down,
+            # and a step whose rounded-up predecessor already reached it is a harmless no-op
+            self._pruning.refuse_lower(sparsity)
         with all_or_nothing(self.targets, self.config.application_.writes_weights):
             self._pruning.prune_to(sparsity, round_=self.step_count)
             if not self.allow_collapse:  # refused inside the block: the previous masks come back

@@ -14,7 +14,6 @@ Anything else: pass ``loss_fn(model, batch) -> scalar``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
@@ -174,18 +173,24 @@ def checked_loss(loss_fn: LossFn | None) -> LossFn | None:
         return None
     if not callable(loss_fn):
         raise ConfigError(f"loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got {loss_fn!r}")
+    return CheckedLoss(loss_fn)
 
-    @functools.wraps(loss_fn)
-    def call(model: nn.Module, batch: Any) -> Tensor:
-        loss = loss_fn(model, batch)
+
+class CheckedLoss:
+    """A user's loss function whose every result is checked to be one number. A class, not a closure,
+    so that a :class:`~secateurs.Pruner` holding it still pickles (the function by reference)."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        loss = self.loss_fn(model, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise DataRequiredError(
                 f"loss_fn(model, batch) must return a scalar tensor, but it returned {describe(loss)}; "
                 "reduce it (e.g. .mean()), and note the model comes first, then the batch"
             )
         return loss
-
-    return call
 
 
 def default_loss(model: nn.Module, batch: Any) -> Tensor:

@@ -28,7 +28,7 @@ from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
 from .masking import MaskSnapshot, WeightMask, current_mask, gate_of, refuse_lower_target
 from .report import LayerResult
-from .scope import Target, target_matches
+from .scope import Target
 from .selection import check_finite, keep_mask
 from .spec import boolean
 
@@ -120,7 +120,8 @@ def _check_target(t: Target, config: PruneConfig) -> None:
 def refuse_lower(plans: Sequence[Plan], config: PruneConfig, sparsity: float) -> None:
     """Masks only grow: a request below what the masks already prune would change nothing (both runners).
     An explicit allocation asks each target for its own value, so each target it names is checked alone
-    (a target no glob names, left at a default of 0, is not asked anything)."""
+    (a target no glob names, left at a default of 0, and a target named with 0, are not asked anything:
+    0 leaves a layer as it is, as an override at 0 does)."""
     for plan in plans:
         allocation = plan.allocation
         if not isinstance(allocation, Explicit):
@@ -130,7 +131,7 @@ def refuse_lower(plans: Sequence[Plan], config: PruneConfig, sparsity: float) ->
         scale = sparsity / final if final > 0 else 1.0  # a schedule's step asks for its share of each value
         wanted = allocation.resolve(plan.targets)
         for t in plan.targets:
-            if allocation.default > 0 or any(target_matches(t, key) for key in allocation.sparsities):
+            if wanted[t.name] > 0:
                 refuse_lower_target([t], wanted[t.name] * scale, f"{t.name!r}")
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,7 @@ class ScopeSpec(Spec):
             if unknown:
                 raise ScopeError(f"unknown scope key(s) {sorted(unknown)}; valid: {choices(valid)}")
             return cls(**value)
-        if not isinstance(value, (list, tuple)):
+        if isinstance(value, (bytes, numbers.Number)) or not isinstance(value, Iterable):
             raise ScopeError(
                 f"scope must be a glob, a list of globs, a dict of {choices(cls.__dataclass_fields__)} or a "
                 f"ScopeSpec; got {value!r}"

@@ -14,7 +14,9 @@ module that shares it (a composite model's ``config.text_config`` is its languag
 ``config``) still shares it afterwards. Any other object a module holds is put back by reference,
 as it was, but its contents are not copied, with one exception: the lists, dicts and sets a module or
 a configuration holds directly (hook tables, the non-persistent buffer set, a config's list of layer
-types) get their contents back, because torch and user code edit those in place.
+types) get their contents back (after the tensors, so a tensor is restored whatever happens), because
+torch and user code edit those in place; a subclass of one (an immutable fx list, a transformers
+``ModelOutput``) is put back by reference only.
 
 A masked module's class is torch's per-module parametrized class, and torch edits that class in place
 (removing the last parametrization of a tensor deletes the class's property for it; adding one adds a
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,15 +50,16 @@ class _ModuleState:
     children: dict[str, Any]
 
 
-_Container = list | dict | set
+_CONTAINERS = (list, dict, OrderedDict, set)  # exactly these: a subclass may refuse changes (fx's immutable
+# collections, transformers' ModelOutput) or mean something else, and is put back by reference only
 
 
 def _contents(holders: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
-    """A shallow copy of every list, dict and set the holders' attributes hold directly, each once."""
+    """A shallow copy of every plain list, dict and set the holders' attributes hold directly, each once."""
     found: dict[int, tuple[Any, Any]] = {}
     for attributes in holders:
         for value in attributes.values():
-            if isinstance(value, _Container) and id(value) not in found:
+            if type(value) in _CONTAINERS and id(value) not in found:
                 found[id(value)] = (value, value.copy())
     return list(found.values())
 
@@ -203,11 +207,11 @@ def trial(model: nn.Module, storage: torch.device | str = "cpu") -> Iterator[nn.
         for config, fields in configs:
             vars(config).clear()
             vars(config).update(fields)
-        for container, saved in contents:
-            _refill(container, saved)
         for cls, properties in classes:
             _restore_class(cls, properties)
         _restore_tensors(list(tensors.values()))
+        for container, saved in contents:
+            _refill(container, saved)
         for m in modules:
             if isinstance(m, nn.RNNBase):  # RNNs cache a flat list of their weights
                 m._init_flat_weights()
