@@ -140,6 +140,8 @@ class PruneConfig(Spec):
 
     #: the mode when neither the user nor the method says (the LLM front door bakes)
     default_mode: ClassVar[str] = "mask"
+    #: structural options this front door sets unless the user gives them (the LLM one times nothing)
+    default_structural: ClassVar[Mapping[str, Any]] = {}
 
     method: str | Criterion = option("magnitude", check=instance((str, Criterion), "a method name or a Criterion"))
     sparsity: float | None = option(None, check=fraction(hint=" (0.9 removes 90% of weights)"))
@@ -432,7 +434,10 @@ class PruneConfig(Spec):
         for key, where in moved.items():
             if isinstance(self.structural, Mapping) and key in self.structural:
                 raise ConfigError(f"structural.{key} moved: use {where}")
-        self._set("structural_", spec_from(StructuralOptions, self.structural, "structural"))
+        given = self.structural
+        if given is None or isinstance(given, Mapping):  # the front door's defaults under what the user gave
+            given = {**self.default_structural, **(given or {})}
+        self._set("structural_", spec_from(StructuralOptions, given, "structural"))
         if not self.allocation_.sizes_groups:
             raise ConfigError(
                 f"allocation {self.allocation_.name!r} sizes weight tensors, not groups of channels; use 'uniform' "

@@ -29,6 +29,18 @@ def test_flap_removes_heads_and_neurons_and_the_model_still_runs(segments):
         assert torch.isfinite(model(segments[:2]).logits).all()
 
 
+def test_the_llm_front_doors_time_nothing_unless_asked(segments):
+    """Timing keeps a dense copy beside the pruned model: doubling a large model's memory is opt-in."""
+    from secateurs.llm import prune_heads_and_neurons, remove_layers
+
+    assert prune_llm(tiny("llama"), "flap", 0.3, calibration=segments, progress=False).latency is None
+    assert prune_heads_and_neurons(tiny("llama"), 0.3, calibration=segments, progress=False).latency is None
+    assert remove_layers(tiny("llama"), 1, calibration=segments, progress=False).latency is None
+    asked = prune_llm(tiny("llama"), "flap", 0.3, calibration=segments, progress=False, structural={"latency": True})
+    assert asked.latency is not None
+    assert LLMPruneConfig(method="flap", sparsity=0.3).structural is None  # the user's field stays as given
+
+
 def test_shortgpt_removes_whole_blocks(segments):
     model = tiny("llama")
     report = prune_llm(model, "shortgpt", 0.5, calibration=segments, progress=False)

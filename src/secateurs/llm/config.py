@@ -9,12 +9,16 @@ front door's defaults and the knobs that turn calibration text into token segmen
 - the scope is every Linear / Conv1D inside the repeated blocks (the LM head and embeddings
   stay dense, as in the papers); a scope the user gives keeps these defaults for the fields it
   leaves out;
-- ``nsamples`` segments of ``seqlen`` tokens, ``batch_size`` segments per forward pass.
+- ``nsamples`` segments of ``seqlen`` tokens, ``batch_size`` segments per forward pass;
+- removal reports no latency unless asked (``structural={"latency": True}``): timing needs a dense
+  copy of the model beside the pruned one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..config import PruneConfig
 from ..criteria import Criterion
@@ -35,6 +39,9 @@ class LLMPruneConfig(PruneConfig):
     """
 
     default_mode = "bake"
+    # timing dense against pruned needs a second copy of every weight during the removal, and an LLM
+    # forward per repeat: an opt-in (structural={"latency": True}) for models of this size
+    default_structural: ClassVar[Mapping[str, Any]] = {"latency": False}
 
     method: str | Criterion = option("wanda", check=instance((str, Criterion), "a method name or a Criterion"))
     runner: str | None = option(None, check=string(optional=True, what="'blocks' or 'model'"))
@@ -54,7 +61,10 @@ class LLMPruneConfig(PruneConfig):
         # dense); only the fields the user did not give take these defaults
         if isinstance(self.scope, ScopeSpec):
             return self.scope
-        given = {"include": self.scope} if isinstance(self.scope, (str, list, tuple)) else dict(self.scope or {})
+        if isinstance(self.scope, Mapping):
+            given = dict(self.scope)
+        else:  # a glob or an iterable of globs, checked and made a tuple as prune() does
+            given = {} if self.scope is None else {"include": ScopeSpec.from_value(self.scope).include}
         return ScopeSpec.from_value({**_LLM_SCOPE, **given})
 
     def to_dict(self) -> dict:

@@ -1,6 +1,9 @@
 """One-call shortcuts for transformers, on top of ``prune(..., mode='remove')`` (they sit above the API
 they call, so the structural package never imports the front door).
 
+Like ``prune_llm``, they time nothing unless asked (``latency=True``): timing keeps a dense copy of
+the model during the removal.
+
 FLAP (An et al. 2024, arXiv:2312.11983) removes attention heads and MLP neurons ranked by
 weighted input fluctuation and compensates with biases; ShortGPT (Men et al. 2024,
 arXiv:2403.03853) removes the blocks with the lowest block influence.
@@ -44,7 +47,7 @@ def prune_heads_and_neurons(
     return prune(
         model, method, sparsity, pattern="head+channel", mode="remove", allocation=allocation, solver=solver,
         calibration=calibration, example_inputs=example_inputs, max_batches=max_batches, progress=progress,
-        structural=structural or None,
+        structural={"latency": False, **structural},
     )  # fmt: skip
 
 
@@ -68,5 +71,6 @@ def remove_layers(
         raise ConfigError(f"n_layers must be between 1 and {total - 1} (the model has {total} blocks), got {n_layers}")
     return prune(
         model, method, n_layers / total, pattern="layer", mode="remove", calibration=calibration, blocks=blocks,
-        example_inputs=example_inputs, max_batches=max_batches, progress=progress, structural=structural or None,
+        example_inputs=example_inputs, max_batches=max_batches, progress=progress,
+        structural={"latency": False, **structural},
     )  # fmt: skip
