@@ -443,6 +443,11 @@ def test_scope_takes_any_iterable_of_globs():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     report = secateurs.prune(model, "magnitude", 0.5, scope={"2"}, progress=False)
     assert [r.name for r in report.layers] == ["2.weight"]
+    from types import MappingProxyType  # any mapping is fields, never a list of include globs
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    report = secateurs.prune(model, "magnitude", 0.5, scope=MappingProxyType({"skip_first": False}), progress=False)
+    assert [r.name for r in report.layers] == ["0.weight", "2.weight"]
 
 
 def test_an_override_method_with_other_defaults_needs_the_runs_allocation_and_rounds_chosen():

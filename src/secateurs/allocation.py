@@ -214,10 +214,13 @@ class Explicit(Allocation):
             result[t.name] = value
         return result
 
+    def scaled(self, targets: Sequence[Target], sparsity: float, final_sparsity: float) -> dict[str, float]:
+        """Each target's value at a step of ``sparsity`` toward ``final_sparsity``: its share of the value."""
+        scale = sparsity / final_sparsity if final_sparsity > 0 else 1.0
+        return {name: value * scale for name, value in self.resolve(targets).items()}
+
     def target_sparsities(self, budget: Budget) -> dict[str, float]:
-        scale = budget.sparsity / budget.final_sparsity if budget.final_sparsity > 0 else 1.0
-        every = self.resolve(budget.all_targets or budget.targets)
-        return {t.name: every[t.name] * scale for t in budget.targets}
+        return self.scaled(budget.targets, budget.sparsity, budget.final_sparsity)
 
     def to_spec(self) -> dict:
         return dict(self.sparsities)

@@ -133,7 +133,6 @@ class Pruner:
     ) -> None:
         PruneConfig.check_keywords(options, "Pruner()", _CALL_KEYWORDS)
         self.model = model
-        self.allow_collapse = allow_collapse
         self.config = PruneConfig(method=method, sparsity=sparsity, **options)
         if self.config.runner_.name != "model":
             raise ConfigError(
@@ -211,7 +210,7 @@ class Pruner:
             self._pruning.refuse_lower(sparsity)
         with all_or_nothing(self.targets, self.config.application_.writes_weights):
             self._pruning.prune_to(sparsity, round_=self.step_count)
-            if not self.allow_collapse:  # refused inside the block: the previous masks come back
+            if not self.data.allow_collapse:  # refused inside the block: the previous masks come back
                 refuse_collapse_of(self.model, self.targets, self.data.example_inputs)
         self.current_sparsity = sparsity
         return False

@@ -253,13 +253,13 @@ class PruneConfig(Spec):
         sparsity = check_sparsity(self.sparsity, pattern, required=not isinstance(self.allocation, Mapping))
         comparison = self.comparison or criterion.default_comparison
         if not removing:
-            self._check_pattern(criterion, pattern, comparison)  # type: ignore[arg-type]
+            self._check_pattern(criterion, pattern)  # type: ignore[arg-type]
         self._set("pattern_", pattern)
         self._set("sparsity_", sparsity)
         self._set("comparison_", comparison)
 
     @staticmethod
-    def _check_pattern(criterion: Criterion, pattern: Pattern, comparison: str) -> None:
+    def _check_pattern(criterion: Criterion, pattern: Pattern) -> None:
         if criterion.patterns is not None and pattern.name not in criterion.patterns:
             raise ConfigError(
                 f"method {criterion.name!r} scores whole {criterion.patterns[0]}s; use pattern="
@@ -270,12 +270,12 @@ class PruneConfig(Spec):
         allocation = make_allocation(
             self.allocation or criterion.default_allocation, default=self.sparsity_, options=self.allocation_options
         )
-        self._check_allocation(allocation, self.pattern_, self.comparison_)
-        allocation.check(self.sparsity_)
+        self._check_allocation(allocation, self.pattern_, self.comparison_, self.sparsity_)
         self._set("allocation_", allocation)
 
     @staticmethod
-    def _check_allocation(allocation: Allocation, pattern: Any, comparison: str) -> None:
+    def _check_allocation(allocation: Allocation, pattern: Any, comparison: str, sparsity: float | None) -> None:
+        """The allocation fits the pattern and comparison, and can reach ``sparsity`` (e.g. OWL's lambda bound)."""
         if allocation.needs_single_group and (comparison == "row" or isinstance(pattern, NM)):
             raise ConfigError(
                 f"allocation {allocation.name!r} ranks whole layers against each other, but "
@@ -286,6 +286,7 @@ class PruneConfig(Spec):
             raise ConfigError(
                 f"N:M fixes the sparsity of every group; allocation must be 'uniform', not {allocation!r}"
             )
+        allocation.check(sparsity)
 
     def _resolve_solver(self, criterion: Criterion, application: Application) -> None:
         mode = self.mode_
@@ -388,42 +389,39 @@ class PruneConfig(Spec):
         else:
             criterion = self.criterion_
         if self.mode_ not in criterion.modes:
-            raise ConfigError(f"{where}: method {criterion.name!r} supports mode {choices(criterion.modes)}, "
-                              f"not {self.mode_!r}")  # fmt: skip
+            raise ConfigError(f"method {criterion.name!r} supports mode {choices(criterion.modes)}, not {self.mode_!r}")
         if self.adaptive_ and (criterion is not self.criterion_ or "pattern" in value or "comparison" in value):
             raise ConfigError(
-                f"{where}: {self.criterion_.name!r} with solver {self.solver_.name!r} chooses every mask itself; "
+                f"{self.criterion_.name!r} with solver {self.solver_.name!r} chooses every mask itself; "
                 "an override can set a sparsity only"
             )
         pattern = parse_pattern(value["pattern"]) if "pattern" in value else self.pattern_
         sparsity = check_sparsity(value.get("sparsity"), pattern, required=False)
         comparison = value.get("comparison") or (criterion.default_comparison if "method" in value
                                                  else self.comparison_)  # fmt: skip
-        self._check_pattern(criterion, pattern, comparison)
+        self._check_pattern(criterion, pattern)
         # an override's own sparsity is its layers' sparsity (an explicit base allocation names other values)
         own = isinstance(pattern, NM) or (value.get("sparsity") is not None and isinstance(self.allocation_, Explicit))
         allocation = Uniform() if own else self.allocation_
         if "method" in value:
-            self._check_override_defaults(where, criterion, allocation)
-        self._check_allocation(allocation, pattern, comparison)
-        if sparsity is not None:
-            allocation.check(sparsity)  # e.g. OWL's lambda bound at the override's own sparsity
+            self._check_override_defaults(criterion, allocation)
+        self._check_allocation(allocation, pattern, comparison, sparsity)  # OWL's bound at the override's own
         return Override(glob, sparsity, pattern, criterion, comparison, allocation)
 
-    def _check_override_defaults(self, where: str, criterion: Criterion, allocation: Allocation) -> None:
+    def _check_override_defaults(self, criterion: Criterion, allocation: Allocation) -> None:
         """An override shares the run's allocation and rounds. A method whose own defaults differ (LAMP and
         SNIP rank globally, SynFlow prunes in 100 rounds) would silently become another method under
-        them, so the run must choose them explicitly."""
+        them, so the run must choose them explicitly (:meth:`_override` names the override)."""
         if self.allocation is None and criterion.default_allocation != allocation.name:
             raise ConfigError(
-                f"{where}: method {criterion.name!r} ranks with allocation {criterion.default_allocation!r} "
+                f"method {criterion.name!r} ranks with allocation {criterion.default_allocation!r} "
                 f"by default, but an override runs under the run's allocation, here {allocation.name!r}; make "
                 f"{criterion.name!r} the run's method, or set allocation=... on the run to choose explicitly"
             )
-        rounds = criterion.default_iterations if self.application_.multi_round else 1
+        rounds = self._default_rounds(criterion)
         if self.iterations is None and rounds != self.rounds:
             raise ConfigError(
-                f"{where}: method {criterion.name!r} prunes in {rounds} rounds by default, but an override runs "
+                f"method {criterion.name!r} prunes in {rounds} rounds by default, but an override runs "
                 f"in the run's {self.rounds}; make {criterion.name!r} the run's method, or set iterations=... "
                 "on the run to choose explicitly"
             )
@@ -431,13 +429,12 @@ class PruneConfig(Spec):
     def _check_remove(self, criterion: Criterion) -> None:
         moved = {"blocks": "blocks=... (a top-level option)", "bias_compensation": "solver='bias_compensation' "
                  "(or solver='none' to turn FLAP's off)"}  # fmt: skip
+        given = self.structural or {}  # a mapping: the field's check refuses anything else
         for key, where in moved.items():
-            if isinstance(self.structural, Mapping) and key in self.structural:
+            if key in given:
                 raise ConfigError(f"structural.{key} moved: use {where}")
-        given = self.structural
-        if given is None or isinstance(given, Mapping):  # the front door's defaults under what the user gave
-            given = {**self.default_structural, **(given or {})}
-        self._set("structural_", spec_from(StructuralOptions, given, "structural"))
+        # the front door's defaults under what the user gave
+        self._set("structural_", spec_from(StructuralOptions, {**self.default_structural, **given}, "structural"))
         if not self.allocation_.sizes_groups:
             raise ConfigError(
                 f"allocation {self.allocation_.name!r} sizes weight tensors, not groups of channels; use 'uniform' "
@@ -464,7 +461,7 @@ class PruneConfig(Spec):
         allocation and the solver."""
         found = []
         for criterion in {id(c): c for c in (self.criterion_, *(o.criterion for o in self.overrides_))}.values():
-            if not (self.adaptive_ and criterion is self.criterion_):
+            if self.scores_with(criterion):
                 found.append((f"method {criterion.name!r}", criterion.needs))
         found.append((f"allocation {self.allocation_.name!r}", self.allocation_.needs))
         if self.solver_ is not None:
@@ -478,10 +475,14 @@ class PruneConfig(Spec):
         solver = self.solver_.needs if self.solver_ is not None else frozenset()
         out: dict[str, frozenset[Need]] = {}
         for plan in plans:
-            criterion = frozenset() if self.adaptive_ and plan.criterion is self.criterion_ else plan.criterion.needs
+            criterion = plan.criterion.needs if self.scores_with(plan.criterion) else frozenset()
             needs = criterion | plan.allocation.needs | solver
             out.update(dict.fromkeys((t.name for t in plan.targets), needs))
         return out
+
+    def scores_with(self, criterion: Criterion) -> bool:
+        """Whether ``criterion`` scores its targets: not where the solver chooses the masks in its place."""
+        return not (self.adaptive_ and criterion is self.criterion_)
 
     @staticmethod
     def observed_targets(plans: Sequence[Plan]) -> list[Target]:
@@ -511,7 +512,11 @@ class PruneConfig(Spec):
         """Pruning rounds inside one call (the method's preset, e.g. SynFlow's 100, where rounds compose)."""
         if self.iterations is not None:
             return self.iterations
-        return self.criterion_.default_iterations if self.application_.multi_round else 1
+        return self._default_rounds(self.criterion_)
+
+    def _default_rounds(self, criterion: Criterion) -> int:
+        """The method's preset rounds where rounds compose in this mode, else one."""
+        return criterion.default_iterations if self.application_.multi_round else 1
 
     def plans(self, targets: Sequence[Target]) -> list[Plan]:
         """Split ``targets`` into config groups: the base configuration and one per override (the last

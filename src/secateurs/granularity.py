@@ -5,7 +5,7 @@ Below the configuration and the structural package, so both read it without a cy
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, choices
@@ -94,6 +94,3 @@ class StructuralOptions(Spec):
     gqa: str = option("auto", check=one_of(GQA_MODES))
     check: bool = option(True, check=boolean())
     latency: bool = option(True, check=boolean())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}

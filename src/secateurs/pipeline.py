@@ -127,12 +127,10 @@ def refuse_lower(plans: Sequence[Plan], config: PruneConfig, sparsity: float) ->
         if not isinstance(allocation, Explicit):
             refuse_lower_target(plan.targets, plan_sparsity(plan, config, sparsity))
             continue
-        final = config.final_sparsity
-        scale = sparsity / final if final > 0 else 1.0  # a schedule's step asks for its share of each value
-        wanted = allocation.resolve(plan.targets)
+        wanted = allocation.scaled(plan.targets, sparsity, config.final_sparsity)  # a schedule's step: its share
         for t in plan.targets:
             if wanted[t.name] > 0:
-                refuse_lower_target([t], wanted[t.name] * scale, f"{t.name!r}")
+                refuse_lower_target([t], wanted[t.name], f"{t.name!r}")
 
 
 def require_data(needs: frozenset[Need], who: str, data: Data) -> None:
@@ -224,7 +222,7 @@ def decide(
             continue
         view = replace(evidence, targets=list(targets))
         sparsity = plan_sparsity(plan, config, step_sparsity)
-        if config.adaptive_ and plan.criterion is config.criterion_:
+        if not config.scores_with(plan.criterion):
             # the solver chooses the mask as it updates the weights (SparseGPT section 3.4): only the fractions
             budget = _budget(plan, targets, sparsity, config, context, None, dict.fromkeys(t.name for t in targets))
             decisions.append(Decision(plan, list(targets), view, None, plan.allocation.target_sparsities(budget)))

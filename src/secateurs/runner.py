@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from .criteria.base import MODES
 from .errors import ConfigError, StateError, choices
 from .evidence import Need
 from .registry import Registry
@@ -32,7 +33,7 @@ class Runner:
     #: needs it can gather
     needs: ClassVar[frozenset[Need]] = frozenset(Need)
     #: application modes it can apply
-    modes: ClassVar[tuple[str, ...]] = ("mask", "bake", "reconstruct", "remove")
+    modes: ClassVar[tuple[str, ...]] = MODES
     #: sees every target's scores at once (False: one block at a time)
     sees_all_targets: ClassVar[bool] = True
     #: can prune in several rounds in one call (SynFlow's exponential schedule)

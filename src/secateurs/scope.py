@@ -13,7 +13,7 @@ import difflib
 import fnmatch
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -64,7 +64,7 @@ class ScopeSpec(Spec):
             return value
         if isinstance(value, str):
             return cls(include=(value,))
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):  # any mapping of fields (a MappingProxyType is not a list of globs)
             valid = set(cls.__dataclass_fields__)
             unknown = set(value) - valid
             if unknown:

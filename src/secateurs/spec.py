@@ -252,14 +252,8 @@ class Spec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def spec_from(cls: type[Spec], value: Any, name: str) -> Any:
-    """An instance of ``cls`` from an instance, None (defaults) or a mapping of its fields."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        _refuse(name, value, f"a mapping of {cls.__name__} options")
+def spec_from(cls: type[Spec], value: Mapping[str, Any], name: str) -> Any:
+    """An instance of ``cls`` from a mapping of its fields (the ``name`` option of a configuration)."""
     unknown = [k for k in value if k not in cls.field_names()]
     if unknown:
         raise ConfigError(f"unknown {name} option(s) {sorted(map(str, unknown))}; valid: {choices(cls.field_names())}")

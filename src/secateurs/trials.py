@@ -42,12 +42,12 @@ from .spec import Spec
 
 @dataclass
 class _ModuleState:
+    """A module's class and attributes; its ``_parameters``, ``_buffers`` and ``_modules`` are plain dicts
+    among them, so their contents come back with every other container's (:func:`_contents`)."""
+
     module: nn.Module
     cls: type
     attributes: dict[str, Any]
-    parameters: dict[str, Any]
-    buffers: dict[str, Any]
-    children: dict[str, Any]
 
 
 _CONTAINERS = (list, dict, OrderedDict, set)  # exactly these: a subclass may refuse changes (fx's immutable
@@ -180,10 +180,7 @@ def trial(model: nn.Module, storage: torch.device | str = "cpu") -> Iterator[nn.
     if not isinstance(model, nn.Module):
         raise ConfigError(f"trial() restores a torch.nn.Module, got {type(model).__name__}")
     modules = list(dict.fromkeys(model.modules()))
-    states = [
-        _ModuleState(m, type(m), dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
-        for m in modules
-    ]
+    states = [_ModuleState(m, type(m), dict(vars(m))) for m in modules]
     configs = [(c, dict(vars(c))) for c in _configs(modules)]  # field by field, on the same objects
     contents = _contents([state.attributes for state in states] + [fields for _, fields in configs])
     classes = _class_properties(modules)
@@ -200,10 +197,6 @@ def trial(model: nn.Module, storage: torch.device | str = "cpu") -> Iterator[nn.
             m.__class__ = state.cls
             vars(m).clear()
             vars(m).update(state.attributes)
-            for store, saved in ((m._parameters, state.parameters), (m._buffers, state.buffers),
-                                 (m._modules, state.children)):  # fmt: skip
-                store.clear()
-                store.update(saved)
         for config, fields in configs:
             vars(config).clear()
             vars(config).update(fields)

@@ -38,7 +38,7 @@ class Criterion(ABC):
     #: patterns this criterion is defined for (None: all)
     patterns: ClassVar[tuple[str, ...] | None] = None
     #: application modes it supports; ``remove`` ranks coupled channels through its group form
-    modes: ClassVar[tuple[str, ...]] = ("mask", "bake", "reconstruct", "remove")
+    modes: ClassVar[tuple[str, ...]] = MODES
     #: granularities it can rank in ``mode='remove'``
     granularities: ClassVar[tuple[str, ...]] = ("channel", "head", "hidden")
     #: the paper's defaults, used when the user does not say otherwise
