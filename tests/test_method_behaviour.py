@@ -131,7 +131,7 @@ def test_taylor_ranks_filters_like_the_oracle_loss_change(digits):
         config = PruneConfig(method=method, sparsity=0.5, pattern="output_channel", scope=["conv2"])
         targets = resolve(model, config.scope_)
         scores = score_targets(model, targets, config, Data(calibration, show_progress=False))
-        keep = select(config.plans(targets)[0], targets, scores, 0.5, config, Context())[0]["conv2.weight"]
+        keep = select(config.plans(targets)[0], targets, scores, 0.5, Context())[0]["conv2.weight"]
         assert keep.any(dim=(1, 2, 3)).sum() == 32  # and selection keeps the top half
         if config.criterion_.signed:
             return torch.stack([(b.sum(dim=(1, 2))).abs() for b in scores["conv2.weight"]]).mean(0)

@@ -17,8 +17,9 @@ from .collapse import refuse_collapse_of
 from .config import PruneConfig
 from .errors import ConfigError, SecateursWarning, StateError
 from .guards import outside_inference_mode
+from .masking import all_or_nothing
 from .masking import bake as bake_all
-from .pipeline import Data, all_or_nothing, check
+from .pipeline import Data, check
 from .report import Report
 from .runners import Pruning, run
 from .scope import Target, resolve

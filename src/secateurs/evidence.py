@@ -394,7 +394,8 @@ class StatsCollector:
         channels = y.shape[1] if target.layout is Layout.CONV else y.shape[-1]
         if stats is None:
             zeros = torch.zeros(channels, dtype=torch.float64, device=y.device)
-            stats = self.activations[target.name] = ActivationStats(self._inputs.get(target.name), zeros, zeros.clone())
+            # the input sums are attached by result(): the hook records outputs before inputs
+            stats = self.activations[target.name] = ActivationStats(None, zeros, zeros.clone())
         positions = y.numel() // max(channels, 1)
         if Need.OUTPUTS in self._needs[target.name]:
             rows = _channels_last(y.float(), target.layout)

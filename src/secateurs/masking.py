@@ -21,9 +21,10 @@ every holder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,6 +285,45 @@ class MaskSnapshot:
                 attach(t, saved)
 
 
+class Rollback:
+    """All or nothing: the masks, and (for modes that write them) the weights and biases of every target
+    saved so far, put back exactly on failure. Copies live on the CPU."""
+
+    def __init__(self, weights: bool) -> None:
+        self.weights = weights
+        self._masks: list[MaskSnapshot] = []
+        self._saved: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def save(self, targets: Sequence[Target]) -> None:
+        self._masks.append(MaskSnapshot.take(targets))
+        if not self.weights:
+            return
+        for t in targets:
+            biases = [getattr(module, "bias", None) for _, module, _ in t.users]  # a solver corrects every holder
+            for tensor in (t.parameter, *biases):
+                if isinstance(tensor, Tensor) and id(tensor) not in self._saved:
+                    self._saved[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
+
+    def restore(self) -> None:
+        for snapshot in reversed(self._masks):
+            snapshot.restore()
+        with torch.no_grad():
+            for tensor, saved in self._saved.values():
+                tensor.copy_(saved.to(tensor.device))
+
+
+@contextlib.contextmanager
+def all_or_nothing(targets: Sequence[Target], weights: bool) -> Iterator[Rollback]:
+    """Save ``targets`` now; on any exception inside the block put them back and re-raise."""
+    rollback = Rollback(weights)
+    rollback.save(targets)
+    try:
+        yield rollback
+    except BaseException:
+        rollback.restore()
+        raise
+
+
 MASK_FORMAT = "secateurs.masks"
 
 
@@ -352,21 +392,12 @@ def load_masks(model: nn.Module, path: str | os.PathLike, mode: str = "mask") ->
             raise StateError(f"masks {earlier[0].name!r} and {name!r} in {path} differ, but the weight is tied")
         plan[id(target.parameter)] = (target, mask.bool())
     targets = [t for t, _ in plan.values()]
-    snapshot = MaskSnapshot.take(targets)
-    weights = {t.name: t.parameter.detach().clone() for t in targets} if mode == "bake" else {}
-    try:
+    with all_or_nothing(targets, weights=mode == "bake"):
         for target, mask in plan.values():
             if mode == "mask":
                 attach(target, mask)
             else:
                 bake_target(target, mask)
-    except BaseException:
-        snapshot.restore()
-        with torch.no_grad():
-            for t in targets:
-                if t.name in weights:
-                    t.parameter.copy_(weights[t.name])
-        raise
     return [t.name for t in targets]
 
 

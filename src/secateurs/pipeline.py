@@ -2,15 +2,14 @@
 
 A runner decides *where* evidence comes from (the whole model over calibration batches, or one
 block's captured inputs) and which targets are pruned together; everything else is here, once:
-:func:`check` refuses what can be refused before a score is computed, :func:`prune_targets` scores,
-allocates, selects and applies one batch of targets, and :class:`Rollback` puts the model back
-exactly if anything in between fails.
+:func:`check` refuses what can be refused before a score is computed, :func:`decide` scores,
+allocates and selects for one batch of targets and :func:`apply` carries it out; the runners wrap
+that in :class:`~secateurs.masking.Rollback`, which puts the model back exactly if anything fails.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,7 +25,7 @@ from .errors import ConfigError, DataRequiredError, StateError
 from .evidence import DATA_NEEDS, GRADIENT_NEEDS, Evidence, Need, gather, preserved
 from .guards import refuse_inference_weights
 from .layout import from_canonical, to_canonical
-from .masking import MaskSnapshot, WeightMask, current_mask, gate_of, refuse_lower_target
+from .masking import WeightMask, current_mask, gate_of, refuse_lower_target
 from .report import LayerResult
 from .scope import Target
 from .selection import check_finite, keep_mask
@@ -152,7 +151,7 @@ def plan_sparsity(plan: Plan, config: PruneConfig, step_sparsity: float) -> floa
 
 
 def _budget(
-    plan: Plan, targets: Sequence[Target], sparsity: float, config: PruneConfig, context: Context,
+    plan: Plan, targets: Sequence[Target], sparsity: float, context: Context,
     unit_scores: dict[str, Tensor] | None, dead: dict[str, Tensor | None],
 ) -> Budget:  # fmt: skip
     return Budget(
@@ -163,8 +162,7 @@ def _budget(
 
 
 def select(
-    plan: Plan, targets: Sequence[Target], scores: dict[str, Tensor], sparsity: float, config: PruneConfig,
-    context: Context,
+    plan: Plan, targets: Sequence[Target], scores: dict[str, Tensor], sparsity: float, context: Context
 ) -> tuple[dict[str, Tensor], dict[str, float] | None]:  # fmt: skip
     """Keep-masks (stored weight shape, bool) from scores: pattern units, allocation, exact selection.
     Units already pruned by an existing mask stay pruned and count toward the budget. Also returns
@@ -186,7 +184,7 @@ def select(
         dead[t.name] = None
         if existing is not None:
             dead[t.name] = pattern.units(alive[t.name].to(units.dtype), comparison, "max") == 0
-    budget = _budget(plan, targets, sparsity, config, context, unit_scores, dead)
+    budget = _budget(plan, targets, sparsity, context, unit_scores, dead)
     counts = plan.allocation.prune_counts(budget)
     masks = {}
     for t in targets:
@@ -224,10 +222,10 @@ def decide(
         sparsity = plan_sparsity(plan, config, step_sparsity)
         if not config.scores_with(plan.criterion):
             # the solver chooses the mask as it updates the weights (SparseGPT section 3.4): only the fractions
-            budget = _budget(plan, targets, sparsity, config, context, None, dict.fromkeys(t.name for t in targets))
+            budget = _budget(plan, targets, sparsity, context, None, dict.fromkeys(t.name for t in targets))
             decisions.append(Decision(plan, list(targets), view, None, plan.allocation.target_sparsities(budget)))
         else:
-            masks, sparsities = select(plan, targets, plan.criterion.scores(view), sparsity, config, context)
+            masks, sparsities = select(plan, targets, plan.criterion.scores(view), sparsity, context)
             scored = [LayerResult(t.name, requested_sparsity(t, masks[t.name], sparsities), *view.dampening[t.name])
                       for t in targets if t.name in view.dampening]  # fmt: skip
             decisions.append(Decision(plan, list(targets), view, masks, sparsities, scored))
@@ -258,45 +256,6 @@ def _merged(scored: list[LayerResult], solved: list[LayerResult]) -> list[LayerR
             r = replace(r, dampening=s.dampening, retries=s.retries)
         out.append(r)
     return out + list(by_name.values())
-
-
-class Rollback:
-    """All or nothing: the masks, and (for modes that write them) the weights and biases of every target
-    saved so far, put back exactly on failure. Copies live on the CPU."""
-
-    def __init__(self, weights: bool) -> None:
-        self.weights = weights
-        self._masks: list[MaskSnapshot] = []
-        self._saved: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def save(self, targets: Sequence[Target]) -> None:
-        self._masks.append(MaskSnapshot.take(targets))
-        if not self.weights:
-            return
-        for t in targets:
-            biases = [getattr(module, "bias", None) for _, module, _ in t.users]  # a solver corrects every holder
-            for tensor in (t.parameter, *biases):
-                if isinstance(tensor, Tensor) and id(tensor) not in self._saved:
-                    self._saved[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
-
-    def restore(self) -> None:
-        for snapshot in reversed(self._masks):
-            snapshot.restore()
-        with torch.no_grad():
-            for tensor, saved in self._saved.values():
-                tensor.copy_(saved.to(tensor.device))
-
-
-@contextlib.contextmanager
-def all_or_nothing(targets: Sequence[Target], weights: bool) -> Iterator[Rollback]:
-    """Save ``targets`` now; on any exception inside the block put them back and re-raise."""
-    rollback = Rollback(weights)
-    rollback.save(targets)
-    try:
-        yield rollback
-    except BaseException:
-        rollback.restore()
-        raise
 
 
 def make_evidence(model: nn.Module, targets: Sequence[Target], config: PruneConfig, data: Data, round_: int = 0):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from .criteria.base import MODES
 from .errors import ConfigError, StateError, choices
-from .evidence import Need
+from .evidence import HOOKED, Need
 from .registry import Registry
 
 #: runner name -> the function that carries it out (registered by secateurs.runners, which sits above
@@ -100,7 +100,7 @@ class BlockRunner(Runner):
     """One repeated block at a time, with recomputed inputs (the layerwise LLM runner)."""
 
     name = "blocks"
-    needs = frozenset({Need.ACTIVATIONS, Need.OUTPUTS, Need.HESSIAN})
+    needs = HOOKED  # what hooks on the targets gather; passes over the whole model need the model runner
     modes = ("mask", "bake", "reconstruct")
     sees_all_targets = False
     multi_round = False

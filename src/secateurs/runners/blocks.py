@@ -29,7 +29,8 @@ from ..collapse import collapsed_targets, refuse_collapse
 from ..config import Plan, PruneConfig
 from ..errors import ScopeError
 from ..evidence import Evidence, Need, gather_block
-from ..pipeline import Context, Data, Rollback, apply, check, decide, refuse_lower, seeded
+from ..masking import Rollback
+from ..pipeline import Context, Data, apply, check, decide, refuse_lower, seeded
 from ..progress import progress as progress_bar
 from ..report import LayerResult, Report, RunDetails, build_report
 from ..runner import implements

@@ -16,10 +16,10 @@ from ..batches import check_inputs
 from ..collapse import refuse_collapse
 from ..config import PruneConfig
 from ..evidence import gather, preserved
+from ..masking import all_or_nothing
 from ..pipeline import (
     Context,
     Data,
-    all_or_nothing,
     apply,
     check,
     decide,

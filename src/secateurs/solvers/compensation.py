@@ -76,7 +76,7 @@ class BiasCompensation(Solver):
         results = {}
         for t in targets:
             keep = masks[t.name].to(t.parameter.device, torch.bool)
-            weight = torch.where(keep, t.parameter.detach(), 0.0)
             tied = {holder: self.bias_delta(t, evidence, keep, holder) for holder, _, _ in t.tied}
-            results[t.name] = SolveResult(keep, weight, self.bias_delta(t, evidence, keep), tied_bias_deltas=tied)
+            # the survivors are unchanged (weight None: only masked); only the biases move
+            results[t.name] = SolveResult(keep, None, self.bias_delta(t, evidence, keep), tied_bias_deltas=tied)
         return results
