@@ -124,8 +124,7 @@ def _staged(path: Path, directory: bool) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:  # a file where a folder of the path should be
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from exc
-    recover(path)
-    while True:
+    while True:  # (earlier crashed writes were recovered by refuse_existing, which every caller runs first)
         if directory:
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_STAGING_SUFFIX, dir=path.parent))
         else:

@@ -88,19 +88,19 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
     """Build the model ``spec`` names; load ``weights`` (safetensors, strict; or a structural output folder)."""
     from torch import nn
 
+    from ..hf import is_hf_directory
+
     if is_factory(spec):
         model = call_object(spec, "the model")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    elif Path(spec).is_dir() or not Path(spec).exists():
+    else:
         _refuse_plain_plan(spec)
-        if Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
+        if Path(spec).exists() and not is_hf_directory(spec):  # a file, or a folder without config.json
             raise ConfigError(f"{spec!r} is neither 'package.module:factory' nor a model directory with config.json")
         from ..export import load_sparse  # dense, compressed-only or structurally pruned directories
 
         model = load_sparse(spec)
-    else:
-        raise ConfigError(f"{spec!r} is neither 'package.module:factory' nor a model directory with config.json")
     if weights is None:
         return model
     folder = plan_directory(weights)

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = call_object(args.data, "--data") if args.data else None
     note_oversubscription()
     model = load_model(args.model, args.weights)
-    tokenizer = _tokenizer_if_any(model, args) if language_model else None
+    tokenizer = _tokenizer_if_any(args) if language_model else None
     allow = args.allow_collapse
     if language_model:
         report = prune_llm(model, **recipe, calibration=args.calib, tokenizer=tokenizer, device=args.device,
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer_if_any(model: Any, args: argparse.Namespace) -> Any:
+def _tokenizer_if_any(args: argparse.Namespace) -> Any:
     """A transformers model's tokenizer, to save beside it so the output directory is usable as is."""
     from ..errors import ConfigError
     from ..hf import load_tokenizer

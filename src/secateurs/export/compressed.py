@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..io import atomic_path
 from ..layout import Layout, canonical_shape, from_canonical, layout_of, to_canonical
-from ..loading import check_state_fits
+from ..loading import check_state_fits, load_state_strict
 from ..patterns import NM
 from .integrity import MAX_NM_M, Header, digest, index_bits
 
@@ -75,11 +75,10 @@ def _encode_bitmask(tensor: Tensor) -> dict[str, Tensor]:
     return {"bitmask": _pack(keep), "values": tensor.reshape(-1)[keep.reshape(-1)].contiguous()}
 
 
-def _decode_bitmask(parts: dict[str, Tensor], shape: list[int], dtype: torch.dtype) -> Tensor:
-    numel = math.prod(shape)
-    keep = _unpack(parts["bitmask"], numel)
-    out = torch.zeros(numel, dtype=dtype)
-    out[keep] = parts["values"]
+def _decode_bitmask(keep: Tensor, values: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """The dense tensor from its unpacked keep-bits (flat) and the kept values."""
+    out = torch.zeros(keep.numel(), dtype=dtype)
+    out[keep] = values
     return out.reshape(shape)
 
 
@@ -208,11 +207,12 @@ def _decode(f: Any, header: Header, name: str) -> Tensor:
     if fmt == "dense":
         tensor = f.get_tensor(f"{name}::dense")
     elif fmt == "bitmask":
-        parts = {p: f.get_tensor(f"{name}::{p}") for p in ("bitmask", "values")}
-        kept = int(_unpack(parts["bitmask"], math.prod(meta["shape"])).sum())
-        if kept != parts["values"].numel():
-            header.fail(name, f"has {kept} bits set but {parts['values'].numel()} values")
-        tensor = _decode_bitmask(parts, meta["shape"], dtype)
+        keep = _unpack(f.get_tensor(f"{name}::bitmask"), math.prod(meta["shape"]))  # unpacked once
+        values = f.get_tensor(f"{name}::values")
+        kept = int(keep.sum())
+        if kept != values.numel():
+            header.fail(name, f"has {kept} bits set but {values.numel()} values")
+        tensor = _decode_bitmask(keep, values, meta["shape"], dtype)
     else:
         tensor = _decode_nm({p: f.get_tensor(f"{name}::{p}") for p in ("values", "indices")}, meta, dtype)
         if tensor is None:
@@ -253,6 +253,4 @@ def load_compressed_into(model: nn.Module, path: str | os.PathLike) -> None:
         shapes.update({alias: shapes[target] for alias, target in aliases.items()})
         check_state_fits(model, shapes, what)
 
-    state = _read(path, fits)
-    check_state_fits(model, state, what)
-    model.load_state_dict(state, strict=False)
+    load_state_strict(model, _read(path, fits), what)

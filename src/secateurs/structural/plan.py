@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, StateError
 from ..hf import require_transformers
 from ..io import atomic_dir
-from ..loading import check_state_fits, load_safetensors
+from ..loading import load_safetensors, load_state_strict
 from . import hf
 from .apply import apply_steps
 from .step import Step
@@ -128,8 +128,7 @@ def load_structured(path: str | os.PathLike, model: nn.Module | None = None) -> 
 
     def load_weights(m: nn.Module, edit: Surgery) -> None:
         hf.sync_config(m, edit)
-        check_state_fits(m, state, f"weights in {path}")  # before a single tensor is written
-        m.load_state_dict(state, strict=False)  # tied entries saved once; the rest checked above
+        load_state_strict(m, state, f"weights in {path}")  # checked before a single tensor is written
 
     apply_steps(model, plan.steps, check=False, after=load_weights)
     model.__dict__["_secateurs_plan"] = plan

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from ..batches import model_device, run_model, to_device
 from ..errors import StructureError
 from ..evidence import preserved
+from ..threads import limited_threads
 from .handlers import handler_for
 from .ops import handle, tensors_in
 from .trace import Trace
@@ -70,17 +71,6 @@ def module_stack(model: nn.Module, on_enter=None, on_exit=None) -> Iterator[list
     finally:
         for h in handles:
             h.remove()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Label bookkeeping is thousands of tiny ops: worker threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _mark_inputs(t: Trace, inputs: Any) -> None:
@@ -130,7 +120,8 @@ def trace_model(model: nn.Module, example_inputs: Any, options: dict | None = No
             handler_for(module).trace(t, stack[-1], module, args, kwargs, output)
             t.owners[stack[-1]] = module
 
-    with preserved(model, []), torch.no_grad(), _one_thread(), module_stack(model, enter, leave) as stack:
+    # label bookkeeping is thousands of tiny ops: worker threads only add contention
+    with preserved(model, []), torch.no_grad(), limited_threads(1), module_stack(model, enter, leave) as stack:
         t.path = stack
         model.eval()
         inputs = to_device(example_inputs, model_device(model))
