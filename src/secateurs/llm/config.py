@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from ..config import PruneConfig
 from ..criteria import Criterion
 from ..scope import ScopeSpec
-from ..spec import instance, integer, option, string
+from ..spec import instance, integer, option
 
 _LLM_SCOPE = {"skip_first": False, "skip_last": False, "types": ("Linear", "Conv1D"), "embeddings": False}
 
@@ -44,7 +44,6 @@ class LLMPruneConfig(PruneConfig):
     default_structural: ClassVar[Mapping[str, Any]] = {"latency": False}
 
     method: str | Criterion = option("wanda", check=instance((str, Criterion), "a method name or a Criterion"))
-    runner: str | None = option(None, check=string(optional=True, what="'blocks' or 'model'"))
     nsamples: int = option(128, check=integer(1))
     seqlen: int | None = option(None, check=integer(1, optional=True))
     batch_size: int = option(1, check=integer(1))

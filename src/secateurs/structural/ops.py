@@ -443,7 +443,7 @@ def handle(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         return
     if not any(t.tracked(x) for x in tensors_in((args, kwargs))):
         return
-    pin_positions(t, func, args, kwargs, _op_name(func))
+    pin_positions(t, func, args, kwargs, _op_name)
     fn = RULES.get(func)
     if fn is None:
         self = getattr(func, "__self__", None)

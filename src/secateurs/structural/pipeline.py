@@ -25,12 +25,10 @@ from ..selection import keep_mask
 from ..solvers.base import Solver
 from . import hf, layers
 from .allocate import prune_counts, select
-from .apply import apply_steps
 from .criteria import GroupCriterion, as_group_criterion
 from .graph import DependencyGraph, Group
 from .handlers import handler_for
-from .plan import record_step, start_plan
-from .removal import refuse_reparametrized
+from .removal import apply_recorded, refuse_reparametrized
 from .report import GroupChange, LatencyTwin, StructuralReport, measure
 from .step import Step
 from .surgery import Surgery
@@ -139,21 +137,6 @@ def compensation(solver: Solver, ev: GroupEvidence, removed: dict[str, Tensor]) 
     return {t.module_name: results[t.name].bias_delta for t in chosen if results[t.name].bias_delta is not None}
 
 
-def _compensation_after(step: Step, deltas: dict[str, Tensor]):
-    """Fold the bias compensation into the layers (new biases were declared in the step)."""
-    keep = {c.module: c.keep for c in step.cuts if c.param == "bias"}
-
-    def apply(model: nn.Module, edit: Surgery) -> None:
-        for name, delta in deltas.items():
-            module = model.get_submodule(name)
-            if name in keep:
-                delta = delta[keep[name]]
-            bias = module.bias
-            edit.assign(module, "bias", bias.detach() + delta.to(bias.device, bias.dtype))
-
-    return apply
-
-
 def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dict[str, Tensor]]:
     opts = config.structural_
     graph = DependencyGraph(model, inputs, gqa=opts.gqa)
@@ -164,7 +147,7 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
     removed = select(groups, scores, counts)
     step = graph.step(removed)
     deltas = compensation(config.solver_, ev, removed) if config.solver_ is not None else {}
-    modules = dict(model.named_modules())
+    modules = ev.modules  # the model is unchanged since scoring: the step is only a plan
     for name, delta in deltas.items():
         if modules[name].bias is None:
             step.new_parameters[f"{name}.bias"] = [len(delta)]
@@ -209,16 +192,17 @@ def remove_structures(model: nn.Module, config: PruneConfig, data: Data) -> Stru
     else:
         step, changes, deltas = _channels(model, config, data, inputs)
         removed_blocks = []
-    finish = _compensation_after(step, deltas) if deltas else None
+    keep = {c.module: c.keep for c in step.cuts if c.param == "bias"}
 
     def after(m: nn.Module, edit: Surgery) -> None:
-        if finish is not None:
-            finish(m, edit)
+        for name, delta in deltas.items():  # bias compensation (new biases were declared in the step)
+            module = m.get_submodule(name)
+            bias = module.bias
+            delta = delta[keep[name]] if name in keep else delta
+            edit.assign(module, "bias", bias.detach() + delta.to(bias.device, bias.dtype))
         hf.sync_config(m, edit)
 
-    plan = start_plan(model)
-    apply_steps(model, [step], inputs, check=opts.check, after=after)
-    record_step(model, plan, step)
+    apply_recorded(model, step, inputs, opts.check, after)
     seconds = time.perf_counter() - start
     return StructuralReport(changes, before, measure(model, inputs), seconds, removed_blocks, config.to_dict(),
                             latency=twin.compare(model) if twin else None)  # fmt: skip

@@ -202,8 +202,9 @@ _READERS: dict[Any, Callable[[torch.Size, tuple, dict], Reads]] = {
 }
 
 
-def pin_positions(t: Trace, func: Any, args: tuple, kwargs: dict, name: str) -> None:
-    """Freeze the channels whose removal would move what ``func`` reads at fixed positions."""
+def pin_positions(t: Trace, func: Any, args: tuple, kwargs: dict, name_of: Callable[[Any], str]) -> None:
+    """Freeze the channels whose removal would move what ``func`` reads at fixed positions. ``name_of(func)``
+    names the op in the message, computed only when something is pinned (this runs for every traced op)."""
     reader = _READERS.get(func)
     x = args[0] if args else None
     if reader is None or not isinstance(x, Tensor):
@@ -218,5 +219,5 @@ def pin_positions(t: Trace, func: Any, args: tuple, kwargs: dict, name: str) -> 
         if dim in axes and bool(frozen.any()):
             t.pin(
                 roots.movedim(dim, 0)[frozen],
-                f"{name} in {t.where()} reads fixed channel positions ({what}) on axis {dim}",
+                f"{name_of(func)} in {t.where()} reads fixed channel positions ({what}) on axis {dim}",
             )

@@ -55,7 +55,13 @@ def remove(model: nn.Module, removed: dict[str, Any], example_inputs: Any, check
     refuse_reparametrized(model)
     graph = DependencyGraph(model, example_inputs, **options)
     step = graph.step(removed)
-    plan = start_plan(model)
-    apply_steps(model, [step], example_inputs, check=check, after=hf.sync_config)
-    record_step(model, plan, step)
+    apply_recorded(model, step, example_inputs, check, hf.sync_config)
     return step
+
+
+def apply_recorded(model: nn.Module, step: Step, example_inputs: Any, check: bool, after: Any) -> None:
+    """Apply ``step`` and record it in the model's pruning plan, only once it has really been applied (a
+    refused removal leaves no plan behind)."""
+    plan = start_plan(model)
+    apply_steps(model, [step], example_inputs, check=check, after=after)
+    record_step(model, plan, step)
