@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .errors import CheckpointError
@@ -21,8 +20,15 @@ from .errors import CheckpointError
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     """Every tensor of a safetensors file; a missing, truncated or non-safetensors file (a pickle)
     is a :class:`CheckpointError` naming it. Nothing is ever unpickled."""
+    return read_safetensors(path)[0]
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata, in one read (errors as :func:`load_safetensors`)."""
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:  # what safetensors' load_file does, metadata kept
+            names = list(f.keys())  # a safe_open handle is not iterable
+            return {name: f.get_tensor(name) for name in names}, f.metadata() or {}
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} does not exist") from exc
     except (SafetensorError, OSError) as exc:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -37,7 +36,7 @@ from torch.nn.utils import parametrize
 from .errors import CheckpointError, ConfigError, ScopeError, StateError
 from .guards import outside_inference_mode
 from .io import atomic_path
-from .loading import load_safetensors
+from .loading import read_safetensors
 from .scope import Target, parameter_holders, prunable_target, target_of
 
 MODES = ("mask", "bake")
@@ -343,9 +342,7 @@ def save_masks(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fals
 
 def _read_mask_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """The masks of a file written by :func:`save_masks`, refused unless whole and boolean."""
-    tensors = load_safetensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != MASK_FORMAT:
         raise CheckpointError(f"{path} is not a secateurs masks file (format={metadata.get('format')!r})")
     try:

@@ -224,10 +224,7 @@ def _save_sparse(model: Any, config: Any, args: argparse.Namespace, tokenizer: A
         for name, text in files.items():
             (tmp / name).write_text(text)
     if saved is not None:
-        saved.path = args.out
-        if saved.compressed is not None:
-            saved.compressed.path = str(Path(args.out) / "sparse.safetensors")
-        print(saved.summary())
+        print(saved.moved_to(args.out).summary())
     else:
         print(f"wrote {args.out}")
 

@@ -49,6 +49,12 @@ class SavedModel:
             f"{c.dense_bytes / 2**20:.2f} MiB ({c.ratio:.2f}x smaller; formats {c.formats})"
         )
 
+    def moved_to(self, path: str | os.PathLike) -> SavedModel:
+        """The same files, named where their staging directory was moved (an atomic write's final path)."""
+        if self.compressed is not None:
+            self.compressed.path = str(Path(path) / SPARSE_FILE)
+        return SavedModel(str(path), self.dense_bytes, self.compressed)
+
 
 def save_sparse(
     model: nn.Module,
@@ -70,9 +76,7 @@ def save_sparse(
         saved = write_sparse(model, tmp, tokenizer, format, pattern)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    if saved.compressed is not None:
-        saved.compressed.path = str(Path(path) / SPARSE_FILE)
-    return SavedModel(str(path), saved.dense_bytes, saved.compressed)
+    return saved.moved_to(path)
 
 
 def check_format(model: nn.Module, format: str) -> None:
@@ -83,7 +87,7 @@ def check_format(model: nn.Module, format: str) -> None:
 
 
 def write_sparse(
-    model: nn.Module, directory: Path, tokenizer: Any = None, format: str = "both", pattern: NM | None = None
+    model: nn.Module, directory: Path, tokenizer: Any = None, format: str = DEFAULT_FORMAT, pattern: NM | None = None
 ) -> SavedModel:
     """The files of :func:`save_sparse`, written into an existing (temporary) ``directory``."""
     check_format(model, format)
