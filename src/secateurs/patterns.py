@@ -50,6 +50,8 @@ class Pattern(ABC):
     name: ClassVar[str]
     #: other names the pattern answers to
     aliases: ClassVar[tuple[str, ...]] = ()
+    #: how to write a parametrised name in messages (None: the name itself)
+    syntax: ClassVar[str | None] = None
     #: density the pattern imposes by itself (N:M), or None when sparsity is free.
     fixed_density: ClassVar[float | None] = None
 
@@ -126,6 +128,7 @@ class Block(Pattern):
     height: int
     width: int
     name: ClassVar[str] = "block"
+    syntax: ClassVar[str | None] = "block:HxW (e.g. 'block:4x4')"
 
     @classmethod
     def parse(cls, text: str) -> Pattern | None:
@@ -181,6 +184,7 @@ class NM(Pattern):
     n: int
     m: int
     name: ClassVar[str] = "n:m"
+    syntax: ClassVar[str | None] = "n:m (e.g. '2:4')"
 
     @classmethod
     def parse(cls, text: str) -> Pattern | None:
@@ -287,8 +291,7 @@ def pattern_names() -> list[str]:
     """What :func:`parse_pattern` accepts, for messages."""
     names = []
     for name, cls in PATTERNS.items():
-        names += [f"{name} (e.g. '2:4')" if name == "n:m" else f"{name}:HxW (e.g. 'block:4x4')" if name == "block"
-                  else name, *cls.aliases]  # fmt: skip
+        names += [cls.syntax or name, *cls.aliases]
     return names
 
 
