@@ -43,9 +43,10 @@ def _describe(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_state_fits(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+def check_state_fits(model: nn.Module, state: Mapping[str, Tensor], what: str, shape_hint: str = "") -> None:
     """Refuse, before anything is written, a state dict whose names or shapes do not match ``model``.
-    A missing entry is fine when it is tied to one that is given (a tied LM head saved once)."""
+    A missing entry is fine when it is tied to one that is given (a tied LM head saved once).
+    ``shape_hint`` ends the message when shapes differ (what the caller knows such a file usually is)."""
     own = model.state_dict(keep_vars=True)
     unexpected = sorted(set(state) - set(own))
     given = {id(own[k]) for k in state if k in own}
@@ -65,11 +66,11 @@ def check_state_fits(model: nn.Module, state: Mapping[str, Tensor], what: str) -
     if problems:
         raise CheckpointError(
             f"{what} does not fit {type(model).__name__} ({'; '.join(problems)}); nothing was loaded. "
-            "Is it from a different architecture or size?"
+            "Is it from a different architecture or size?" + (f" {shape_hint}" if wrong and shape_hint else "")
         )
 
 
-def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], what: str, shape_hint: str = "") -> None:
     """Check ``state`` against ``model`` (:func:`check_state_fits`), then load it."""
-    check_state_fits(model, state, what)
+    check_state_fits(model, state, what, shape_hint)
     model.load_state_dict(state, strict=False)  # strict already checked; tied entries may be absent

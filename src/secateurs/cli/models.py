@@ -129,16 +129,9 @@ def _refuse_plain_plan(spec: str) -> None:
 
 def _load_weights(model: nn.Module, weights: str) -> nn.Module:
     """Strict, and checked before any tensor is copied: a size mismatch is named, not a 40-line traceback."""
-    from ..errors import CheckpointError
     from ..loading import load_safetensors, load_state_strict
 
-    try:
-        load_state_strict(model, load_safetensors(weights), f"--weights {weights}")
-    except CheckpointError as exc:
-        if "shape mismatch" not in str(exc):
-            raise
-        raise CheckpointError(
-            f"{exc} A structurally pruned model (mode remove) is loaded from its output folder, which holds "
-            "pruning_plan.json: pass --weights thatfolder/"
-        ) from None
+    hint = ("A structurally pruned model (mode remove) is loaded from its output folder, which holds "
+            "pruning_plan.json: pass --weights thatfolder/")  # fmt: skip
+    load_state_strict(model, load_safetensors(weights), f"--weights {weights}", shape_hint=hint)
     return model
