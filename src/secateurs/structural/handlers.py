@@ -76,6 +76,18 @@ def register_handler_by_name(qualified_name: str, handler: Handler) -> None:
     _BY_NAME[qualified_name] = _named(handler)
 
 
+#: functions ``module -> Handler | None`` asked, in order, for a module no registered type covers
+#: (a generic attention recogniser: any module laid out the usual way, whatever its class)
+MATCHERS: list[Any] = []
+
+
+def register_handler_matcher(matcher: Any) -> Any:
+    """Ask ``matcher(module)`` for a handler when no registered type matches ``module``; it returns
+    a named Handler (registered for saved plans) or None. Usable as a decorator."""
+    MATCHERS.append(matcher)
+    return matcher
+
+
 def handler_for(module: nn.Module) -> Handler | None:
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
@@ -83,6 +95,10 @@ def handler_for(module: nn.Module) -> Handler | None:
         by_name = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
         if by_name is not None:
             return by_name
+    for matcher in MATCHERS:
+        found = matcher(module)
+        if found is not None:
+            return found
     return None
 
 

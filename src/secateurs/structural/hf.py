@@ -7,6 +7,7 @@ GPT-2 (fused ``Conv1D``), OPT, and the Llama family (Llama, Qwen2, Qwen3, Mistra
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -199,22 +200,36 @@ def sync_config(model: nn.Module, edit: Surgery) -> list[str]:
     Not a transformers model: nothing to do."""
     if not is_hf(model):
         return []
+    from . import hf_config
+
     config = getattr(model, "config", None)
     keys = FAMILIES.get(getattr(config, "model_type", None))
-    if keys is None:
-        return []
-    values = _layer_values(model, keys)
-    heterogeneous = []
-    for what, key in keys.items():
-        if what not in values or not values[what]:
-            continue
-        distinct = set(values[what])
-        if len(distinct) == 1:
-            edit.set(config, key, distinct.pop())
-        else:
-            heterogeneous.append(key)
-    if "embed" in keys:
-        edit.set(config, keys["embed"], model.get_input_embeddings().embedding_dim)
+    heterogeneous: list[str] = []
+    if keys is None:  # any other architecture: fit the size fields to the tensors, or write nothing
+        _, blocks = find_blocks(model)
+        update, heterogeneous = hf_config.fit(model, len(blocks))
+    else:
+        values = _layer_values(model, keys)
+        update = {}
+        for what, key in keys.items():
+            if what not in values or not values[what]:
+                continue
+            distinct = set(values[what])
+            if len(distinct) == 1:
+                update[key] = distinct.pop()
+            else:
+                heterogeneous.append(key)
+        if "embed" in keys:
+            update[keys["embed"]] = model.get_input_embeddings().embedding_dim
+    if update:
+        proposed = copy.deepcopy(config)
+        for key, value in update.items():
+            setattr(proposed, key, value)
+        quirks = hf_config.quirks(model, proposed)
+        if quirks:  # a stock reload would silently differ: the saved config keeps the original sizes
+            return [*heterogeneous, *quirks]
+        for key, value in update.items():
+            edit.set(config, key, value)
     _renumber_layers(model, edit)
     return heterogeneous
 
@@ -241,11 +256,11 @@ def config_expressible(model: nn.Module) -> bool:
     ``from_pretrained`` loads the saved model; otherwise :func:`load_structured` is needed."""
     if not is_hf(model):
         return False
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(model.config)
-    except Exception:
+    from .hf_config import build_meta, quirks
+
+    fresh = build_meta(model, model.config)
+    if fresh is None:
         return False
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return mine == theirs
+    return mine == theirs and not quirks(model, model.config)

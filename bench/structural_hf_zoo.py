@@ -1,0 +1,106 @@
+"""Structural removal on every transformers architecture that builds from a tiny config, vs Torch-Pruning.
+
+The architectures come from transformers' auto mappings (``secateurs.hf_zoo.architectures``); each is
+built from its own config class with hidden 32, 2 layers, 4 heads (2 KV heads where the config has
+them). For each architecture x pattern (channel = FFN neurons, head, head+channel) at 30%:
+secateurs removes the units, saves the model, reloads it (stock ``from_pretrained`` when the updated
+config expresses every shape, ``load_structured`` otherwise) and compares logits. Torch-Pruning 1.6
+(its own venv, ``_torch_pruning_hf_worker.py``) prunes the same tiny models the way its LLM example
+does; we record whether it prunes, whether the pruned model still runs, and whether the saved model
+reloads with stock ``from_pretrained``.
+
+    python bench/structural_hf_zoo.py [--only llama bart ...] [--no-torch-pruning]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from _common import machine, write_results
+
+import secateurs
+from secateurs import hf_zoo
+
+TP_PYTHON = Path(__file__).resolve().parent / ".envs" / "torch-pruning" / "bin" / "python"
+SPARSITY = 0.3
+
+
+def _ours(archs: list[hf_zoo.Arch]) -> dict[str, dict]:
+    rows = {}
+    for arch in archs:
+        start = time.perf_counter()
+        row = {}
+        for pattern in hf_zoo.PATTERNS:
+            with tempfile.TemporaryDirectory() as folder:
+                try:
+                    row[pattern] = hf_zoo.sweep_one(arch, pattern, f"{folder}/m", SPARSITY)
+                except Exception as exc:  # a bug, not a refusal: recorded as such
+                    row[pattern] = {"status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            if row[pattern]["status"] == "unbuilt":
+                break
+        rows[arch.model_type] = {"class": arch.class_name, "seconds": round(time.perf_counter() - start, 2), **row}
+        brief = {p: (r["status"], r.get("reload", r.get("reason", "")[:60])) for p, r in row.items()}
+        print(f"{arch.model_type:28s} {brief}", flush=True)
+    return rows
+
+
+def _torch_pruning(names: list[str]) -> dict[str, dict]:
+    if not TP_PYTHON.exists():
+        print(f"no Torch-Pruning venv at {TP_PYTHON}: skipped")
+        return {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SECATEURS_SRC": str(Path(secateurs.__file__).parent)}
+    worker = Path(__file__).resolve().parent / "_torch_pruning_hf_worker.py"
+    out = subprocess.run([str(TP_PYTHON), str(worker), *names], capture_output=True, text=True, env=env)
+    rows = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            rows[row.pop("arch")] = row
+    if out.returncode:
+        print(out.stderr[-2000:])
+    return rows
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--no-torch-pruning", action="store_true")
+    args = parser.parse_args()
+    archs = [a for a in hf_zoo.architectures() if not args.only or a.model_type in args.only]
+    load = os.getloadavg()
+    ours = _ours(archs)
+    built = [n for n, r in ours.items() if r["channel"]["status"] != "unbuilt"]
+    theirs = {} if args.no_torch_pruning else _torch_pruning(built)
+    summary = {}
+    for pattern in hf_zoo.PATTERNS:
+        ok = [n for n in built if ours[n][pattern]["status"] == "ok"]
+        summary[pattern] = {
+            "built": len(built), "ok": len(ok),
+            "stock_reload": sum(ours[n][pattern].get("reload") == "stock" for n in ok),
+            "reload_max_abs_diff": max((ours[n][pattern]["max_abs_diff"] for n in ok), default=None),
+            "torch_pruning_runs": sum(bool(theirs.get(n, {}).get(pattern, {}).get("runs")) for n in built),
+            "torch_pruning_stock_reload": sum(bool(theirs.get(n, {}).get(pattern, {}).get("stock_reload"))
+                                              for n in built),
+        }  # fmt: skip
+    print(json.dumps(summary, indent=1))
+    write_results("structural_hf_zoo", {
+        "machine": machine(), "loadavg_start": load, "loadavg_end": os.getloadavg(),
+        "transformers": transformers.__version__, "sparsity": SPARSITY, "summary": summary,
+        "secateurs": ours, "torch_pruning": theirs,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
