@@ -57,7 +57,7 @@ def _prune(model: nn.Module, batch: dict, pattern: str) -> None:
     qkv = {id(p) for _, ps in attention for p in ps}
     num_heads = {}
     for m, (q, k, v) in attention:
-        hd = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None) or getattr(m, "key_value_proj_dim")
+        hd = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None) or m.key_value_proj_dim
         num_heads[q] = q.out_features // hd
         num_heads[k] = num_heads[v] = k.out_features // hd
     ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == hidden]
@@ -68,7 +68,8 @@ def _prune(model: nn.Module, batch: dict, pattern: str) -> None:
         ignored += [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in qkv]
     pruner = tp.pruner.MetaPruner(
         model, example_inputs={**batch, "use_cache": False} if hasattr(model.config, "use_cache") else batch,
-        output_transform=lambda out: out.logits if hasattr(out, "logits") else out[0], importance=tp.importance.GroupMagnitudeImportance(p=2),
+        output_transform=lambda out: out.logits if hasattr(out, "logits") else out[0],
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=SPARSITY, ignored_layers=ignored, num_heads=num_heads, prune_num_heads=pattern != "channel",
         prune_head_dims=False, head_pruning_ratio=SPARSITY,
     )  # fmt: skip
@@ -76,7 +77,7 @@ def _prune(model: nn.Module, batch: dict, pattern: str) -> None:
     config = model.config
     for m, (q, k, _) in attention:  # the attribute fixes of examples/LLMs/prune_llm.py
         hd = num_heads and (getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
-                            or getattr(m, "key_value_proj_dim"))  # fmt: skip
+                            or m.key_value_proj_dim)  # fmt: skip
         heads, kv = q.out_features // hd, k.out_features // hd
         for attr, value in (("num_heads", heads), ("num_key_value_heads", kv), ("num_key_value_groups", heads // kv),
                             ("all_head_size", heads * hd), ("num_attention_heads", heads)):  # fmt: skip
@@ -86,7 +87,7 @@ def _prune(model: nn.Module, batch: dict, pattern: str) -> None:
             config.num_attention_heads = heads
         if hasattr(config, "num_key_value_heads"):
             config.num_key_value_heads = kv
-    for name, m in model.named_modules():
+    for m in model.modules():
         up = getattr(m, "gate_proj", None) or getattr(m, "up_proj", None) or getattr(m, "fc1", None)
         if isinstance(up, nn.Linear) and hasattr(config, "intermediate_size"):
             config.intermediate_size = up.out_features

@@ -24,13 +24,53 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import machine, write_results
-
 import secateurs
+from _common import machine, write_results
 from secateurs import hf_zoo
 
-TP_PYTHON = Path(__file__).resolve().parent / ".envs" / "torch-pruning" / "bin" / "python"
+# Torch-Pruning's venv (see _torch_pruning_worker.py); SECATEURS_TP_PYTHON points at another one
+_TP_VENV = Path(__file__).resolve().parent / ".envs" / "torch-pruning" / "bin" / "python"
+TP_PYTHON = Path(os.environ.get("SECATEURS_TP_PYTHON", _TP_VENV))
 SPARSITY = 0.3
+TP_TIMEOUT = 60
+# the 35 architectures of the issue: the 9 that worked before it, and 26 other current families
+TARGET = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gpt2",
+    "opt",
+    "bert",
+    "roberta",
+    "falcon",
+    "gpt_neox",
+    "bloom",
+    "phi3",
+    "mpt",
+    "t5",
+    "bart",
+    "mbart",
+    "marian",
+    "pegasus",
+    "whisper",
+    "electra",
+    "xlm-roberta",
+    "camembert",
+    "deberta-v2",
+    "gpt_neo",
+    "gptj",
+    "phi",
+    "stablelm",
+    "starcoder2",
+    "olmo",
+    "olmo2",
+    "granite",
+    "mixtral",
+    "qwen2_moe",
+    "gemma2",
+)
 
 
 def _ours(archs: list[hf_zoo.Arch]) -> dict[str, dict]:
@@ -58,14 +98,21 @@ def _torch_pruning(names: list[str]) -> dict[str, dict]:
         return {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SECATEURS_SRC": str(Path(secateurs.__file__).parent)}
     worker = Path(__file__).resolve().parent / "_torch_pruning_hf_worker.py"
-    out = subprocess.run([str(TP_PYTHON), str(worker), *names], capture_output=True, text=True, env=env)
     rows = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            rows[row.pop("arch")] = row
-    if out.returncode:
-        print(out.stderr[-2000:])
+    for name in names:  # one process per architecture: a trace that never finishes is cut at TP_TIMEOUT
+        try:
+            out = subprocess.run([str(TP_PYTHON), str(worker), name], capture_output=True, text=True, env=env,
+                                 timeout=TP_TIMEOUT)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            rows[name] = {p: {"pruned": False, "runs": False, "stock_reload": False,
+                              "error": f"timed out after {TP_TIMEOUT} s"} for p in hf_zoo.PATTERNS}  # fmt: skip
+        else:
+            for line in out.stdout.splitlines():
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    rows[row.pop("arch")] = row
+        print(f"torch-pruning {name:24s} {({p: r.get('stock_reload') for p, r in rows.get(name, {}).items()})}",
+              flush=True)  # fmt: skip
     return rows
 
 
@@ -76,9 +123,11 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--all", action="store_true", help="every architecture of the auto mappings, not TARGET")
     parser.add_argument("--no-torch-pruning", action="store_true")
     args = parser.parse_args()
-    archs = [a for a in hf_zoo.architectures() if not args.only or a.model_type in args.only]
+    wanted = set(args.only or ([] if args.all else TARGET))
+    archs = [a for a in hf_zoo.architectures() if not wanted or a.model_type in wanted]
     load = os.getloadavg()
     ours = _ours(archs)
     built = [n for n, r in ours.items() if r["channel"]["status"] != "unbuilt"]

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-            "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES")  # fmt: skip
+# sequence-to-sequence first: an encoder-decoder is swept whole (cross-attention included), not as
+# the decoder-only ForCausalLM variant some of them also have
+MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+            "MODEL_FOR_MASKED_LM_MAPPING_NAMES")  # fmt: skip
 VOCAB = 64
 
 # every spelling transformers configs use for the same small sizes
@@ -44,7 +46,7 @@ class Arch:
 
 
 def architectures(mappings: tuple[str, ...] = MAPPINGS) -> list[Arch]:
-    """One entry per model type, from the first mapping that lists it (causal LM first)."""
+    """One entry per model type, from the first mapping of ``mappings`` that lists it."""
     from transformers.models.auto import modeling_auto
 
     seen: dict[str, Arch] = {}
@@ -132,10 +134,7 @@ def sweep_one(arch: Arch, pattern: str, folder: str, sparsity: float = 0.3) -> d
     from secateurs.structural.hf import config_expressible
 
     stock = config_expressible(model)
-    if stock:
-        reloaded = type(model).from_pretrained(folder).eval()
-    else:
-        reloaded = load_structured(folder)
+    reloaded = type(model).from_pretrained(folder).eval() if stock else load_structured(folder)
     again = logits(reloaded, batch)
     return {
         "status": "ok", "params_before": before, "params_after": after,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks import find_blocks
+from ..blocks import BlockDiscoveryError, find_blocks
 from .handlers import Conv1DHandler, Handler, handler_for, register_handler_by_name
 from .surgery import Surgery
 from .trace import Trace
@@ -206,8 +206,7 @@ def sync_config(model: nn.Module, edit: Surgery) -> list[str]:
     keys = FAMILIES.get(getattr(config, "model_type", None))
     heterogeneous: list[str] = []
     if keys is None:  # any other architecture: fit the size fields to the tensors, or write nothing
-        _, blocks = find_blocks(model)
-        update, heterogeneous = hf_config.fit(model, len(blocks))
+        update, heterogeneous = hf_config.fit(model, len(_blocks(model)))
     else:
         values = _layer_values(model, keys)
         update = {}
@@ -234,10 +233,19 @@ def sync_config(model: nn.Module, edit: Surgery) -> list[str]:
     return heterogeneous
 
 
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The one stack of repeated blocks; none for an encoder-decoder (two stacks, whose layer counts
+    the size fields fit and whose layers are never removed together)."""
+    try:
+        return find_blocks(model)[1]
+    except BlockDiscoveryError:
+        return []
+
+
 def _renumber_layers(model: nn.Module, edit: Surgery) -> None:
     """After blocks were removed: every ``layer_idx`` is its new position (KV caches index by it)."""
     config = model.config
-    _, blocks = find_blocks(model)
+    blocks = _blocks(model)
     old_types = getattr(config, "layer_types", None)
     new_types = []
     for i, block in enumerate(blocks):

@@ -127,7 +127,9 @@ def fit(model: nn.Module, layers: int = 0) -> tuple[dict[str, int], list[str]]:
     built = _shapes(build_meta(model, best) or base)
     wrong = [f"{k}: {tuple(built.get(k, ()))} from the config, {s} in the model" for k, s in target.items()
              if built.get(k) != s][:3]  # fmt: skip
-    return {}, [f"no values of the config's size fields {fields} give every tensor its pruned shape ({'; '.join(wrong)})"]
+    return {}, [
+        f"no values of the config's size fields {fields} give every tensor its pruned shape ({'; '.join(wrong)})"
+    ]
 
 
 def quirks(model: nn.Module, config: Any) -> list[str]:

@@ -55,8 +55,9 @@ def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: Scop
         if g.blocked:
             module, reason = g.blocked[0]
             kind = type(graph.model.get_submodule(module)).__name__ if module else type(graph.model).__name__
+            layout = _attention_layout_note(graph.model, module)
             raise StructureError(
-                f"group {g.name!r} cannot be removed: {reason}. Either exclude it "
+                f"group {g.name!r} cannot be removed: {reason}{layout}. Either exclude it "
                 f"(scope={{'exclude': [{module or g.name!r}]}}) or teach the graph this module: "
                 f"secateurs.structural.register_handler({kind}, YourHandler()) (see docs/structural.md)"
             )
@@ -65,11 +66,45 @@ def candidate_groups(graph: DependencyGraph, kinds: tuple[str, ...], scope: Scop
     if not chosen:
         present = {g.kind for g in graph.groups if g.units}
         frozen = sorted({r for g in graph.groups if g.kind in kinds for r in g.frozen_reasons})
+        seen = _attention_seen(graph.model) if "head" in kinds else ""
         raise ScopeError(
             f"nothing to remove at granularity {'+'.join(kinds)} within the scope: removable kinds in this model: "
-            f"{sorted(present) or 'none'}; frozen because: {'; '.join(frozen) or 'n/a'}"
+            f"{sorted(present) or 'none'}; frozen because: {'; '.join(frozen) or 'n/a'}{seen}"
         )
     return chosen
+
+
+def _attention_seen(model: nn.Module) -> str:
+    """The attention modules of ``model`` and why none gave heads (for 'nothing to remove')."""
+    from .handlers import handler_for
+    from .hf_attention import why_not
+
+    seen: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if type(m).__name__.endswith("Attention") and type(m).__name__ not in seen:
+            covered = handler_for(m) is not None
+            seen[type(m).__name__] = f"{name!r} ({type(m).__name__}): " + (
+                "handled" if covered else why_not(m) or "no handler"
+            )
+    if not seen:
+        return "; no module whose class name ends in 'Attention' was found"
+    return (
+        f"; attention modules seen: {'; '.join(seen.values())}. Register a handler for such a module "
+        "(secateurs.structural.register_handler, see docs/structural.md)"
+    )
+
+
+def _attention_layout_note(model: nn.Module, module: str) -> str:
+    """For a group blocked inside an attention module: why the generic attention handler did not take it."""
+    from .hf_attention import why_not
+
+    if not module:
+        return ""
+    m = model.get_submodule(module)
+    if not type(m).__name__.endswith("Attention"):
+        return ""
+    why = why_not(m) or "not a transformers module"
+    return f" ({type(m).__name__} is not taken by the generic attention handler: {why})"
 
 
 def consumers(groups: list[Group], modules: dict[str, nn.Module]) -> list[Target]:

@@ -128,7 +128,11 @@ def load_structured(path: str | os.PathLike, model: nn.Module | None = None) -> 
 
     def load_weights(m: nn.Module, edit: Surgery) -> None:
         hf.sync_config(m, edit)
-        load_state_strict(m, state, f"weights in {path}")  # checked before a single tensor is written
+        # tensors transformers never saves (Marian's sinusoidal positions): the rebuilt model's own
+        skipped = set(getattr(m, "_keys_to_ignore_on_save", None) or ())
+        own = m.state_dict()
+        fill = {k: own[k] for k in skipped if k in own and k not in state}
+        load_state_strict(m, {**state, **fill}, f"weights in {path}")  # checked before a single tensor is written
 
     apply_steps(model, plan.steps, check=False, after=load_weights)
     model.__dict__["_secateurs_plan"] = plan

@@ -1,0 +1,106 @@
+"""Structural removal across transformers architectures, listed by transformers' own auto mappings.
+
+Every architecture that builds from a tiny config (``secateurs.hf_zoo``) is pruned at 30% with
+channel (FFN neurons), head and head+channel removal. Each run either succeeds, and then the model
+reloaded from disk (stock ``from_pretrained`` when the updated config expresses every shape,
+``load_structured`` otherwise) gives the pruned model's logits, or it is refused with a typed error
+whose reason is one of :data:`REFUSALS`. The full sweep is slow; a few architectures run by default.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from secateurs import hf_zoo
+from secateurs.structural import load_structured, save_structured
+from secateurs.structural.hf import config_expressible
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+#: the only reasons a run may be refused, each with why it is a refusal and not a bug
+REFUSALS = {
+    # the attention is not the usual separate q/k/v layout (fused QKV as in Falcon, GPT-NeoX, BLOOM,
+    # Phi-3, MPT; a norm over the whole query width; T5's shared relative position bias): the reshape
+    # into heads is refused, naming the module, instead of guessed
+    "unrecognised attention layout": r"splits a channel axis into several axes|splits channels into pieces of fixed",
+    # the head pattern found no attention it can handle: the message names what it saw
+    "no removable heads": r"nothing to remove at granularity head",
+    # MoE routers pick experts with top-k: expert removal belongs to the MoE issue
+    "MoE routing": r"unsupported op torch\.(topk|sort|argsort|scatter|index_add|bincount|one_hot)",
+    # an op the graph cannot follow (recurrent/state-space kernels, custom ops) names itself
+    "other unsupported op": r"unsupported op ",
+    # the pruned model was run and failed (a size read from an attribute the handler does not know):
+    # the model is restored and the message names the module
+    "forward check": r"the pruned model fails in",
+}
+FAST = ("qwen3", "bart", "electra")
+
+
+def _archs(names=None):
+    return [a for a in hf_zoo.architectures() if names is None or a.model_type in names]
+
+
+def _check(arch, pattern, tmp_path):
+    result = hf_zoo.sweep_one(arch, pattern, str(tmp_path / f"{arch.model_type}-{pattern.replace('+', '_')}"))
+    if result["status"] == "refused":
+        reason = result["reason"]
+        assert any(re.search(rx, reason) for rx in REFUSALS.values()), f"{arch.model_type}/{pattern}: {reason}"
+    elif result["status"] == "ok":
+        assert result["params_after"] < result["params_before"]
+        assert result["max_abs_diff"] <= 1e-5, result
+    return result
+
+
+@pytest.mark.parametrize("pattern", hf_zoo.PATTERNS)
+@pytest.mark.parametrize("arch", _archs(FAST), ids=lambda a: a.model_type)
+def test_fast_subset_prunes_and_reloads_exactly(arch, pattern, tmp_path):
+    result = _check(arch, pattern, tmp_path)
+    assert result["status"] == "ok", result  # these three are known to work: a refusal is a regression
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", _archs(), ids=lambda a: a.model_type)
+def test_every_architecture_prunes_and_reloads_or_is_refused_for_a_listed_reason(arch, tmp_path):
+    for pattern in hf_zoo.PATTERNS:
+        if _check(arch, pattern, tmp_path)["status"] == "unbuilt":
+            pytest.skip("the tiny config does not build or run with token ids alone")
+
+
+def test_a_config_that_would_reload_differently_is_not_written(tmp_path):
+    """Gemma scales its embeddings by sqrt(hidden_size): after removing hidden channels, a config
+    with the new hidden_size has the right shapes but a stock reload would compute other logits."""
+    import secateurs
+
+    model = hf_zoo.build(next(a for a in hf_zoo.architectures() if a.model_type == "gemma"))
+    batch = hf_zoo.inputs(model)
+    secateurs.prune(model, "magnitude", 0.25, pattern="hidden", mode="remove", example_inputs=batch,
+                    progress=False, structural={"latency": False})  # fmt: skip
+    assert model.config.hidden_size == 32  # not written: it would change the embedding scale
+    assert not config_expressible(model)
+    save_structured(model, tmp_path / "m")
+    torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))
+
+
+def test_generic_attention_keeps_grouped_query_heads_valid():
+    """Attention modules without a hand-written handler (Qwen3's is hand-registered; BART's self- and
+    cross-attention are not) get the generic one; cross-attention heads really leave."""
+    import secateurs
+    from secateurs.structural.handlers import handler_for
+    from secateurs.structural.hf_attention import GENERIC
+
+    arch = next(a for a in hf_zoo.architectures() if a.model_type == "qwen3")
+    model = hf_zoo.build(arch)
+    attn = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
+    assert handler_for(attn) is not None
+    bart = hf_zoo.build(
+        hf_zoo.Arch("bart", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "BartForConditionalGeneration")
+    )
+    cross = bart.model.decoder.layers[0].encoder_attn
+    assert handler_for(cross) is GENERIC  # cross-attention, no hand-written handler
+    secateurs.prune(bart, "magnitude", 0.5, pattern="head", mode="remove", example_inputs=hf_zoo.inputs(bart),
+                    progress=False, structural={"latency": False})  # fmt: skip
+    assert cross.q_proj.out_features == cross.k_proj.out_features == 16
