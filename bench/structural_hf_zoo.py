@@ -116,6 +116,57 @@ def _torch_pruning(names: list[str]) -> dict[str, dict]:
     return rows
 
 
+def _tp_ok(theirs: dict, name: str, pattern: str, what: str) -> bool:
+    r = theirs.get(name, {}).get(pattern, {})
+    return bool(r.get(what)) and r.get("reduction", 0) > 0
+
+
+def _cell(ours: dict, theirs: dict | None) -> str:
+    if ours["status"] == "ok":
+        mine = f"{ours['reduction']:.0%} {'stock' if ours['reload'] == 'stock' else 'load_structured'}"
+    else:
+        mine = ours["status"]
+    if theirs is None:
+        return mine
+    if theirs.get("pruned") and theirs.get("reduction", 0) > 0:
+        tp_cell = f"{theirs['reduction']:.0%} " + ("stock" if theirs["stock_reload"] else
+                                                   "runs, no reload" if theirs["runs"] else "broken")  # fmt: skip
+    else:
+        tp_cell = "nothing pruned" if theirs.get("pruned") else "fails"
+    return f"{mine} / {tp_cell}"
+
+
+def table(payload: dict) -> str:
+    """Markdown: one row per architecture, 'secateurs / Torch-Pruning' per pattern (parameter
+    reduction and how the saved model reloads)."""
+    ours, theirs = payload["secateurs"], payload.get("torch_pruning", {})
+    lines = ["| architecture | " + " | ".join(hf_zoo.PATTERNS) + " |", "|---" * (len(hf_zoo.PATTERNS) + 1) + "|"]
+    for name, row in ours.items():
+        if row["channel"]["status"] == "unbuilt":
+            lines.append(f"| {name} | " + " | ".join(["tiny config does not build"] * len(hf_zoo.PATTERNS)) + " |")
+            continue
+        cells = [_cell(row[p], theirs.get(name, {}).get(p) if theirs else None) for p in hf_zoo.PATTERNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarize(ours: dict, theirs: dict) -> dict:
+    """Per pattern: architectures built, pruned and reloaded (stock or load_structured), and Torch-Pruning's
+    counts (a run that removes nothing is not counted)."""
+    built = [n for n, r in ours.items() if r["channel"]["status"] != "unbuilt"]
+    summary = {}
+    for pattern in hf_zoo.PATTERNS:
+        ok = [n for n in built if ours[n][pattern]["status"] == "ok"]
+        summary[pattern] = {
+            "built": len(built), "ok": len(ok),
+            "stock_reload": sum(ours[n][pattern].get("reload") == "stock" for n in ok),
+            "reload_max_abs_diff": max((ours[n][pattern]["max_abs_diff"] for n in ok), default=None),
+            "torch_pruning_prunes_and_runs": sum(_tp_ok(theirs, n, pattern, "runs") for n in built),
+            "torch_pruning_stock_reload": sum(_tp_ok(theirs, n, pattern, "stock_reload") for n in built),
+        }  # fmt: skip
+    return summary
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     import transformers
@@ -125,30 +176,28 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--all", action="store_true", help="every architecture of the auto mappings, not TARGET")
     parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the table of the last results and stop")
     args = parser.parse_args()
+    if args.table:
+        payload = json.loads((Path(__file__).resolve().parent / "results" / "structural_hf_zoo.json").read_text())
+        print(json.dumps(summarize(payload["secateurs"], payload["torch_pruning"]), indent=1))
+        print(table(payload))
+        return
     wanted = set(args.only or ([] if args.all else TARGET))
     archs = [a for a in hf_zoo.architectures() if not wanted or a.model_type in wanted]
     load = os.getloadavg()
     ours = _ours(archs)
     built = [n for n, r in ours.items() if r["channel"]["status"] != "unbuilt"]
     theirs = {} if args.no_torch_pruning else _torch_pruning(built)
-    summary = {}
-    for pattern in hf_zoo.PATTERNS:
-        ok = [n for n in built if ours[n][pattern]["status"] == "ok"]
-        summary[pattern] = {
-            "built": len(built), "ok": len(ok),
-            "stock_reload": sum(ours[n][pattern].get("reload") == "stock" for n in ok),
-            "reload_max_abs_diff": max((ours[n][pattern]["max_abs_diff"] for n in ok), default=None),
-            "torch_pruning_runs": sum(bool(theirs.get(n, {}).get(pattern, {}).get("runs")) for n in built),
-            "torch_pruning_stock_reload": sum(bool(theirs.get(n, {}).get(pattern, {}).get("stock_reload"))
-                                              for n in built),
-        }  # fmt: skip
+    summary = summarize(ours, theirs)
     print(json.dumps(summary, indent=1))
-    write_results("structural_hf_zoo", {
+    payload = {
         "machine": machine(), "loadavg_start": load, "loadavg_end": os.getloadavg(),
         "transformers": transformers.__version__, "sparsity": SPARSITY, "summary": summary,
         "secateurs": ours, "torch_pruning": theirs,
-    })  # fmt: skip
+    }  # fmt: skip
+    write_results("structural_hf_zoo", payload)
+    print(table(payload))
 
 
 if __name__ == "__main__":
