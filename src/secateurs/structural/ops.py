@@ -179,6 +179,19 @@ def _spread(t: Trace, inputs: list[Tensor]) -> int:
     return max((len(varying_dims(t.roots(lab))) for lab in inputs), default=0)
 
 
+# ``view`` needs memory strides that fit the new shape; a label tensor holds the same values as
+# the activation's layout but not its strides (``x.transpose(1, 2).contiguous().view(...)``: the
+# labels of ``contiguous`` are a copy made by an elementwise rule). On labels a view and a reshape
+# give the same values, so views are replayed as reshapes.
+_VIEW_AS_RESHAPE = {torch.Tensor.view: torch.Tensor.reshape, torch.Tensor.view_as: torch.Tensor.reshape_as}
+
+
+def _replayed(func: Any, args: tuple) -> Any:
+    if func is torch.Tensor.view and len(args) == 2 and isinstance(args[1], torch.dtype):
+        return func  # a reinterpreting view(dtype) stays what it is
+    return _VIEW_AS_RESHAPE.get(func, func)
+
+
 @rule(_REPLAY, torch, torch.Tensor, F)
 def replay(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     """Run the same call on the labels. If the result spreads classes over more axes than the
@@ -186,7 +199,7 @@ def replay(t: Trace, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
     sources = [x for x in tensors_in((args, kwargs)) if t.labels(x) is not None]
     if not sources:
         return
-    lab_out = func(*_substitute(t, args), **_substitute(t, kwargs))
+    lab_out = _replayed(func, args)(*_substitute(t, args), **_substitute(t, kwargs))
     parametric = all(t.parametric(x) for x in sources)
     before = _spread(t, [t.labels(x) for x in sources])
     for o, lab in _pairs(out, lab_out):

@@ -27,7 +27,7 @@ from ..errors import StructureError
 from ..evidence import preserved
 from ..threads import limited_threads
 from .handlers import handler_for
-from .ops import handle, tensors_in
+from .ops import _op_name, handle, tensors_in
 from .trace import Trace
 
 
@@ -41,7 +41,17 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not self.inside[0]:
-            handle(self.trace, func, args, kwargs, out)
+            try:
+                handle(self.trace, func, args, kwargs, out)
+            except StructureError:
+                raise
+            except Exception as exc:  # the model ran this op: following it is the graph's failure
+                raise StructureError(
+                    f"the dependency graph could not follow {_op_name(func)} in {self.trace.where()} "
+                    f"({type(exc).__name__}: {exc}); the model itself ran it, so example_inputs are fine: "
+                    "register a handler for that module (secateurs.structural.register_handler) or "
+                    "exclude it from the scope"
+                ) from exc
         return out
 
 
