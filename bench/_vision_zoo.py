@@ -48,6 +48,12 @@ def zoo() -> list[str]:
     return list(tv.models.list_models(module=tv.models))
 
 
+def published_params(name: str) -> int:
+    """Parameter count from torchvision's weight metadata (nothing is built or downloaded)."""
+    tv = import_torchvision()
+    return int(tv.models.get_model_weights(name).DEFAULT.meta["num_params"])
+
+
 def build(name: str, size: int = 224, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """Random-init model in eval mode and one ``size`` x ``size`` RGB input. ViT and MaxViT fix their
     input size at construction: they are built for ``size``."""
@@ -82,7 +88,8 @@ def small(family: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
         sw = m.swin_transformer
         model = m.SwinTransformer(
             patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10,
-            block=sw.SwinTransformerBlockV2 if v2 else None, downsample_layer=sw.PatchMergingV2 if v2 else sw.PatchMerging,
+            block=sw.SwinTransformerBlockV2 if v2 else None,
+            downsample_layer=sw.PatchMergingV2 if v2 else sw.PatchMerging,
         )  # fmt: skip
     elif family == "convnext":
         cfg = m.convnext.CNBlockConfig

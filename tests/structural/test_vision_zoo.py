@@ -19,13 +19,9 @@ import torch
 
 from secateurs.errors import StructureError
 
+pytest.importorskip("torchvision", reason="the `vision` extra (pip install secateurs[vision])")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-try:
-    import _vision_zoo as vz
-
-    vz.import_torchvision()
-except ImportError:  # the `vision` extra is not installed
-    pytest.skip("torchvision is not installed (pip install secateurs[vision])", allow_module_level=True)
+import _vision_zoo as vz  # noqa: E402  (bench/ on the path first; tests/conftest.py imported torchvision)
 
 ZOO = vz.zoo()
 #: model-name prefix -> the refusal text expected (none today: every model of the zoo removes channels)
