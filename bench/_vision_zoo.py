@@ -48,6 +48,11 @@ def zoo() -> list[str]:
     return list(tv.models.list_models(module=tv.models))
 
 
+#: the smallest input some models accept: Inception v3's stride-2 stages need 75 px; MaxViT's
+#: partitions (7 x 7 windows after a /32 reduction) need 224
+MIN_SIZE = {"inception_v3": 96, "maxvit_t": 224}
+
+
 def published_params(name: str) -> int:
     """Parameter count from torchvision's weight metadata (nothing is built or downloaded)."""
     tv = import_torchvision()

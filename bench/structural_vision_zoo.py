@@ -28,7 +28,7 @@ import torch
 
 import secateurs
 from _common import ensure_venv, machine, write_results
-from _vision_zoo import build, prune_ours, published_params, zero_unit_check, zoo
+from _vision_zoo import MIN_SIZE, build, prune_ours, published_params, zero_unit_check, zoo
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -84,7 +84,7 @@ def run_ours(name: str, size: int, check_size: int | None) -> dict[str, Any]:
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:400])
         return result
     if check_size:
-        csize = 224 if name.startswith("maxvit") else check_size
+        csize = max(check_size, MIN_SIZE.get(name, 0))
         try:
             result["zero_unit_check"] = {"size": csize, **zero_unit_check(*build(name, csize))}
         except Exception as exc:
