@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,12 @@ from torch import nn
 
 # two workers on two cores: one thread each, or they fight
 torch.set_num_threads(int(os.environ.get("SECATEURS_TEST_THREADS", "1")))
+
+if importlib.util.find_spec("torchvision") is not None:  # a CUDA wheel on a CPU torch: see import_torchvision
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from _vision_zoo import import_torchvision
+
+    import_torchvision()
 
 
 def small_cnn() -> nn.Sequential:

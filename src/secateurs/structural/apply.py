@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import StructureError
 from ..evidence import preserved
+from .sizes import sync_sizes
 from .step import Step, apply_step
 from .surgery import Surgery
 from .tracer import call_model, module_stack, outputs_of
@@ -54,6 +55,7 @@ def apply_steps(
     try:
         for step in steps:
             apply_step(model, step, edit)
+        sync_sizes(model, edit)
         if after is not None:
             after(model, edit)
         if expected is not None:
