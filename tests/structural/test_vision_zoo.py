@@ -21,7 +21,7 @@ from secateurs.errors import StructureError
 
 pytest.importorskip("torchvision", reason="the `vision` extra (pip install secateurs[vision])")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import _vision_zoo as vz  # noqa: E402  (bench/ on the path first; tests/conftest.py imported torchvision)
+import _vision_zoo as vz  # bench/ on the path first; tests/conftest.py imported torchvision
 
 ZOO = vz.zoo()
 #: model-name prefix -> the refusal text expected (none today: every model of the zoo removes channels)
