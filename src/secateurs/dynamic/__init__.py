@@ -15,10 +15,14 @@ from .activation import (
     load_activation_sparsity,
     sparsify_activations,
 )
+from .fbs import FBS, FBSConv, add_fbs
 from .kernel import kernel_notice, sparse_input_linear
 
 __all__ = [
+    "FBS",
+    "FBSConv",
     "ActivationSparsity",
+    "add_fbs",
     "activation_sparsity",
     "kernel_notice",
     "load_activation_sparsity",
