@@ -74,7 +74,6 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(BENCH))
     from _common import machine, write_results
-
     from secateurs.dynamic import kernel, sparsify_activations
     from secateurs.evaluation import Spread
 
@@ -121,14 +120,16 @@ def main() -> None:
             flush=True,
         )
     lines = [
-        "| threads | load avg | target | measured in decode | dense tok/s | sparse tok/s | speed-up (median of pairs) | IQR | range "
+        "| threads | load avg | target | measured in decode | dense tok/s | sparse tok/s "
+        "| speed-up (median of pairs) | IQR | range "
         "| bytes-read limit (blocks + head) | limit (blocks alone) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r["speedup"]
         lines.append(
-            f"| {r['threads']} | {r['load_average']:.1f} | {r['sparsity']:.0%} | {r['measured_sparsity_in_decode']:.1%} | {r['dense_tokens_per_s']['median']:.1f} "
+            f"| {r['threads']} | {r['load_average']:.1f} | {r['sparsity']:.0%} "
+            f"| {r['measured_sparsity_in_decode']:.1%} | {r['dense_tokens_per_s']['median']:.1f} "
             f"| {r['sparse_tokens_per_s']['median']:.1f} | **{s['median']:.2f}x** | {s['q1']:.2f}-{s['q3']:.2f} "
             f"| {s['low']:.2f}-{s['high']:.2f} | {r['limit_bytes']:.2f}x | {r['limit_blocks_only']:.2f}x |"
         )
@@ -140,8 +141,16 @@ def main() -> None:
             "machine": machine(),
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
-            "model": {"hidden": 2048, "intermediate": 5632, "layers": args.layers, "heads": 32, "kv_heads": 4,
-                      "vocab": 1024, "weights": "random", "dtype": "float32"},  # fmt: skip
+            "model": {
+                "hidden": 2048,
+                "intermediate": 5632,
+                "layers": args.layers,
+                "heads": 32,
+                "kv_heads": 4,
+                "vocab": 1024,
+                "weights": "random",
+                "dtype": "float32",
+            },
             "rounds": args.rounds,
             "tokens_per_round": args.tokens,
             "compiled_kernel": built,

@@ -84,7 +84,6 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(BENCH))
     from _common import machine, write_results
-
     from secateurs.dynamic import add_fbs
     from secateurs.evaluation import compare_latency, count_macs
 
@@ -135,7 +134,8 @@ def main() -> None:
     for r in rows:
         s = r["speedup"]
         lines.append(
-            f"| {r['density']:.0%} | {r['accuracy']:.2%} ({dense_acc:.2%}) | {(dense_acc - r['accuracy']) * 100:+.2f} pt "
+            f"| {r['density']:.0%} | {r['accuracy']:.2%} ({dense_acc:.2%}) "
+            f"| {(dense_acc - r['accuracy']) * 100:+.2f} pt "
             f"| {r['macs_total'] / 1e6:.2f} ({dense_macs / 1e6:.2f}) | **{r['mac_reduction_model']:.2f}x** "
             f"| {r['mac_reduction_gated_layers']:.2f}x | {r['latency_dense_ms']:.3f} -> {r['latency_fbs_ms']:.3f} ms "
             f"| {s['median']:.2f}x ({s['q1']:.2f}-{s['q3']:.2f}) | {r['load_average']:.1f} |"

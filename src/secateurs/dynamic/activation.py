@@ -242,11 +242,15 @@ def load_activation_sparsity(model: nn.Module, path: str | os.PathLike, use_kern
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{path} holds thresholds for {name}, which {type(model).__name__} does not have; "
-                                  "was it saved for another architecture?") from None
+            raise CheckpointError(
+                f"{path} holds thresholds for {name}, which {type(model).__name__} does not have; "
+                "was it saved for another architecture?"
+            ) from None
         if kind == "linear" and (type(module) is not nn.Linear or module.in_features != features):
-            raise CheckpointError(f"{path} holds thresholds for {name} as an nn.Linear with {features} inputs, but "
-                                  f"the model's {name} is {module!r}; was it saved for another model size?")
+            raise CheckpointError(
+                f"{path} holds thresholds for {name} as an nn.Linear with {features} inputs, but "
+                f"the model's {name} is {module!r}; was it saved for another model size?"
+            )
     modules = install(model, calibration.layers, calibration.method, use_kernel)
     return ActivationSparsity(model, calibration, modules).set_sparsity(sparsity)
 

@@ -96,7 +96,9 @@ def find_targets(model: nn.Module, method: str, blocks: str | None) -> tuple[lis
             what = "nn.Linear layers"
         else:
             inside = [
-                f"{base}.{n}" for n, m in block.named_modules() if n and (isinstance(m, ACTIVATIONS) or n.endswith("act_fn"))
+                f"{base}.{n}"
+                for n, m in block.named_modules()
+                if n and (isinstance(m, ACTIVATIONS) or n.endswith("act_fn"))
             ]
             what = "gate activation (nn.SiLU/GELU/ReLU or a module named act_fn)"
             if len(inside) > 1:
@@ -143,7 +145,8 @@ class _Recorder:
         lo = positions.floor().long()
         hi = positions.ceil().long()
         frac = (positions - lo).float()
-        return ordered[lo] * (1 - frac) + ordered[hi] * frac
+        table = ordered[lo] * (1 - frac) + ordered[hi] * frac
+        return table.cummax(0).values  # interpolation rounding must not make the table decrease by an ulp
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -154,7 +157,9 @@ def _run_block(block: nn.Module, inputs: BlockInputs, index: int, batches: Seque
     return [inputs.call(index, b).invoke(block, inputs.hidden[b]) for b in batches]
 
 
-def _block_error(block: nn.Module, inputs: BlockInputs, index: int, batches: Sequence[int], dense: list[Tensor]) -> float:
+def _block_error(
+    block: nn.Module, inputs: BlockInputs, index: int, batches: Sequence[int], dense: list[Tensor]
+) -> float:
     out = _run_block(block, inputs, index, batches)
     return sum(float((o - d).double().pow(2).sum()) for o, d in zip(out, dense))
 

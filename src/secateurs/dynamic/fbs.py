@@ -72,9 +72,9 @@ class FBSConv(nn.Module):
             scale = (norm.weight.index_select(0, out_idx) if norm.weight is not None else 1) / torch.sqrt(
                 norm.running_var.index_select(0, out_idx) + norm.eps
             )
-            shift = (norm.bias.index_select(0, out_idx) if norm.bias is not None else 0) - norm.running_mean.index_select(
-                0, out_idx
-            ) * scale
+            shift = (
+                norm.bias.index_select(0, out_idx) if norm.bias is not None else 0
+            ) - norm.running_mean.index_select(0, out_idx) * scale
             y = y * scale[None, :, None, None] + shift[None, :, None, None]
         out = y.new_zeros(1, conv.out_channels, *y.shape[2:])
         out.index_copy_(1, out_idx, y * values[None, :, None, None])
@@ -164,8 +164,8 @@ def add_fbs(model: nn.Module, density: float = 0.5, skip_first: bool = True) -> 
         found = found[1:]
     if not found:
         raise ConfigError(
-            f"{type(model).__name__} has no Conv2d (groups=1) inside an nn.Sequential{' after the first' if skip_first else ''}"
-            " to gate with FBS"
+            f"{type(model).__name__} has no Conv2d (groups=1) inside an nn.Sequential"
+            f"{' after the first' if skip_first else ''} to gate with FBS"
         )
     layers: dict[str, FBSConv] = {}
     for container, i, name in found:

@@ -94,7 +94,7 @@ torch::Tensor sparse_input_gemv(torch::Tensor x, torch::Tensor wt, double thresh
   }
   return y;
 }
-"""
+"""  # noqa: E501
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "module": the built extension or None; "notice": why not
@@ -189,7 +189,9 @@ def thresholded_linear(x: Tensor, weight: Tensor, bias: Tensor | None, threshold
     return F.linear(torch.where(x.abs() > threshold, x, 0.0), weight, bias)
 
 
-def sparse_input_linear(x: Tensor, weight: Tensor, bias: Tensor | None, threshold: float, use_kernel: bool = True) -> Tensor:
+def sparse_input_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, threshold: float, use_kernel: bool = True
+) -> Tensor:
     """``thresholded_linear`` for any ``x``, reading only active weight rows for a single float32 CPU sample.
 
     The sparse paths need ``weight`` stored column-major (``weight.t()`` contiguous, see
@@ -206,7 +208,9 @@ def sparse_input_linear(x: Tensor, weight: Tensor, bias: Tensor | None, threshol
     if x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32) and use_kernel:
         module = compiled()
         if module is not None:
-            return module.sparse_input_gemv(flat.contiguous(), weight_t, float(threshold), bias).view(*x.shape[:-1], n_out)
+            return module.sparse_input_gemv(flat.contiguous(), weight_t, float(threshold), bias).view(
+                *x.shape[:-1], n_out
+            )
     return reference(flat, weight_t, threshold, bias).view(*x.shape[:-1], n_out)
 
 
