@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.dynamic import FBSConv, add_fbs
-from secateurs.errors import ConfigError, StateError
+from secateurs.dynamic import FBSConv, add_fbs, load_fbs
+from secateurs.errors import CheckpointError, ConfigError, StateError
 
 
 def _cnn() -> nn.Sequential:
@@ -100,3 +100,26 @@ def test_bad_densities_and_models_without_convs_are_refused():
         fbs.penalty()
     with pytest.raises(StateError):
         fbs.macs(1)
+
+
+def test_a_gated_model_saves_and_loads_without_pickle_and_a_wrong_model_is_refused_unchanged(tmp_path):
+    model = _cnn()
+    fbs = add_fbs(model, density=0.5)
+    _randomize(model)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    path = fbs.save(tmp_path / "fbs.safetensors")
+    fresh = _cnn()
+    loaded = load_fbs(fresh, path)
+    assert list(loaded.layers) == ["3", "7"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), want)
+        torch.testing.assert_close(fresh(x[:1]), want[:1])
+    other = _cnn()
+    other[7] = nn.Conv2d(16, 8, 3, padding=1)  # another width
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        load_fbs(other, path)
+    assert not any(isinstance(m, FBSConv) for m in other.modules())
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

@@ -15,7 +15,7 @@ from .activation import (
     load_activation_sparsity,
     sparsify_activations,
 )
-from .fbs import FBS, FBSConv, add_fbs
+from .fbs import FBS, FBSConv, add_fbs, load_fbs
 from .kernel import kernel_notice, sparse_input_linear
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "activation_sparsity",
     "kernel_notice",
     "load_activation_sparsity",
+    "load_fbs",
     "sparse_input_linear",
     "sparsify_activations",
 ]

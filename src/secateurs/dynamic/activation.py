@@ -237,6 +237,7 @@ def sparsify_activations(
 def load_activation_sparsity(model: nn.Module, path: str | os.PathLike, use_kernel: bool = True) -> ActivationSparsity:
     """Install activation sparsity saved by :meth:`ActivationSparsity.save` on ``model`` (the same
     architecture), at the saved target. The file is checked against the model before anything changes."""
+    _refuse_installed(model)
     calibration, sparsity = read_calibration(path)
     for name, kind, features in zip(calibration.layers, calibration.kinds, calibration.features):
         try:

@@ -15,15 +15,24 @@ BatchNorm are the user's own Parameters and buffers, so the saved model is a pla
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..errors import ConfigError, StateError
+from ..errors import CheckpointError, ConfigError, StateError
+from ..io import atomic_path
+from ..loading import check_state_fits, read_safetensors
 from ..spec import is_number
+
+_KEY = "secateurs.fbs"
 
 
 class FBSConv(nn.Module):
@@ -108,8 +117,8 @@ class FBSMacs:
 class FBS:
     """The gated convolutions of a model, and what training and reporting need from them."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, FBSConv]) -> None:
-        self.model, self.layers = model, layers
+    def __init__(self, model: nn.Module, layers: dict[str, FBSConv], skip_first: bool = True) -> None:
+        self.model, self.layers, self.skip_first = model, layers, skip_first
 
     def penalty(self, strength: float = 1e-8) -> Tensor:
         """FBS's lasso on the last forward's saliencies, ``strength * sum |g(x)|`` averaged over the batch:
@@ -132,6 +141,19 @@ class FBS:
         computed = sum(layer.computed for layer in self.layers.values()) / samples
         predictors = sum(layer.saliency.weight.numel() for layer in self.layers.values())
         return FBSMacs(dense, computed, float(predictors))
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """The gated model's whole ``state_dict`` (convolutions, BatchNorms, predictors) in a safetensors
+        file, with the density and gated layers as metadata; no pickle. Load with :func:`load_fbs`."""
+        densities = {layer.density for layer in self.layers.values()}
+        meta = {"density": densities.pop() if len(densities) == 1 else None, "layers": list(self.layers),
+                "skip_first": self.skip_first}  # fmt: skip
+        if meta["density"] is None:
+            raise StateError("the gated layers have different densities; set one with set_density() before saving")
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_path(path, overwrite) as tmp:
+            save_file(state, str(tmp), metadata={_KEY: json.dumps(meta)})
+        return Path(path)
 
     def set_density(self, density: float) -> None:
         """Change how many channels each gate keeps (the winner-take-all's k) at run time."""
@@ -176,4 +198,26 @@ def add_fbs(model: nn.Module, density: float = 0.5, skip_first: bool = True) -> 
         if norm is not None:
             container[i + 1] = nn.Identity()
         layers[name] = gated
-    return FBS(model, layers)
+    return FBS(model, layers, skip_first)
+
+
+def load_fbs(model: nn.Module, path: str | os.PathLike) -> FBS:
+    """Gate ``model`` (the dense architecture the file was saved from) as the file says and load its
+    weights and predictors. Everything is checked on a copy first: a file that does not fit leaves the
+    model as it was."""
+    state, metadata = read_safetensors(path)
+    try:
+        meta = json.loads(metadata[_KEY])
+        density, layers, skip_first = float(meta["density"]), list(meta["layers"]), bool(meta["skip_first"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds no FBS metadata ({exc}); was it written by FBS.save()?") from exc
+    probe = add_fbs(copy.deepcopy(model), density, skip_first)
+    if list(probe.layers) != layers:
+        raise CheckpointError(
+            f"{path} gates layers {layers}, but this model's gated layers would be {list(probe.layers)}; "
+            "is it the same architecture?"
+        )
+    check_state_fits(probe.model, state, str(path))
+    fbs = add_fbs(model, density, skip_first)
+    fbs.model.load_state_dict(state, strict=False)  # strict already checked
+    return fbs
