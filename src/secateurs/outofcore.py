@@ -166,7 +166,7 @@ class _Stand(nn.Module):
         self._pair = (first, stands_for)  # a tuple: not registered as submodules
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._pair[0](*args, **kwargs)
+        return self._pair[0].forward(*args, **kwargs)  # not __call__: the first block's recording hook must not fire
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -175,7 +175,12 @@ class _Stand(nn.Module):
             return getattr(self.__dict__["_pair"][1], name)
 
 
-def _capture(model: nn.Module, container: str, blocks: list, batches: list[Tensor]) -> BlockInputs:
+def _capture(
+    model: nn.Module, container: str, blocks: list, batches: list[Tensor], checkpoint: Checkpoint
+) -> BlockInputs:
+    """The first block's inputs and every block's calls, from one forward per batch shape through the first block
+    (read from disk for this, and freed after) and its stand-ins."""
+    _onload(model, f"{container}.0.", checkpoint, torch.device("cpu"))
     stack = model.get_submodule(container)
     stands = [blocks[0]] + [_Stand(blocks[0], b) for b in blocks[1:]]
     for i, s in enumerate(stands):
@@ -185,6 +190,7 @@ def _capture(model: nn.Module, container: str, blocks: list, batches: list[Tenso
     finally:
         for i, b in enumerate(blocks):
             stack[i] = b
+        blocks[0].to("meta")
 
 
 # -- resume state ----------------------------------------------------------------------------------------
@@ -255,7 +261,7 @@ def prune_from_disk(
     checkpoint = Checkpoint(model_dir)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model, container, blocks = skeleton(model_dir, checkpoint, config.blocks)
-    block_targets(model, config)  # refuses a scope reaching outside the blocks, before any work
+    _, _, scoped, _ = block_targets(model, config, allow_meta=True)  # a scope reaching outside: refused now
     batches: list[Tensor] = []
     if config.needs:
         if calibration is None:
@@ -265,9 +271,9 @@ def prune_from_disk(
     work = out.with_name(out.name + ".partial")
     stamp = {"model": checkpoint.fingerprint(), "config": fingerprint(config.to_dict()),
              "calibration": fingerprint(torch.cat(batches)) if batches else None, "blocks": len(blocks)}  # fmt: skip
+    check_space(work, sum(checkpoint.nbytes.values()), _written(work))  # before the work directory is made
     manifest = _resume_state(work, stamp)
-    check_space(work, sum(checkpoint.nbytes.values()), _written(work))
-    inputs = _capture(model, container, blocks, batches) if batches else None
+    inputs = _capture(model, container, blocks, batches, checkpoint) if batches else None
     if inputs is not None and device != torch.device("cpu"):
         inputs = to_device_inputs(inputs, device)
     first = manifest["finished"] + 1
@@ -338,7 +344,7 @@ def _prune_one(
     _onload(model, prefix, checkpoint, device)
     try:
         owned = {id(m) for m in block.modules()}
-        targets = [t for t in resolve(model, config.scope_) if id(t.module) in owned]
+        targets = [t for t in resolve(model, config.scope_, allow_meta=True) if id(t.module) in owned]
         plans = config.plans(targets)
         targets = [t for plan in plans for t in plan.targets]
         check(plans, config, Data(batches=[inputs] if inputs is not None else []))

@@ -93,15 +93,17 @@ def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
     return build_report(model, targets, patterns, None, config.to_dict(), details)
 
 
-def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.Module], list[Target], list[str]]:
+def block_targets(
+    model: nn.Module, config: PruneConfig, allow_meta: bool = False
+) -> tuple[str, list[nn.Module], list[Target], list[str]]:
     """The blocks, the weights the scope selects inside them, and the names of those it selects outside.
 
     Layers outside the blocks (an LM head, a pooler) are not what the block runner prunes: with the
     front door's ``include`` (everything) they stay dense and the report names them; include patterns
-    that select one are refused rather than silently half-applied."""
+    that select one are refused rather than silently half-applied. ``allow_meta``: blocks still on disk (meta)."""
     name, blocks = find_blocks(model, config.blocks)
     owner = block_owners(blocks)
-    scoped = resolve(model, config.scope_)
+    scoped = resolve(model, config.scope_, allow_meta)
     inside = [t for t in scoped if id(t.module) in owner]
     outside = [t.name for t in scoped if id(t.module) not in owner]
     if outside and config.scope_.include != ScopeSpec().include:
