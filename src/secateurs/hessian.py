@@ -86,11 +86,17 @@ def inverse_factor(hessian: Tensor, dampening: float = 0.01, max_retries: int = 
     mean_diagonal = float(diagonal.mean())
     lam = dampening
     for retry in range(max_retries + 1):
-        damped = h + lam * mean_diagonal * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        # H + lambda * mean(diag H) * I, without materialising I: at most three n x n matrices alive at once
+        # (a block's largest Hessian dominates the peak memory of out-of-core pruning)
+        damped = h.clone()
+        damped.diagonal().add_(lam * mean_diagonal)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return InverseFactor(upper, dead, lam, retry)
         lam *= 10.0
