@@ -7,7 +7,7 @@ that fits, the same SparseGPT run in memory (``from_pretrained`` + ``prune_llm``
 side by side, in alternating order, and the two outputs are compared tensor by tensor. The large model's
 files are deleted at the end.
 
-    .venv/bin/python bench/outofcore_llm.py [--big-layers 300] [--small-layers 24] [--repeats 2] [--keep]
+    .venv/bin/python bench/outofcore_llm.py [--big-layers 280] [--small-layers 4] [--repeats 2] [--keep]
 """
 
 from __future__ import annotations
@@ -86,7 +86,12 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "disk":
         from secateurs.outofcore import prune_from_disk
 
-        prune_from_disk(args.model, args.out, "sparsegpt", 0.5, **options)
+        log = Path(args.out + ".progress")  # to follow a long run: the last finished block and the time so far
+
+        def note(i: int) -> None:
+            log.write_text(f"block {i} done at {time.perf_counter() - start:.0f} s\n")
+
+        prune_from_disk(args.model, args.out, "sparsegpt", 0.5, after_block=note, **options)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -134,13 +139,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=("disk", "memory"))
     parser.add_argument("--model")
     parser.add_argument("--out")
-    parser.add_argument("--big-layers", type=int, default=300)
-    parser.add_argument("--small-layers", type=int, default=24)
+    parser.add_argument("--big-layers", type=int, default=280)
+    parser.add_argument("--small-layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args()
@@ -152,6 +157,17 @@ def main() -> None:
     payload: dict = {"machine": machine(), "ram_bytes": ram, "shape": SHAPE, "calibration": f"{args.nsamples}x{args.seqlen}",
                      "threads": args.threads, "load_start": os.getloadavg()}  # fmt: skip
     try:
+        if not args.skip_big:
+            big = WORK / "big"
+            start = time.perf_counter()
+            payload["big_bytes"] = make_model(big, args.big_layers)
+            payload["big_write_seconds"] = time.perf_counter() - start
+            print("big model written", payload["big_bytes"], flush=True)
+            payload["big"] = _run("disk", big, WORK / "big-disk", args)
+            payload["big"]["rss_share_of_model"] = payload["big"]["peak_rss_bytes"] / payload["big_bytes"]
+            print("big", payload["big"], flush=True)
+            shutil.rmtree(big, ignore_errors=True)  # 8 GB: gone before the small runs
+            shutil.rmtree(WORK / "big-disk", ignore_errors=True)
         small = WORK / "small"
         payload["small_bytes"] = make_model(small, args.small_layers)
         runs: dict[str, list[dict]] = {"disk": [], "memory": []}
@@ -161,14 +177,6 @@ def main() -> None:
                 print(kind, runs[kind][-1], flush=True)
         payload["small"] = runs
         payload["small_same_output"] = _same_output(WORK / "small-disk", WORK / "small-memory")
-        if not args.skip_big:
-            big = WORK / "big"
-            start = time.perf_counter()
-            payload["big_bytes"] = make_model(big, args.big_layers)
-            payload["big_write_seconds"] = time.perf_counter() - start
-            print("big model written", payload["big_bytes"], flush=True)
-            payload["big"] = _run("disk", big, WORK / "big-disk", args)
-            payload["big"]["rss_share_of_model"] = payload["big"]["peak_rss_bytes"] / payload["big_bytes"]
     finally:
         payload["load_end"] = os.getloadavg()
         if not args.keep:
