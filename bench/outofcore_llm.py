@@ -7,7 +7,7 @@ that fits, the same SparseGPT run in memory (``from_pretrained`` + ``prune_llm``
 side by side, in alternating order, and the two outputs are compared tensor by tensor. The large model's
 files are deleted at the end.
 
-    .venv/bin/python bench/outofcore_llm.py [--big-layers 280] [--small-layers 4] [--repeats 2] [--keep]
+    .venv/bin/python bench/outofcore_llm.py [--big-layers 272] [--small-layers 4] [--repeats 2] [--keep]
 """
 
 from __future__ import annotations
@@ -139,10 +139,10 @@ def main() -> None:
     parser.add_argument("--worker", choices=("disk", "memory"))
     parser.add_argument("--model")
     parser.add_argument("--out")
-    parser.add_argument("--big-layers", type=int, default=280)
+    parser.add_argument("--big-layers", type=int, default=272)
     parser.add_argument("--small-layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--nsamples", type=int, default=4)
+    parser.add_argument("--nsamples", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)

@@ -31,11 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .scope import Target
+
 from .errors import ConfigError, SecateursError
-from .evidence import ActivationStats, Evidence, InputStats
+from .blocks import BlockInputs
+from .evidence import ActivationStats, Evidence, InputStats, Need, Needs, needs_by_target
+from .evidence import gather_block as gather_one_process
 from .hessian import HessianAccumulator
 from .patterns import Pattern
-from .scope import Target
 from .solvers.base import Solver, SolveResult
 
 #: how long a collective waits for the other ranks before the run stops (the process group's timeout)
@@ -230,6 +233,84 @@ def _check_same_layout(group: Group, kinds: list[str], step: str) -> None:
             f"rank {group.rank}: the ranks gathered different statistics at '{step}' (a layer reached on one rank's "
             "calibration shard and not another's); give every rank calibration batches of the same kind"
         )
+
+
+# -- Hessians: handed on in rank order, so the float32 sums are the single process's bits ---------------
+def gather_block(
+    group: Group, block: nn.Module, index: int, targets: Sequence[Target], inputs: BlockInputs, needs: Needs
+) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
+    """One block's statistics over every rank's shard. Input/output sums (float64: Wanda, OWL, FLAP) are added
+    over the ranks at once. A float32 Hessian sum depends on the order its batches are added, and a different
+    sum can flip SparseGPT's near-tied choices (seen on pydoc-llama-12m), so Hessians are accumulated rank
+    after rank instead: each rank continues from the previous rank's sums over its own (contiguous) shard and
+    the last rank hands the total to everyone -- the same ``addmm`` calls in the same order as one process,
+    so the same bits. The passes that build Hessians wait for each other; next-block inputs and the solves
+    still run in parallel."""
+    step = f"block {index} statistics"
+    hessian_needed = any(Need.HESSIAN in n for n in needs_by_target(targets, needs).values())
+    device = inputs.hidden[0].device if inputs.hidden else torch.device("cpu")
+    initial = _receive_hessians(group, step, device) if hessian_needed and group.rank > 0 else None
+    activations, hessians = gather_one_process(block, index, targets, inputs, needs, initial)
+    if hessian_needed:
+        if group.rank < group.world - 1:
+            _send_hessians(group, hessians, group.rank + 1, step)
+        _share_final_hessians(group, hessians, step)
+    reduce_evidence(group, activations, {}, step)
+    return activations, hessians
+
+
+def _unique(hessians: Mapping[str, HessianAccumulator]) -> tuple[list[tuple[str, int, int]], list[Tensor]]:
+    """``(name, index of its accumulator, positions)`` for every name (shared accumulators once) and the sums."""
+    order: dict[int, int] = {}
+    tensors: list[Tensor] = []
+    header = []
+    for name in sorted(hessians):
+        total, positions = hessians[name].state
+        if id(total) not in order:
+            order[id(total)] = len(tensors)
+            tensors.append(total)
+        header.append((name, order[id(total)], positions))
+    return header, tensors
+
+
+def _send_hessians(group: Group, hessians: Mapping[str, HessianAccumulator], dst: int, step: str) -> None:
+    header, tensors = _unique(hessians)
+    shapes = [(tuple(t.shape), t.dtype) for t in tensors]
+    with collective(group, step + " (Hessians to the next rank)"):
+        torch.distributed.send_object_list([header, shapes], dst=_global(group, dst), group=group.process_group)
+        for t in tensors:
+            torch.distributed.send(t.contiguous(), dst=_global(group, dst), group=group.process_group)
+
+
+def _receive_hessians(group: Group, step: str, device: torch.device) -> dict[str, tuple[Tensor, int]]:
+    holder: list[Any] = [None, None]
+    source = _global(group, group.rank - 1)
+    with collective(group, step + " (Hessians from the previous rank)"):
+        torch.distributed.recv_object_list(holder, src=source, group=group.process_group)
+        header, shapes = holder
+        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes]
+        for t in tensors:
+            torch.distributed.recv(t, src=source, group=group.process_group)
+    return {name: (tensors[i], positions) for name, i, positions in header}
+
+
+def _share_final_hessians(group: Group, hessians: Mapping[str, HessianAccumulator], step: str) -> None:
+    """The last rank's sums (every batch of every rank, in order) on every rank."""
+    last = group.world - 1
+    header, tensors = _unique(hessians)
+    holder: list[Any] = [[(name, tuple(tensors[i].shape)) for name, i, _ in header]]
+    with collective(group, step + " (final Hessians)"):
+        torch.distributed.broadcast_object_list(holder, src=_global(group, last), group=group.process_group)
+        if holder[0] != [(name, tuple(tensors[i].shape)) for name, i, _ in header]:
+            raise DistributedError(
+                f"rank {group.rank}: the ranks built different Hessians at '{step}' (a layer reached on one rank's "
+                "calibration shard and not another's); give every rank calibration batches of the same kind"
+            )
+        positions = torch.tensor([p for _, _, p in header], dtype=torch.float64)
+        for t in [*tensors, positions]:
+            torch.distributed.broadcast(t, src=_global(group, last), group=group.process_group)
+    for (name, _, _), n in zip(header, positions.tolist()):
+        hessians[name].positions = int(n)
 
 
 # -- solving each layer once, on its owner rank --------------------------------------------------------

@@ -58,6 +58,17 @@ class HessianAccumulator:
     def hessian(self) -> Tensor:
         return self._sum * (2.0 / max(self.positions, 1))
 
+    @property
+    def state(self) -> tuple[Tensor, int]:
+        """The unscaled sum and the positions it holds (what another process continues from)."""
+        return self._sum, self.positions
+
+    def continue_from(self, total: Tensor, positions: int) -> None:
+        """Start from another accumulator's state: adding the next batches here gives, bit for bit, the sums one
+        accumulator fed every batch in order would hold (distributed ranks hand the sums on in rank order)."""
+        self._sum.copy_(total)
+        self.positions = positions
+
 
 @dataclass
 class InverseFactor:

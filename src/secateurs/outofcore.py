@@ -157,22 +157,42 @@ def _onload(model: nn.Module, prefix: str, checkpoint: Checkpoint, device: torch
 
 
 class _Stand(nn.Module):
-    """Stands in for a block still on disk while the first block's inputs and every block's calls are recorded:
-    it runs the (already loaded) first block, so the forward goes on with the right output type, and answers
-    attribute lookups (a layer's attention type) as the block it stands for."""
+    """Stands in for a block still on disk while the first block's inputs and every block's calls are recorded.
+    It hands its hidden states on unchanged, shaped as the first (real) block returned them: the forward goes
+    on to the next block's call at no cost (the calls -- masks, positions -- depend on shapes, not values),
+    and attribute lookups (a layer's attention type) answer as the block it stands for."""
 
-    def __init__(self, first: nn.Module, stands_for: nn.Module) -> None:
+    def __init__(self, first_output: list, stands_for: nn.Module) -> None:
         super().__init__()
-        self._pair = (first, stands_for)  # a tuple: not registered as submodules
+        self._pair = (first_output, stands_for)  # a tuple: not registered as a submodule
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._pair[0].forward(*args, **kwargs)  # not __call__: the first block's recording hook must not fire
+        hidden = args[0] if args else kwargs["hidden_states"]
+        shaped = self._pair[0][0]
+        if isinstance(shaped, tuple):
+            return (hidden, *shaped[1:])
+        if isinstance(shaped, list):
+            return [hidden, *shaped[1:]]
+        if isinstance(shaped, Tensor):
+            return hidden
+        raise ConfigError(
+            f"the first block returned a {type(shaped).__name__}; out-of-core pruning reads blocks returning the "
+            "hidden states (a tensor or a tuple starting with them)"
+        )
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_pair"][1], name)
+
+
+def _keep_first(store: list):
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if not store:
+            store.append(output)
+
+    return hook
 
 
 def _capture(
@@ -182,12 +202,15 @@ def _capture(
     (read from disk for this, and freed after) and its stand-ins."""
     _onload(model, f"{container}.0.", checkpoint, torch.device("cpu"))
     stack = model.get_submodule(container)
-    stands = [blocks[0]] + [_Stand(blocks[0], b) for b in blocks[1:]]
+    first_output: list = []
+    keep = blocks[0].register_forward_hook(_keep_first(first_output))
+    stands = [blocks[0]] + [_Stand(first_output, b) for b in blocks[1:]]
     for i, s in enumerate(stands):
         stack[i] = s
     try:
         return capture_inputs(model, stands, batches)
     finally:
+        keep.remove()
         for i, b in enumerate(blocks):
             stack[i] = b
         blocks[0].to("meta")

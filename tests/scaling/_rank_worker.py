@@ -39,9 +39,11 @@ def block0_hessian(rank: int) -> torch.Tensor:
         batches = distributed.shard(batches, distributed.detect())
     inputs = capture_inputs(model, blocks, batches)
     targets = [t for t in resolve(model, ScopeSpec(include=("model.layers.0.self_attn.q_proj",)))]
-    _, hessians = gather_block(blocks[0], 0, targets, inputs, frozenset({Need.HESSIAN}))
+    needs = frozenset({Need.HESSIAN})
     if torch.distributed.is_initialized():
-        distributed.reduce_evidence(distributed.detect(), {}, hessians, "test")
+        _, hessians = distributed.gather_block(distributed.detect(), blocks[0], 0, targets, inputs, needs)
+    else:
+        _, hessians = gather_block(blocks[0], 0, targets, inputs, needs)
     return hessians[targets[0].name].hessian.contiguous()
 
 

@@ -2,10 +2,9 @@
 
 Each test launches real processes: ``torchrun --nproc_per_node 2`` for the equivalence test, two plain
 processes with torchrun's environment for the refusals (torchrun would kill the surviving rank as soon as
-one dies, hiding what it reports). The arithmetic: Wanda's statistics are float64 sums, added in an order
-that gives the single-process bits here; SparseGPT's Hessian is a float32 sum, so adding per-rank partial
-sums changes the last bits (stated tolerance: 1e-5 relative on H, 1e-5 absolute on the weights) while
-every mask stays identical.
+one dies, hiding what it reports). The arithmetic: Wanda's statistics are float64 sums of exact float32
+products, added over the ranks; SparseGPT's float32 Hessian sums are handed on rank after rank (the single
+process's order), so both give the single-process weights bit for bit here.
 """
 
 from __future__ import annotations
@@ -79,12 +78,9 @@ def test_torchrun_two_ranks_give_the_single_process_masks(tmp_path):
         for name, tensor in ranks[0].items():
             assert torch.equal(tensor, ranks[1][name]), f"{method}: ranks differ on {name}"
             assert torch.equal(tensor == 0, single[name] == 0), f"{method}: mask of {name} differs from one process"
-            if method == "wanda":
-                assert torch.equal(tensor, single[name]), f"wanda: {name} is not bit-identical"
-            else:
-                torch.testing.assert_close(tensor, single[name], rtol=0, atol=1e-5)
-    reduced = load_file(tmp_path / "hessian-0.safetensors")["hessian"]
-    torch.testing.assert_close(reduced, block0_hessian(0), rtol=1e-5, atol=1e-6)
+            assert torch.equal(tensor, single[name]), f"{method}: {name} is not bit-identical to one process"
+    for rank in (0, 1):
+        assert torch.equal(load_file(tmp_path / f"hessian-{rank}.safetensors")["hessian"], block0_hessian(0))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..blocks import BlockDiscoveryError, BlockInputs, Call, block_owners, captu
 from ..collapse import collapsed_targets, refuse_collapse
 from ..config import Plan, PruneConfig
 from ..distributed import Group, OwnerSolver, reduce_evidence
+from ..distributed import gather_block as gather_block_ranks
 from ..errors import ScopeError
 from ..evidence import Evidence, Need, gather_block
 from ..masking import Rollback
@@ -128,13 +130,11 @@ def prune_block(
     if not targets:
         return [], {}
     mine = {t.name for t in targets}
-    activations, hessians = gather_block(block, index, targets, inputs, needs) if inputs else ({}, {})
-    solver = None
-    if group is not None:
-        if inputs:
-            reduce_evidence(group, activations, hessians, f"block {index} statistics")
-        if config.solver_ is not None:
-            solver = OwnerSolver(config.solver_, group)
+    activations, hessians = {}, {}
+    if inputs is not None:
+        gather = gather_block if group is None else partial(gather_block_ranks, group)
+        activations, hessians = gather(block, index, targets, inputs, needs)
+    solver = OwnerSolver(config.solver_, group) if group is not None and config.solver_ is not None else None
     evidence = Evidence(model=block, targets=targets, activations=activations, hessians=hessians,
                         generator=seeded(config, index), show_progress=False)  # fmt: skip
     pairs = [(plan, [t for t in plan.targets if t.name in mine]) for plan in plans]
