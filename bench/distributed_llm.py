@@ -32,8 +32,15 @@ sys.path.insert(0, str(BENCH))
 from _common import machine, write_results  # noqa: E402
 from llm_pruning import CALIB, MODEL, _ppl, _segments  # noqa: E402
 
-RANDOM = {"hidden_size": 1024, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 8,
-          "vocab_size": 8192, "num_hidden_layers": 8, "max_position_embeddings": 256}  # fmt: skip
+RANDOM = {
+    "hidden_size": 1024,
+    "intermediate_size": 1024,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 8192,
+    "num_hidden_layers": 8,
+    "max_position_embeddings": 256,
+}
 
 
 def _model(name: str):
@@ -80,11 +87,19 @@ def worker(args: argparse.Namespace) -> None:
         if torch.distributed.get_rank() != 0:
             return
     out = Path(args.out)
-    layers = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    layers = {
+        n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+    }
     save_file({n: (w != 0).to(torch.uint8).contiguous() for n, w in layers.items()}, str(out / "masks.safetensors"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              str(out / "weights.safetensors"))  # fmt: skip
-    result = {"seconds": seconds, "peak_rss_mib": ranks, "perplexity": _perplexity(args.model, model, args.eval_windows)}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+        str(out / "weights.safetensors"),
+    )
+    result = {
+        "seconds": seconds,
+        "peak_rss_mib": ranks,
+        "perplexity": _perplexity(args.model, model, args.eval_windows),
+    }
     (out / "result.json").write_text(json.dumps(result))
 
 
@@ -95,19 +110,43 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(BENCH), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(BENCH), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def _torchrun(processes: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
 
 
 def run(model: str, method: str, processes: int, args: argparse.Namespace, out: Path) -> dict:
     out.mkdir(parents=True)
-    command = [str(Path(__file__)), "--worker", "--model", model, "--method", method, "--out", str(out),
-               "--nsamples", str(args.nsamples), "--eval-windows", str(args.eval_windows)]  # fmt: skip
+    command = [
+        str(Path(__file__)),
+        "--worker",
+        "--model",
+        model,
+        "--method",
+        method,
+        "--out",
+        str(out),
+        "--nsamples",
+        str(args.nsamples),
+        "--eval-windows",
+        str(args.eval_windows),
+    ]
     launcher = [sys.executable] if processes == 1 else _torchrun(processes)
     load = os.getloadavg()[0]
     wall = time.perf_counter()
@@ -115,8 +154,13 @@ def run(model: str, method: str, processes: int, args: argparse.Namespace, out: 
     if done.returncode != 0:
         raise RuntimeError(f"{model} {method} x{processes} failed:\n{done.stderr[-4000:]}")
     result = json.loads((out / "result.json").read_text())
-    result.update(model=model, method=method, processes=processes, load_before=load,
-                  process_wall_seconds=time.perf_counter() - wall)  # fmt: skip
+    result.update(
+        model=model,
+        method=method,
+        processes=processes,
+        load_before=load,
+        process_wall_seconds=time.perf_counter() - wall,
+    )
     return result
 
 
@@ -142,9 +186,27 @@ def cli_check(args: argparse.Namespace, work: Path, single: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     out = work / "cli"
-    command = [*_torchrun(2), "-m", "secateurs", "prune", str(MODEL), "--method", "wanda", "--sparsity", "0.5",
-               "--calib", str(CALIB), "--nsamples", str(args.nsamples), "--seqlen", "256", "--format", "hf",
-               "--out", str(out)]  # fmt: skip
+    command = [
+        *_torchrun(2),
+        "-m",
+        "secateurs",
+        "prune",
+        str(MODEL),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        str(CALIB),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        "256",
+        "--format",
+        "hf",
+        "--out",
+        str(out),
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=_env(), check=False)
     if done.returncode != 0:
@@ -155,8 +217,11 @@ def cli_check(args: argparse.Namespace, work: Path, single: Path) -> dict:
     expected = load_file(single / "weights.safetensors")
     state = model.state_dict()
     same = all(torch.equal(state[k], v) for k, v in expected.items())
-    return {"seconds": time.perf_counter() - start, "same_weights_as_one_process": same,
-            "files": sorted(p.name for p in out.iterdir())}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "same_weights_as_one_process": same,
+        "files": sorted(p.name for p in out.iterdir()),
+    }
 
 
 def main() -> None:
@@ -172,8 +237,14 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    payload: dict = {"machine": machine(), "load_start": os.getloadavg(), "nsamples": args.nsamples,
-                     "eval_windows": args.eval_windows, "random_llama": RANDOM, "runs": []}  # fmt: skip
+    payload: dict = {
+        "machine": machine(),
+        "load_start": os.getloadavg(),
+        "nsamples": args.nsamples,
+        "eval_windows": args.eval_windows,
+        "random_llama": RANDOM,
+        "runs": [],
+    }
     work = Path(tempfile.mkdtemp(prefix="secateurs-distributed-"))
     try:
         for model in args.models.split(","):
@@ -185,7 +256,9 @@ def main() -> None:
                 one, two = (work / f"{model}-{method}-{p}" for p in (1, 2))
                 results[2]["same_masks"] = _same(one / "masks.safetensors", two / "masks.safetensors")[0]
                 results[2]["bit_identical_weights"] = _same(one / "weights.safetensors", two / "weights.safetensors")[0]
-                results[2]["max_weight_diff"] = _max_weight_diff(one / "weights.safetensors", two / "weights.safetensors")
+                results[2]["max_weight_diff"] = _max_weight_diff(
+                    one / "weights.safetensors", two / "weights.safetensors"
+                )
                 payload["runs"] += [results[1], results[2]]
         payload["cli"] = cli_check(args, work, work / "pydoc-llama-12m-wanda-1")
         print(json.dumps(payload["cli"]), flush=True)
@@ -198,26 +271,37 @@ def main() -> None:
 
 def table(p: dict) -> str:
     m = p["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['date']}, load {p['load_start'][0]:.1f} -> "
-             f"{p['load_end'][0]:.1f}; calibration {p['nsamples']} x 256 tokens; 1 thread per process", "",
-             "| model | method | processes | prune wall s | speedup | peak RSS MiB per process | perplexity | "
-             "same masks as 1 process | weights |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['date']}, load {p['load_start'][0]:.1f} -> "
+        f"{p['load_end'][0]:.1f}; calibration {p['nsamples']} x 256 tokens; 1 thread per process",
+        "",
+        "| model | method | processes | prune wall s | speedup | peak RSS MiB per process | perplexity | "
+        "same masks as 1 process | weights |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     single = {}
     for r in p["runs"]:
         key = (r["model"], r["method"])
         if r["processes"] == 1:
             single[key] = r
         base = single[key]
-        weights = "-" if r["processes"] == 1 else (
-            "bit-identical" if r["bit_identical_weights"] else f"max diff {r['max_weight_diff']:.1e}")
+        weights = (
+            "-"
+            if r["processes"] == 1
+            else ("bit-identical" if r["bit_identical_weights"] else f"max diff {r['max_weight_diff']:.1e}")
+        )
         same = "-" if r["processes"] == 1 else str(r["same_masks"])
         rss = ", ".join(f"{x:.0f}" for x in r["peak_rss_mib"])
-        lines.append(f"| {r['model']} | {r['method']} | {r['processes']} | {r['seconds']:.1f} | "
-                     f"{base['seconds'] / r['seconds']:.2f}x | {rss} | {r['perplexity']:.3f} | {same} | {weights} |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['processes']} | {r['seconds']:.1f} | "
+            f"{base['seconds'] / r['seconds']:.2f}x | {rss} | {r['perplexity']:.3f} | {same} | {weights} |"
+        )
     if "cli" in p:
         c = p["cli"]
-        lines.append(f"\nCLI under torchrun (2 ranks, wanda 50%, pydoc-llama-12m): same weights as one process: "
-                     f"{c['same_weights_as_one_process']}; wrote {', '.join(c['files'])}")  # fmt: skip
+        lines.append(
+            f"\nCLI under torchrun (2 ranks, wanda 50%, pydoc-llama-12m): same weights as one process: "
+            f"{c['same_weights_as_one_process']}; wrote {', '.join(c['files'])}"
+        )
     return "\n".join(lines)
 
 

@@ -32,8 +32,14 @@ from _common import machine, write_results  # noqa: E402
 WORK = Path(os.environ.get("SECATEURS_BENCH_TMP", "/tmp/secateurs-outofcore-bench"))
 #: square MLP (intermediate = hidden): SparseGPT's cost per byte grows with a layer's input width, and the CPU is
 #: shared, so the widths are kept at 1024 and the size comes from the number of blocks (a valid Llama config)
-SHAPE = {"hidden_size": 1024, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 8,
-         "vocab_size": 8192, "max_position_embeddings": 256}  # fmt: skip
+SHAPE = {
+    "hidden_size": 1024,
+    "intermediate_size": 1024,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 8192,
+    "max_position_embeddings": 256,
+}
 
 
 def _peak_rss_bytes() -> int:
@@ -105,9 +111,24 @@ def worker(args: argparse.Namespace) -> dict:
 
 def _run(kind: str, model: Path, out: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--out", str(out),
-               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     load = os.getloadavg()[0]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -154,8 +175,14 @@ def main() -> None:
         return
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     shutil.rmtree(WORK, ignore_errors=True)
-    payload: dict = {"machine": machine(), "ram_bytes": ram, "shape": SHAPE, "calibration": f"{args.nsamples}x{args.seqlen}",
-                     "threads": args.threads, "load_start": os.getloadavg()}  # fmt: skip
+    payload: dict = {
+        "machine": machine(),
+        "ram_bytes": ram,
+        "shape": SHAPE,
+        "calibration": f"{args.nsamples}x{args.seqlen}",
+        "threads": args.threads,
+        "load_start": os.getloadavg(),
+    }
     try:
         if not args.skip_big:
             big = WORK / "big"
@@ -172,7 +199,7 @@ def main() -> None:
         payload["small_bytes"] = make_model(small, args.small_layers)
         runs: dict[str, list[dict]] = {"disk": [], "memory": []}
         for r in range(args.repeats):
-            for kind in (("disk", "memory") if r % 2 == 0 else ("memory", "disk")):
+            for kind in ("disk", "memory") if r % 2 == 0 else ("memory", "disk"):
                 runs[kind].append(_run(kind, small, WORK / f"small-{kind}", args))
                 print(kind, runs[kind][-1], flush=True)
         payload["small"] = runs
@@ -187,21 +214,29 @@ def main() -> None:
 
 def table(p: dict) -> str:
     gib = 2**30
-    lines = [f"machine: {p['machine']['cpu']}, {p['machine']['cores']} cores, {p['ram_bytes'] / gib:.0f} GiB RAM, "
-             f"{p['machine']['date']}, load {p['load_start'][0]:.1f} -> {p['load_end'][0]:.1f}, {p['threads']} thread(s), "
-             f"calibration {p['calibration']}", "",
-             "| model | run | wall s (each run) | peak RSS GiB | RSS / model size |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"machine: {p['machine']['cpu']}, {p['machine']['cores']} cores, {p['ram_bytes'] / gib:.0f} GiB RAM, "
+        f"{p['machine']['date']}, load {p['load_start'][0]:.1f} -> {p['load_end'][0]:.1f}, {p['threads']} thread(s), "
+        f"calibration {p['calibration']}",
+        "",
+        "| model | run | wall s (each run) | peak RSS GiB | RSS / model size |",
+        "|---|---|---|---|---|",
+    ]
     for kind in ("disk", "memory"):
         runs = p["small"][kind]
         walls = ", ".join(f"{r['seconds']:.0f}" for r in runs)
-        lines.append(f"| {p['small_bytes'] / gib:.2f} GiB ({p['shape']['hidden_size']} hidden) | "
-                     f"{'out-of-core' if kind == 'disk' else 'in memory'} | {walls} | "
-                     f"{max(r['peak_rss_bytes'] for r in runs) / gib:.2f} | "
-                     f"{max(r['peak_rss_bytes'] for r in runs) / p['small_bytes']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {p['small_bytes'] / gib:.2f} GiB ({p['shape']['hidden_size']} hidden) | "
+            f"{'out-of-core' if kind == 'disk' else 'in memory'} | {walls} | "
+            f"{max(r['peak_rss_bytes'] for r in runs) / gib:.2f} | "
+            f"{max(r['peak_rss_bytes'] for r in runs) / p['small_bytes']:.2f} |"
+        )
     if "big" in p:
         b = p["big"]
-        lines.append(f"| {p['big_bytes'] / gib:.2f} GiB ({p['big_bytes'] / 1e9:.2f} GB) | out-of-core | {b['seconds']:.0f} | "
-                     f"{b['peak_rss_bytes'] / gib:.2f} | {b['rss_share_of_model']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {p['big_bytes'] / gib:.2f} GiB ({p['big_bytes'] / 1e9:.2f} GB) | out-of-core | {b['seconds']:.0f} | "
+            f"{b['peak_rss_bytes'] / gib:.2f} | {b['rss_share_of_model']:.3f} |"
+        )
     lines.append(f"\nout-of-core output == in-memory output (small model, every tensor): {p['small_same_output']}")
     return "\n".join(lines)
 

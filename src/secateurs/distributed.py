@@ -31,14 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .scope import Target
-
-from .errors import ConfigError, SecateursError
 from .blocks import BlockInputs
+from .errors import ConfigError, SecateursError
 from .evidence import ActivationStats, Evidence, InputStats, Need, Needs, needs_by_target
 from .evidence import gather_block as gather_one_process
 from .hessian import HessianAccumulator
 from .patterns import Pattern
+from .scope import Target
 from .solvers.base import Solver, SolveResult
 
 #: how long a collective waits for the other ranks before the run stops (the process group's timeout)
@@ -172,7 +171,7 @@ def _all_sum(group: Group, tensors: list[Tensor], step: str) -> None:
     for t in tensors:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
     with collective(group, step):
-        for (dtype, device), same in by_kind.items():
+        for same in by_kind.values():
             flat = torch.cat([t.reshape(-1) for t in same])
             torch.distributed.all_reduce(flat, group=group.process_group)
             offset = 0

@@ -78,7 +78,8 @@ class Checkpoint:
         else:
             raise ConfigError(
                 f"{self.directory} holds no safetensors checkpoint (model.safetensors or {INDEX}); out-of-core "
-                "pruning reads safetensors only (convert a .bin checkpoint with save_pretrained(safe_serialization=True))"
+                "pruning reads safetensors only (convert a .bin checkpoint with "
+                "save_pretrained(safe_serialization=True))"
             )
         self.files: dict[str, str] = dict(weight_map)
         self.nbytes: dict[str, int] = {}
@@ -105,8 +106,9 @@ class Checkpoint:
         return out
 
     def fingerprint(self) -> str:
-        return fingerprint({"shapes": {k: [d, list(s)] for k, (d, s) in sorted(self.shapes.items())},
-                            "files": {f: _stat(self.directory / f) for f in sorted(set(self.files.values()))}})  # fmt: skip
+        shapes = {k: [dtype, list(shape)] for k, (dtype, shape) in sorted(self.shapes.items())}
+        files = {f: _stat(self.directory / f) for f in sorted(set(self.files.values()))}
+        return fingerprint({"shapes": shapes, "files": files})
 
 
 def _stat(path: Path) -> list[int]:
@@ -284,7 +286,7 @@ def prune_from_disk(
     checkpoint = Checkpoint(model_dir)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model, container, blocks = skeleton(model_dir, checkpoint, config.blocks)
-    _, _, scoped, _ = block_targets(model, config, allow_meta=True)  # a scope reaching outside: refused now
+    block_targets(model, config, allow_meta=True)  # a scope reaching outside the blocks: refused now
     batches: list[Tensor] = []
     if config.needs:
         if calibration is None:

@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.llm.conftest
-from tests.llm.conftest import tiny  # noqa: E402
+from tests.llm.conftest import tiny
 
-import secateurs  # noqa: E402
-from secateurs import distributed  # noqa: E402
-from secateurs.blocks import capture_inputs  # noqa: E402
-from secateurs.evidence import Need, gather_block  # noqa: E402
-from secateurs.llm import prune_llm  # noqa: E402
-from secateurs.scope import ScopeSpec, resolve  # noqa: E402
+import secateurs
+from secateurs import distributed
+from secateurs.blocks import capture_inputs
+from secateurs.evidence import Need, gather_block
+from secateurs.llm import prune_llm
+from secateurs.scope import ScopeSpec, resolve
 
 
 def segments() -> torch.Tensor:
@@ -56,11 +56,15 @@ def main(scenario: str, out: Path) -> None:
             for method in ("wanda", "sparsegpt"):
                 model = tiny("llama")
                 prune_llm(model, method, 0.5, calibration=segments(), batch_size=2, progress=False)
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / f"{method}-{rank}.safetensors")
+                save_file(
+                    {k: v.contiguous() for k, v in model.state_dict().items()}, out / f"{method}-{rank}.safetensors"
+                )
             save_file({"hessian": block0_hessian(rank)}, out / f"hessian-{rank}.safetensors")
             model = tiny("llama")
             prune_llm(model, "sparsegpt", pattern="2:4", calibration=segments(), batch_size=2, progress=False)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / f"sparsegpt24-{rank}.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, out / f"sparsegpt24-{rank}.safetensors"
+            )
         elif scenario == "mismatch":
             prune_llm(tiny("llama"), "wanda", 0.5 if rank == 0 else 0.6, calibration=segments(), progress=False)
         elif scenario == "die":

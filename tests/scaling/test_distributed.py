@@ -19,12 +19,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
+from tests.llm.conftest import tiny
+from tests.scaling._rank_worker import block0_hessian, segments
 
-from secateurs import distributed  # noqa: E402
-from secateurs.llm import prune_llm  # noqa: E402
-from tests.llm.conftest import tiny  # noqa: E402
-from tests.scaling._rank_worker import block0_hessian, segments  # noqa: E402
+from secateurs import distributed
+from secateurs.llm import prune_llm
 
 WORKER = Path(__file__).with_name("_rank_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,9 +52,12 @@ def _two_ranks(scenario: str, out: Path, timeout: float = 120) -> list[int]:
     """Two plain processes with torchrun's environment; their exit codes."""
     env = _env()
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
-                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(out)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for r in (0, 1)
     ]
     try:

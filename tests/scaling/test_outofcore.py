@@ -127,7 +127,7 @@ def test_resuming_with_other_settings_is_refused(on_disk, tmp_path):
 def test_no_room_for_the_output_is_refused_before_any_work(on_disk, tmp_path, monkeypatch):
     usage = outofcore.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(outofcore.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    with pytest.raises(outofcore.OutOfSpaceError, match="only 0.00 GiB is free"):
+    with pytest.raises(outofcore.OutOfSpaceError, match=r"only 0\.00 GiB is free"):
         outofcore.prune_from_disk(on_disk, tmp_path / "out", "wanda", 0.5, calibration=SEGMENTS, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 

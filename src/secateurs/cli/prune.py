@@ -214,7 +214,9 @@ def _run_out_of_core(args: argparse.Namespace, recipe: dict[str, Any]) -> int:
 
     for flag in ("weights", "format"):
         if getattr(args, flag) is not None:
-            raise ConfigError(f"--{flag} does not apply to --out-of-core, which writes a sharded Hugging Face checkpoint")
+            raise ConfigError(
+                f"--{flag} does not apply to --out-of-core, which writes a sharded Hugging Face checkpoint"
+            )
     result = prune_from_disk(args.model, args.out, **recipe, calibration=args.calib, tokenizer=_tokenizer_if_any(args),
                              device=args.device, overwrite=args.overwrite)  # fmt: skip
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "layers"}))

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from functools import partial
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
