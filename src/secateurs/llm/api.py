@@ -119,6 +119,7 @@ def prune_llm(
     group = detect(process_group, device)
     if group is not None:  # before the config is checked: a rank refusing alone would leave the others waiting
         agree(group, run_fingerprint(model, method, sparsity, options, calibration))
+        progress = progress and group.writer  # one progress bar, not one per rank
     config = LLMPruneConfig(method=method, sparsity=sparsity, **options)
     batches: list[Tensor] = []
     calibrated: dict[str, int] = {}
