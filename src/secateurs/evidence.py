@@ -319,8 +319,11 @@ class StatsCollector:
     the same data.)
     """
 
-    def __init__(self, targets: Sequence[Target], needs: Needs) -> None:
+    def __init__(
+        self, targets: Sequence[Target], needs: Needs, initial: Mapping[str, tuple[Tensor, int]] | None = None
+    ) -> None:
         self._needs = {name: n & HOOKED for name, n in needs_by_target(targets, needs).items()}
+        self._initial = dict(initial or {})  # target name -> Hessian state to continue from (distributed ranks)
         self.targets = [t for t in targets if self._needs[t.name]]
         self.needs = frozenset().union(*self._needs.values())
         self.activations: dict[str, ActivationStats] = {}
@@ -371,6 +374,8 @@ class StatsCollector:
                 if accumulator is None:
                     groups, columns = hessian_columns(target)
                     accumulator = self.hessians[name] = HessianAccumulator(columns, x.device, groups)
+                    if name in self._initial:
+                        accumulator.continue_from(*self._initial[name])
                 accumulator.add(hessian_rows(target, x, module))
 
         return hook
@@ -469,8 +474,11 @@ def needs_by_target(targets: Sequence[Target], needs: Needs) -> dict[str, frozen
     return dict.fromkeys((t.name for t in targets), needs)
 
 
-def _collect(targets: Sequence[Target], needs: Needs, batches: Iterable[Any], run) -> StatsCollector:
-    with StatsCollector(targets, needs) as collector, torch.no_grad():
+def _collect(
+    targets: Sequence[Target], needs: Needs, batches: Iterable[Any], run,
+    initial: Mapping[str, tuple[Tensor, int]] | None = None,
+) -> StatsCollector:  # fmt: skip
+    with StatsCollector(targets, needs, initial) as collector, torch.no_grad():
         for batch in batches:
             run(batch)
             collector.end_batch()
@@ -496,14 +504,16 @@ def gather(evidence: Evidence, needs: Needs) -> None:
 
 
 def gather_block(
-    block: nn.Module, block_index: int, targets: Sequence[Target], inputs: BlockInputs, needs: Needs
-) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:
-    """Block runner: one pass of ``block`` over every captured calibration batch, hooks on ``targets``."""
+    block: nn.Module, block_index: int, targets: Sequence[Target], inputs: BlockInputs, needs: Needs,
+    initial: Mapping[str, tuple[Tensor, int]] | None = None,
+) -> tuple[dict[str, ActivationStats], dict[str, HessianAccumulator]]:  # fmt: skip
+    """Block runner: one pass of ``block`` over every captured calibration batch, hooks on ``targets``.
+    ``initial``: Hessian states to continue from, by target name (the previous rank's, in a distributed run)."""
 
     def run(b: int) -> None:
         inputs.call(block_index, b).invoke(block, inputs.hidden[b])
 
-    return _collect(targets, needs, range(len(inputs.hidden)), run).result()
+    return _collect(targets, needs, range(len(inputs.hidden)), run, initial).result()
 
 
 def _gather_gradients(evidence: Evidence, targets: Sequence[Target], keep_batches: bool) -> None:

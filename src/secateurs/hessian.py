@@ -58,6 +58,17 @@ class HessianAccumulator:
     def hessian(self) -> Tensor:
         return self._sum * (2.0 / max(self.positions, 1))
 
+    @property
+    def state(self) -> tuple[Tensor, int]:
+        """The unscaled sum and the positions it holds (what another process continues from)."""
+        return self._sum, self.positions
+
+    def continue_from(self, total: Tensor, positions: int) -> None:
+        """Start from another accumulator's state: adding the next batches here gives, bit for bit, the sums one
+        accumulator fed every batch in order would hold (distributed ranks hand the sums on in rank order)."""
+        self._sum.copy_(total)
+        self.positions = positions
+
 
 @dataclass
 class InverseFactor:
@@ -86,11 +97,17 @@ def inverse_factor(hessian: Tensor, dampening: float = 0.01, max_retries: int = 
     mean_diagonal = float(diagonal.mean())
     lam = dampening
     for retry in range(max_retries + 1):
-        damped = h + lam * mean_diagonal * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        # H + lambda * mean(diag H) * I, without materialising I: at most three n x n matrices alive at once
+        # (a block's largest Hessian dominates the peak memory of out-of-core pruning)
+        damped = h.clone()
+        damped.diagonal().add_(lam * mean_diagonal)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return InverseFactor(upper, dead, lam, retry)
         lam *= 10.0

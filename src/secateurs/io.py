@@ -202,6 +202,15 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     _remove(backup)
 
 
+def move_dir_into_place(tmp: str | os.PathLike, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Make the finished directory ``tmp`` (written over a long run, e.g. resumable) ``path`` in one rename
+    (an existing ``path`` only with ``overwrite``)."""
+    tmp, path = Path(tmp), Path(path)
+    refuse_existing(path, overwrite)
+    _permissions_from_umask(tmp)
+    _replace_dir(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file beside ``path``; it replaces ``path`` only if the block succeeds."""

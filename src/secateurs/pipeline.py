@@ -44,6 +44,7 @@ class Data:
     rollback: bool = True  # keep what is needed to restore the model exactly if the run fails
     example_inputs_given: bool = False  # False: taken from the calibration (messages say which)
     allow_collapse: bool = False  # accept a layer left empty / no input-output path (refused otherwise)
+    group: Any = None  # distributed.Group: statistics added over its ranks, each layer solved on one (block runner)
 
     @classmethod
     def from_user(
@@ -232,13 +233,17 @@ def decide(
     return decisions
 
 
-def apply(decisions: Sequence[Decision], config: PruneConfig) -> tuple[list[LayerResult], dict[str, float]]:
-    """Carry out the decisions with the configuration's application mode (and solver). Returns the solver's
+def apply(
+    decisions: Sequence[Decision], config: PruneConfig, solver: Any = None
+) -> tuple[list[LayerResult], dict[str, float]]:
+    """Carry out the decisions with the configuration's application mode (and solver; ``solver`` replaces
+    the configuration's, e.g. by one that solves each layer on one rank). Returns the solver's
     per-layer results and the sparsity the allocation set per target (when it sets one)."""
     results: list[LayerResult] = []
     allocated: dict[str, float] = {}
+    solver = config.solver_ if solver is None else solver
     for d in decisions:
-        solved = config.application_.apply(d.targets, d.masks, d.evidence, config.solver_, d.sparsities,
+        solved = config.application_.apply(d.targets, d.masks, d.evidence, solver, d.sparsities,
                                            d.plan.pattern)  # fmt: skip
         results += _merged(d.scored, solved)
         allocated.update(d.sparsities or {})

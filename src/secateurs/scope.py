@@ -254,8 +254,9 @@ def _edge_layers(model: nn.Module) -> tuple[str | None, str | None]:
     return first_conv, last_layer
 
 
-def resolve(model: nn.Module, spec: ScopeSpec) -> list[Target]:
-    """Turn a spec into targets, in module order, each parameter once (tied weights)."""
+def resolve(model: nn.Module, spec: ScopeSpec, allow_meta: bool = False) -> list[Target]:
+    """Turn a spec into targets, in module order, each parameter once (tied weights). ``allow_meta``: weights
+    still on the meta device are targets too (out-of-core pruning reads each block from disk before pruning it)."""
     types = tuple(spec.types) + (("Embedding",) if spec.embeddings else ())
     refuse_unmatched(spec, [n for n, _ in model.named_modules() if n], type(model).__name__)
     first_conv, last_layer = _edge_layers(model)
@@ -275,7 +276,7 @@ def resolve(model: nn.Module, spec: ScopeSpec) -> list[Target]:
         typed += 1
         if name in skipped or not matches(name, spec.include) or matches(name, spec.exclude):
             continue
-        tensor = _prunable_weight(name, module)
+        tensor = _prunable_weight(name, module, allow_meta)
         if tensor is None or tensor.ndim < 2 or id(tensor) in seen:
             continue
         seen.add(id(tensor))
@@ -315,7 +316,7 @@ def prunable_target(model: nn.Module, qualified: str, holders: dict[int, list[Ho
     return target_of(model, module_name, param, holders)
 
 
-def _prunable_weight(name: str, module: nn.Module) -> torch.Tensor | None:
+def _prunable_weight(name: str, module: nn.Module, allow_meta: bool = False) -> torch.Tensor | None:
     """The weight secateurs would mask, or a ScopeError saying why this one cannot be."""
     where = f"module {name or '<root>'!r} ({type(module).__name__})"
     if module._parameters.get("weight") is None and not parametrize.is_parametrized(module, "weight"):
@@ -343,7 +344,7 @@ def _prunable_weight(name: str, module: nn.Module) -> torch.Tensor | None:
             f"{where} has a {tensor.dtype} weight; secateurs prunes floating-point weights: prune before "
             "quantizing (or dequantize), or exclude this module from the scope"
         )
-    if tensor.is_meta:
+    if tensor.is_meta and not allow_meta:
         raise ScopeError(
             f"{where} has its weight on the meta device (no values to rank): load the real weights first "
             "(model.to_empty(device=...) and load_state_dict, or from_pretrained without a meta device_map)"

@@ -29,6 +29,7 @@ _HF_ONLY = {
     "format": "chooses how a Hugging Face model is saved (a factory model is saved as safetensors)",
     "tokenizer": "tokenizes --calib text",
     "device": "moves each block of a Hugging Face model to the device while the block runner prunes it",
+    "out_of_core": "reads a Hugging Face model's safetensors block by block",
 }
 
 
@@ -89,6 +90,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     g.add_argument("--device", help="device to process each block on, e.g. cuda (default: the model's)")
+    g.add_argument(
+        "--out-of-core",
+        dest="out_of_core",
+        action="store_true",
+        default=None,
+        help="never load the whole model: read, prune and write one block at a time from its safetensors "
+        "(resumable: run the same command again after an interruption); writes a sharded Hugging Face checkpoint",
+    )
     g.add_argument(
         "--format",
         choices=("hf", "compressed", "both"),
@@ -166,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--data feeds a factory-built model; a Hugging Face language model calibrates on --calib")
     calibration = call_object(args.data, "--data") if args.data else None
     note_oversubscription()
+    if args.out_of_core:
+        return _run_out_of_core(args, recipe)
     model = load_model(args.model, args.weights)
     tokenizer = _tokenizer_if_any(args) if language_model else None
     allow = args.allow_collapse
@@ -177,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
 
         example = torch.zeros(1, *args.input_shape) if args.input_shape else None
         report = prune(model, **recipe, calibration=calibration, example_inputs=example, allow_collapse=allow)
+    if not _writes(language_model):
+        return 0  # under torchrun every rank pruned the same model; rank 0 writes it
     print(report.table())
     files = {"report.json": report.to_json() + "\n",
              "recipe.json": json.dumps(report.config, indent=2, default=str) + "\n"}  # fmt: skip
@@ -184,6 +197,29 @@ def run(args: argparse.Namespace) -> int:
         save_structural(model, args.out, tokenizer, files, args.overwrite)
     else:
         _save_sparse(model, config, args, tokenizer, files)
+    return 0
+
+
+def _writes(language_model: bool) -> bool:
+    """False on every rank but 0 of a distributed run (prune_llm started or joined its group)."""
+    from ..distributed import detect
+
+    group = detect() if language_model else None
+    return group is None or group.writer
+
+
+def _run_out_of_core(args: argparse.Namespace, recipe: dict[str, Any]) -> int:
+    from ..errors import ConfigError
+    from ..outofcore import prune_from_disk
+
+    for flag in ("weights", "format"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(
+                f"--{flag} does not apply to --out-of-core, which writes a sharded Hugging Face checkpoint"
+            )
+    result = prune_from_disk(args.model, args.out, **recipe, calibration=args.calib, tokenizer=_tokenizer_if_any(args),
+                             device=args.device, overwrite=args.overwrite)  # fmt: skip
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "layers"}))
     return 0
 
 

@@ -8,6 +8,8 @@ for structural removal (FLAP, ShortGPT).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from ..blocks import batched
 from ..calibration import resolve_seqlen, sample_segments
+from ..distributed import Group, agree, detect, fingerprint, shard
 from ..errors import ConfigError
 from ..evidence import DATA_NEEDS
 from ..guards import outside_inference_mode
@@ -79,6 +82,7 @@ def prune_llm(
     rollback: bool = True,
     progress: bool = True,
     allow_collapse: bool = False,
+    process_group: Any = None,
     **options: Any,
 ) -> Report | StructuralReport:
     """Prune a transformer in place, one block at a time, and report what changed.
@@ -101,12 +105,21 @@ def prune_llm(
         progress: show a progress bar over the blocks.
         allow_collapse: accept a layer left with no weight (a :class:`~secateurs.LayerCollapseError`
             otherwise, raised before the model changes).
+        process_group: spread the run over these ``torch.distributed`` ranks; by default the initialised
+            default group, or one started from ``torchrun``'s environment (gloo on CPU, NCCL for a CUDA
+            ``device``). Each rank calibrates on its share of the segments, statistics are added over the
+            ranks and each layer is solved on one rank (:mod:`secateurs.distributed`); every rank ends with
+            the same pruned model. A single process runs as before.
 
     Returns a :class:`~secateurs.Report` (its ``details`` say the blocks, per-block sparsities, OWL's
     outlier ratios and SparseGPT's dampening); for removal (``'flap'``, ``'shortgpt'``) the
     :class:`~secateurs.structural.StructuralReport`.
     """
     LLMPruneConfig.check_keywords(options, "prune_llm()")
+    group = detect(process_group, device)
+    if group is not None:  # before the config is checked: a rank refusing alone would leave the others waiting
+        agree(group, run_fingerprint(model, method, sparsity, options, calibration))
+        progress = progress and group.writer  # one progress bar, not one per rank
     config = LLMPruneConfig(method=method, sparsity=sparsity, **options)
     batches: list[Tensor] = []
     calibrated: dict[str, int] = {}
@@ -125,7 +138,10 @@ def prune_llm(
             segments, seqlen = calibration_segments(model, calibration, tokenizer, config)
             batches = list(batched(segments, config.batch_size))
             calibrated = {"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)}
+    if group is not None:
+        batches = _shard(batches, group, config)
     data = Data.from_user(config, batches, None, None, progress, allow_collapse)
+    data.group = group
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
     report = run(model, config, data)
@@ -140,3 +156,28 @@ def prune_llm(
                 stacklevel=2,
             )
     return report
+
+
+def run_fingerprint(model: nn.Module, method: str, sparsity: Any, options: Mapping[str, Any], calibration: Any) -> dict:
+    """What every rank of a distributed run must agree on: the model's weights, the configuration as given
+    and the calibration (a text file by its contents)."""
+    if isinstance(calibration, (str, os.PathLike)) and os.path.isfile(calibration):
+        with open(calibration, "rb") as handle:
+            described: Any = hashlib.sha256(handle.read()).hexdigest()
+    elif isinstance(calibration, Tensor):
+        described = fingerprint(calibration)
+    elif isinstance(calibration, (list, tuple)):
+        described = [fingerprint(b) if isinstance(b, Tensor) else b for b in calibration]
+    else:
+        described = repr(calibration)
+    config = {"method": method, "sparsity": sparsity, **options}
+    return {"model": fingerprint(model), "config": fingerprint(config), "calibration": fingerprint(described)}
+
+
+def _shard(batches: list[Any], group: Group, config: LLMPruneConfig) -> list[Any]:
+    if config.runner_.name != "blocks":
+        raise ConfigError(
+            f"a distributed run ({group.world} ranks) spreads the block runner's calibration; {config.method!r} runs "
+            f"on the whole model (runner={config.runner_.name!r}): run it in one process"
+        )
+    return shard(batches, group) if batches else batches

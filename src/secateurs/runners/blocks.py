@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ from ..batches import model_device, to_device
 from ..blocks import BlockDiscoveryError, BlockInputs, Call, block_owners, capture_inputs, find_blocks
 from ..collapse import collapsed_targets, refuse_collapse
 from ..config import Plan, PruneConfig
+from ..distributed import Group, OwnerSolver, reduce_evidence
+from ..distributed import gather_block as gather_block_ranks
 from ..errors import ScopeError
 from ..evidence import Evidence, Need, gather_block
 from ..masking import Rollback
@@ -70,7 +73,9 @@ def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
             if data.rollback:
                 rollback.save(per_block[i])
             with on_device(block, device):
-                results, sparsities = _prune_block(block, i, per_block[i], plans, inputs, config, context, needs)
+                results, sparsities = prune_block(
+                    block, i, per_block[i], plans, inputs, config, context, needs, data.group
+                )
                 solved += results
                 allocated.update(sparsities)
                 if inputs is not None and i + 1 < len(blocks):
@@ -90,15 +95,17 @@ def run_blocks(model: nn.Module, config: PruneConfig, data: Data) -> Report:
     return build_report(model, targets, patterns, None, config.to_dict(), details)
 
 
-def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.Module], list[Target], list[str]]:
+def block_targets(
+    model: nn.Module, config: PruneConfig, allow_meta: bool = False
+) -> tuple[str, list[nn.Module], list[Target], list[str]]:
     """The blocks, the weights the scope selects inside them, and the names of those it selects outside.
 
     Layers outside the blocks (an LM head, a pooler) are not what the block runner prunes: with the
     front door's ``include`` (everything) they stay dense and the report names them; include patterns
-    that select one are refused rather than silently half-applied."""
+    that select one are refused rather than silently half-applied. ``allow_meta``: blocks still on disk (meta)."""
     name, blocks = find_blocks(model, config.blocks)
     owner = block_owners(blocks)
-    scoped = resolve(model, config.scope_)
+    scoped = resolve(model, config.scope_, allow_meta)
     inside = [t for t in scoped if id(t.module) in owner]
     outside = [t.name for t in scoped if id(t.module) not in owner]
     if outside and config.scope_.include != ScopeSpec().include:
@@ -114,18 +121,24 @@ def block_targets(model: nn.Module, config: PruneConfig) -> tuple[str, list[nn.M
     return name, blocks, inside, outside
 
 
-def _prune_block(
+def prune_block(
     block: nn.Module, index: int, targets: list[Target], plans: Sequence[Plan], inputs: BlockInputs | None,
-    config: PruneConfig, context: Context, needs: dict[str, frozenset[Need]],
+    config: PruneConfig, context: Context, needs: dict[str, frozenset[Need]], group: Group | None = None,
 ) -> tuple[list[LayerResult], dict[str, float]]:  # fmt: skip
+    """Prune one block's ``targets`` from its captured ``inputs``. Under a distributed ``group`` the inputs are
+    this rank's shard: the statistics are added over the ranks, and each layer is solved on one rank."""
     if not targets:
         return [], {}
     mine = {t.name for t in targets}
-    activations, hessians = gather_block(block, index, targets, inputs, needs) if inputs else ({}, {})
+    activations, hessians = {}, {}
+    if inputs is not None:
+        gather = gather_block if group is None else partial(gather_block_ranks, group)
+        activations, hessians = gather(block, index, targets, inputs, needs)
+    solver = OwnerSolver(config.solver_, group) if group is not None and config.solver_ is not None else None
     evidence = Evidence(model=block, targets=targets, activations=activations, hessians=hessians,
                         generator=seeded(config, index), show_progress=False)  # fmt: skip
     pairs = [(plan, [t for t in plan.targets if t.name in mine]) for plan in plans]
-    results, sparsities = apply(decide(pairs, evidence, config, config.final_sparsity, context), config)
+    results, sparsities = apply(decide(pairs, evidence, config, config.final_sparsity, context), config, solver)
     config.application_.finish(targets)
     return results, sparsities
 
@@ -142,6 +155,8 @@ def _observe(
         with on_device(block, device):
             if per_block[i]:
                 activations, hessians = gather_block(block, i, per_block[i], inputs, allocation.needs)
+                if data.group is not None:
+                    reduce_evidence(data.group, activations, hessians, f"block {i} {allocation.name} observations")
                 evidence = Evidence(model=block, targets=per_block[i], activations=activations, hessians=hessians)
                 observed.update(allocation.observe(per_block[i], evidence, layer_of))
             if i + 1 < len(blocks):
@@ -153,7 +168,7 @@ def _move_call(call: Call, device: torch.device) -> Call:
     return Call(call.hidden_in_kwargs, to_device(call.args, device), to_device(call.kwargs, device))
 
 
-def _to(inputs: BlockInputs, device: torch.device) -> BlockInputs:
+def to_device_inputs(inputs: BlockInputs, device: torch.device) -> BlockInputs:
     """Put the captured activations and calls on the device blocks are processed on."""
     moved: dict[int, Call] = {}  # batches that share one call object (masks, positions) move it once
     for c in inputs.calls:
@@ -167,7 +182,7 @@ def _to(inputs: BlockInputs, device: torch.device) -> BlockInputs:
 def _capture(model: nn.Module, blocks: list[nn.Module], batches: list[Any], device: torch.device) -> BlockInputs:
     home = model_device(model)
     inputs = capture_inputs(model, blocks, [to_device(b, home) for b in batches])
-    return _to(inputs, device) if device != home else inputs
+    return to_device_inputs(inputs, device) if device != home else inputs
 
 
 @contextlib.contextmanager

@@ -1,0 +1,150 @@
+"""Out-of-core pruning (secateurs.outofcore): a model read block by block from safetensors on disk gives the
+bytes the in-memory block runner gives, and a run killed after a block resumes to the same bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from safetensors.torch import load_file  # noqa: E402
+
+from secateurs import outofcore  # noqa: E402
+from secateurs.errors import ConfigError, StateError  # noqa: E402
+from secateurs.llm import prune_llm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SEGMENTS = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _llama(layers: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def on_disk(tmp_path) -> Path:
+    _llama().save_pretrained(tmp_path / "in")
+    return tmp_path / "in"
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_from_disk_gives_the_in_memory_bytes(on_disk, tmp_path, method):
+    result = outofcore.prune_from_disk(on_disk, tmp_path / "out", method, 0.5, calibration=SEGMENTS, batch_size=2,
+                                       progress=False)  # fmt: skip
+    assert result.blocks == 4 and result.resumed_from == 0
+    assert not (tmp_path / "out.partial").exists()
+    in_memory = _llama()
+    prune_llm(in_memory, method, 0.5, calibration=SEGMENTS, batch_size=2, progress=False)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = in_memory.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert {layer["sparsity"] for layer in result.layers} == {0.5}
+
+
+_KILLED_RUN = """
+import os, signal, sys, torch
+from secateurs.outofcore import prune_from_disk
+segments = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
+def die(i):
+    if i == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+prune_from_disk(sys.argv[1], sys.argv[2], "sparsegpt", 0.5, calibration=segments, batch_size=2, progress=False,
+                after_block=die)
+"""
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_bytes(on_disk, tmp_path):
+    def stop(i):
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        outofcore.prune_from_disk(on_disk, tmp_path / "resumed", "wanda", 0.5, calibration=SEGMENTS, batch_size=2,
+                                  progress=False, after_block=stop)  # fmt: skip
+    result = outofcore.prune_from_disk(on_disk, tmp_path / "resumed", "wanda", 0.5, calibration=SEGMENTS,
+                                       batch_size=2, progress=False)  # fmt: skip
+    assert result.resumed_from == 3 and len(result.layers) == 4 * 7
+    outofcore.prune_from_disk(on_disk, tmp_path / "straight", "wanda", 0.5, calibration=SEGMENTS, batch_size=2,
+                              progress=False)  # fmt: skip
+    resumed, straight = _tensors(tmp_path / "resumed"), _tensors(tmp_path / "straight")
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_after_its_last_block_to_the_uninterrupted_bytes(on_disk, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(on_disk), str(tmp_path / "resumed")], env=env,
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "resumed").exists()
+    work = tmp_path / "resumed.partial"
+    assert sorted(p.name for p in work.glob("block-*")) == ["block-00000.safetensors", "block-00001.safetensors"]
+    result = outofcore.prune_from_disk(on_disk, tmp_path / "resumed", "sparsegpt", 0.5, calibration=SEGMENTS,
+                                       batch_size=2, progress=False)  # fmt: skip
+    assert result.resumed_from == 2
+    assert [layer["name"] for layer in result.layers][:1] == ["model.layers.0.self_attn.q_proj.weight"]
+    outofcore.prune_from_disk(on_disk, tmp_path / "straight", "sparsegpt", 0.5, calibration=SEGMENTS, batch_size=2,
+                              progress=False)  # fmt: skip
+    resumed, straight = _tensors(tmp_path / "resumed"), _tensors(tmp_path / "straight")
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+def test_resuming_with_other_settings_is_refused(on_disk, tmp_path):
+    def stop(i):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        outofcore.prune_from_disk(on_disk, tmp_path / "out", "wanda", 0.5, calibration=SEGMENTS, progress=False,
+                                  after_block=stop)  # fmt: skip
+    with pytest.raises(StateError, match="another model, configuration or calibration"):
+        outofcore.prune_from_disk(on_disk, tmp_path / "out", "wanda", 0.6, calibration=SEGMENTS, progress=False)
+
+
+def test_no_room_for_the_output_is_refused_before_any_work(on_disk, tmp_path, monkeypatch):
+    usage = outofcore.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(outofcore.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(outofcore.OutOfSpaceError, match=r"only 0\.00 GiB is free"):
+        outofcore.prune_from_disk(on_disk, tmp_path / "out", "wanda", 0.5, calibration=SEGMENTS, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"mode": "mask"}, "mode='bake'"), ({"method": "flap"}, "runs on the whole model"),
+     ({"allocation": "owl"}, "observes the whole dense model")],
+)  # fmt: skip
+def test_what_one_pass_from_disk_cannot_do_is_refused(on_disk, tmp_path, options, message):
+    options = {"method": "wanda", "sparsity": 0.5, **options}
+    with pytest.raises(ConfigError, match=message):
+        outofcore.prune_from_disk(on_disk, tmp_path / "out", calibration=SEGMENTS, progress=False, **options)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_directory_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(ConfigError, match="no safetensors checkpoint"):
+        outofcore.Checkpoint(tmp_path / "in")
