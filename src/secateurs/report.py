@@ -65,6 +65,8 @@ class RunDetails:
     seconds: float | None = None
     calibration: dict[str, int] = field(default_factory=dict)
     outside_blocks: list[str] = field(default_factory=list)  # scoped, but outside the blocks the runner prunes
+    #: modules pruned by a declared fallback instead of the run's method, and why (MoE experts with too few tokens)
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     def lines(self, allocation: str | None) -> list[str]:
         out = []
@@ -83,6 +85,8 @@ class RunDetails:
                 f"{self.observed[k]:.2%}->{self.layer_sparsities.get(k, float('nan')):.1%}" for k in self.observed
             )
             out.append(f"{allocation} observation -> layer sparsity: {pairs}")
+        for name, why in self.fallbacks.items():
+            out.append(f"NOTE {name}: {why}")
         for layer in self.solved:
             if layer.solver.get("converged") is False:
                 out.append(
