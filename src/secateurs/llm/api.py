@@ -129,7 +129,7 @@ def prune_llm(
     data = Data.from_user(config, batches, None, None, progress, allow_collapse)
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
-    experts = find_moe_blocks(model)  # an unknown MoE block is refused here, before anything changes
+    experts = find_moe_blocks(model, fused_only=True)  # unknown fused experts are refused before anything changes
     if experts and config.mode_ != "remove":
         report = _prune_with_experts(model, config, data, experts, batches, method, sparsity, options)
     else:

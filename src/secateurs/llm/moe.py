@@ -111,9 +111,16 @@ def _looks_like_moe(module: nn.Module) -> bool:
     return fused and "expert" in type(module).__name__.lower()
 
 
-def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+def _fused(module: nn.Module) -> bool:
+    """Holds 3-D (fused expert) parameters, itself or in its ``experts`` child: invisible to a Linear-layer scope."""
+    return any(p.ndim == 3 for p in module.parameters())
+
+
+def find_moe_blocks(model: nn.Module, fused_only: bool = False) -> list[MoEBlock]:
     """Every sparse-MoE block of ``model``. A module that looks like one (an ``experts`` child, or fused 3-D
-    expert parameters) but whose class is not registered is refused, naming it and the hook to register it."""
+    expert parameters) but whose class is not registered is refused, naming it and the hook to register it;
+    with ``fused_only``, only when its experts are fused (per-expert Linear layers are ordinary targets, called on
+    the tokens routed to them: pruning inside them needs no registration)."""
     found: list[MoEBlock] = []
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -121,7 +128,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
             continue
         spec = MOE_BLOCKS.get(_qualname(type(module)))
         if spec is None:
-            if _looks_like_moe(module):
+            if _looks_like_moe(module) and (_fused(module) or not fused_only):
                 raise ConfigError(
                     f"{name!r} ({type(module).__name__}) looks like a mixture-of-experts block that secateurs does "
                     "not know, so its experts would be left dense or cut wrongly; register it with "
