@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import batched
+from ..calibration import model_tokenizer as _default_tokenizer
 from ..calibration import resolve_seqlen, sample_segments
 from ..errors import ConfigError
 from ..evidence import DATA_NEEDS
@@ -26,15 +27,6 @@ from ..runners import run
 from ..structural.report import StructuralReport
 from .config import LLMPruneConfig
 from .moe import MoEBlock, expert_statistics, find_moe_blocks, starved_experts, unfused_experts
-
-
-def _default_tokenizer(model: nn.Module) -> Any:
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not path:
-        raise ConfigError("text calibration needs a tokenizer; pass tokenizer=AutoTokenizer.from_pretrained(...)")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def calibration_segments(

@@ -265,15 +265,13 @@ def _count(fraction: float | None, count: int | None, experts: int) -> int:
 
 def _calibration_batches(model: nn.Module, calibration: Any, tokenizer: Any, nsamples: int, seqlen: int | None,
                          batch_size: int, seed: int) -> list[Tensor]:  # fmt: skip
-    from ..calibration import resolve_seqlen, sample_segments
+    from ..calibration import model_tokenizer, resolve_seqlen, sample_segments
 
     if isinstance(calibration, Tensor) and calibration.ndim == 2 and not calibration.is_floating_point():
         segments = calibration[:nsamples]
     else:
         if tokenizer is None:
-            from .api import _default_tokenizer
-
-            tokenizer = _default_tokenizer(model)
+            tokenizer = model_tokenizer(model)
         segments = sample_segments(calibration, tokenizer, nsamples, resolve_seqlen(model, seqlen), seed)
     return list(batched(segments, batch_size))
 
