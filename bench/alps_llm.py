@@ -104,10 +104,22 @@ def main() -> None:
     p.add_argument("--eval-windows", dest="eval_windows", type=int, help="evaluate on the first N windows only")
     p.add_argument("--dense", type=float, default=42.954, help="dense perplexity (all windows; measured if 0)")
     p.add_argument("--name", default="alps_llm")
+    p.add_argument("--combine", help="comma-separated result names to merge into --name (no run)")
     p.add_argument("--merge", action="store_true", help="keep the rows of an earlier run (replacing the ones redone)")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.nsamples, args.eval_windows)))
+        return
+    if args.combine:  # runs split over several processes (a shared machine): one table, in SETTINGS order
+        from _common import write_results
+
+        parts = [json.loads((BENCH / "results" / f"{name}.json").read_text()) for name in args.combine.split(",")]
+        rows = [r for part in parts for r in part["rows"]]
+        order = {s: i for i, s in enumerate(SETTINGS)}
+        rows.sort(key=lambda r: (order[r["setting"]], METHODS.index(r["method"]), r.get("date", "")))
+        runs = [{"machine": p["machine"], "total_seconds": p["total_seconds"]} for p in parts]
+        write_results(args.name, {**parts[0], "rows": rows, "table": table(rows, args.dense), "parts": runs})
+        print(table(rows, args.dense))
         return
     from _common import machine, write_results
 

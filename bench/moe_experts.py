@@ -36,7 +36,7 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(protocol.MODEL)
 
 
-def train(steps: int, seed: int = 0) -> dict:
+def train(steps: int, batch: int = 16, seed: int = 0) -> dict:
     """Train the tiny Mixtral on the calibration text (next-token loss + the router's balancing loss)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -57,7 +57,7 @@ def train(steps: int, seed: int = 0) -> dict:
     model.train()
     start, losses = time.perf_counter(), []
     for step in range(steps):
-        starts = torch.randint(0, stream.numel() - SEQLEN - 1, (16,), generator=g)
+        starts = torch.randint(0, stream.numel() - SEQLEN - 1, (batch,), generator=g)
         batch = torch.stack([stream[s : s + SEQLEN] for s in starts.tolist()])
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
@@ -65,14 +65,15 @@ def train(steps: int, seed: int = 0) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
-        if step % 50 == 0 or step == steps - 1:
-            print(f"step {step}: loss {out.loss.item():.3f}  {time.perf_counter() - start:.0f} s", flush=True)
+        losses.append(float(out.loss.detach()))
+        if step % 20 == 0 or step == steps - 1:
+            print(f"step {step}: loss {losses[-1]:.3f}  {time.perf_counter() - start:.0f} s", flush=True)
     model.config.output_router_logits = False
     model.eval()
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(CACHE)
-    return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": sum(losses[-20:]) / 20,
+    seconds = time.perf_counter() - start
+    return {"steps": steps, "batch": batch, "seconds": seconds, "final_loss": sum(losses[-20:]) / 20,
             "load_after": os.getloadavg()}  # fmt: skip
 
 
@@ -87,6 +88,7 @@ def _ppl(model, windows: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=16, help="training segments per step")
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=150)
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--retrain", action="store_true")
@@ -100,7 +102,7 @@ def main() -> None:
 
     training = None
     if args.retrain or not (CACHE / "config.json").exists():
-        training = train(args.steps)
+        training = train(args.steps, args.batch)
     trained = MixtralForCausalLM.from_pretrained(CACHE, dtype=torch.float32).eval()
     segments = sample_segments(str(protocol.CALIB), _tokenizer(), args.nsamples, SEQLEN, seed=0)
     rows = [{"setting": "dense", "saliency": "-", "perplexity": _ppl(trained, args.eval_windows)}]

@@ -109,6 +109,10 @@ def test_alps_runs_through_the_block_runner_and_prune_on_any_model(segments):
         if isinstance(module, nn.Linear) and ".layers." in name:
             assert NM(2, 4).is_valid(module.weight.detach().reshape(1, 1, -1) != 0), name
 
+    model = tiny("llama")
+    report = prune_llm(model, "alps", 0.6, allocation="owl", calibration=segments, progress=False)  # OWL on top
+    assert len(set(report.block_sparsities)) > 1 and report.sparsity == pytest.approx(0.6, abs=0.01)
+
     cnn = secateurs.testing.small_cnn()
     report = secateurs.prune(cnn, "alps", 0.5, calibration=secateurs.testing.calibration(batches=2), progress=False)
     assert report.sparsity == pytest.approx(0.5, abs=1e-3) and report.config["mode"] == "reconstruct"
