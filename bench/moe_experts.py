@@ -58,8 +58,8 @@ def train(steps: int, batch: int = 16, seed: int = 0) -> dict:
     start, losses = time.perf_counter(), []
     for step in range(steps):
         starts = torch.randint(0, stream.numel() - SEQLEN - 1, (batch,), generator=g)
-        batch = torch.stack([stream[s : s + SEQLEN] for s in starts.tolist()])
-        out = model(input_ids=batch, labels=batch)
+        ids = torch.stack([stream[s : s + SEQLEN] for s in starts.tolist()])
+        out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -125,3 +125,15 @@ def test_alps_options_are_checked_and_the_criterion_has_no_mask_mode():
     with pytest.raises(secateurs.ConfigError, match="alps"):
         secateurs.prune(nn.Sequential(nn.Linear(4, 4)), "alps", 0.5, mode="mask", calibration=[torch.randn(8, 4)],
                         progress=False)  # fmt: skip
+
+
+def test_nothing_to_prune_and_an_already_settled_support_end_at_once():
+    weight, x = _layer_and_inputs(3)
+    factor = eigen_factor(_hessian(x))
+    result = alps(weight, factor, 0.0)
+    assert result.iterations == 0 and result.converged and bool(result.keep.all())
+    torch.testing.assert_close(result.weight, weight, rtol=1e-4, atol=1e-4)  # the dense solution is the dense weight
+    diagonal = alps(torch.diag(torch.arange(1.0, 9.0)), eigen_factor(torch.eye(8)), 0.5)  # H = I: magnitude is optimal
+    assert diagonal.converged and diagonal.iterations <= 4 * 3
+    assert bool(diagonal.keep.diagonal().all()) and int(diagonal.keep.sum()) == 32
+    torch.testing.assert_close(diagonal.weight, torch.diag(torch.arange(1.0, 9.0)))

@@ -18,9 +18,10 @@ Q diag(1 / (lambda + rho)) Q^T`` for every ``rho`` (section 3.2). ``rho`` grows 
 (every ``update_every`` iterations: x1.3 when more than 10% of the kept entries changed, x1.2 above
 0.5%, x1.1 otherwise), so the iterates are driven onto a fixed support (theorem 1); the run stops when
 the support no longer changes. If the first checks see no change at all, ``rho`` started too stiff
-and is divided by 5 (as the authors' code does). Finally the kept weights are refined by
-preconditioned conjugate gradients on the final support (section 3.3), preconditioned by ``diag(H)``
-(the unit-diagonal scaling above is exactly that Jacobi preconditioner, applied symmetrically).
+and is divided by 5 (as the authors' code does; at most 3 times, then the start is taken as
+settled). Finally the kept weights are refined by preconditioned conjugate gradients on the final
+support (section 3.3), preconditioned by ``diag(H)`` (the unit-diagonal scaling above is exactly that
+Jacobi preconditioner, applied symmetrically).
 
 Unstructured supports are chosen over the whole layer (the paper's projection); N:M ones per group
 of M inputs. Given a fixed mask (chosen by another criterion: Wanda, magnitude, ...), the support is
@@ -53,6 +54,8 @@ from .base import Solver, SolveResult, register_solver
 #: the authors' schedule: (fraction of kept entries whose support changed, factor on rho)
 RHO_STEPS = ((0.1, 1.3), (0.005, 1.2), (0.0, 1.1))
 RHO_MAX = 1e6
+#: times rho may be divided by 5 when the starting support does not move at all
+RELAXATIONS = 3
 
 
 @dataclass
@@ -151,8 +154,8 @@ def alps(
         v = torch.zeros_like(w0)
         w = w0
         inverse = factor.penalized_inverse(rho).to(device)
-        previous, settled, converged = mask, False, False
-        for step in range(1, o.max_iterations + 1):
+        previous, settled, converged, relaxed = mask, False, prune == 0, 0
+        for step in range(1, 0 if converged else o.max_iterations + 1):
             iterations = step
             w = (target - v + rho * d) @ inverse
             z = w + v / rho
@@ -164,11 +167,12 @@ def alps(
             changed = int((mask != previous).sum())
             previous = mask
             change = changed / kept
-            if changed == 0 and settled:
+            if changed == 0 and (settled or relaxed == RELAXATIONS):  # settled (or the start was already stable)
                 converged = True
                 break
             if changed == 0:  # no entry moved from the magnitude start: rho began too stiff
                 rho /= 5.0
+                relaxed += 1
             else:
                 settled = True
                 rho *= next(f for threshold, f in RHO_STEPS if change > threshold)
