@@ -36,7 +36,7 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(protocol.MODEL)
 
 
-def train(steps: int, batch: int = 16, seed: int = 0) -> dict:
+def train(steps: int, batch: int = 16, hidden: int = 128, seed: int = 0) -> dict:
     """Train the tiny Mixtral on the calibration text (next-token loss + the router's balancing loss)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -45,14 +45,14 @@ def train(steps: int, batch: int = 16, seed: int = 0) -> dict:
     tokenizer = _tokenizer()
     stream = token_stream(str(protocol.CALIB), tokenizer)
     config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
         max_position_embeddings=SEQLEN, output_router_logits=True, router_aux_loss_coef=0.02, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = MixtralForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 5e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     model.train()
     start, losses = time.perf_counter(), []
@@ -73,7 +73,7 @@ def train(steps: int, batch: int = 16, seed: int = 0) -> dict:
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(CACHE)
     seconds = time.perf_counter() - start
-    return {"steps": steps, "batch": batch, "seconds": seconds, "final_loss": sum(losses[-20:]) / 20,
+    return {"steps": steps, "batch": batch, "hidden": hidden, "seconds": seconds, "final_loss": sum(losses[-20:]) / 20,
             "load_after": os.getloadavg()}  # fmt: skip
 
 
@@ -89,6 +89,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16, help="training segments per step")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (experts: twice that)")
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=150)
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--retrain", action="store_true")
@@ -102,7 +103,7 @@ def main() -> None:
 
     training = None
     if args.retrain or not (CACHE / "config.json").exists():
-        training = train(args.steps, args.batch)
+        training = train(args.steps, args.batch, args.hidden)
     trained = MixtralForCausalLM.from_pretrained(CACHE, dtype=torch.float32).eval()
     segments = sample_segments(str(protocol.CALIB), _tokenizer(), args.nsamples, SEQLEN, seed=0)
     rows = [{"setting": "dense", "saliency": "-", "perplexity": _ppl(trained, args.eval_windows)}]
