@@ -49,8 +49,8 @@ def tokens() -> torch.Tensor:
     ("arch", "saliency"),
     [
         ("mixtral", "reap"),
-        ("mixtral", "frequency"),
-        ("mixtral", "random"),
+        pytest.param("mixtral", "frequency", marks=pytest.mark.slow),
+        pytest.param("mixtral", "random", marks=pytest.mark.slow),
         ("qwen2_moe", "reap"),
         ("qwen3_moe", "reap"),
     ],
@@ -166,7 +166,9 @@ def test_an_unknown_moe_block_is_refused_by_name_with_the_hook_to_register_it(to
         MOE_BLOCKS.pop(f"{ToyMoE.__module__}.{ToyMoE.__qualname__}")
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "alps"])
+@pytest.mark.parametrize(
+    "method", ["wanda", pytest.param("sparsegpt", marks=pytest.mark.slow), pytest.param("alps", marks=pytest.mark.slow)]
+)
 def test_a_mixtral_pruned_to_half_prunes_every_expert_to_half(method, tokens):
     """Before this, the fused 3-D expert parameters were not targets: a Mixtral 'pruned to 50%' kept every
     expert dense."""
