@@ -9,7 +9,7 @@ like an MoE block but is not registered is refused by name, never pruned as if i
 
 - **Expert removal** (:func:`prune_experts`): one dense calibration pass records, per expert, the
   tokens routed to it, its router weights and its output norms. Saliencies: ``'reap'`` (REAP,
-  Lasby et al. 2025, arXiv:2510.13999: the mean over routed tokens of ``g_e(x) * ||f_e(x)||``),
+  Lasby et al. 2025: the mean over routed tokens of ``g_e(x) * ||f_e(x)||``),
   ``'frequency'`` (the share of routed tokens) and ``'random'`` (a seeded baseline). The lowest experts
   of every block are removed with their router rows; the config's expert count is updated (the same
   count in every block, so ``from_pretrained`` rebuilds the model), and at least ``top_k`` experts
