@@ -84,7 +84,10 @@ def test_owl_refuses_what_it_cannot_do():
         (dict(method="fpgm", mode="mask"), r"method 'fpgm' supports mode 'remove', not 'mask'; pass mode='remove'"),
         (dict(method="sparsegpt", allocation="global"), "chooses its mask while 'sparsegpt' updates the weights"),
         (dict(method="shortgpt", mode="remove", pattern="channel"), r"ranks 'layer', not channel"),
-        (dict(method="magnitude", mode="reconstruct", solver="none"), "needs a solver; valid: 'bias_compensation'"),
+        (
+            dict(method="magnitude", mode="reconstruct", solver="none"),
+            "needs a solver; valid: 'alps', 'bias_compensation'",
+        ),
         (dict(method="magnitude", runner="sideways"), r"runner must be one of 'blocks', 'model'"),
     ],
 )

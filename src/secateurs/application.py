@@ -125,8 +125,9 @@ class Reconstruct(Application):
                 for bias, delta in deltas[t.name]:
                     bias.add_(delta.to(bias.device, bias.dtype))
                 info = result.info
+                own = {k: v for k, v in info.items() if k not in ("loss", "dampening", "retries")}
                 out.append(LayerResult(t.name, requested_sparsity(t, result.keep, sparsities), info.get("dampening"),
-                                       int(info.get("retries", 0)), info.get("loss")))  # fmt: skip
+                                       int(info.get("retries", 0)), info.get("loss"), own))  # fmt: skip
         return out
 
 

@@ -56,6 +56,16 @@ def default_seqlen(model: Any = None) -> int:
     return min(DEFAULT_SEQLEN, context) if context else DEFAULT_SEQLEN
 
 
+def model_tokenizer(model: Any) -> Any:
+    """The tokenizer saved beside ``model`` (its ``name_or_path``), for text calibration."""
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        raise ConfigError("text calibration needs a tokenizer; pass tokenizer=AutoTokenizer.from_pretrained(...)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def resolve_seqlen(model: Any, seqlen: int | None) -> int:
     """``seqlen``, or the default; refused if longer than the model's context."""
     if seqlen is None:

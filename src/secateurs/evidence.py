@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .batches import LossFn, default_loss, model_device, run_model, to_device
 from .blocks import BlockInputs
 from .errors import ConfigError, DataRequiredError
-from .hessian import HessianAccumulator, InverseFactor, inverse_factor
+from .hessian import EigenFactor, HessianAccumulator, InverseFactor, eigen_factor, inverse_factor
 from .layout import Layout, layout_of
 from .progress import progress
 from .scope import Target
@@ -169,7 +169,7 @@ class Evidence:
     gradients: dict[str, GradientStats] = field(default_factory=dict)
     show_progress: bool = True
     #: dampened inverse factors already computed, per (Hessian, group, dampening, retries allowed)
-    inverses: dict[tuple, InverseFactor] = field(default_factory=dict, repr=False)
+    inverses: dict[tuple, InverseFactor | EigenFactor] = field(default_factory=dict, repr=False)
     #: per target: the dampening its Hessian finally took and how many retries that needed (for the report)
     dampening: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
 
@@ -178,6 +178,19 @@ class Evidence:
         if found is None:
             raise DataRequiredError(f"no calibration input reached {target.module_name!r}; is it used in forward()?")
         return found
+
+    def eigen_factors(self, target: Target, dampening: float) -> list[EigenFactor]:
+        """The dampened, unit-diagonal Hessian of ``target`` and its eigendecomposition, one per conv group
+        (:func:`~secateurs.hessian.eigen_factor`); a Hessian shared by several targets is decomposed once."""
+        accumulator = self.hessian(target)
+        keys = [(id(accumulator), g, dampening, "eigh") for g in range(accumulator.groups)]
+        if any(key not in self.inverses for key in keys):
+            hessian = accumulator.hessian
+            for key, h in zip(keys, hessian.reshape(-1, *hessian.shape[-2:])):
+                self.inverses.setdefault(key, eigen_factor(h, dampening))
+        factors = [self.inverses[key] for key in keys]
+        self.dampening[target.name] = (dampening, 0)
+        return factors
 
     def inverse_factors(self, target: Target, dampening: float, max_retries: int = 5) -> list[InverseFactor]:
         """The dampened inverse factor of the Hessian of ``target``, one per conv group

@@ -80,6 +80,61 @@ class InverseFactor:
     retries: int  # how many times dampening had to be raised
 
 
+def _prepared(hessian: Tensor, dampening: float) -> tuple[Tensor, Tensor, float]:
+    """``(H with dead inputs' diagonal set to 1, dead, mean diag)``: the one dampening policy's starting point."""
+    check_dampening("dampening", dampening)
+    check_finite(hessian, "the layer Hessian")
+    h = hessian.clone()
+    diagonal = torch.diagonal(h)
+    dead = diagonal == 0
+    diagonal[dead] = 1.0  # an input that was always 0 says nothing; SparseGPT prunes its weights first
+    return h, dead, float(diagonal.mean())
+
+
+def dampen(hessian: Tensor, dampening: float) -> tuple[Tensor, Tensor]:
+    """``(H + dampening * mean(diag H) * I, dead inputs)``: the dampening every solver applies."""
+    h, dead, mean_diagonal = _prepared(hessian, dampening)
+    h.diagonal().add_(dampening * mean_diagonal)
+    return h, dead
+
+
+@dataclass
+class EigenFactor:
+    """The dampened Hessian scaled to a unit diagonal, ``S^-1 (H + lambda I) S^-1 = Q diag(values) Q^T``
+    with ``S = sqrt(diag(H + lambda I))``, factored once so that ``(H_s + rho I)^-1`` costs one product
+    for every penalty ``rho`` an ADMM solver tries (ALPS, arXiv:2406.07831, section 3)."""
+
+    hessian: Tensor  # (I, I) the scaled, dampened Hessian (unit diagonal), float32
+    vectors: Tensor  # (I, I) Q, float32
+    values: Tensor  # (I,) eigenvalues (>= 0)
+    scale: Tensor  # (I,) S, float32
+    dead: Tensor  # (I,) bool: inputs that were always zero in calibration
+    dampening: float
+
+    def penalized_inverse(self, rho: float) -> Tensor:
+        """``(H_s + rho I)^-1 = Q diag(1 / (values + rho)) Q^T`` (float32)."""
+        inv = (1.0 / (self.values + rho)).to(self.vectors.dtype)
+        return (self.vectors * inv) @ self.vectors.t()
+
+
+def eigen_factor(hessian: Tensor, dampening: float = 0.01) -> EigenFactor:
+    """Dampen ``H`` as SparseGPT does (:func:`dampen`), scale it to a unit diagonal (the Jacobi
+    preconditioner applied once, symmetrically) and eigendecompose it."""
+    damped, dead = dampen(hessian, dampening)
+    scale = torch.diagonal(damped).sqrt()
+    scaled = damped / scale.unsqueeze(1) / scale.unsqueeze(0)
+    scaled = (scaled + scaled.t()) / 2
+    # float32 suffices: the unit diagonal and the dampening bound the condition number, and every ADMM penalty
+    # rho adds to the spectrum (the ADMM iterates are float32 too); float64 took 2-3x longer on CPU
+    values, vectors = torch.linalg.eigh(scaled.float())
+    if not bool(torch.isfinite(values).all()):
+        raise CholeskyError(
+            f"the eigendecomposition of the layer Hessian ({scaled.shape[0]}x{scaled.shape[0]}) is not finite; "
+            "check the calibration activations for NaN/overflow"
+        )
+    return EigenFactor(scaled.float(), vectors.float(), values.clamp(min=0.0), scale.float(), dead, dampening)
+
+
 def inverse_factor(hessian: Tensor, dampening: float = 0.01, max_retries: int = 5) -> InverseFactor:
     """Damp ``H`` by ``dampening * mean(diag H)`` and factor its inverse.
 
@@ -88,13 +143,7 @@ def inverse_factor(hessian: Tensor, dampening: float = 0.01, max_retries: int = 
     factorisation retried, up to ``max_retries`` times; the result records it. Never falls back
     to another criterion: after the last retry it raises :class:`CholeskyError`.
     """
-    check_dampening("dampening", dampening)
-    check_finite(hessian, "the layer Hessian")
-    h = hessian.clone()
-    diagonal = torch.diagonal(h)
-    dead = diagonal == 0
-    diagonal[dead] = 1.0  # an input that was always 0 says nothing; SparseGPT prunes its weights first
-    mean_diagonal = float(diagonal.mean())
+    h, dead, mean_diagonal = _prepared(hessian, dampening)
     lam = dampening
     for retry in range(max_retries + 1):
         # H + lambda * mean(diag H) * I, without materialising I: at most three n x n matrices alive at once

@@ -49,6 +49,8 @@ class LayerResult:
     dampening: float | None = None  # Hessian dampening that finally worked
     retries: int = 0  # times the dampening had to be raised (a Cholesky failed)
     loss: float | None = None  # the solver's estimate of the added squared error
+    #: the solver's own diagnostics (ALPS: ADMM iterations, converged, support_change, cg_iterations, cg_residual)
+    solver: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,6 +65,8 @@ class RunDetails:
     seconds: float | None = None
     calibration: dict[str, int] = field(default_factory=dict)
     outside_blocks: list[str] = field(default_factory=list)  # scoped, but outside the blocks the runner prunes
+    #: modules pruned by a declared fallback instead of the run's method, and why (MoE experts with too few tokens)
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     def lines(self, allocation: str | None) -> list[str]:
         out = []
@@ -81,7 +85,15 @@ class RunDetails:
                 f"{self.observed[k]:.2%}->{self.layer_sparsities.get(k, float('nan')):.1%}" for k in self.observed
             )
             out.append(f"{allocation} observation -> layer sparsity: {pairs}")
+        for name, why in self.fallbacks.items():
+            out.append(f"NOTE {name}: {why}")
         for layer in self.solved:
+            if layer.solver.get("converged") is False:
+                out.append(
+                    f"NOTE {layer.name}: the solver stopped at its iteration cap ({layer.solver.get('iterations')} "
+                    f"iterations) before its support settled ({layer.solver.get('support_change', 0):.2%} of the kept "
+                    "weights still moving); the mask is exact, the weights are its conjugate-gradient solve"
+                )
             if layer.retries:
                 out.append(
                     f"NOTE {layer.name}: Hessian not positive definite; dampening raised to {layer.dampening:g} "
@@ -159,6 +171,11 @@ class Report(JsonReport):
     def outlier_ratios(self) -> list[float] | None:
         """OWL's outlier ratio per layer (block), measured on the dense model."""
         return list(self.details.observed.values()) if self.details.observed else None
+
+    @property
+    def not_converged(self) -> list[LayerResult]:
+        """Layers whose iterative solver (ALPS) hit its iteration cap before its support settled."""
+        return [layer for layer in self.details.solved if layer.solver.get("converged") is False]
 
     @property
     def dampening_raised(self) -> list[LayerResult]:

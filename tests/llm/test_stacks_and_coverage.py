@@ -67,17 +67,19 @@ def test_image_calibration_runs_through_the_block_runner():
             assert torch.isfinite(model(images).last_hidden_state).all()
 
 
-def test_a_report_says_what_share_of_the_model_was_in_scope_and_names_fused_experts():
+def test_a_report_says_what_share_of_the_model_was_in_scope_and_counts_the_fused_experts():
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
     )  # fmt: skip
     model = transformers.Qwen3MoeForCausalLM(config).eval()
-    report = prune_llm(model, "wanda", 0.5, calibration=SEGMENTS, progress=False)
-    assert report.sparsity == 0.5 and report.coverage < 0.25  # the experts are 3-D tensors, not Linear layers
+    report = prune_llm(model, "wanda", 0.5, calibration=SEGMENTS, progress=False, min_expert_tokens=1)
+    # the fused 3-D experts are targets (issue 16: they used to be left out, so 'pruned to 50%' kept them dense)
+    assert report.sparsity == 0.5 and report.coverage > 0.25
     names = [t["name"] for t in report.left_out]
-    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert not any(".experts." in n for n in names) and "model.embed_tokens.weight" in names
+    assert any(layer.name.startswith("model.layers.0.mlp.experts.0.") for layer in report.layers)
     text = report.table()
-    assert "coverage: " in text and "largest weights left out: model.layers.0.mlp.experts.gate_up_proj" in text
+    assert "coverage: " in text and "largest weights left out: model.embed_tokens.weight" in text
     assert report.to_dict()["coverage"] == pytest.approx(report.coverage)

@@ -14,7 +14,7 @@ from .activation import Activation, APoZ, Wanda
 from .base import CRITERIA, MODES, Criterion, register, registry
 from .gradient import SNIP, Gradient, GraSP, Taylor
 from .magnitude import LAMP, Magnitude, Random, lamp_normalize
-from .second_order import OBD, SparseGPT
+from .second_order import ALPS, OBD, SparseGPT
 from .synflow import SynFlow
 
 
@@ -24,6 +24,7 @@ def make_criterion(method: str | Criterion, options: dict[str, Any] | None = Non
 
 
 __all__ = [
+    "ALPS",
     "APoZ",
     "Activation",
     "CRITERIA",

@@ -65,3 +65,37 @@ class SparseGPT(Criterion):
         scale = torch.stack(saliency_scale)  # (groups, S*I)
         rows = scale.repeat_interleave(out // len(saliency_scale), dim=0).reshape(out, spatial, inp)
         return w.square() * rows.to(w.device)
+
+
+@register
+class ALPS(Criterion):
+    """ALPS (Meng et al. 2024, arXiv:2406.07831): the layer-wise pruning problem with the Hessian
+    ``H = 2 X X^T`` solved by ADMM with a penalty schedule, then conjugate gradients on the support.
+
+    Only ``reconstruct`` mode: the ``alps`` solver chooses the support as it solves (the ADMM's
+    projection) and writes the weights. Its starting support, and this score, is the largest
+    ``w^2 * H_jj`` (the weights in the unit-diagonal coordinates the solver works in). Works on any
+    Linear / Conv1D / Conv layer, element or N:M."""
+
+    name = "alps"
+    needs = frozenset({Need.HESSIAN})
+    modes = ("reconstruct",)
+    patterns = ("element", "n:m")
+    default_mode = "reconstruct"
+    default_solver = "alps"
+    adaptive = True
+    scores_embeddings = False
+
+    def validate(self, targets: list[Target]) -> None:
+        for t in targets:
+            check_hessian_target(t)
+
+    def score(self, target: Target, evidence: Evidence) -> Tensor:
+        h = evidence.hessian(target).hessian
+        diagonal = torch.diagonal(h, dim1=-2, dim2=-1).double()  # (groups, S*I) or (S*I,)
+        w = weight3(target).double()
+        out, spatial, inp = w.shape
+        rows = diagonal.reshape(-1, spatial * inp).repeat_interleave(
+            out // diagonal.reshape(-1, spatial * inp).shape[0], 0
+        )
+        return w.square() * rows.reshape(out, spatial, inp).to(w.device)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import batched
+from ..calibration import model_tokenizer as _default_tokenizer
 from ..calibration import resolve_seqlen, sample_segments
 from ..distributed import Group, agree, detect, fingerprint, shard
 from ..errors import ConfigError
@@ -28,15 +29,7 @@ from ..report import Report
 from ..runners import run
 from ..structural.report import StructuralReport
 from .config import LLMPruneConfig
-
-
-def _default_tokenizer(model: nn.Module) -> Any:
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not path:
-        raise ConfigError("text calibration needs a tokenizer; pass tokenizer=AutoTokenizer.from_pretrained(...)")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+from .moe import MoEBlock, expert_statistics, find_moe_blocks, starved_experts, unfused_experts
 
 
 def calibration_segments(
@@ -144,7 +137,16 @@ def prune_llm(
     data.group = group
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
-    report = run(model, config, data)
+    experts = find_moe_blocks(model, fused_only=True)  # unknown fused experts are refused before anything changes
+    if experts and config.mode_ != "remove":
+        if group is not None:  # each rank would count routed tokens on its own shard and pick its own fallbacks
+            raise ConfigError(
+                f"{experts[0].name!r} holds fused mixture-of-experts weights, which a distributed run does not "
+                f"split yet; prune this model in one process (without torchrun / process_group)"
+            )
+        report = _prune_with_experts(model, config, data, experts, batches, method, sparsity, options)
+    else:
+        report = run(model, config, data)
     if isinstance(report, StructuralReport):
         report.calibration = calibrated
     if isinstance(report, Report):
@@ -181,3 +183,52 @@ def _shard(batches: list[Any], group: Group, config: LLMPruneConfig) -> list[Any
             f"on the whole model (runner={config.runner_.name!r}): run it in one process"
         )
     return shard(batches, group) if batches else batches
+
+def _prune_with_experts(
+    model: nn.Module, config: LLMPruneConfig, data: Data, experts: list[MoEBlock], batches: list[Any],
+    method: str, sparsity: float | None, options: dict[str, Any],
+) -> Report:  # fmt: skip
+    """Prune a mixture-of-experts model: every routed expert's slices are targets of their own (per-expert
+    statistics over the tokens routed to it). An expert that saw fewer than ``min_expert_tokens`` calibration
+    tokens is pruned by magnitude instead (at the same sparsity / pattern), and the report names it."""
+    from dataclasses import replace
+
+    from ..config import PruneConfig
+    from ..scope import ScopeSpec
+
+    if config.mode_ == "mask":
+        raise ConfigError(
+            "mode='mask' keeps a mask on every pruned weight, which the fused expert parameters of "
+            f"{experts[0].name!r} cannot hold; prune this mixture-of-experts model with mode='bake' or 'reconstruct'"
+        )
+    starved: dict[str, int] = {}
+    if batches and config.needs & DATA_NEEDS:
+        starved = starved_experts(expert_statistics(model, batches, experts, outputs=False), experts,
+                                  config.min_expert_tokens)  # fmt: skip
+    if starved:  # the same run without them; they get the declared fallback below
+        scope = config.scope
+        if isinstance(scope, ScopeSpec):
+            scope = replace(scope, exclude=(*scope.exclude, *starved))
+        elif isinstance(scope, Mapping):
+            scope = {**scope, "exclude": (*ScopeSpec.from_value(dict(scope)).exclude, *starved)}
+        else:
+            scope = {"include": ScopeSpec.from_value(scope).include, "exclude": tuple(starved)}
+        config = LLMPruneConfig(method=method, sparsity=sparsity, **{**options, "scope": scope})
+    with unfused_experts(model, experts):
+        report = run(model, config, data)
+        if starved:
+            fallback = PruneConfig(
+                method="magnitude", sparsity=report.config.get("sparsity"), pattern=report.config.get("pattern"),
+                mode="bake", scope={"include": tuple(starved), "skip_first": False, "skip_last": False},
+            )  # fmt: skip
+            extra = run(model, fallback, Data.from_user(fallback, [], None, None, False, data.allow_collapse))
+            report.layers += extra.layers
+            report.target_params += extra.target_params
+            report.target_nonzeros += extra.target_nonzeros
+            report.nonzeros = extra.nonzeros
+            for name, tokens in starved.items():
+                report.details.fallbacks[name] = (
+                    f"{tokens} routed calibration tokens (< {config.min_expert_tokens or 'the hidden size'}): "
+                    "pruned by magnitude at the run's sparsity instead of by " + repr(config.criterion_.name)
+                )
+    return report

@@ -36,6 +36,8 @@ class LLMPruneConfig(PruneConfig):
         nsamples: calibration segments (the literature's 128).
         seqlen: tokens per segment; None: 2048 capped to the model's context.
         batch_size: segments per forward pass.
+        min_expert_tokens: a mixture-of-experts model's routed expert that sees fewer calibration tokens
+            is pruned by magnitude instead (reported in ``details.fallbacks``); None: the hidden size.
     """
 
     default_mode = "bake"
@@ -47,6 +49,7 @@ class LLMPruneConfig(PruneConfig):
     nsamples: int = option(128, check=integer(1))
     seqlen: int | None = option(None, check=integer(1, optional=True))
     batch_size: int = option(1, check=integer(1))
+    min_expert_tokens: int | None = option(None, check=integer(0, optional=True))
 
     def _runner(self) -> str:
         if self.runner is not None:
@@ -68,5 +71,6 @@ class LLMPruneConfig(PruneConfig):
 
     def to_dict(self) -> dict:
         data = super().to_dict()
-        data.update(nsamples=self.nsamples, seqlen=self.seqlen, batch_size=self.batch_size)
+        data.update(nsamples=self.nsamples, seqlen=self.seqlen, batch_size=self.batch_size,
+                    min_expert_tokens=self.min_expert_tokens)  # fmt: skip
         return data

@@ -4,12 +4,14 @@ surviving weights. Hessian accumulation and dampening are shared in :mod:`.hessi
 from __future__ import annotations
 
 from ..hessian import CholeskyError, HessianAccumulator, InverseFactor, inverse_factor
+from .alps import ALPSSolver, alps
 from .base import SOLVERS, Solver, SolveResult, make_solver, register_solver
 from .compensation import BiasCompensation
 from .sparsegpt import SparseGPTSolver, sparsegpt
 
 __all__ = [
     "SOLVERS",
+    "ALPSSolver",
     "BiasCompensation",
     "CholeskyError",
     "HessianAccumulator",
@@ -17,6 +19,7 @@ __all__ = [
     "SolveResult",
     "Solver",
     "SparseGPTSolver",
+    "alps",
     "inverse_factor",
     "make_solver",
     "register_solver",
