@@ -11,10 +11,9 @@ here; this criterion reads them. A criterion never runs the training loop itself
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import DataRequiredError
 from ..evidence import Evidence
@@ -23,7 +22,7 @@ from ..scope import Target
 from .base import Criterion, register
 
 #: accumulated movement scores, by the trained tensor they belong to (dropped with it)
-_SCORES: weakref.WeakKeyDictionary[Tensor, Tensor] = weakref.WeakKeyDictionary()
+_SCORES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def accumulate(parameter: Tensor, increment: Tensor) -> None:
