@@ -45,10 +45,10 @@ def _fit(module, callback, steps):
 
 def test_network_slimming_inside_a_lightning_run_zeroes_batchnorm_scales():
     module = Module()
-    pruner = Pruner(module.body, regularizer="bn_l1", regularizer_options={"strength": 0.5, "proximal_lr": 0.1})
+    pruner = Pruner(module.body, regularizer="bn_l1", regularizer_options={"strength": 1.0, "proximal_lr": 0.1})
     callback = lightning_callback(pruner)
-    _fit(module, callback, 12)
-    assert len(callback.penalties) == 12 and pruner.step_count == 12
+    _fit(module, callback, 20)
+    assert len(callback.penalties) == 20 and pruner.step_count == 20
     report = pruner.regularization_report()
     assert report.zero > 0 and report.zero == int((module.body[1].weight == 0).sum())
 

@@ -87,10 +87,11 @@ def test_group_lasso_covers_attention_heads_with_gqa():
                               regularizer_options={"strength": 1.0, "kinds": ["head"], "proximal_lr": 1e9})  # fmt: skip
     pruner.step()  # a huge proximal step: every head group to zero
     heads = [g for g, _ in pruner.config.regularizer_._groups]
-    assert heads and all(g.kind == "head" for g in heads)
+    assert [(g.kind, g.units, g.rows) for g in heads] == [("head", 4, 2)]  # 4 query heads in 2 KV groups
     attn = model.model.layers[0].self_attn
-    assert float(attn.q_proj.weight.abs().sum()) == 0 and float(attn.k_proj.weight.abs().sum()) == 0
-    assert float(attn.o_proj.weight.abs().sum()) == 0
+    # a query head's unit: its q_proj rows and o_proj columns; the shared K/V heads are not one head's
+    assert float(attn.q_proj.weight.abs().sum()) == 0 and float(attn.o_proj.weight.abs().sum()) == 0
+    assert float(attn.k_proj.weight.abs().sum()) > 0 and float(model.model.layers[0].mlp.up_proj.weight.abs().sum()) > 0
 
 
 # -- network slimming --------------------------------------------------------------------------------

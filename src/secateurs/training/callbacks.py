@@ -27,9 +27,9 @@ def _refuse_removal(pruner: Any, framework: str) -> None:
     if getattr(pruner.config, "mode", None) == "remove":
         raise SecateursError(
             f"the {framework} builds its optimizer once, and mode='remove' replaces parameters with "
-            "smaller tensors it would never see; train with mode='mask' (or a regularizer), then "
-            "secateurs.bake(model) and prune(..., mode='remove') or secateurs.training.remove_zero_groups(model, x) "
-            "after training (or drive removal in your own loop)"
+            "smaller tensors it would never see; train with mode='mask', then secateurs.bake(model) and "
+            "prune(..., mode='remove') after training (after a regularizer: secateurs.bake(model), then "
+            "secateurs.training.remove_zero_groups(model, example_inputs)), or drive removal in your own loop"
         )
 
 

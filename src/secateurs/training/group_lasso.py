@@ -85,6 +85,12 @@ def unit_norms(views: Sequence[_View], units: int, roles: tuple[str, ...] | None
     return squares.sqrt()
 
 
+def _owns(owner: str, in_scope: set[str]) -> bool:
+    """Is the module that creates a group's units in scope: a layer in scope, or a module holding one
+    (an attention module creates its heads, and its projections are the scope's targets)?"""
+    return owner in in_scope or any(name.startswith(owner + ".") for name in in_scope)
+
+
 def _check_kinds(kinds: Any) -> tuple[str, ...]:
     if isinstance(kinds, str):
         kinds = (kinds,)
@@ -136,7 +142,7 @@ class GroupLasso(Regularizer):
         for g in graph.groups:
             if g.kind not in self.kinds or not g.units or g.blocked:
                 continue
-            if not any(s.owner in in_scope for s in g.sources):
+            if not any(_owns(s.owner, in_scope) for s in g.sources):
                 continue
             views = group_views(model, g)
             if views:
