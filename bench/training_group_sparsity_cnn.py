@@ -94,11 +94,23 @@ def one_seed(seed: int, data, args) -> list[dict]:
         before = accuracy(model, test)
         fit(model, batches, args.finetune)
         lat = compare_latency(dense, model, x, repeats=30)
-        row = {"seed": seed, "arm": arm, "accuracy_before_finetune": before, "accuracy": accuracy(model, test),
-               "params": params(model), "widths": widths(model), "speedup": lat.speedup.median,
-               "speedup_q1_q3": [lat.speedup.q1, lat.speedup.q3], "seconds": time.perf_counter() - started, **extra}
-        print(f"seed {seed} {arm:>22}: {row['widths']:>14} params {row['params']:>6}, accuracy "
-              f"{row['accuracy']:.4f} (before fine-tuning {before:.4f}), speed-up {row['speedup']:.2f}x", flush=True)
+        row = {
+            "seed": seed,
+            "arm": arm,
+            "accuracy_before_finetune": before,
+            "accuracy": accuracy(model, test),
+            "params": params(model),
+            "widths": widths(model),
+            "speedup": lat.speedup.median,
+            "speedup_q1_q3": [lat.speedup.q1, lat.speedup.q3],
+            "seconds": time.perf_counter() - started,
+            **extra,
+        }
+        print(
+            f"seed {seed} {arm:>22}: {row['widths']:>14} params {row['params']:>6}, accuracy "
+            f"{row['accuracy']:.4f} (before fine-tuning {before:.4f}), speed-up {row['speedup']:.2f}x",
+            flush=True,
+        )
         return row
 
     t = time.perf_counter()
@@ -112,7 +124,9 @@ def one_seed(seed: int, data, args) -> list[dict]:
 
     t = time.perf_counter()
     slim = copy.deepcopy(dense)
-    pruner = secateurs.Pruner(slim, regularizer="bn_l1", regularizer_options={"strength": args.slim, "proximal_lr": 0.05})
+    pruner = secateurs.Pruner(
+        slim, regularizer="bn_l1", regularizer_options={"strength": args.slim, "proximal_lr": 0.05}
+    )
     fit(slim, batches, args.sparsify, pruner, sgd=True)
     zero_scales = int(sum(int((m.weight == 0).sum()) for n, m in slim.named_modules() if n in ("bn2", "bn3")))
     in_scope = slim.bn2.num_features + slim.bn3.num_features  # conv1's channels are out of the default scope

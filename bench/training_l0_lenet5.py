@@ -84,7 +84,8 @@ def one_seed(seed: int, data, steps: int, strength: float) -> dict:
     return {"seed": seed, "dense_accuracy": accuracy(dense, test), "gated_accuracy": gated_acc,
             "removed_accuracy": accuracy(model, test), "architecture": architecture(model),
             "removed_units": removed.removed, "params_dense": params[0], "params_removed": params[1],
-            "latency_speedup_median": latency.speedup.median, "latency_speedup_iqr": [latency.speedup.q1, latency.speedup.q3],
+            "latency_speedup_median": latency.speedup.median,
+            "latency_speedup_iqr": [latency.speedup.q1, latency.speedup.q3],
             "seconds": time.perf_counter() - t}  # fmt: skip
 
 

@@ -87,7 +87,8 @@ def main() -> None:
             row = run(method, sparsity, batches, targets, args.steps)
             row.update(embedding_fidelity(dense, row.pop("model"), tokenizer, latency=False))
             rows.append(row)
-            print(f"{sparsity:.0%} {method:>9}: cosine to dense {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), "
+            print(f"{sparsity:.0%} {method:>9}: cosine to dense {row['cosine_mean']:.4f} "
+                  f"(min {row['cosine_min']:.4f}), "
                   f"train loss {row['final_loss']:.4f}, {row['seconds']:.0f} s", flush=True)  # fmt: skip
     write_results("training_movement_minilm", {"machine": machine(), "loadavg": os.getloadavg(), "args": vars(args),
                                                "rows": rows})  # fmt: skip

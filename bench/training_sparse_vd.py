@@ -71,7 +71,9 @@ def one_seed(seed: int, data, dense_steps: int, vd_steps: int) -> dict:
     secateurs.bake(model)
     baked_acc = accuracy(model, test)
     total, nonzero = weights(model)
-    per_layer = {name: float((p != 0).float().mean()) for name, p in model.named_parameters() if name.endswith("weight")}
+    per_layer = {
+        name: float((p != 0).float().mean()) for name, p in model.named_parameters() if name.endswith("weight")
+    }
     return {"seed": seed, "dense_accuracy": dense_acc, "vd_accuracy": vd_acc, "baked_accuracy": baked_acc,
             "weights": total, "nonzero": nonzero, "compression": total / max(nonzero, 1),
             "layer_density": per_layer, "seconds": time.perf_counter() - t}  # fmt: skip

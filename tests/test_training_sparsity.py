@@ -58,7 +58,9 @@ def test_group_lasso_penalty_and_gradient_are_the_l2_norms_of_each_coupled_unit(
     torch.testing.assert_close(w1.grad, 0.3 * w1.detach() / n1[:, None].detach())
     torch.testing.assert_close(b1.grad, 0.3 * b1.detach() / n1.detach())
     # layer 2's weight is in two groups: its rows (neurons of layer 2) and its columns (neurons of layer 0)
-    torch.testing.assert_close(w2.grad, 0.3 * w2.detach() / n2[:, None].detach() + 0.3 * w2.detach() / n1[None].detach())
+    torch.testing.assert_close(
+        w2.grad, 0.3 * w2.detach() / n2[:, None].detach() + 0.3 * w2.detach() / n1[None].detach()
+    )
 
 
 def test_group_lasso_proximal_step_gives_exact_zero_groups_and_their_removal_keeps_the_outputs():
@@ -79,7 +81,8 @@ def test_group_lasso_proximal_step_gives_exact_zero_groups_and_their_removal_kee
 def test_group_lasso_covers_attention_heads_with_gqa():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (2, 8))
@@ -98,7 +101,8 @@ def test_group_lasso_covers_attention_heads_with_gqa():
 def test_slimming_proximal_step_zeroes_batchnorm_scales_exactly_then_bn_scale_removal_takes_them_out():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))  # fmt: skip
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3))  # fmt: skip
     x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))
     pruner = secateurs.Pruner(model, regularizer="bn_l1", regularizer_options={"strength": 0.5, "proximal_lr": 0.1})
     train(model, pruner, x, y, 20, lr=0.1, sgd=True)
@@ -111,7 +115,7 @@ def test_slimming_proximal_step_zeroes_batchnorm_scales_exactly_then_bn_scale_re
 
 
 def test_slimming_on_a_model_without_norms_is_refused_and_layernorm_is_opt_in():
-    with pytest.raises(ConfigError, match="no affine BatchNorm.*layernorm"):
+    with pytest.raises(ConfigError, match=r"no affine BatchNorm.*layernorm"):
         secateurs.Pruner(mlp(), regularizer="bn_l1")
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     pruner = secateurs.Pruner(model, regularizer="bn_l1", regularizer_options={"layernorm": True, "strength": 0.5})
@@ -171,7 +175,7 @@ def test_sparse_vd_prunes_weights_above_the_threshold_and_conversion_keeps_the_o
     assert isinstance(gate, VariationalDropoutGate)
     theta = model[2].parametrizations.weight.original.detach()
     assert torch.equal(gate.keep(), gate.log_alpha(theta) < 3.0)
-    assert 0 < pruner.regularization_report().zero
+    assert pruner.regularization_report().zero > 0
     before = model(x)
     with pytest.raises(StructureError, match=r"learned gates.*VariationalDropoutGate.*secateurs\.bake\(model\)"):
         remove_zero_groups(model, x)
@@ -179,7 +183,7 @@ def test_sparse_vd_prunes_weights_above_the_threshold_and_conversion_keeps_the_o
     torch.testing.assert_close(model(x), before)
     secateurs.bake(model)
     torch.testing.assert_close(model(x), before)
-    assert not list(model.parameters())[0].requires_grad or len(list(model.parameters())) == 6  # gates gone
+    assert not any(n.endswith("log_sigma2") for n, _ in model.named_parameters())  # the gates are gone
 
 
 # -- L0 gates -------------------------------------------------------------------------------------
@@ -284,7 +288,9 @@ def test_strength_schedule_ramps_the_penalty_in():
     assert [ramp(schedule, s) for s in (0, 2, 4, 6, 9)] == [0.0, 0.0, 0.5, 1.0, 1.0]
     assert ramp({"kind": "cubic", "start": 0, "end": 4}, 2) == pytest.approx(1 - 0.5**3)
     model = mlp()
-    pruner = secateurs.Pruner(model, regularizer="l1", regularizer_options={"strength": 1.0, "strength_schedule": schedule})
+    pruner = secateurs.Pruner(
+        model, regularizer="l1", regularizer_options={"strength": 1.0, "strength_schedule": schedule}
+    )
     assert pruner.regularize() == 0.0
     with pytest.raises(ConfigError, match="strength_schedule"):
         secateurs.Pruner(model, regularizer="l1", regularizer_options={"strength_schedule": {"kind": "exp"}})
@@ -314,7 +320,7 @@ def test_a_penalty_that_diverges_stops_naming_the_tensor_and_step_and_writes_not
 def test_regularizers_refuse_what_they_cannot_act_on():
     with pytest.raises(secateurs.errors.DataRequiredError, match="example_inputs"):
         secateurs.Pruner(mlp(), regularizer="group_lasso")
-    with pytest.raises(ConfigError, match="needs nn.Linear or nn.Conv"):
+    with pytest.raises(ConfigError, match=r"needs nn\.Linear or nn\.Conv"):
         secateurs.Pruner(nn.Sequential(nn.Linear(2, 2), nn.Embedding(4, 2)), regularizer="sparse_vd",
                          scope={"types": ["Embedding"], "embeddings": True})  # fmt: skip
     with pytest.raises(ConfigError, match="granularity"):
