@@ -151,14 +151,16 @@ class Regularizer:
         """Add the penalty's gradient to ``.grad``; return its value. All contributions are checked to
         be finite (and to leave a finite ``.grad``) before any is written."""
         value, parts = self.contributions(self.current_strength)
+        for name, _, grad in parts:  # name the first tensor the penalty would send off to inf / NaN
+            if not bool(torch.isfinite(grad).all()):
+                raise NonFiniteError(self._diverged("the penalty's gradient is not finite", name))
         if not math.isfinite(value):
-            name = parts[0][0] if parts else "its tensors"
-            raise NonFiniteError(self._diverged(f"the penalty's value is {value}", name))
-        for name, tensor, grad in parts:
-            total = grad if tensor.grad is None else tensor.grad + grad
-            if not bool(torch.isfinite(total).all()):
-                what = "the penalty's gradient" if not bool(torch.isfinite(grad).all()) else "the gradient"
-                raise NonFiniteError(self._diverged(f"{what} is not finite", name))
+            bad = [name for name, tensor, _ in parts if not bool(torch.isfinite(tensor).all())]
+            bad += [name for name, norms in self.group_norms().items() if not bool(torch.isfinite(norms).all())]
+            raise NonFiniteError(self._diverged(f"the penalty's value is {value}", bad[0] if bad else "its tensors"))
+        for name, tensor, _ in parts:
+            if tensor.grad is not None and not bool(torch.isfinite(tensor.grad).all()):
+                raise NonFiniteError(self._diverged("the loss's gradient (before the penalty) is not finite", name))
         with torch.no_grad():
             for _, tensor, grad in parts:
                 if tensor.grad is None:
