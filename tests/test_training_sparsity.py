@@ -265,6 +265,8 @@ def test_hard_movement_scores_accumulate_minus_w_times_grad_and_prune_the_lowest
 def test_movement_without_accumulated_scores_says_which_regularizer_to_use():
     with pytest.raises(secateurs.errors.DataRequiredError, match="regularizer='movement'"):
         secateurs.Pruner(mlp(), "movement", 0.5).prune_to(0.5)
+    with pytest.raises(ConfigError, match=r"one-shot prune has no training.*regularizer='movement'"):
+        secateurs.prune(mlp(), "movement", 0.5, progress=False)
 
 
 def test_soft_movement_scores_learn_through_the_straight_through_estimator():

@@ -50,6 +50,7 @@ class Movement(Criterion):
 
     name = "movement"
     default_allocation = "uniform"
+    from_training = True
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
         score = movement_scores(target.parameter)
