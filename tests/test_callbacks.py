@@ -73,3 +73,15 @@ def test_a_removal_pruner_is_refused_by_the_trainer_callback():
                     schedule={"kind": "linear", "start": 0, "end": 10, "every": 5})  # fmt: skip
     with pytest.raises(SecateursError, match=r"mode='mask', then secateurs.bake\(model\)"):
         hf_trainer_callback(pruner)
+
+
+def test_a_regularizer_rides_a_trainer_run_between_backward_and_the_optimizer_step(tmp_path):
+    model = Classifier()
+    pruner = Pruner(model, regularizer="group_lasso", example_inputs=torch.randn(2, 8),
+                    regularizer_options={"strength": 1.0, "proximal_lr": 0.1})  # fmt: skip
+    callback = hf_trainer_callback(pruner)
+    _train(model, callback, 12, tmp_path)
+    assert len(callback.penalties) == 12 and callback.penalties[0] > 0
+    assert pruner.step_count == 12 and pruner.config.regularizer_.step == 12
+    assert callback.penalties[-1] < callback.penalties[0]  # the proximal step shrinks every group
+    assert pruner.regularization_report().zero > 0

@@ -149,6 +149,8 @@ class Pruner:
         else:
             self._pruning = Pruning(model, self.config, self.data)
             self.targets = self._pruning.targets
+        # no sparsity at all: the Pruner only drives its regularizer (learned gates, group lasso ...)
+        self._prunes = not (self.config.sparsity_ is None and self.config.final_sparsity == 0.0)
         self._bind_regularizer()
         self.step_count = 0
         self.current_sparsity = 0.0
@@ -159,22 +161,35 @@ class Pruner:
 
     def regularize(self) -> float:
         """Call between ``loss.backward()`` and ``optimizer.step()``: adds the regularizer's (sub)gradient to
-        ``.grad`` and returns the penalty's value (to log, not to backpropagate)."""
+        ``.grad`` and returns the penalty's value (to log, not to backpropagate). A penalty whose value or
+        gradient is not finite raises :class:`~secateurs.errors.NonFiniteError` naming the tensor and the
+        step, before any gradient is written (skip ``optimizer.step()``: nothing is corrupted)."""
+        return self._regularizer().penalize()
+
+    def regularization_report(self, tolerance: float = 1e-3) -> Any:
+        """How many groups the regularizer penalises are at or near zero now (to log during training)."""
+        return self._regularizer().report(tolerance)
+
+    def _regularizer(self) -> Any:
         if self.config.regularizer_ is None:
-            raise StateError("this Pruner has no regularizer; build it with regularizer='l1' or 'bn_l1' (or your own)")
-        return self.config.regularizer_.penalize()
+            raise StateError(
+                "this Pruner has no regularizer; build it with regularizer='l1', 'bn_l1', 'group_lasso', 'l0', "
+                "'sparse_vd' or 'movement' (or your own)"
+            )
+        return self.config.regularizer_
 
     @outside_inference_mode
     def step(self) -> StepEvent:
         """Call once after every optimizer step."""
         if self.config.regularizer_ is not None:
             self.config.regularizer_.proximal()
+            self.config.regularizer_.advance()
         t = self.step_count
         schedule = self.config.schedule_
         event = StepEvent(step=t)
         if schedule.rewind_step is not None and t + 1 == schedule.rewind_step and self._rewind_state is None:
             self._rewind_state = _trainable_state(self.model)
-        target = schedule.sparsity_at(t, self.config.final_sparsity)
+        target = schedule.sparsity_at(t, self.config.final_sparsity) if self._prunes else None
         if target is not None:
             event.reshaped = self.prune_to(target)
             event.pruned, event.sparsity = True, target
@@ -189,7 +204,7 @@ class Pruner:
         its scope's weights, re-resolved after every reshaping step)."""
         if self.config.regularizer_ is not None:
             targets = resolve(self.model, self.config.scope_) if self._removal is not None else self.targets
-            self.config.regularizer_.bind(self.model, targets)
+            self.config.regularizer_.bind(self.model, targets, self.data.example_inputs)
 
     @outside_inference_mode
     def prune_to(self, sparsity: float) -> bool:

@@ -250,7 +250,9 @@ class PruneConfig(Spec):
             pattern: Pattern | Granularity = parse_granularity(self.pattern or criterion.default_pattern)
         else:
             pattern = parse_pattern(self.pattern)
-        sparsity = check_sparsity(self.sparsity, pattern, required=not isinstance(self.allocation, Mapping))
+        # a Pruner that only drives a regularizer (learned gates, group lasso) prunes nothing on a schedule
+        required = not isinstance(self.allocation, Mapping) and self.regularizer is None
+        sparsity = check_sparsity(self.sparsity, pattern, required=required)
         comparison = self.comparison or criterion.default_comparison
         if not removing:
             self._check_pattern(criterion, pattern)  # type: ignore[arg-type]

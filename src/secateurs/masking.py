@@ -64,6 +64,9 @@ class Gate(nn.Module):
         """The permanent weight: surviving entries as they are, +0.0 elsewhere."""
         return torch.where(self.keep().to(weight.device), weight, 0.0)
 
+    def detached(self, module: nn.Module) -> None:
+        """The gate has just left ``module`` (bake, unmask): drop whatever it installed there (hooks)."""
+
 
 class WeightMask(Gate):
     """The binary mask: keep where a boolean mask (a buffer) is set, +0.0 elsewhere.
@@ -184,6 +187,7 @@ def _detach_one(module: nn.Module, param: str, bake: bool) -> None:
     if bake:
         with torch.no_grad():
             folded = gate.fold(chain.original.detach())
+    gate.detached(module)
     if len(chain) == 1:
         parametrize.remove_parametrizations(module, param, leave_parametrized=False)
         _restore_order(module, gate.parameter_order)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import activation, gradient, magnitude, second_order, synflow  # noqa: F401  (registration)
+from . import activation, gradient, magnitude, movement, second_order, synflow  # noqa: F401  (registration)
 from .activation import Activation, APoZ, Wanda
 from .base import CRITERIA, MODES, Criterion, register, registry
 from .gradient import SNIP, Gradient, GraSP, Taylor
 from .magnitude import LAMP, Magnitude, Random, lamp_normalize
+from .movement import Movement
 from .second_order import ALPS, OBD, SparseGPT
 from .synflow import SynFlow
 
@@ -34,6 +35,7 @@ __all__ = [
     "LAMP",
     "MODES",
     "Magnitude",
+    "Movement",
     "OBD",
     "Random",
     "SNIP",

@@ -53,6 +53,8 @@ class Criterion(ABC):
     adaptive: ClassVar[bool] = False
     #: can it score Embedding tables?
     scores_embeddings: ClassVar[bool] = True
+    #: its scores are accumulated during training (a Pruner with a regularizer), so a one-shot prune refuses it
+    from_training: ClassVar[bool] = False
 
     def scores(self, evidence: Evidence) -> dict[str, Tensor]:
         """Importance per target name, canonical ``(O, S, I)`` layout."""

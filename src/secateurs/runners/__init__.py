@@ -31,6 +31,13 @@ def refuse_training_options(config: PruneConfig) -> None:
             "cannot apply; use secateurs.Pruner(model, ..., schedule=...) in your training loop, or iterations=N "
             "for exponential rounds without training"
         )
+    if config.criterion_.from_training:
+        raise ConfigError(
+            f"method {config.criterion_.name!r} ranks weights by scores accumulated during training, and a one-shot "
+            f"prune has no training; use secateurs.Pruner(model, {config.criterion_.name!r}, sparsity, "
+            f"regularizer={config.criterion_.name!r}, schedule=...) and call pruner.regularize() between backward() "
+            "and optimizer.step()"
+        )
     if config.regularizer_ is not None:
         raise ConfigError(
             f"regularizer {config.regularizer_.name!r} is a training-time penalty, and a one-shot prune has no "

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import StructureError
 from ..guards import outside_inference_mode
-from ..masking import masked_targets
+from ..masking import WeightMask, gate_of, masked_targets
 from . import hf
 from .apply import apply_steps
 from .graph import DependencyGraph
@@ -24,7 +24,19 @@ from .step import Step
 def refuse_reparametrized(model: nn.Module) -> None:
     """Removal slices tensors in place; a mask or parametrization over a weight would be cut apart
     from it (or silently re-applied at the old shape), so both are refused up front."""
-    masked = [t.name for t in masked_targets(model)]
+    targets = masked_targets(model)
+    learned = [(t.name, type(gate_of(t.module, t.param_name)).__name__) for t in targets
+               if not isinstance(gate_of(t.module, t.param_name), WeightMask)]  # fmt: skip
+    if learned:
+        shown = ", ".join(f"{n} ({kind})" for n, kind in learned[:3]) + (
+            f" and {len(learned) - 3} more" if len(learned) > 3 else ""
+        )
+        raise StructureError(
+            f"mode='remove' changes tensor shapes, but {len(learned)} weight(s) carry learned gates ({shown}): "
+            "convert them first with secateurs.bake(model) (folds each gate's test-time decision into the weight), "
+            "then secateurs.training.remove_zero_groups(model, example_inputs) or prune(..., mode='remove')"
+        )
+    masked = [t.name for t in targets]
     if masked:
         shown = ", ".join(masked[:3]) + (f" and {len(masked) - 3} more" if len(masked) > 3 else "")
         raise StructureError(

@@ -1,0 +1,135 @@
+"""Movement pruning during fine-tuning (Sanh, Wolf & Rush 2020, arXiv:2005.07683), hard and soft.
+
+- **Hard** (``method='movement', regularizer='movement'``, a cubic schedule): the regularizer
+  accumulates ``S += -W * dL/dW`` at every ``pruner.regularize()`` (after ``backward()``, before the
+  optimizer changes ``W``), and the ``movement`` criterion keeps the top-k of ``S`` at each
+  scheduled step. One difference from the paper: the paper's straight-through estimator keeps
+  updating the scores of pruned weights, so they can come back; here a pruned weight's gradient
+  is zero under its mask and masks only grow, as in every secateurs schedule (GMP-style).
+- **Soft** (``regularizer='soft_movement'``): each weight gets a learned score ``S`` and the layer
+  computes with ``W * 1[S > 0]``, the gradient reaching ``S`` through the straight-through
+  estimator (``dL/dS = dL/dW' * W``, the paper's eq. 5); the penalty ``strength * sum sigmoid(S)``
+  (the paper's L1 on the scores' sigmoid) pushes scores below the threshold. The sparsity is not
+  set but comes from the strength, which the paper ramps in with a cubic schedule
+  (``strength_schedule={'kind': 'cubic', ...}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..criteria.movement import accumulate, movement_scores, reset_scores
+from ..errors import ConfigError
+from ..masking import Gate, current_mask
+from ..scope import Target
+from ..spec import is_number
+from .gates import _GateRegularizer
+from .regularizers import Contribution, Regularizer, register_regularizer
+
+
+@register_regularizer
+class MovementScores(Regularizer):
+    """Accumulates hard movement pruning's scores ``S = -sum_t W * dL/dW`` for the weights in scope;
+    adds no gradient (``strength`` is unused). Pair it with ``method='movement'``."""
+
+    name = "movement"
+
+    def __init__(self, strength: float = 0.0, strength_schedule: Mapping[str, Any] | None = None) -> None:
+        super().__init__(strength, strength_schedule)
+
+    def bind(self, model: nn.Module, targets: Sequence[Target], example_inputs: Any = None) -> None:
+        if not targets:
+            raise ConfigError("regularizer 'movement' scores the weights in scope, and the scope selects none")
+        self._targets = list(targets)
+
+    def contributions(self, strength: float) -> tuple[float, list[Contribution]]:
+        return 0.0, []
+
+    def penalize(self) -> float:
+        with torch.no_grad():
+            for t in self._targets:
+                w = t.parameter
+                if w.grad is not None:
+                    accumulate(w, -(w.detach() * w.grad))
+        return 0.0
+
+    def reset(self) -> None:
+        """Forget the accumulated scores."""
+        for t in self._targets:
+            reset_scores(t.parameter)
+
+    def group_norms(self) -> dict[str, Tensor]:
+        out = {}
+        for t in self._targets:
+            mask = current_mask(t)
+            w = t.parameter.detach().abs()
+            out[t.name] = w if mask is None else torch.where(mask, w, 0.0)
+        return out
+
+    def scores(self) -> dict[str, Tensor | None]:
+        return {t.name: movement_scores(t.parameter) for t in self._targets}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``1[S > 0]`` forward, identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> Tensor:  # type: ignore[override]
+        return (scores > 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+class MovementScoreGate(Gate):
+    """Soft movement pruning's gate: ``W * 1[S > 0]`` with learned scores ``S`` (straight-through)."""
+
+    def __init__(self, weight: Tensor, initial_score: float = 1.0) -> None:
+        super().__init__()
+        self.scores = nn.Parameter(torch.full_like(weight.detach(), initial_score))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * _StraightThrough.apply(self.scores).to(weight.dtype)
+
+    def keep(self) -> Tensor:
+        return self.scores.detach() > 0
+
+
+@register_regularizer
+class SoftMovement(_GateRegularizer):
+    """Soft movement pruning (Sanh et al. 2020): learned scores, threshold 0, ``strength * sum sigmoid(S)``.
+
+    Args:
+        strength: the penalty's weight (the paper's lambda_mvp; it sets the final sparsity).
+        initial_score: every score starts here (> 0: every weight kept at the start).
+    """
+
+    name = "soft_movement"
+    kind = MovementScoreGate
+
+    def __init__(self, strength: float = 1e-4, strength_schedule: Mapping[str, Any] | None = None,
+                 initial_score: float = 1.0) -> None:  # fmt: skip
+        super().__init__(strength, strength_schedule)
+        if not is_number(initial_score) or not initial_score > 0:
+            raise ConfigError(f"regularizer_options.initial_score must be > 0 (every weight kept at first), "
+                              f"got {initial_score!r}")  # fmt: skip
+        self.initial_score = float(initial_score)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "initial_score": self.initial_score}
+
+    def make_gate(self, target: Target) -> Gate:
+        return MovementScoreGate(target.parameter, self.initial_score)
+
+    def contributions(self, strength: float) -> tuple[float, list[Contribution]]:
+        with torch.enable_grad():
+            value = sum(torch.sigmoid(g.scores).sum() for _, g in self._gated)
+            return self._autograd(strength, value, [(f"{t.name}.scores", g.scores) for t, g in self._gated])
+
+    def group_norms(self) -> dict[str, Tensor]:
+        return {t.name: torch.where(g.keep(), t.parameter.detach().abs(), 0.0) for t, g in self._gated}
