@@ -7,6 +7,7 @@ from ..hessian import CholeskyError, HessianAccumulator, InverseFactor, inverse_
 from .base import SOLVERS, Solver, SolveResult, make_solver, register_solver
 from .compensation import BiasCompensation
 from .sparsegpt import SparseGPTSolver, sparsegpt
+from .subspace import SubspaceReconstruction
 
 __all__ = [
     "SOLVERS",
@@ -17,6 +18,7 @@ __all__ = [
     "SolveResult",
     "Solver",
     "SparseGPTSolver",
+    "SubspaceReconstruction",
     "inverse_factor",
     "make_solver",
     "register_solver",
