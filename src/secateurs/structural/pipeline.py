@@ -114,7 +114,7 @@ def score_groups(
     evidence = make_evidence(model, targets, config, data)
     with preserved(model, targets):
         gather(evidence, needs)
-        ev = GroupEvidence(model, groups, evidence, modules)
+        ev = GroupEvidence(model, groups, evidence, modules, sparsity=config.final_sparsity)
         return ev, criterion.group_scores(ev)
 
 
