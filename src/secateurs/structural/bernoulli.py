@@ -115,7 +115,7 @@ class Bernoulli(GroupCriterion):
 
     def __init__(self, steps: int = 60, samples: int = 4, lr: float = 0.05, baseline_decay: float = 0.9,
                  init: str = "flap", init_spread: float = 0.8) -> None:  # fmt: skip
-        for key, value, low in (("steps", steps, 1), ("samples", samples, 2)):
+        for key, value, low in (("steps", steps, 0), ("samples", samples, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"method_options.{key} must be an integer >= {low}, got {value!r}")
         number(0.0, float("inf"), low_open=True)("method_options.lr", lr)
