@@ -58,21 +58,32 @@ def main() -> None:
     mtok = minilm_tokenizer()
     mdense = minilm()
     mcalib = [mtok(s, return_tensors="pt", truncation=True, max_length=128)["input_ids"]
-              for s in (SHARED / "data" / "pydoc-calib.txt").read_text().split("\n\n")[:64] if s.strip()]  # fmt: skip
+              for s in (SHARED / "data" / "pydoc-calib.txt").read_text().split("\n\n")[:32] if s.strip()]  # fmt: skip
     latency_inputs = torch.randint(0, 8192, (8, 256), generator=torch.Generator().manual_seed(0))
-    for ratio in map(float, args.ratios.split(",")):
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    def save(partial: bool, table: str = "") -> None:  # after every row: a slow, shared machine may cut the run short
+        write_results("lowrank_svd", {"machine": machine(), "loadavg_start": load_start,
+                                      "loadavg_end": os.getloadavg(), "partial": partial,
+                                      "calibration": {"nsamples": args.nsamples, "seqlen": 256, "seed": 0},
+                                      "test_tokens": int(test.numel()), "rows": rows, "table": table})  # fmt: skip
+
+    for ratio in ratios:  # the Llama first (perplexity), then MiniLM
         for method in ("svd", "whitened"):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             report = factorize(model, ratio=ratio, method=method, calibration=calib, scope=LLAMA_SCOPE)
             seconds = time.perf_counter() - start
-            td, tp = paired_latency(dense, model, latency_inputs)
+            td, tp = paired_latency(dense, model, latency_inputs, budget_s=3.0)
             row = {"model": "pydoc-llama-12m", "method": method, "ratio": ratio, "params": params(model),
                    "layers": len(report.layers), "seconds": seconds, "perplexity": ppl(model),
                    "latency_dense_s": td, "latency_factored_s": tp, "speedup": td / tp}  # fmt: skip
             rows.append(row)
+            save(True)
             print(f"llama {method} keep {ratio:.0%}: ppl {row['perplexity']:.2f}, params {row['params']:,}, "
                   f"speed-up {row['speedup']:.2f}x", flush=True)  # fmt: skip
+    for ratio in ratios:
+        for method in ("svd", "whitened"):
             model = copy.deepcopy(mdense)
             start = time.perf_counter()
             report = factorize(model, ratio=ratio, method=method, calibration=mcalib, scope=MINILM_SCOPE)
@@ -81,6 +92,7 @@ def main() -> None:
             row = {"model": "all-MiniLM-L6-v2", "method": method, "ratio": ratio, "params": params(model),
                    "params_dense": params(mdense), "layers": len(report.layers), "seconds": seconds, **fid}  # fmt: skip
             rows.append(row)
+            save(True)
             print(f"minilm {method} keep {ratio:.0%}: cosine {fid['cosine_mean']:.4f}, "
                   f"speed-up {fid['latency_ratio_b32']:.2f}x", flush=True)  # fmt: skip
     lines = ["| model | keep | method | params | perplexity / mean cosine | speed-up (dense/factored) |",
@@ -92,9 +104,7 @@ def main() -> None:
                      + (f"{speed:.2f}x |" if speed else "- |"))  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    write_results("lowrank_svd", {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                                  "calibration": {"nsamples": args.nsamples, "seqlen": 256, "seed": 0},
-                                  "test_tokens": int(test.numel()), "rows": rows, "table": table})  # fmt: skip
+    save(False, table)
 
 
 if __name__ == "__main__":

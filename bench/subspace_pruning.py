@@ -99,7 +99,9 @@ def llama_mlp(ratios: list[float], windows: int, nsamples: int) -> list[dict]:
                    "mlp_widths": widths,
                    "perplexity": perplexity(model, test, tokenizer, seqlen=256, progress=False).perplexity}  # fmt: skip
             rows.append(row)
-            print(f"llama {method} {ratio:.0%}: ppl {row['perplexity']:.2f} widths {widths} ({seconds:.1f} s)", flush=True)
+            print(
+                f"llama {method} {ratio:.0%}: ppl {row['perplexity']:.2f} widths {widths} ({seconds:.1f} s)", flush=True
+            )
     return rows
 
 
@@ -120,17 +122,23 @@ def main() -> None:
         lines.append(f"| {row['ratio']:.0%} | dense | {row['dense']:.3f} | |")
         for name in CNN_METHODS:
             r = row[name]
-            lines.append(f"| {row['ratio']:.0%} | {name} | {r['accuracy']:.3f} ({r['spread'][0]:.3f}-{r['spread'][1]:.3f}) "
-                         f"| {r['params']:,.0f} |")  # fmt: skip
-    llm = [] if args.skip_llama else llama_mlp([float(r) for r in args.llm_ratios.split(",")], args.windows,
-                                                args.nsamples)  # fmt: skip
-    lines += ["", "| MLP neurons removed | method | perplexity | params | MLP widths per layer |", "|---:|---|---:|---:|---|"]
-    lines += [f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['params']:,} | {r.get('mlp_widths', '')} |"
-              for r in llm]  # fmt: skip
+            spread = f"{r['spread'][0]:.3f}-{r['spread'][1]:.3f}"
+            lines.append(f"| {row['ratio']:.0%} | {name} | {r['accuracy']:.3f} ({spread}) | {r['params']:,.0f} |")
+    llm_ratios = [float(r) for r in args.llm_ratios.split(",")]
+    llm = [] if args.skip_llama else llama_mlp(llm_ratios, args.windows, args.nsamples)
+    lines += [
+        "",
+        "| MLP neurons removed | method | perplexity | params | MLP widths per layer |",
+        "|---:|---|---:|---:|---|",
+    ]
+    for r in llm:
+        widths = r.get("mlp_widths", "")
+        lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['params']:,} | {widths} |")
     table = "\n".join(lines)
     print(table)
-    write_results("subspace_pruning", {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                                       "seeds": args.seeds, "digits": cnn, "llama_mlp": llm, "table": table})  # fmt: skip
+    payload = {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "seeds": args.seeds,
+               "digits": cnn, "llama_mlp": llm, "table": table}  # fmt: skip
+    write_results("subspace_pruning", payload)
 
 
 if __name__ == "__main__":

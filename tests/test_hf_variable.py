@@ -24,8 +24,10 @@ IDS = torch.arange(24).reshape(2, 12) * 5 % 97
 
 def _llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -61,13 +63,18 @@ def test_flap_leaves_layers_that_a_standard_config_cannot_express():
     _, modules, _ = variable_layout(model)
     widths = [model.model.layers[i].mlp.up_proj.out_features for i in range(3)]
     assert len(set(widths)) > 1  # different widths per layer
-    assert sorted(s["out"] for n, s in modules.items() if n.endswith("mlp.up_proj")) == sorted(w for w in widths if w != 64)
+    assert sorted(s["out"] for n, s in modules.items() if n.endswith("mlp.up_proj")) == sorted(
+        w for w in widths if w != 64
+    )
 
 
-@pytest.mark.parametrize(("build", "low_rank"), [(_llama, "model.layers.1.mlp.down_proj"), (_gpt2, "transformer.h.1.mlp.c_fc")])
+@pytest.mark.parametrize(
+    ("build", "low_rank"), [(_llama, "model.layers.1.mlp.down_proj"), (_gpt2, "transformer.h.1.mlp.c_fc")]
+)
 def test_saved_model_loads_with_plain_from_pretrained_when_secateurs_is_imported(tmp_path, build, low_rank):
     path, logits = _saved(tmp_path, build, low_rank)
-    config = json.loads(open(os.path.join(path, "config.json")).read())
+    with open(os.path.join(path, "config.json")) as file:
+        config = json.load(file)
     assert config["model_type"].startswith("secateurs_") and "auto_map" in config
     loaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
@@ -93,7 +100,10 @@ for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
 
 
 def test_saved_models_load_with_trust_remote_code_where_secateurs_is_not_installed(tmp_path):
-    saved = [_saved(tmp_path, _llama, "model.layers.1.mlp.down_proj"), _saved(tmp_path, _gpt2, "transformer.h.1.mlp.c_fc")]
+    saved = [
+        _saved(tmp_path, _llama, "model.layers.1.mlp.down_proj"),
+        _saved(tmp_path, _gpt2, "transformer.h.1.mlp.c_fc"),
+    ]
     argv = []
     for i, (path, _) in enumerate(saved):
         argv += [path, str(tmp_path / f"logits{i}.pt")]
@@ -102,7 +112,9 @@ def test_saved_models_load_with_trust_remote_code_where_secateurs_is_not_install
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     for i, (_, logits) in enumerate(saved):
-        torch.testing.assert_close(torch.load(tmp_path / f"logits{i}.pt", weights_only=True), logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            torch.load(tmp_path / f"logits{i}.pt", weights_only=True), logits, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_save_structured_writes_the_variable_config_for_a_flap_model(tmp_path):
@@ -113,7 +125,10 @@ def test_save_structured_writes_the_variable_config_for_a_flap_model(tmp_path):
     save_structured(model, tmp_path / "flap")
     plan = json.loads((tmp_path / "flap" / "pruning_plan.json").read_text())
     assert plan["config_expressible"] is False and plan["variable_width"] is True
-    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "flap"), load_structured(tmp_path / "flap")):
+    for loaded in (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "flap"),
+        load_structured(tmp_path / "flap"),
+    ):
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(IDS).logits, logits, rtol=1e-5, atol=1e-5)
 

@@ -23,7 +23,7 @@ def register_now() -> None:
         from . import modeling_secateurs
 
         modeling_secateurs.register()
-    except Exception as exc:  # noqa: BLE001 - the import of transformers itself must not fail because of us
+    except Exception as exc:
         from .errors import SecateursWarning
 
         warnings.warn(

@@ -73,7 +73,9 @@ def base_config(model: nn.Module, family: str) -> Any:
     except (ValueError, AssertionError, RuntimeError) as exc:
         plan = model.__dict__.get("_secateurs_plan")
         if plan is None or "config" not in plan.base:
-            raise StateError(f"the config of {type(model).__name__} does not build its own architecture ({exc})") from exc
+            raise StateError(
+                f"the config of {type(model).__name__} does not build its own architecture ({exc})"
+            ) from exc
         original = _plain(plan.base["config"])
         original.update({k: data[k] for k in _LAYER_COUNTS if k in data})
         return config_class.from_dict(original)

@@ -144,7 +144,7 @@ class LayerFactorisation:
     rank: int
     params_before: int  # weights only (the bias is kept as is)
     params_after: int
-    dropped_energy: float  # sum of squared dropped singular values (of W, or W S when whitened)
+    dropped_energy: float = 0.0  # sum of squared dropped singular values (of W, or W S when whitened)
     dampening: float | None = None  # whitened: the lambda its Cholesky took
 
 
@@ -180,9 +180,8 @@ def _ranks(targets: Sequence[Target], rank: int | Mapping[str, int] | None, rati
     if (rank is None) == (ratio is None):
         raise ConfigError("give exactly one of rank= (an int, or a dict module name -> int) and ratio= (0 < ratio < 1)")
     out: dict[str, int] = {}
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise ConfigError(f"ratio is the fraction of each layer's weights to keep, 0 < ratio < 1; got {ratio!r}")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+        raise ConfigError(f"ratio is the fraction of each layer's weights to keep, 0 < ratio < 1; got {ratio!r}")
     if isinstance(rank, Mapping):
         unknown = sorted(set(rank) - {t.module_name for t in targets})
         if unknown:
@@ -247,10 +246,9 @@ def factorize(
         lower, lam = whitening.get(t.module_name, (None, None))
         factors = svd_factors(w, ranks[t.module_name], lower)
         replacements[t.module_name] = _low_rank_module(t, factors)
-        report.layers.append(
-            LayerFactorisation(t.module_name, i, o, factors.rank, i * o, factors.rank * (i + o),
-                               factors.dropped_energy, lam)  # fmt: skip
-        )
+        layer = LayerFactorisation(t.module_name, i, o, factors.rank, i * o, factors.rank * (i + o))
+        layer.dropped_energy, layer.dampening = factors.dropped_energy, lam
+        report.layers.append(layer)
     for name, module in replacements.items():  # commit: nothing above mutated the model
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -262,7 +260,9 @@ def _whitening(
     model: nn.Module, targets: Sequence[Target], calibration: Sequence[Any] | None, dampening: float
 ) -> dict[str, tuple[Tensor, float]]:
     if not calibration:
-        raise DataRequiredError("method='whitened' reads the layers' inputs: pass calibration=[batch, ...] (or method='svd')")
+        raise DataRequiredError(
+            "method='whitened' reads the layers' inputs: pass calibration=[batch, ...] (or method='svd')"
+        )
     evidence = Evidence(model, list(targets), batches=list(calibration), show_progress=False)
     with preserved(model, targets):
         gather(evidence, frozenset({Need.HESSIAN}))

@@ -16,7 +16,9 @@ from secateurs.structural.subspace import pivoted_orthogonal_variance, tail_frac
 
 def _activations(n: int = 400, d: int = 6, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.5
+    return (
+        torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.5
+    )
 
 
 def test_least_squares_fold_equals_the_closed_form_regression():

@@ -120,5 +120,7 @@ class SubspaceReconstruction(Solver):
             w3 = to_canonical(t.parameter.detach().cpu(), t.layout)
             new3, delta = least_squares_fold(w3, covariance, mean, kept, self.dampening)
             weight = from_canonical(new3, t.layout, t.shape).to(t.parameter.device, t.parameter.dtype)
-            results[t.name] = SolveResult(keep, weight, delta.to(t.parameter.device), info={"removed": int((~kept).sum())})
+            results[t.name] = SolveResult(
+                keep, weight, delta.to(t.parameter.device), info={"removed": int((~kept).sum())}
+            )
         return results

@@ -44,7 +44,9 @@ def project_to_budget(theta: Tensor, cost: Tensor, budget: float, eps: float = 1
     multiplier ``lam`` of ``clip(theta - lam * cost)``, monotone in ``lam``)."""
     low_total, high_total = float((cost * eps).sum()), float((cost * (1 - eps)).sum())
     if not low_total <= budget <= high_total:
-        raise ConfigError(f"budget {budget:.4g} is outside what the units can hold ({low_total:.4g} to {high_total:.4g})")
+        raise ConfigError(
+            f"budget {budget:.4g} is outside what the units can hold ({low_total:.4g} to {high_total:.4g})"
+        )
     lo, hi = -1.0, 1.0
     while float((cost * (theta - lo * cost).clamp(eps, 1 - eps)).sum()) < budget:
         lo *= 2
@@ -150,7 +152,9 @@ class Bernoulli(GroupCriterion):
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         if ev.sparsity is None:
-            raise ConfigError("method 'bernoulli' searches under the run's budget; use it through prune(..., sparsity=)")
+            raise ConfigError(
+                "method 'bernoulli' searches under the run's budget; use it through prune(..., sparsity=)"
+            )
         sizes = [g.units for g in ev.groups]
         cost = torch.cat([g.unit_params.double().reshape(-1) for g in ev.groups])
         cost = cost / cost.mean()
@@ -181,7 +185,11 @@ class Bernoulli(GroupCriterion):
                             ablation.masks[g.name] = m.float()
                         losses[k] = float(loss_fn(ev.model, batch))
                     mean_loss = float(losses.mean())
-                    baseline = mean_loss if baseline is None else self.baseline_decay * baseline + (1 - self.baseline_decay) * mean_loss
+                    baseline = (
+                        mean_loss
+                        if baseline is None
+                        else self.baseline_decay * baseline + (1 - self.baseline_decay) * mean_loss
+                    )
                     score = (masks - theta) / (theta * (1 - theta))  # d log p(m) / d theta
                     grad = ((losses - baseline)[:, None] * score).mean(0)
                     theta = project_to_budget(theta - self.lr * grad / grad.abs().max().clamp_min(1e-12), cost, budget)

@@ -21,8 +21,8 @@ from typing import Any
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, StateError
 from .. import hf_variable
+from ..errors import CheckpointError, StateError
 from ..hf import require_transformers
 from ..io import atomic_dir
 from ..loading import load_safetensors, load_state_strict

@@ -113,7 +113,9 @@ class SubspaceNode(GroupCriterion):
             for view in views:  # every consumer's squared column norms, per unit
                 weight = ev.tensor(view)
                 hit = view.index >= 0
-                energy.index_add_(0, view.index[hit], rows_along(weight, view.port.dim)[hit].double().square().sum(1).cpu())
+                energy.index_add_(
+                    0, view.index[hit], rows_along(weight, view.port.dim)[hit].double().square().sum(1).cpu()
+                )
             first = views[0]
             covariance, _ = channel_moments(targets[first.port.module], ev.evidence)
             hit = first.index >= 0
