@@ -113,10 +113,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
     load_start = os.getloadavg()
-    cnn = digits(list(range(args.seeds)), [float(r) for r in args.ratios.split(",")])
+    cnn = [] if args.skip_digits else digits(list(range(args.seeds)), [float(r) for r in args.ratios.split(",")])
     lines = ["| channels removed | method | test accuracy (mean, min-max) | params |", "|---:|---|---:|---:|"]
     for row in cnn:
         lines.append(f"| {row['ratio']:.0%} | dense | {row['dense']:.3f} | |")
@@ -138,7 +139,8 @@ def main() -> None:
     print(table)
     payload = {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "seeds": args.seeds,
                "digits": cnn, "llama_mlp": llm, "table": table}  # fmt: skip
-    write_results("subspace_pruning", payload)
+    part = "_llama" if args.skip_digits else "_digits" if args.skip_llama else ""
+    write_results(f"subspace_pruning{part}", payload)
 
 
 if __name__ == "__main__":

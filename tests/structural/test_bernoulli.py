@@ -79,3 +79,18 @@ def test_bad_options_are_refused():
         secateurs.PruneConfig(method="bernoulli", sparsity=0.3, mode="remove", method_options={"samples": 1})
     with pytest.raises(ConfigError, match="init must be one of"):
         secateurs.PruneConfig(method="bernoulli", sparsity=0.3, mode="remove", method_options={"init": "magic"})
+
+
+def test_a_budget_that_would_empty_a_layer_keeps_whole_gqa_groups():
+    model = _llama()
+    structural = {"latency": False, "gqa": "kv_groups"}
+    options = {"steps": 2, "samples": 2}
+    secateurs.prune(model, "bernoulli", 0.9, mode="remove", calibration=_calibration(), progress=False,
+                    method_options=options, structural=structural)  # fmt: skip
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        assert attention.k_proj.out_features >= attention.head_dim  # at least one KV group is left
+        assert attention.q_proj.out_features == 2 * attention.k_proj.out_features  # 2 query heads per KV head
+        assert layer.mlp.up_proj.out_features >= 1
+    with torch.no_grad():
+        assert torch.isfinite(model(_calibration()[0]).logits).all()
