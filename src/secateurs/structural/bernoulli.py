@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batches import logits_of, model_device, model_inputs, run_model, to_device
+from ..batches import default_loss, logits_of, model_device, model_inputs, run_model, to_device
 from ..criteria import make_criterion
 from ..criteria.base import register
 from ..errors import ConfigError, DataRequiredError
@@ -61,12 +61,13 @@ def project_to_budget(theta: Tensor, cost: Tensor, budget: float, eps: float = 1
     return (theta - hi * cost).clamp(eps, 1 - eps)
 
 
-def lm_loss(model: nn.Module, batch: Any) -> Tensor:
-    """Next-token cross-entropy of a causal LM on a batch of token ids (a tensor or a dict with input_ids)."""
+def search_loss(model: nn.Module, batch: Any) -> Tensor:
+    """Next-token cross-entropy of a causal LM on a batch of token ids (a tensor, or a dict with input_ids
+    and no labels); any other batch: the run's default loss (``(inputs, targets)``, or the model's own)."""
     inputs = model_inputs(batch)
-    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
-    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        raise DataRequiredError("method 'bernoulli' needs token-id batches (or pass loss_fn=...)")
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) and "labels" not in inputs else inputs
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32) or isinstance(batch, (list, tuple)):
+        return default_loss(model, batch)
     logits = logits_of(run_model(model, batch)).float()
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
@@ -164,7 +165,7 @@ class Bernoulli(GroupCriterion):
         batches = ev.evidence.batches
         if not batches:
             raise DataRequiredError("method 'bernoulli' needs calibration batches")
-        loss_fn = ev.evidence.loss_fn or lm_loss
+        loss_fn = ev.evidence.loss_fn or search_loss
         gen = ev.evidence.generator or torch.Generator().manual_seed(0)
         device = model_device(ev.model)
         ablation = _MeanAblation(ev, ev.groups)
