@@ -111,5 +111,10 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+from . import _auto  # noqa: E402  (imports no torch; see _auto's docstring)
+
+_auto.install()
+
+
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})

@@ -8,6 +8,7 @@ from .alps import ALPSSolver, alps
 from .base import SOLVERS, Solver, SolveResult, make_solver, register_solver
 from .compensation import BiasCompensation
 from .sparsegpt import SparseGPTSolver, sparsegpt
+from .subspace import SubspaceReconstruction
 
 __all__ = [
     "SOLVERS",
@@ -19,6 +20,7 @@ __all__ = [
     "SolveResult",
     "Solver",
     "SparseGPTSolver",
+    "SubspaceReconstruction",
     "alps",
     "inverse_factor",
     "make_solver",

@@ -149,12 +149,15 @@ def score_groups(
     evidence = make_evidence(model, targets, config, data)
     with preserved(model, targets):
         gather(evidence, needs)
-        ev = GroupEvidence(model, groups, evidence, modules)
+        ev = GroupEvidence(model, groups, evidence, modules, sparsity=config.final_sparsity)
         return ev, criterion.group_scores(ev)
 
 
-def compensation(solver: Solver, ev: GroupEvidence, removed: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``module -> bias delta`` from the solver, for every layer that loses input columns."""
+def compensation(
+    solver: Solver, ev: GroupEvidence, removed: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(module -> bias delta, module -> new full weight)`` from the solver, for every layer that loses
+    input columns (a new weight only from solvers that update the survivors, e.g. subspace reconstruction)."""
     targets = {t.module_name: t for t in consumers(ev.groups, ev.modules)}
     keep: dict[str, Tensor] = {}  # module -> its weight's keep mask (removed input columns False)
     for g in ev.groups:
@@ -168,11 +171,13 @@ def compensation(solver: Solver, ev: GroupEvidence, removed: dict[str, Tensor]) 
             mask.index_fill_(view.port.dim, torch.isin(view.index, gone).nonzero().reshape(-1), False)
     chosen = [targets[module] for module in keep]
     results = solver.solve(chosen, ev.evidence, {t.name: keep[t.module_name] for t in chosen})
-    # in removal only the bias deltas matter: the removed columns themselves are cut away
-    return {t.module_name: results[t.name].bias_delta for t in chosen if results[t.name].bias_delta is not None}
+    # the removed columns themselves are cut away; the survivors take the solver's new values, if any
+    deltas = {t.module_name: results[t.name].bias_delta for t in chosen if results[t.name].bias_delta is not None}
+    weights = {t.module_name: results[t.name].weight for t in chosen if results[t.name].weight is not None}
+    return deltas, weights
 
 
-def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dict[str, Tensor]]:
+def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dict[str, Tensor], dict[str, Tensor]]:
     opts = config.structural_
     graph = DependencyGraph(model, inputs, gqa=opts.gqa)
     groups = candidate_groups(graph, config.pattern_.kinds, config.scope_)
@@ -181,7 +186,7 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
     counts = prune_counts(groups, scores, config.allocation_, config.final_sparsity, opts)
     removed = select(groups, scores, counts)
     step = graph.step(removed)
-    deltas = compensation(config.solver_, ev, removed) if config.solver_ is not None else {}
+    deltas, weights = compensation(config.solver_, ev, removed) if config.solver_ is not None else ({}, {})
     modules = ev.modules  # the model is unchanged since scoring: the step is only a plan
     for name, delta in deltas.items():
         if modules[name].bias is None:
@@ -189,7 +194,7 @@ def _channels(model, config, data, inputs) -> tuple[Step, list[GroupChange], dic
             step.updates.setdefault(name, handler_for(modules[name]).name)
     changes = [GroupChange(g.name, g.kind, g.units, g.units - len(removed.get(g.name, [])), len(g.modules))
                for g in groups]  # fmt: skip
-    return step, changes, deltas
+    return step, changes, deltas, weights
 
 
 def _blocks(model, config, data) -> tuple[Step, list[str]]:
@@ -221,15 +226,21 @@ def remove_structures(model: nn.Module, config: PruneConfig, data: Data) -> Stru
     twin = LatencyTwin(model, inputs) if opts.latency else None  # dense copy, timed alternately with the pruned
     start = time.perf_counter()
     deltas: dict[str, Tensor] = {}
+    weights: dict[str, Tensor] = {}
     if config.pattern_.kinds == ("layer",):
         step, removed_blocks = _blocks(model, config, data)
         changes = []
     else:
-        step, changes, deltas = _channels(model, config, data, inputs)
+        step, changes, deltas, weights = _channels(model, config, data, inputs)
         removed_blocks = []
     keep = {c.module: c.keep for c in step.cuts if c.param == "bias"}
 
     def after(m: nn.Module, edit: Surgery) -> None:
+        for name, weight in weights.items():  # a solver's updated survivors, cut as the step cut the weight
+            for cut in step.cuts:
+                if cut.module == name and cut.param == "weight":
+                    weight = weight.index_select(cut.dim, cut.keep.to(weight.device))
+            edit.assign(m.get_submodule(name), "weight", weight)
         for name, delta in deltas.items():  # bias compensation (new biases were declared in the step)
             module = m.get_submodule(name)
             bias = module.bias

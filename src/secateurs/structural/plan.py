@@ -5,7 +5,9 @@ steps that were applied, as plain data. Loading builds the *original* architectu
 (from the saved base config for transformers models, or the model you construct),
 replays the steps, and loads the weights strictly. Transformers models also get
 ``save_pretrained`` output with the updated config; when every layer has the same
-shape, stock ``from_pretrained`` loads them too, and the plan records whether it can.
+shape, stock ``from_pretrained`` loads them too, and the plan records whether it can; when layers
+differ (FLAP), a Llama-family or GPT-2 model is saved with per-layer sizes in ``config.json`` and a
+modeling file, which ``from_pretrained`` loads as well (:mod:`secateurs.hf_variable`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
+from .. import hf_variable
 from ..errors import CheckpointError, StateError
 from ..hf import require_transformers
 from ..io import atomic_dir
@@ -84,8 +87,13 @@ def save_structured(model: nn.Module, path: str | os.PathLike, overwrite: bool =
     with atomic_dir(path, overwrite=overwrite) as tmp:
         data = plan.to_dict()
         if hf.is_hf(model):
-            model.save_pretrained(tmp)
             data["config_expressible"] = hf.config_expressible(model)
+            # layers of different widths: a config.json + modeling file plain from_pretrained loads
+            data["variable_width"] = not data["config_expressible"] and hf_variable.supports(model)
+            if data["variable_width"]:
+                hf_variable.write_variable(model, tmp)
+            else:
+                model.save_pretrained(tmp)
         else:
             save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / PLAN_FILE).write_text(json.dumps(data, indent=1) + "\n")

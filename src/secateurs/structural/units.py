@@ -60,6 +60,8 @@ class GroupEvidence:
     groups: list[Group]
     evidence: Evidence
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    #: the run's target sparsity, for criteria that search under the budget (Bernoulli masks)
+    sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:

@@ -1,0 +1,109 @@
+"""Forward-only Bernoulli-mask structural pruning (Gao et al. 2024, arXiv:2406.10576) on pydoc-llama-12m.
+
+At 20% and 40% of the head+neuron parameters removed (whole GQA groups, ``gqa='kv_groups'``, and MLP
+neurons; the same structures for every method), without retraining: FLAP (fluctuation metric, global
+ranking, bias compensation), the Bernoulli search's own initialisation (FLAP ranks mapped to
+probabilities and projected on the budget, ``steps=0``), and the search (``steps`` x ``samples``
+forward passes, REINFORCE with a moving-average baseline, mean ablation, bias compensation at the
+end). Each run is its own subprocess, so the peak RSS is that run's. Perplexity: Wanda/SparseGPT
+protocol on non-overlapping 256-token windows of pydoc-test.txt. Writes bench/results/bernoulli_llama.json.
+
+    .venv/bin/python bench/bernoulli_llama.py [--steps 40] [--samples 4] [--windows 20] [--nsamples 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from _common import machine, write_results
+
+RUNS = {  # name -> prune() options
+    "flap": {"method": "flap"},
+    "bernoulli init (flap ranks, steps=0)": {"method": "bernoulli", "method_options": {"steps": 0}},
+    "bernoulli search": {"method": "bernoulli"},
+}
+
+
+def worker(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    from secateurs import prune
+    from secateurs.calibration import sample_segments
+    from secateurs.llm import perplexity
+    from structural_models import LLAMA, SHARED, llama
+
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA)
+    calib = [s.unsqueeze(0) for s in sample_segments(SHARED / "data" / "pydoc-calib.txt", tokenizer, args.nsamples,
+                                                     256, seed=0)]  # fmt: skip
+    test = tokenizer((SHARED / "data" / "pydoc-test.txt").read_text(), return_tensors="pt").input_ids[0]
+    test = test[: args.windows * 256]
+    model = llama()
+    options = json.loads(args.options)
+    if options.get("method") == "bernoulli" and "steps" not in options.get("method_options", {}):
+        options["method_options"] = {"steps": args.steps, "samples": args.samples, "lr": args.lr}
+    before = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    report = None
+    if args.ratio > 0:
+        report = prune(model, sparsity=args.ratio, mode="remove", pattern="head+channel", calibration=calib,
+                       progress=False, structural={"latency": False, "gqa": "kv_groups"}, **options)  # fmt: skip
+    seconds = time.perf_counter() - start
+    return {"params_before": before, "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "perplexity": perplexity(model, test, tokenizer, seqlen=256, progress=False).perplexity,
+            "removed_params": report.before.params - report.after.params if report else 0}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", default="0.2,0.4")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--windows", type=int, default=20)
+    parser.add_argument("--nsamples", type=int, default=8)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--ratio", type=float, default=0.0)
+    parser.add_argument("--options", default="{}")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    load_start = os.getloadavg()
+    common = ["--steps", str(args.steps), "--samples", str(args.samples), "--lr", str(args.lr),
+              "--windows", str(args.windows), "--nsamples", str(args.nsamples)]  # fmt: skip
+
+    def run(ratio: float, options: dict) -> dict:
+        cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--options", json.dumps(options), *common]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows = [{"method": "dense", "ratio": 0.0, **run(0.0, {})}]
+    print(f"dense: ppl {rows[0]['perplexity']:.2f}", flush=True)
+    for ratio in map(float, args.ratios.split(",")):
+        for name, options in RUNS.items():
+            row = {"method": name, "ratio": ratio, **run(ratio, options)}
+            rows.append(row)
+            print(f"{name} {ratio:.0%}: ppl {row['perplexity']:.2f}, params {row['params']:,}, "
+                  f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+    lines = ["| head+neuron params removed | method | perplexity | params | prune wall time | peak RSS |",
+             "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['params']:,} | {r['seconds']:.1f} s "
+              f"| {r['peak_rss_mib']:.0f} MiB |" for r in rows]  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    write_results("bernoulli_llama", {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                                      "settings": vars(args), "rows": rows, "table": table})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Forward-only Bernoulli-mask structural pruning (Gao et al. 2024, arXiv:2406.10576)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import secateurs
+from secateurs.errors import ConfigError
+from secateurs.structural.bernoulli import project_to_budget
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _calibration():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 97, (2, 24), generator=g) for _ in range(3)]
+
+
+def test_projection_meets_the_budget_within_bounds():
+    theta = torch.tensor([0.9, 0.1, 0.5, 0.99, 0.3], dtype=torch.float64)
+    cost = torch.tensor([1.0, 2.0, 1.0, 3.0, 0.5], dtype=torch.float64)
+    out = project_to_budget(theta, cost, 3.0)
+    assert float((out * cost).sum()) == pytest.approx(3.0, abs=1e-9)
+    assert bool((out >= 1e-3).all() and (out <= 1 - 1e-3).all())
+    with pytest.raises(ConfigError, match="outside what the units can hold"):
+        project_to_budget(theta, cost, 100.0)
+
+
+def test_search_runs_no_backward_pass_and_removes_the_budget(monkeypatch):
+    model = _llama()
+    seen = []
+    model.lm_head.register_forward_hook(
+        lambda m, a, o: seen.append((torch.is_grad_enabled(), any(p.requires_grad for p in model.parameters())))
+    )
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("a backward pass ran")
+
+    monkeypatch.setattr(torch.Tensor, "backward", no_backward)
+    monkeypatch.setattr(torch.autograd, "backward", no_backward)
+    monkeypatch.setattr(torch.autograd, "grad", no_backward)
+    before = sum(p.numel() for p in model.parameters())
+    report = secateurs.prune(model, "bernoulli", 0.3, mode="remove", calibration=_calibration(), progress=False,
+                             method_options={"steps": 4, "samples": 3}, structural={"latency": False})  # fmt: skip
+    searched = [s for s in seen if s == (False, False)]
+    assert len(searched) >= 4 * 3  # every sampled pass: no grad mode, every parameter frozen
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert all(p.grad is None for p in model.parameters())
+    assert report.after.params < before
+    with torch.no_grad():
+        assert torch.isfinite(model(_calibration()[0]).logits).all()
+
+
+def test_search_moves_the_probabilities_away_from_the_initialisation():
+    model = _llama()
+    from secateurs.structural.bernoulli import Bernoulli
+
+    crit = Bernoulli(steps=6, samples=3, lr=0.1)
+    secateurs.prune(copy.deepcopy(model), method=crit, sparsity=0.3, mode="remove", calibration=_calibration(),
+                    progress=False, structural={"latency": False})  # fmt: skip
+    assert len(crit.history_) == 6
+    assert float((crit.theta_ - crit.initial_).abs().max()) > 0.05
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="samples must be an integer >= 2"):
+        secateurs.PruneConfig(method="bernoulli", sparsity=0.3, mode="remove", method_options={"samples": 1})
+    with pytest.raises(ConfigError, match="init must be one of"):
+        secateurs.PruneConfig(method="bernoulli", sparsity=0.3, mode="remove", method_options={"init": "magic"})
+
+
+def test_a_budget_that_would_empty_a_layer_keeps_whole_gqa_groups():
+    model = _llama()
+    structural = {"latency": False, "gqa": "kv_groups"}
+    options = {"steps": 2, "samples": 2}
+    secateurs.prune(model, "bernoulli", 0.9, mode="remove", calibration=_calibration(), progress=False,
+                    method_options=options, structural=structural)  # fmt: skip
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        assert attention.k_proj.out_features >= attention.head_dim  # at least one KV group is left
+        assert attention.q_proj.out_features == 2 * attention.k_proj.out_features  # 2 query heads per KV head
+        assert layer.mlp.up_proj.out_features >= 1
+    with torch.no_grad():
+        assert torch.isfinite(model(_calibration()[0]).logits).all()

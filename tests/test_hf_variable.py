@@ -1,0 +1,141 @@
+"""Models with layers of different widths (FLAP, low rank) load with plain ``from_pretrained``:
+with ``trust_remote_code=True`` where secateurs is not installed, without it where secateurs is imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from secateurs.errors import ConfigError
+from secateurs.hf_variable import save_pretrained_variable, variable_layout
+from secateurs.llm import prune_heads_and_neurons
+from secateurs.lowrank import factorize
+from secateurs.structural import load_structured, save_structured
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.arange(24).reshape(2, 12) * 5 % 97
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 97, (1, 24), generator=g) for _ in range(4)]
+
+
+def _flap_and_low_rank(model: torch.nn.Module, low_rank: str) -> torch.Tensor:
+    prune_heads_and_neurons(model, 0.4, calibration=_calibration(), progress=False, method="flap")
+    factorize(model, 4, method="whitened", calibration=_calibration(), scope={"include": [low_rank]})
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _saved(tmp_path, build, low_rank) -> tuple[str, torch.Tensor]:
+    model = build()
+    logits = _flap_and_low_rank(model, low_rank)
+    path = tmp_path / type(model).__name__
+    save_pretrained_variable(model, path)
+    return str(path), logits
+
+
+def test_flap_leaves_layers_that_a_standard_config_cannot_express():
+    model = _llama()
+    prune_heads_and_neurons(model, 0.4, calibration=_calibration(), progress=False, method="flap")
+    _, modules, _ = variable_layout(model)
+    widths = [model.model.layers[i].mlp.up_proj.out_features for i in range(3)]
+    assert len(set(widths)) > 1  # different widths per layer
+    assert sorted(s["out"] for n, s in modules.items() if n.endswith("mlp.up_proj")) == sorted(
+        w for w in widths if w != 64
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "low_rank"), [(_llama, "model.layers.1.mlp.down_proj"), (_gpt2, "transformer.h.1.mlp.c_fc")]
+)
+def test_saved_model_loads_with_plain_from_pretrained_when_secateurs_is_imported(tmp_path, build, low_rank):
+    path, logits = _saved(tmp_path, build, low_rank)
+    with open(os.path.join(path, "config.json")) as file:
+        config = json.load(file)
+    assert config["model_type"].startswith("secateurs_") and "auto_map" in config
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, logits, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in build().parameters())
+
+
+_WITHOUT_SECATEURS = """
+import sys, torch
+sys.modules["secateurs"] = None  # not installed: importing it fails
+import transformers
+ids = torch.arange(24).reshape(2, 12) * 5 % 97
+for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+        raise SystemExit("loaded without trust_remote_code and without secateurs")
+    except ValueError as exc:
+        assert "trust_remote_code" in str(exc), exc
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.save(model(ids).logits, out)
+"""
+
+
+def test_saved_models_load_with_trust_remote_code_where_secateurs_is_not_installed(tmp_path):
+    saved = [
+        _saved(tmp_path, _llama, "model.layers.1.mlp.down_proj"),
+        _saved(tmp_path, _gpt2, "transformer.h.1.mlp.c_fc"),
+    ]
+    argv = []
+    for i, (path, _) in enumerate(saved):
+        argv += [path, str(tmp_path / f"logits{i}.pt")]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_SECATEURS, *argv], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i, (_, logits) in enumerate(saved):
+        torch.testing.assert_close(
+            torch.load(tmp_path / f"logits{i}.pt", weights_only=True), logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_save_structured_writes_the_variable_config_for_a_flap_model(tmp_path):
+    model = _llama()
+    prune_heads_and_neurons(model, 0.4, calibration=_calibration(), progress=False, method="flap")
+    with torch.no_grad():
+        logits = model(IDS).logits
+    save_structured(model, tmp_path / "flap")
+    plan = json.loads((tmp_path / "flap" / "pruning_plan.json").read_text())
+    assert plan["config_expressible"] is False and plan["variable_width"] is True
+    for loaded in (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "flap"),
+        load_structured(tmp_path / "flap"),
+    ):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(IDS).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unsupported_family_is_refused_before_writing(tmp_path):
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)  # fmt: skip
+    with pytest.raises(ConfigError, match="no variable-width form"):
+        save_pretrained_variable(transformers.BertModel(config), tmp_path / "bert")
+    assert not (tmp_path / "bert").exists()
