@@ -335,7 +335,7 @@ class Sensitivity(Allocation):
         self.budget = None if budget is None else dict(budget)
         if budget is not None:
             parse_budget(budget, None)
-        self._solved: dict[tuple, dict[str, float]] = {}
+        self._solved: dict[tuple[str, ...], dict[str, float]] = {}
 
     def options(self) -> dict[str, Any]:
         return {"profile": self.profile, "budget": self.budget}
@@ -366,17 +366,17 @@ class Sensitivity(Allocation):
         self.profile.check_targets(targets)
 
     def target_sparsities(self, budget: Budget) -> dict[str, float]:
+        """The knapsack solves the final budget once; a schedule's step gets each target's share of its final
+        value (step / final sparsity), as an explicit allocation does, so masks only grow toward it."""
         every = list(budget.all_targets or budget.targets)
-        key = (tuple(t.name for t in every), budget.sparsity)
+        key = tuple(t.name for t in every)
         if key not in self._solved:  # the block runner asks once per block: solve the whole model once
             owner = self.profile.check_targets(every)
-            kind, value = parse_budget(self.budget, budget.sparsity)
-            if kind == "sparsity" and self.budget is not None:
-                value *= budget.sparsity / budget.final_sparsity if budget.final_sparsity > 0 else 1.0
+            kind, value = parse_budget(self.budget, budget.final_sparsity)
             allocated = solve_budget(self.profile, kind, value)
             self._solved[key] = {t.name: allocated.sparsities[owner[t.name].name] for t in every}
-        solved = self._solved[key]
-        return {t.name: solved[t.name] for t in budget.targets}
+        scale = budget.sparsity / budget.final_sparsity if budget.final_sparsity > 0 else 1.0
+        return {t.name: self._solved[key][t.name] * scale for t in budget.targets}
 
 
 def outlier_ratio(scores: Sequence[Tensor], m: float) -> float:

@@ -11,6 +11,7 @@ overshooting by up to a grid step.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,25 +94,38 @@ def solve_budget(
 def _hand_back(
     table: list[list[tuple[float, Option]]], entries: Sequence[Entry], choices: Sequence[int], slack: float
 ) -> tuple[dict[str, float], float, float]:
-    """Spend the unspent budget moving chosen targets toward their next lower grid point (linearly),
-    steepest damage decrease per cost first. Returns sparsities, the cost added and the damage change."""
+    """Spend the unspent budget moving chosen targets down their measured curves toward dense, one grid
+    segment at a time (linearly inside a segment), the segment that lowers damage most per unit of cost
+    first. Returns the sparsities, the cost added and the damage change."""
+    position = list(choices)
     sparsities = {e.name: table[k][j][0] for k, (e, j) in enumerate(zip(entries, choices))}
-    segments = []
-    for k, (e, j) in enumerate(zip(entries, choices)):
-        if j == 0:
-            continue
-        (s_low, low), (s_high, high) = table[k][j - 1], table[k][j]
-        extra, saved = low.cost - high.cost, high.damage - low.damage
-        if extra > 0 and saved > 0:
-            segments.append((saved / extra, k, e.name, s_low, s_high, extra, saved))
-    segments.sort(key=lambda seg: (-seg[0], seg[1]))
     added = changed = 0.0
-    for _, _, name, s_low, s_high, extra, saved in segments:
-        if slack <= 0:
-            break
-        fraction = min(1.0, slack / extra)
-        sparsities[name] = s_high - fraction * (s_high - s_low)
+
+    def segment(k: int) -> tuple[float, float, float] | None:
+        j = position[k]
+        if j == 0:
+            return None
+        (_, low), (_, high) = table[k][j - 1], table[k][j]
+        extra, saved = low.cost - high.cost, high.damage - low.damage
+        if saved < 0:
+            return None  # going back would do more damage: the knapsack's choice stands
+        return (saved / extra if extra > 0 else math.inf), extra, saved
+
+    heap = [(-seg[0], k) for k in range(len(entries)) if (seg := segment(k)) is not None]
+    heapq.heapify(heap)
+    while heap and slack > 0:
+        _, k = heapq.heappop(heap)
+        _, extra, saved = segment(k)  # type: ignore[misc]
+        j = position[k]
+        s_low, s_high = table[k][j - 1][0], table[k][j][0]
+        fraction = 1.0 if extra <= 0 else min(1.0, slack / extra)
+        sparsities[entries[k].name] = s_high - fraction * (s_high - s_low)
         slack -= fraction * extra
         added += fraction * extra
         changed -= fraction * saved
+        if fraction == 1.0:
+            position[k] = j - 1
+            nxt = segment(k)
+            if nxt is not None:
+                heapq.heappush(heap, (-nxt[0], k))
     return sparsities, added, changed

@@ -169,11 +169,16 @@ class SensitivityProfile:
         out = []
         for e in entries if entries is not None else self.entries:
             opts = [(0.0, Option(float(e.numel) if budget == "sparsity" else 0.0, 0.0))]
+            worst = 0.0
             for s in self.grid:
                 cell = index.get((e.name, round(s, 9)))
                 if cell is None:
                     raise ConfigError(f"the profile has no measurement of {e.name!r} at sparsity {s:g}; finish it")
-                opts.append((s, Option(self._cost(e, cell, budget), self.damage(cell))))
+                # the damage curve is made non-decreasing (its running maximum, from 0 at dense): pruning more
+                # of a layer does not truly help, so a dip below is noise, and the solver must never prune
+                # beyond the budget to chase it (the unspent remainder then always goes back, see budget.py)
+                worst = max(worst, self.damage(cell))
+                opts.append((s, Option(self._cost(e, cell, budget), worst)))
             out.append(opts)
         return out
 
