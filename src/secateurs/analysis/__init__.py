@@ -21,14 +21,14 @@ if TYPE_CHECKING:
     from .budget import Allocated, solve_budget
     from .knapsack import BudgetError, Option, solve
     from .profile import Cell, Entry, ProfileMismatchError, SensitivityProfile
-    from .saliency import saliency, saliency_check
+    from .saliency import SaliencyCheck, saliency, saliency_check, spearman
     from .sensitivity import fit_budget, sensitivity
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "budget": ("Allocated", "solve_budget"),
     "knapsack": ("BudgetError", "Option", "solve"),
     "profile": ("Cell", "Entry", "ProfileMismatchError", "SensitivityProfile"),
-    "saliency": ("saliency", "saliency_check"),
+    "saliency": ("SaliencyCheck", "saliency", "saliency_check", "spearman"),
     "sensitivity": ("fit_budget", "sensitivity"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
