@@ -20,6 +20,7 @@ keeps what it finished and a rerun with the same settings only measures the rest
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -384,7 +385,8 @@ def sensitivity(
     spec.entries = _entries(model, spec)
     higher = (metric == "accuracy") or bool(getattr(metric, "higher_is_better", False))
     name = "local_error" if local else (metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
-    settings = {"method": method, "targets": targets, "local": local, "options": _plain(options), "costs": list(costs)}
+    settings = {"method": method, "targets": targets, "local": local, "options": _plain(options), "costs": list(costs),
+                "weights": weights_digest(model)}  # fmt: skip
     profile = SensitivityProfile(type(model).__name__, name, higher, 0.0, grid, spec.entries, settings=settings)
     done = _resume(out, profile, overwrite)
     if done is None:
@@ -402,6 +404,17 @@ def sensitivity(
         profile.save(Path(out) / "profile.json", overwrite=True)
         profile.save(Path(out) / "profile.csv", overwrite=True)
     return profile
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every tensor of the state dict (names, dtypes, shapes, bytes): a resumed analysis must
+    measure the very same weights, not only the same shapes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
