@@ -3,7 +3,7 @@
 A ResNet-18 layout at half width (``structural_models.resnet_like``, 32x32 inputs) trained briefly on
 scikit-learn's digits (8x8 upsampled to 32x32, three channels). The sensitivity analysis removes
 each group of coupled channels alone at 25/50/75%, measuring the loss on calibration batches and
-the latency of the whole model timed alternately with its dense copy (batch of 16): the latency
+the latency of the whole model timed alternately with its dense copy (batch of 8): the latency
 table. The knapsack solves for 0.5x dense latency, the result is measured, and the budget is
 corrected by asked/achieved for up to three rounds (``fit_budget``). Uniform removal is then set
 to the *same measured latency* (bisection on its sparsity, each step measured), and both are
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results
 from structural_models import resnet_like
 
-BATCH = 16
+BATCH = 8
 
 
 def _digits():
@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--train-steps", dest="train_steps", type=int, default=300)
     p.add_argument("--finetune-steps", dest="finetune_steps", type=int, default=100)
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=9, help="paired dense/pruned runs per latency measurement")
     args = p.parse_args()
     from secateurs.analysis import fit_budget, sensitivity
     from secateurs.training import accuracy, train
@@ -98,13 +99,14 @@ def main() -> None:
 
     start = time.perf_counter()
     profile = sensitivity(model, train_batches[:4], targets="groups", sparsities=(0.25, 0.5, 0.75),
-                          costs=("params", "macs", "latency"), example_inputs=inputs, progress=False)  # fmt: skip
+                          costs=("params", "macs", "latency"), example_inputs=inputs, latency_repeats=args.repeats,
+                          progress=False)  # fmt: skip
     analysis_seconds = time.perf_counter() - start
     print(profile.table(), flush=True)
     print(f"analysis: {len(profile.cells)} cells in {analysis_seconds:.0f} s", flush=True)
 
     def measure(sparsities):
-        return _latency(model, _removed(model, sparsities, inputs), inputs, repeats=15)["ratio"]
+        return _latency(model, _removed(model, sparsities, inputs), inputs, repeats=args.repeats)["ratio"]
 
     sparsities, history = fit_budget(profile, {"latency": args.budget}, measure, rounds=3, tolerance=0.03)
     print(f"fit rounds: {history}", flush=True)
@@ -114,7 +116,7 @@ def main() -> None:
     target = history[-1]["achieved"]  # uniform at the same measured latency as ours
     for _ in range(6):
         mid = (low + high) / 2
-        ratio = _latency(model, _uniform(model, mid, inputs), inputs, repeats=15)["ratio"]
+        ratio = _latency(model, _uniform(model, mid, inputs), inputs, repeats=args.repeats)["ratio"]
         rounds.append({"sparsity": mid, "ratio": ratio})
         low, high = (mid, high) if ratio > target else (low, mid)
     best = min(rounds, key=lambda r: abs(r["ratio"] - target))

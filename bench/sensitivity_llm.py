@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results
 from llm_pruning import CALIB, MODEL, _ppl, _segments
 
-GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def _model():
@@ -59,14 +59,18 @@ def _prune(method: str, segments: torch.Tensor, eval_windows: int, **options) ->
     start = time.perf_counter()
     report = prune_llm(model, method, 0.7, calibration=segments, progress=False, **options)
     seconds = time.perf_counter() - start
-    return {"perplexity": _ppl(model, eval_windows), "sparsity": report.sparsity, "seconds": seconds,
-            "block_sparsities": report.block_sparsities}  # fmt: skip
+    r = {"perplexity": _ppl(model, eval_windows), "sparsity": report.sparsity, "seconds": seconds,
+         "block_sparsities": report.block_sparsities}  # fmt: skip
+    print(f"{method:<9} {options.get('allocation', 'uniform'):<12} ppl {r['perplexity']:.2f}  sparsity "
+          f"{r['sparsity']:.4f}  blocks {[round(s, 3) for s in r['block_sparsities']]}  load {os.getloadavg()[0]:.1f}",
+          flush=True)  # fmt: skip
+    return r
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=200)
-    p.add_argument("--cell-samples", dest="cell_samples", type=int, default=32, help="calibration segments per cell")
+    p.add_argument("--cell-samples", dest="cell_samples", type=int, default=16, help="calibration segments per cell")
     p.add_argument("--methods", default="wanda,sparsegpt")
     args = p.parse_args()
     from secateurs.calibration import sample_segments
@@ -91,8 +95,6 @@ def main() -> None:
             results[f"sensitivity ({kind})"] = row
         for name, r in results.items():
             rows.append({"method": method, "allocation": name, **r})
-            print(f"{method:<9} {name:<28} ppl {r['perplexity']:.2f}  sparsity {r['sparsity']:.4f}  "
-                  f"blocks {[round(s, 3) for s in r['block_sparsities']]}", flush=True)  # fmt: skip
     print(table(rows, dense))
     write_results("sensitivity_llm", {"machine": machine(), "load_before": load, "load_after": os.getloadavg(),
                                       "dense_perplexity": dense, "eval_windows": args.eval_windows,

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="'package.module:function' returning calibration batches (factory models)")
     p.add_argument("--calib", help="calibration text (Hugging Face language models)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration segments (LLMs, default 16)")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per segment (LLMs, default 256)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per segment (LLMs, default 256, capped to the model's context)")
     p.add_argument("--input-shape", type=input_shape, help="shape of one input without the batch, e.g. 1,8,8")
     p.add_argument("--workers", type=int, default=1, help="cells in parallel (local processes or Ray tasks)")
     p.add_argument("--backend", choices=("local", "processes", "ray"), default=None,
@@ -57,13 +57,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _llm_batches(args: argparse.Namespace, model: Any) -> tuple[list, list]:
     from ..blocks import batched
-    from ..calibration import sample_segments
+    from ..calibration import model_context, sample_segments
     from ..errors import ConfigError
     from ..hf import load_tokenizer
 
     if not args.calib:
         raise ConfigError("a Hugging Face language model is analysed on text: pass --calib FILE")
-    segments = sample_segments(args.calib, load_tokenizer(args.model), args.nsamples, args.seqlen, seed=0)
+    seqlen = min(args.seqlen, model_context(model) or args.seqlen)  # a short-context model's own limit
+    segments = sample_segments(args.calib, load_tokenizer(args.model), args.nsamples, seqlen, seed=0)
     calibration = list(batched(segments, 4))
     return calibration, [{"input_ids": b, "labels": b} for b in calibration]
 
