@@ -51,8 +51,12 @@ def _latency(dense, pruned, inputs, repeats=25):
     from secateurs.evaluation import compare_latency
 
     c = compare_latency(dense, pruned, inputs, repeats=repeats)
-    return {"ratio": 1.0 / c.speedup.median, "speedup_iqr": [c.speedup.q1, c.speedup.q3],
-            "dense_ms": c.dense_s.median * 1e3, "pruned_ms": c.pruned_s.median * 1e3}  # fmt: skip
+    return {
+        "ratio": 1.0 / c.speedup.median,
+        "speedup_iqr": [c.speedup.q1, c.speedup.q3],
+        "dense_ms": c.dense_s.median * 1e3,
+        "pruned_ms": c.pruned_s.median * 1e3,
+    }
 
 
 def _removed(model, sparsities: dict[str, float], inputs):
@@ -61,8 +65,15 @@ def _removed(model, sparsities: dict[str, float], inputs):
     pruned = copy.deepcopy(model)
     allocation = {name: s for name, s in sparsities.items() if s > 0}
     if allocation:
-        secateurs.prune(pruned, "magnitude", mode="remove", allocation=allocation, example_inputs=inputs,
-                        structural={"latency": False}, progress=False)  # fmt: skip
+        secateurs.prune(
+            pruned,
+            "magnitude",
+            mode="remove",
+            allocation=allocation,
+            example_inputs=inputs,
+            structural={"latency": False},
+            progress=False,
+        )
     return pruned
 
 
@@ -70,8 +81,15 @@ def _uniform(model, sparsity: float, inputs):
     import secateurs
 
     pruned = copy.deepcopy(model)
-    secateurs.prune(pruned, "magnitude", sparsity, mode="remove", example_inputs=inputs,
-                    structural={"latency": False}, progress=False)  # fmt: skip
+    secateurs.prune(
+        pruned,
+        "magnitude",
+        sparsity,
+        mode="remove",
+        example_inputs=inputs,
+        structural={"latency": False},
+        progress=False,
+    )
     return pruned
 
 
@@ -98,9 +116,16 @@ def main() -> None:
     print(f"trained in {train_seconds:.0f} s: dense accuracy {dense_accuracy:.4f}", flush=True)
 
     start = time.perf_counter()
-    profile = sensitivity(model, train_batches[:4], targets="groups", sparsities=(0.25, 0.5, 0.75),
-                          costs=("params", "macs", "latency"), example_inputs=inputs, latency_repeats=args.repeats,
-                          progress=False)  # fmt: skip
+    profile = sensitivity(
+        model,
+        train_batches[:4],
+        targets="groups",
+        sparsities=(0.25, 0.5, 0.75),
+        costs=("params", "macs", "latency"),
+        example_inputs=inputs,
+        latency_repeats=args.repeats,
+        progress=False,
+    )
     analysis_seconds = time.perf_counter() - start
     print(profile.table(), flush=True)
     print(f"analysis: {len(profile.cells)} cells in {analysis_seconds:.0f} s", flush=True)
@@ -136,22 +161,36 @@ def main() -> None:
         rows.append({"allocation": name, **latency, "params": params, "accuracy": before, "accuracy_finetuned": after})
         print(rows[-1], flush=True)
     load.append(os.getloadavg())
-    result = {"machine": machine(), "load": load, "budget": args.budget, "dense_accuracy": dense_accuracy,
-              "dense_params": sum(p.numel() for p in model.parameters()), "train_seconds": train_seconds,
-              "analysis_seconds": analysis_seconds, "fit_history": history, "uniform_search": rounds,
-              "sensitivity_sparsities": sparsities, "rows": rows, "profile": profile.to_dict()}  # fmt: skip
+    result = {
+        "machine": machine(),
+        "load": load,
+        "budget": args.budget,
+        "dense_accuracy": dense_accuracy,
+        "dense_params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": train_seconds,
+        "analysis_seconds": analysis_seconds,
+        "fit_history": history,
+        "uniform_search": rounds,
+        "sensitivity_sparsities": sparsities,
+        "rows": rows,
+        "profile": profile.to_dict(),
+    }
     print(table(result))
     write_results("sensitivity_cnn_latency", result)
 
 
 def table(r: dict) -> str:
-    lines = [f"dense accuracy {r['dense_accuracy']:.4f}, {r['dense_params']} params; budget {r['budget']}x dense latency",
-             "| allocation | latency / dense (median) | speed-up IQR | params | accuracy | after fine-tune |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"dense accuracy {r['dense_accuracy']:.4f}, {r['dense_params']} params; budget {r['budget']}x dense latency",
+        "| allocation | latency / dense (median) | speed-up IQR | params | accuracy | after fine-tune |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
         q1, q3 = row["speedup_iqr"]
-        lines.append(f"| {row['allocation']} | {row['ratio']:.3f} | {q1:.2f}-{q3:.2f}x | {row['params']} | "
-                     f"{row['accuracy']:.4f} | {row['accuracy_finetuned']:.4f} |")  # fmt: skip
+        lines.append(
+            f"| {row['allocation']} | {row['ratio']:.3f} | {q1:.2f}-{q3:.2f}x | {row['params']} | "
+            f"{row['accuracy']:.4f} | {row['accuracy_finetuned']:.4f} |"
+        )
     return "\n".join(lines)
 
 

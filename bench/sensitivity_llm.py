@@ -44,11 +44,30 @@ def _profile(method: str, kind: str, segments: torch.Tensor, evaluation: list, c
     batches = [segments[i : i + 8] for i in range(0, cell_samples, 8)]
     start = time.perf_counter()
     if kind == "local":
-        profile = sensitivity(model, batches, method=method, targets="blocks", local=True, sparsities=GRID,
-                              mode="mask", costs=(), progress=False)  # fmt: skip
+        profile = sensitivity(
+            model,
+            batches,
+            method=method,
+            targets="blocks",
+            local=True,
+            sparsities=GRID,
+            mode="mask",
+            costs=(),
+            progress=False,
+        )
     else:
-        profile = sensitivity(model, batches, method=method, targets="blocks", runner="blocks", mode="mask",
-                              evaluation=evaluation, sparsities=GRID, costs=(), progress=False)  # fmt: skip
+        profile = sensitivity(
+            model,
+            batches,
+            method=method,
+            targets="blocks",
+            runner="blocks",
+            mode="mask",
+            evaluation=evaluation,
+            sparsities=GRID,
+            costs=(),
+            progress=False,
+        )
     return profile, time.perf_counter() - start
 
 
@@ -59,11 +78,17 @@ def _prune(method: str, segments: torch.Tensor, eval_windows: int, **options) ->
     start = time.perf_counter()
     report = prune_llm(model, method, 0.7, calibration=segments, progress=False, **options)
     seconds = time.perf_counter() - start
-    r = {"perplexity": _ppl(model, eval_windows), "sparsity": report.sparsity, "seconds": seconds,
-         "block_sparsities": report.block_sparsities}  # fmt: skip
-    print(f"{method:<9} {options.get('allocation', 'uniform'):<12} ppl {r['perplexity']:.2f}  sparsity "
-          f"{r['sparsity']:.4f}  blocks {[round(s, 3) for s in r['block_sparsities']]}  load {os.getloadavg()[0]:.1f}",
-          flush=True)  # fmt: skip
+    r = {
+        "perplexity": _ppl(model, eval_windows),
+        "sparsity": report.sparsity,
+        "seconds": seconds,
+        "block_sparsities": report.block_sparsities,
+    }
+    print(
+        f"{method:<9} {options.get('allocation', 'uniform'):<12} ppl {r['perplexity']:.2f}  sparsity "
+        f"{r['sparsity']:.4f}  blocks {[round(s, 3) for s in r['block_sparsities']]}  load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     return r
 
 
@@ -83,32 +108,51 @@ def main() -> None:
     dense = _ppl(_model(), args.eval_windows)
     rows = []
     for method in args.methods.split(","):
-        results = {"uniform": _prune(method, segments, args.eval_windows),
-                   "owl": _prune(method, segments, args.eval_windows, allocation="owl")}  # fmt: skip
+        results = {
+            "uniform": _prune(method, segments, args.eval_windows),
+            "owl": _prune(method, segments, args.eval_windows, allocation="owl"),
+        }
         for kind in ("block loss", "local error"):
-            profile, seconds = _profile(method, "local" if kind == "local error" else "loss", segments, evaluation,
-                                        args.cell_samples)  # fmt: skip
-            row = _prune(method, segments, args.eval_windows, allocation="sensitivity",
-                         allocation_options={"profile": profile})  # fmt: skip
+            profile, seconds = _profile(
+                method, "local" if kind == "local error" else "loss", segments, evaluation, args.cell_samples
+            )
+            row = _prune(
+                method, segments, args.eval_windows, allocation="sensitivity", allocation_options={"profile": profile}
+            )
             row["analysis_seconds"] = seconds
             row["profile_table"] = profile.table()
             results[f"sensitivity ({kind})"] = row
         for name, r in results.items():
             rows.append({"method": method, "allocation": name, **r})
     print(table(rows, dense))
-    write_results("sensitivity_llm", {"machine": machine(), "load_before": load, "load_after": os.getloadavg(),
-                                      "dense_perplexity": dense, "eval_windows": args.eval_windows,
-                                      "cell_samples": args.cell_samples, "grid": GRID, "rows": rows})  # fmt: skip
+    write_results(
+        "sensitivity_llm",
+        {
+            "machine": machine(),
+            "load_before": load,
+            "load_after": os.getloadavg(),
+            "dense_perplexity": dense,
+            "eval_windows": args.eval_windows,
+            "cell_samples": args.cell_samples,
+            "grid": GRID,
+            "rows": rows,
+        },
+    )
 
 
 def table(rows: list[dict], dense: float) -> str:
-    lines = [f"dense perplexity {dense:.2f}", "| method | allocation | perplexity | sparsity | block sparsities | analysis |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"dense perplexity {dense:.2f}",
+        "| method | allocation | perplexity | sparsity | block sparsities | analysis |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         blocks = " ".join(f"{s:.2f}" for s in r["block_sparsities"])
         analysis = f"{r['analysis_seconds']:.0f} s" if "analysis_seconds" in r else "-"
-        lines.append(f"| {r['method']} | {r['allocation']} | {r['perplexity']:.2f} | {r['sparsity']:.4f} | {blocks} | "
-                     f"{analysis} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['allocation']} | {r['perplexity']:.2f} | {r['sparsity']:.4f} | {blocks} | "
+            f"{analysis} |"
+        )
     return "\n".join(lines)
 
 

@@ -30,18 +30,28 @@ def main() -> None:
         for size in (1, 16):
             start = time.perf_counter()
             check = saliency_check(factory(), train_batches()[:4], groups_per_layer=32, group_size=size, progress=False)
-            rows.append({"model": name, "group_size": size, "groups": len(check.measured),
-                         "spearman": check.spearman, "within_layers": check.spearman_within_layers,
-                         "seconds": time.perf_counter() - start})  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "group_size": size,
+                    "groups": len(check.measured),
+                    "spearman": check.spearman,
+                    "within_layers": check.spearman_within_layers,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
             print(name, size, check.table(), sep="\n", flush=True)
-    lines = ["| model | weights per group | groups | " + " | ".join(ESTIMATORS) + " |",
-             "|---|---|---|" + "---|" * len(ESTIMATORS)]  # fmt: skip
+    lines = [
+        "| model | weights per group | groups | " + " | ".join(ESTIMATORS) + " |",
+        "|---|---|---|" + "---|" * len(ESTIMATORS),
+    ]
     for r in rows:
         cells = " | ".join(f"{r['spearman'][e]:.3f} ({r['within_layers'][e]:.3f})" for e in ESTIMATORS)
         lines.append(f"| {r['model']} | {r['group_size']} | {r['groups']} | {cells} |")
     print("\n".join(lines))
-    write_results("sensitivity_saliency", {"machine": machine(), "load_before": load, "load_after": os.getloadavg(),
-                                           "rows": rows})  # fmt: skip
+    write_results(
+        "sensitivity_saliency", {"machine": machine(), "load_before": load, "load_after": os.getloadavg(), "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -34,18 +34,25 @@ def main() -> None:
     for workers in (1, 2, 1, 2):
         loads.append(os.getloadavg()[0])
         start = time.perf_counter()
-        profiles[workers] = sensitivity(model, batches, method="wanda", sparsities=GRID, workers=workers,
-                                        backend="processes", progress=False)  # fmt: skip
+        profiles[workers] = sensitivity(
+            model, batches, method="wanda", sparsities=GRID, workers=workers, backend="processes", progress=False
+        )
         times[workers].append(time.perf_counter() - start)
         print(f"{workers} process(es): {times[workers][-1]:.1f} s (load {loads[-1]:.1f})", flush=True)
     same = [(c.target, c.sparsity, c.metric) for c in profiles[1].cells] == [
-        (c.target, c.sparsity, c.metric) for c in profiles[2].cells]  # fmt: skip
+        (c.target, c.sparsity, c.metric) for c in profiles[2].cells
+    ]
     cells = len(profiles[1].cells)
     speedups = [a / b for a, b in zip(times[1], times[2])]
-    print(f"{cells} cells; 1 process {statistics.median(times[1]):.1f} s, 2 processes {statistics.median(times[2]):.1f} s; "
-          f"speed-up {', '.join(f'{s:.2f}x' for s in speedups)}; identical profiles: {same}")  # fmt: skip
-    write_results("sensitivity_walltime", {"machine": machine(), "loads": loads, "cells": cells, "times": times,
-                                           "speedups": speedups, "identical": same})  # fmt: skip
+    print(
+        f"{cells} cells; 1 process {statistics.median(times[1]):.1f} s, "
+        f"2 processes {statistics.median(times[2]):.1f} s; "
+        f"speed-up {', '.join(f'{s:.2f}x' for s in speedups)}; identical profiles: {same}"
+    )
+    write_results(
+        "sensitivity_walltime",
+        {"machine": machine(), "loads": loads, "cells": cells, "times": times, "speedups": speedups, "identical": same},
+    )
 
 
 if __name__ == "__main__":

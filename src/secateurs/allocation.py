@@ -344,7 +344,8 @@ class Sensitivity(Allocation):
         return self.name
 
     def __repr__(self) -> str:
-        return f"Sensitivity(profile=<{len(self.profile.entries)} entries of a {self.profile.model}>, budget={self.budget!r})"
+        entries = f"<{len(self.profile.entries)} entries of a {self.profile.model}>"
+        return f"Sensitivity(profile={entries}, budget={self.budget!r})"
 
     def check(self, sparsity: float | None) -> None:
         if self.budget is not None and "sparsity" not in self.budget and sparsity is not None:

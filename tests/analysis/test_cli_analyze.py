@@ -60,12 +60,26 @@ def test_prune_allocates_by_the_profile_and_refuses_an_unreachable_budget(tmp_pa
     assert main(["analyze", TRAINED, "--data", DATA, "--grid", "0.3,0.6,0.9", "--out", str(out)]) == 0
     profile = str(out / "profile.json")
     pruned = tmp_path / "pruned"
-    assert main(["prune", TRAINED, "--data", DATA, "--sparsity", "0.6", "--profile", profile, "--out", str(pruned)]) == 0
+    assert (
+        main(["prune", TRAINED, "--data", DATA, "--sparsity", "0.6", "--profile", profile, "--out", str(pruned)]) == 0
+    )
     report = json.loads((pruned / "report.json").read_text())
     assert report["config"]["allocation"] == "sensitivity"
     capsys.readouterr()
-    code = main(["prune", TRAINED, "--data", DATA, "--profile", profile, "--budget", "params=10",
-                 "--out", str(tmp_path / "nope")])  # fmt: skip
+    code = main(
+        [
+            "prune",
+            TRAINED,
+            "--data",
+            DATA,
+            "--profile",
+            profile,
+            "--budget",
+            "params=10",
+            "--out",
+            str(tmp_path / "nope"),
+        ]
+    )
     assert code == 2 and "reachable params is" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
 

@@ -49,8 +49,11 @@ def test_a_budget_below_every_combination_is_refused_with_the_reachable_range():
 def _profile(costs=None) -> SensitivityProfile:
     entries = [Entry("a", "layer", {"a.weight": [10, 10]}, 100), Entry("b", "layer", {"b.weight": [10, 30]}, 300)]
     damage = {"a": {0.5: 0.1, 0.9: 2.0}, "b": {0.5: 0.05, 0.9: 0.3}}
-    cells = [Cell(e, s, 1.0 + d, params=1000 - int(s * {"a": 100, "b": 300}[e]))
-             for e, row in damage.items() for s, d in row.items()]  # fmt: skip
+    cells = [
+        Cell(e, s, 1.0 + d, params=1000 - int(s * {"a": 100, "b": 300}[e]))
+        for e, row in damage.items()
+        for s, d in row.items()
+    ]
     return SensitivityProfile("Net", "loss", False, 1.0, [0.5, 0.9], entries, cells, {"params": 1000})
 
 

@@ -14,8 +14,9 @@ def local_ray():
     """A Ray instance on this machine only (127.0.0.1), started and stopped by the test."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             configure_logging=False)  # fmt: skip
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1", configure_logging=False
+    )
     try:
         yield
     finally:

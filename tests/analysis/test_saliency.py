@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_unchanged, fingerprint
 
+from conftest import assert_unchanged, fingerprint
 from secateurs.analysis import saliency, saliency_check, spearman
 from secateurs.analysis.saliency import summary
 
@@ -31,8 +31,9 @@ def test_the_second_order_estimate_ranks_measured_loss_changes_on_a_trained_mode
 
     model = trained_mlp()
     before = fingerprint(model)
-    check = saliency_check(model, train_batches()[:4], ("taylor2", "magnitude"), groups_per_layer=16, group_size=16,
-                           progress=False)  # fmt: skip
+    check = saliency_check(
+        model, train_batches()[:4], ("taylor2", "magnitude"), groups_per_layer=16, group_size=16, progress=False
+    )
     assert_unchanged(model, before)
     assert len(check.measured) == 2 * 16
     # the second-order Taylor expansion predicts the measured loss change's ranking almost perfectly here;

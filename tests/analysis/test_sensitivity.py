@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import assert_unchanged, fingerprint, small_mlp
 
 import secateurs
+from conftest import assert_unchanged, fingerprint, small_mlp
 from secateurs.analysis import ProfileMismatchError, SensitivityProfile, sensitivity
 from secateurs.analysis.sensitivity import CellError
 from secateurs.errors import ConfigError
@@ -30,8 +30,15 @@ def test_every_mask_cell_restores_the_model_bit_exact_and_fills_the_grid(mlp, ml
 
 def test_every_removal_cell_restores_the_model_bit_exact_with_measured_latency(cnn, cnn_batches):
     before = fingerprint(cnn)
-    profile = sensitivity(cnn, cnn_batches, targets="groups", sparsities=(0.5,), costs=("params", "macs", "latency"),
-                          latency_repeats=3, progress=False)  # fmt: skip
+    profile = sensitivity(
+        cnn,
+        cnn_batches,
+        targets="groups",
+        sparsities=(0.5,),
+        costs=("params", "macs", "latency"),
+        latency_repeats=3,
+        progress=False,
+    )
     assert_unchanged(cnn, before)
     assert all(e.kind == "group" for e in profile.entries) and profile.entries
     for cell in profile.cells:
@@ -55,10 +62,14 @@ def test_the_profile_round_trips_through_json_and_writes_csv_and_a_ranked_table(
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"sparsities": ()}, "non-empty grid"), ({"sparsities": (0.5, 1.0)}, r"1\.0 in the grid is outside"),
-     ({"sparsities": (-0.1,)}, "outside"), ({"targets": "heads"}, "targets must be one of"),
-     ({"costs": ("latency",)}, "latency cost needs targets='groups'")],
-)  # fmt: skip
+    [
+        ({"sparsities": ()}, "non-empty grid"),
+        ({"sparsities": (0.5, 1.0)}, r"1\.0 in the grid is outside"),
+        ({"sparsities": (-0.1,)}, "outside"),
+        ({"targets": "heads"}, "targets must be one of"),
+        ({"costs": ("latency",)}, "latency cost needs targets='groups'"),
+    ],
+)
 def test_a_bad_grid_or_option_is_refused_before_any_cell(mlp, mlp_batches, kwargs, message):
     before = fingerprint(mlp)
     with pytest.raises(ConfigError, match=message):
@@ -81,7 +92,9 @@ def test_a_nan_or_non_scalar_metric_names_the_cell_and_leaves_the_model_as_it_wa
     assert_unchanged(mlp, before)
 
 
-def test_an_interrupted_analysis_keeps_its_finished_cells_and_a_rerun_measures_only_the_rest(mlp, mlp_batches, tmp_path):
+def test_an_interrupted_analysis_keeps_its_finished_cells_and_a_rerun_measures_only_the_rest(
+    mlp, mlp_batches, tmp_path
+):
     out = tmp_path / "analysis"
     seen = []
 
@@ -121,8 +134,15 @@ def profile(mlp, mlp_batches):
 
 
 def test_prune_with_a_profile_meets_the_sparsity_and_spares_the_sensitive_layer(mlp, mlp_batches, profile):
-    report = secateurs.prune(mlp, "magnitude", 0.6, allocation="sensitivity", allocation_options={"profile": profile},
-                             calibration=mlp_batches, progress=False)  # fmt: skip
+    report = secateurs.prune(
+        mlp,
+        "magnitude",
+        0.6,
+        allocation="sensitivity",
+        allocation_options={"profile": profile},
+        calibration=mlp_batches,
+        progress=False,
+    )
     assert report.sparsity == pytest.approx(0.6, abs=3 / report.target_params)
     ranked = [e.name for e, _ in profile.ranked()]
     by_layer = {layer.name: layer.sparsity for layer in report.layers}
@@ -132,8 +152,14 @@ def test_prune_with_a_profile_meets_the_sparsity_and_spares_the_sensitive_layer(
 def test_a_params_budget_replaces_the_sparsity_and_is_met(mlp, mlp_batches, profile, tmp_path):
     profile.save(tmp_path / "p.json")
     budget = int(profile.dense["params"] * 0.5)
-    report = secateurs.prune(mlp, "magnitude", allocation="sensitivity", calibration=mlp_batches, progress=False,
-                             allocation_options={"profile": str(tmp_path / "p.json"), "budget": {"params": budget}})  # fmt: skip
+    report = secateurs.prune(
+        mlp,
+        "magnitude",
+        allocation="sensitivity",
+        calibration=mlp_batches,
+        progress=False,
+        allocation_options={"profile": str(tmp_path / "p.json"), "budget": {"params": budget}},
+    )
     assert report.nonzeros <= budget + 3  # rounding: one unit per layer
     assert report.nonzeros >= budget - 3
 
@@ -141,17 +167,29 @@ def test_a_params_budget_replaces_the_sparsity_and_is_met(mlp, mlp_batches, prof
 def test_an_unreachable_budget_states_the_range_and_leaves_the_model_alone(mlp, mlp_batches, profile):
     before = fingerprint(mlp)
     with pytest.raises(ConfigError, match=r"reachable params is \d+ to \d+"):
-        secateurs.prune(mlp, "magnitude", allocation="sensitivity", calibration=mlp_batches, progress=False,
-                        allocation_options={"profile": profile, "budget": {"params": 10}})  # fmt: skip
+        secateurs.prune(
+            mlp,
+            "magnitude",
+            allocation="sensitivity",
+            calibration=mlp_batches,
+            progress=False,
+            allocation_options={"profile": profile, "budget": {"params": 10}},
+        )
     assert_unchanged(mlp, before)
-    with pytest.raises(ConfigError, match="sparsity=0.5 would be ignored"):
-        secateurs.prune(mlp, "magnitude", 0.5, allocation="sensitivity",
-                        allocation_options={"profile": profile, "budget": {"params": 400}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"sparsity=0\.5 would be ignored"):
+        secateurs.prune(
+            mlp,
+            "magnitude",
+            0.5,
+            allocation="sensitivity",
+            allocation_options={"profile": profile, "budget": {"params": 400}},
+        )
 
 
 def test_a_profile_of_another_model_is_refused_naming_the_first_mismatch(profile, mlp_batches):
-    other = torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24), torch.nn.ReLU(),
-                                torch.nn.Linear(24, 4))  # fmt: skip
+    other = torch.nn.Sequential(
+        torch.nn.Linear(16, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24), torch.nn.ReLU(), torch.nn.Linear(24, 4)
+    )
     before = fingerprint(other)
     with pytest.raises(ProfileMismatchError, match=r"'0.weight' has shape \[40, 16\], the profile recorded \[32, 16\]"):
         secateurs.prune(other, "magnitude", 0.5, allocation="sensitivity", allocation_options={"profile": profile})
@@ -161,12 +199,19 @@ def test_a_profile_of_another_model_is_refused_naming_the_first_mismatch(profile
 def test_the_pruner_and_a_recipe_take_the_sensitivity_allocation(mlp, mlp_batches, profile, tmp_path):
     profile.save(tmp_path / "p.json")
     (tmp_path / "recipe.yaml").write_text(
-        f"method: magnitude\nsparsity: 0.5\nallocation: sensitivity\nallocation_options:\n  profile: {tmp_path / 'p.json'}\n"
+        "method: magnitude\nsparsity: 0.5\nallocation: sensitivity\n"
+        f"allocation_options:\n  profile: {tmp_path / 'p.json'}\n"
     )
     report = secateurs.prune(mlp, **secateurs.load_recipe(tmp_path / "recipe.yaml"), progress=False)
     assert report.sparsity == pytest.approx(0.5, abs=3 / report.target_params)
-    pruner = secateurs.Pruner(small_mlp(), "magnitude", 0.5, allocation="sensitivity", allocation_options={"profile": profile},
-                              schedule={"kind": "linear", "start": 0, "end": 2, "every": 1})  # fmt: skip
+    pruner = secateurs.Pruner(
+        small_mlp(),
+        "magnitude",
+        0.5,
+        allocation="sensitivity",
+        allocation_options={"profile": profile},
+        schedule={"kind": "linear", "start": 0, "end": 2, "every": 1},
+    )
     for _ in range(3):
         pruner.step()
     assert math.isclose(pruner.report().sparsity, 0.5, abs_tol=3 / 1200)

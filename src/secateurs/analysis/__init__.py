@@ -32,7 +32,23 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "sensitivity": ("fit_budget", "sensitivity"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Allocated",
+    "BudgetError",
+    "Cell",
+    "Entry",
+    "Option",
+    "ProfileMismatchError",
+    "SaliencyCheck",
+    "SensitivityProfile",
+    "fit_budget",
+    "saliency",
+    "saliency_check",
+    "sensitivity",
+    "solve",
+    "solve_budget",
+    "spearman",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -40,8 +40,10 @@ def parse_budget(budget: Mapping[str, Any] | None, sparsity: float | None) -> tu
             raise ConfigError("allocation 'sensitivity' needs a sparsity, or allocation_options.budget")
         return "sparsity", float(sparsity)
     if not isinstance(budget, Mapping) or len(budget) != 1:
-        raise ConfigError(f"allocation_options.budget must be one of {{kind: value}} with kind in {BUDGETS}, got {budget!r}")
-    (kind, value), = budget.items()
+        raise ConfigError(
+            f"allocation_options.budget must be one of {{kind: value}} with kind in {BUDGETS}, got {budget!r}"
+        )
+    ((kind, value),) = budget.items()
     if kind not in BUDGETS:
         raise ConfigError(f"allocation_options.budget kind must be one of {', '.join(BUDGETS)}, got {kind!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -52,8 +54,11 @@ def parse_budget(budget: Mapping[str, Any] | None, sparsity: float | None) -> tu
 
 
 def _total(profile: SensitivityProfile, kind: str, entries: Sequence[Entry]) -> float:
-    return math.fsum(e.numel for e in entries) if kind == "sparsity" else (
-        1.0 if kind == "latency" else float(profile.dense[kind]))  # fmt: skip
+    return (
+        math.fsum(e.numel for e in entries)
+        if kind == "sparsity"
+        else (1.0 if kind == "latency" else float(profile.dense[kind]))
+    )
 
 
 def _to_knapsack(profile: SensitivityProfile, kind: str, value: float, entries: Sequence[Entry]) -> float:

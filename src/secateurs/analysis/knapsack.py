@@ -48,8 +48,10 @@ MAX_FRONTIER = 2_000_000
 
 def reachable(options: Sequence[Sequence[Option]]) -> tuple[float, float]:
     """The least and the greatest total cost any combination reaches."""
-    return (math.fsum(min(o.cost for o in opts) for opts in options),
-            math.fsum(max(o.cost for o in opts) for opts in options))  # fmt: skip
+    return (
+        math.fsum(min(o.cost for o in opts) for opts in options),
+        math.fsum(max(o.cost for o in opts) for opts in options),
+    )
 
 
 def check_options(options: Sequence[Sequence[Option]]) -> None:

@@ -156,7 +156,7 @@ class SensitivityProfile:
                     raise ProfileMismatchError(f"the profiled weight {name!r} is not in this model")
                 if list(tensor.shape) != list(shape):
                     raise ProfileMismatchError(
-                        f"the profiled weight {name!r} had shape {list(shape)}; in this model it is {list(tensor.shape)}"
+                        f"the profiled weight {name!r} had shape {list(shape)}; this model's is {list(tensor.shape)}"
                     )
 
     # -- the knapsack's options ------------------------------------------------------------------------
@@ -225,8 +225,9 @@ class SensitivityProfile:
         writer.writerow(["target", "kind", "sparsity", self.metric, "damage", "params", "macs", "latency_ratio"])
         kinds = {e.name: e.kind for e in self.entries}
         for c in sorted(self.cells, key=lambda c: (c.target, c.sparsity)):
-            writer.writerow([c.target, kinds.get(c.target, ""), c.sparsity, c.metric, self.damage(c),
-                             c.params, c.macs, c.latency])  # fmt: skip
+            writer.writerow(
+                [c.target, kinds.get(c.target, ""), c.sparsity, c.metric, self.damage(c), c.params, c.macs, c.latency]
+            )
         return out.getvalue()
 
     def table(self, top: int | None = None) -> str:

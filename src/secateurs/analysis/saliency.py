@@ -46,9 +46,13 @@ def _targets(model: nn.Module, scope: Any) -> list[Target]:
 
 
 def saliency(
-    model: nn.Module, calibration: Iterable[Any], estimators: Sequence[str] = ESTIMATORS, *, scope: Any = None,
+    model: nn.Module,
+    calibration: Iterable[Any],
+    estimators: Sequence[str] = ESTIMATORS,
+    *,
+    scope: Any = None,
     loss_fn: Callable | None = None,
-) -> dict[str, dict[str, Tensor]]:  # fmt: skip
+) -> dict[str, dict[str, Tensor]]:
     """``{estimator: {weight name: per-weight saliency (the weight's shape)}}``; the model is not changed.
     The per-batch Taylor estimate is reported per weight as the mean over batches of ``|w * g|``."""
     raw = _raw(model, take(calibration, None), estimators, scope, loss_fn)
@@ -57,7 +61,7 @@ def saliency(
 
 def _raw(
     model: nn.Module, batches: list[Any], estimators: Sequence[str], scope: Any, loss_fn: Callable | None
-) -> dict[str, dict[str, Tensor]]:  # fmt: skip
+) -> dict[str, dict[str, Tensor]]:
     """Per estimator and weight, in the weight's shape; Taylor keeps its batch dimension (signed)."""
     bad = [e for e in estimators if e not in ESTIMATORS]
     if bad:
@@ -88,8 +92,17 @@ def summary(saliencies: dict[str, dict[str, Tensor]]) -> list[dict[str, Any]]:
         for name, s in per_tensor.items():
             flat = s.reshape(-1).double()
             q = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-            rows.append({"estimator": estimator, "tensor": name, "p10": q[0], "median": q[1], "p90": q[2],
-                         "total": float(flat.sum()), "numel": flat.numel()})  # fmt: skip
+            rows.append(
+                {
+                    "estimator": estimator,
+                    "tensor": name,
+                    "p10": q[0],
+                    "median": q[1],
+                    "p90": q[2],
+                    "total": float(flat.sum()),
+                    "numel": flat.numel(),
+                }
+            )
     return rows
 
 
@@ -144,10 +157,18 @@ def _loss(model: nn.Module, batches: list[Any], loss_fn: Callable | None) -> flo
 
 
 def saliency_check(
-    model: nn.Module, calibration: Iterable[Any], estimators: Sequence[str] = ESTIMATORS, *,
-    evaluation: Iterable[Any] | None = None, groups_per_layer: int = 24, group_size: int = 4, seed: int = 0,
-    scope: Any = None, loss_fn: Callable | None = None, progress: bool = True,
-) -> SaliencyCheck:  # fmt: skip
+    model: nn.Module,
+    calibration: Iterable[Any],
+    estimators: Sequence[str] = ESTIMATORS,
+    *,
+    evaluation: Iterable[Any] | None = None,
+    groups_per_layer: int = 24,
+    group_size: int = 4,
+    seed: int = 0,
+    scope: Any = None,
+    loss_fn: Callable | None = None,
+    progress: bool = True,
+) -> SaliencyCheck:
     """Zero ``groups_per_layer`` random groups of ``group_size`` weights per layer, one at a time, measure the
     loss change on ``evaluation`` (default: the calibration batches), and correlate each estimate with it."""
     batches = take(calibration, None)

@@ -34,19 +34,19 @@ import torch
 from torch import nn
 
 from ..api import prune
-from ..batches import default_loss, logits_of, model_inputs, run_model, take, to_device, model_device
-from ..blocks import capture_inputs, find_blocks, block_output
+from ..batches import default_loss, logits_of, model_device, model_inputs, run_model, take, to_device
+from ..blocks import block_output, capture_inputs, find_blocks
 from ..config import PruneConfig
-from ..errors import ConfigError, NonFiniteError
+from ..errors import ConfigError
 from ..evaluation import compare_latency, count_macs
 from ..io import write_text
 from ..pipeline import Data
 from ..progress import progress as progress_bar
 from ..runners.blocks import prune_block_alone
-from ..scope import ScopeSpec, Target, resolve
+from ..scope import ScopeSpec, resolve
 from ..structural.graph import DependencyGraph
 from ..structural.pipeline import candidate_groups
-from ..threads import available_cores, limited_threads
+from ..threads import available_cores
 from ..trials import trial
 from .budget import solve_budget
 from .profile import Cell, Entry, SensitivityProfile, merged_cells
@@ -195,12 +195,19 @@ def _effective_weights(model: nn.Module) -> list[torch.Tensor]:
             out.append(p)
         params = getattr(module, "parametrizations", None)
         if params is not None:
-            out += [getattr(module, n) for n in params.keys()]
+            out += [getattr(module, n) for n in params]
     return out
 
 
-def _measure_cell(model: nn.Module, spec: _Spec, entry: Entry, sparsity: float, dense: dict[str, Any],
-                  twin: nn.Module | None = None, inputs: Any = None) -> Cell:  # fmt: skip
+def _measure_cell(
+    model: nn.Module,
+    spec: _Spec,
+    entry: Entry,
+    sparsity: float,
+    dense: dict[str, Any],
+    twin: nn.Module | None = None,
+    inputs: Any = None,
+) -> Cell:
     where = f"cell {entry.name!r} at sparsity {sparsity:g}"
     start = time.perf_counter()
     with trial(model):
@@ -208,10 +215,7 @@ def _measure_cell(model: nn.Module, spec: _Spec, entry: Entry, sparsity: float, 
             _prune_one(model, spec, entry, sparsity, inputs)
         except ConfigError as e:
             raise CellError(f"{where}: {e}") from e
-        if spec.local:
-            value = _local_error(model, spec, entry, inputs)
-        else:
-            value = _checked(_metric(model, spec), where)
+        value = _local_error(model, spec, entry, inputs) if spec.local else _checked(_metric(model, spec), where)
         cell = Cell(entry.name, sparsity, value)
         if "params" in spec.costs:
             cell.params = _nonzeros(model)
@@ -229,8 +233,16 @@ def _prune_one(model: nn.Module, spec: _Spec, entry: Entry, sparsity: float, inp
     common = dict(calibration=spec.calibration, loss_fn=spec.loss_fn, progress=False, allow_collapse=True)
     if spec.targets == "groups":
         structural = {"latency": False, **(options.pop("structural", None) or {})}
-        prune(model, spec.method, mode="remove", allocation={entry.name: sparsity}, structural=structural,
-              example_inputs=spec.example_inputs, **common, **options)  # fmt: skip
+        prune(
+            model,
+            spec.method,
+            mode="remove",
+            allocation={entry.name: sparsity},
+            structural=structural,
+            example_inputs=spec.example_inputs,
+            **common,
+            **options,
+        )
         return
     scope = ScopeSpec.from_value(options.pop("scope", None))
     scope = {**scope.given(), "include": [entry.name]}
@@ -250,7 +262,7 @@ def _macs(model: nn.Module, spec: _Spec, entry: Entry, dense: dict[str, Any]) ->
         weight = getattr(model.get_submodule(module_name), param)
         zeros = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
         saved += spec.macs.get(module_name, 0) * zeros
-    return int(round(dense["macs"] - saved))
+    return round(dense["macs"] - saved)
 
 
 def _local_error(model: nn.Module, spec: _Spec, entry: Entry, inputs: Any) -> float:
@@ -385,8 +397,14 @@ def sensitivity(
     spec.entries = _entries(model, spec)
     higher = (metric == "accuracy") or bool(getattr(metric, "higher_is_better", False))
     name = "local_error" if local else (metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
-    settings = {"method": method, "targets": targets, "local": local, "options": _plain(options), "costs": list(costs),
-                "weights": weights_digest(model)}  # fmt: skip
+    settings = {
+        "method": method,
+        "targets": targets,
+        "local": local,
+        "options": _plain(options),
+        "costs": list(costs),
+        "weights": weights_digest(model),
+    }
     profile = SensitivityProfile(type(model).__name__, name, higher, 0.0, grid, spec.entries, settings=settings)
     done = _resume(out, profile, overwrite)
     if done is None:
@@ -399,7 +417,9 @@ def sensitivity(
         _prepare_macs(model, spec)
     jobs = [(k, s) for k, e in enumerate(spec.entries) for s in grid if profile.cell(e.name, s) is None]
     _run_jobs(model, spec, profile, jobs, out, workers, backend, ray_address, progress)
-    profile.cells = sorted(merged_cells(profile.cells), key=lambda c: ([e.name for e in spec.entries].index(c.target), c.sparsity))
+    profile.cells = sorted(
+        merged_cells(profile.cells), key=lambda c: ([e.name for e in spec.entries].index(c.target), c.sparsity)
+    )
     if out is not None:
         profile.save(Path(out) / "profile.json", overwrite=True)
         profile.save(Path(out) / "profile.csv", overwrite=True)
@@ -472,7 +492,7 @@ def _run_jobs(model, spec, profile, jobs, out, workers, backend, address, show) 
 
 def _run_local_blocks(model, spec, dense, jobs, show):
     """Local mode: capture the first block's inputs once, then walk the blocks with dense propagation."""
-    container, blocks = find_blocks(model, spec.options.get("blocks"))
+    _, blocks = find_blocks(model, spec.options.get("blocks"))
     home = model_device(model)
     was_training = model.training
     model.eval()
@@ -484,7 +504,9 @@ def _run_local_blocks(model, spec, dense, jobs, show):
         bar = progress_bar(range(len(jobs)), "sensitivity cells (local)", show)
         for i, block in enumerate(blocks):
             with torch.no_grad():
-                outs = [block_output(inputs.call(i, b).invoke(block, inputs.hidden[b])) for b in range(len(inputs.hidden))]
+                outs = [
+                    block_output(inputs.call(i, b).invoke(block, inputs.hidden[b])) for b in range(len(inputs.hidden))
+                ]
             inputs.dense_outputs = outs
             for k, s in by_block.get(i, []):
                 cell = _measure_cell(model, spec, spec.entries[k], s, dense, None, inputs)
@@ -499,8 +521,13 @@ def _run_local_blocks(model, spec, dense, jobs, show):
 
 # -- resumable output ------------------------------------------------------------------------------
 def _header(profile: SensitivityProfile) -> dict[str, Any]:
-    return {"model": profile.model, "metric": profile.metric, "grid": profile.grid, "settings": profile.settings,
-            "entries": [asdict(e) for e in profile.entries]}  # fmt: skip
+    return {
+        "model": profile.model,
+        "metric": profile.metric,
+        "grid": profile.grid,
+        "settings": profile.settings,
+        "entries": [asdict(e) for e in profile.entries],
+    }
 
 
 def _start_dir(out: str | os.PathLike, profile: SensitivityProfile, overwrite: bool) -> None:
@@ -533,22 +560,34 @@ def _resume(out: str | os.PathLike | None, profile: SensitivityProfile, overwrit
             cells.append(Cell(**json.loads(line)))
         except (json.JSONDecodeError, TypeError):
             break  # a line cut by an interruption: everything before it is whole
-    done = SensitivityProfile(profile.model, profile.metric, profile.higher_is_better, saved["baseline"],
-                              profile.grid, profile.entries, merged_cells(cells), saved["dense"], profile.settings)  # fmt: skip
+    done = SensitivityProfile(
+        profile.model,
+        profile.metric,
+        profile.higher_is_better,
+        saved["baseline"],
+        profile.grid,
+        profile.entries,
+        merged_cells(cells),
+        saved["dense"],
+        profile.settings,
+    )
     return done
 
 
 # -- fitting a budget on the real model --------------------------------------------------------------
 def fit_budget(
-    profile: SensitivityProfile, budget: dict[str, float], measure: Callable[[dict], float],
-    rounds: int = 3, tolerance: float = 0.02,
+    profile: SensitivityProfile,
+    budget: dict[str, float],
+    measure: Callable[[dict], float],
+    rounds: int = 3,
+    tolerance: float = 0.02,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Where the profile's costs are not exactly additive (channel removal shares weights between
     neighbouring groups; latency is measured): solve, let ``measure(sparsities)`` report the real
     total (e.g. latency of the pruned model), and re-solve with the budget corrected by the ratio of
     asked to achieved, a few rounds (SPDY re-measures its candidates the same way). Returns the last
     per-entry sparsities and the history of (asked, predicted, achieved)."""
-    (kind, target), = budget.items()
+    ((kind, target),) = budget.items()
     asked, history = float(target), []
     allocated = solve_budget(profile, kind, asked)
     for _ in range(rounds):

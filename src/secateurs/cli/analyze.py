@@ -21,7 +21,9 @@ def _grid(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--grid takes comma-separated sparsities, e.g. 0.3,0.5,0.7; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--grid takes comma-separated sparsities, e.g. 0.3,0.5,0.7; got {text!r}"
+        ) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="safetensors weights to load into a factory-built model")
     p.add_argument("--method", default=None, help="pruning method per cell (default magnitude; wanda for an LLM)")
     p.add_argument("--grid", type=_grid, default=None, help="sparsities, e.g. 0.1,0.3,0.5,0.7,0.9 (default 0.1..0.95)")
-    p.add_argument("--targets", choices=("layers", "blocks", "groups"), default=None,
-                   help="what is pruned alone: weight tensors, repeated blocks, or channel groups (removal)")  # fmt: skip
+    p.add_argument(
+        "--targets",
+        choices=("layers", "blocks", "groups"),
+        default=None,
+        help="what is pruned alone: weight tensors, repeated blocks, or channel groups (removal)",
+    )
     p.add_argument("--metric", choices=("loss", "perplexity", "accuracy"), default=None, help="what is measured")
     p.add_argument("--local", action="store_true", help="blocks: relative reconstruction error on captured inputs")
     p.add_argument("--pattern", help="element | N:M | block:HxW (masks) or channel | head (groups)")
@@ -41,11 +47,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="'package.module:function' returning calibration batches (factory models)")
     p.add_argument("--calib", help="calibration text (Hugging Face language models)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration segments (LLMs, default 16)")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per segment (LLMs, default 256, capped to the model's context)")
+    p.add_argument(
+        "--seqlen", type=int, default=256, help="tokens per segment (LLMs, default 256, capped to the model's context)"
+    )
     p.add_argument("--input-shape", type=input_shape, help="shape of one input without the batch, e.g. 1,8,8")
     p.add_argument("--workers", type=int, default=1, help="cells in parallel (local processes or Ray tasks)")
-    p.add_argument("--backend", choices=("local", "processes", "ray"), default=None,
-                   help="where cells run (default: processes when --workers > 1)")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        choices=("local", "processes", "ray"),
+        default=None,
+        help="where cells run (default: processes when --workers > 1)",
+    )
     p.add_argument("--ray", action="store_true", help="= --backend ray")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--plot", action="store_true", help="also write curves.png and heatmap.png")
@@ -101,10 +113,23 @@ def run(args: argparse.Namespace) -> int:
         example = torch.zeros(1, *args.input_shape) if args.input_shape else None
     grid = args.grid if args.grid is not None else None
     profile = sensitivity(
-        model, calibration, method=method, targets=targets, metric=metric, evaluation=evaluation, costs=costs,
-        example_inputs=example, local=args.local, out=args.out, overwrite=args.overwrite, workers=args.workers,
-        backend=backend, ray_address=args.ray_address, **({"sparsities": grid} if grid is not None else {}), **options,
-    )  # fmt: skip
+        model,
+        calibration,
+        method=method,
+        targets=targets,
+        metric=metric,
+        evaluation=evaluation,
+        costs=costs,
+        example_inputs=example,
+        local=args.local,
+        out=args.out,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        backend=backend,
+        ray_address=args.ray_address,
+        **({"sparsities": grid} if grid is not None else {}),
+        **options,
+    )
     print(profile.table())
     if args.plot:
         from ..analysis.plots import plot_curves, plot_heatmap

@@ -76,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--profile", help="a sensitivity profile (secateurs analyze): allocate by it (= --allocation sensitivity)")
+    p.add_argument("--profile", help="a sensitivity profile (secateurs analyze): allocate by it")
     p.add_argument("--budget", type=_budget, help="with --profile: sparsity=S | params=N | macs=N | latency=RATIO")
     g = p.add_argument_group("language models (Hugging Face directories; text calibration)")
     g.add_argument("--calib", help="calibration text file, cut into seeded token segments")
