@@ -72,3 +72,20 @@ def test_a_params_budget_is_never_exceeded_and_an_unreachable_one_names_the_rang
     assert allocated.predicted <= 800 + 1e-9
     with pytest.raises(BudgetError, match=r"reachable params is 640 to 1000"):
         solve_budget(profile, "params", 500)
+
+
+def test_fit_budget_corrects_the_budget_by_what_was_measured():
+    from secateurs.analysis import fit_budget
+
+    profile = _profile()
+    # the real model keeps 5% more parameters than the additive profile predicts (shared weights)
+    real = {}
+
+    def measure(sparsities):
+        kept = 1000 - sum(sparsities[e.name] * e.numel for e in profile.entries)
+        real["last"] = kept * 1.05
+        return real["last"]
+
+    sparsities, history = fit_budget(profile, {"params": 800}, measure, rounds=4, tolerance=0.005)
+    assert abs(history[-1]["achieved"] - 800) <= 0.005 * 800 < abs(history[0]["achieved"] - 800)
+    assert history[1]["asked"] < history[0]["asked"]

@@ -49,6 +49,7 @@ from ..structural.pipeline import candidate_groups
 from ..threads import available_cores
 from ..trials import trial
 from .budget import solve_budget
+from .knapsack import BudgetError
 from .profile import Cell, Entry, SensitivityProfile, merged_cells
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -595,6 +596,10 @@ def fit_budget(
         history.append({"asked": asked, "predicted": allocated.predicted, "achieved": achieved})
         if abs(achieved - target) <= tolerance * abs(target):
             break
-        asked = asked * target / achieved
-        allocated = solve_budget(profile, kind, asked)
+        try:  # a correction past the reachable range keeps the last solution (the history says so)
+            corrected = solve_budget(profile, kind, asked * target / achieved)
+        except BudgetError:
+            history[-1]["stopped"] = "the corrected budget is outside the profile's reachable range"
+            break
+        asked, allocated = asked * target / achieved, corrected
     return allocated.sparsities, history
