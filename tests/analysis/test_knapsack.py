@@ -86,6 +86,6 @@ def test_fit_budget_corrects_the_budget_by_what_was_measured():
         real["last"] = kept * 1.05
         return real["last"]
 
-    sparsities, history = fit_budget(profile, {"params": 800}, measure, rounds=4, tolerance=0.005)
+    _, history = fit_budget(profile, {"params": 800}, measure, rounds=4, tolerance=0.005)
     assert abs(history[-1]["achieved"] - 800) <= 0.005 * 800 < abs(history[0]["achieved"] - 800)
     assert history[1]["asked"] < history[0]["asked"]
