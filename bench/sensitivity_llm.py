@@ -97,12 +97,16 @@ def main() -> None:
     p.add_argument("--eval-windows", dest="eval_windows", type=int, default=200)
     p.add_argument("--cell-samples", dest="cell_samples", type=int, default=16, help="calibration segments per cell")
     p.add_argument("--methods", default="wanda,sparsegpt")
+    p.add_argument(
+        "--nsamples", type=int, default=128, help="calibration segments of every prune (128: llm_pruning.py)"
+    )
+    p.add_argument("--profiles", default="block loss,local error", help="which profiles to measure")
     args = p.parse_args()
     from secateurs.calibration import sample_segments
     from secateurs.hf import load_tokenizer
 
     load = os.getloadavg()
-    segments = _segments(128, 256)
+    segments = _segments(args.nsamples, 256)
     held = sample_segments(str(CALIB), load_tokenizer(str(MODEL)), 16, 256, seed=1)
     evaluation = [{"input_ids": held[i : i + 8], "labels": held[i : i + 8]} for i in range(0, 16, 8)]
     dense = _ppl(_model(), args.eval_windows)
@@ -112,7 +116,7 @@ def main() -> None:
             "uniform": _prune(method, segments, args.eval_windows),
             "owl": _prune(method, segments, args.eval_windows, allocation="owl"),
         }
-        for kind in ("block loss", "local error"):
+        for kind in args.profiles.split(","):
             profile, seconds = _profile(
                 method, "local" if kind == "local error" else "loss", segments, evaluation, args.cell_samples
             )
@@ -124,9 +128,13 @@ def main() -> None:
             results[f"sensitivity ({kind})"] = row
         for name, r in results.items():
             rows.append({"method": method, "allocation": name, **r})
+        _write(args, rows, dense, load)  # after each method: a partial run keeps what it measured
     print(table(rows, dense))
+
+
+def _write(args: argparse.Namespace, rows: list[dict], dense: float, load: tuple) -> None:
     write_results(
-        "sensitivity_llm",
+        f"sensitivity_llm_{args.nsamples}",
         {
             "machine": machine(),
             "load_before": load,
@@ -134,6 +142,7 @@ def main() -> None:
             "dense_perplexity": dense,
             "eval_windows": args.eval_windows,
             "cell_samples": args.cell_samples,
+            "nsamples": args.nsamples,
             "grid": GRID,
             "rows": rows,
         },
