@@ -24,21 +24,34 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results
-from structural_models import resnet_like
+from structural_models import BasicBlock, resnet_like
 
 BATCH = 8
 
 
-def _digits():
+def small_resnet(width: int, classes: int = 10) -> nn.Module:
+    """``resnet_like``'s layout (ResNet-18: 2 basic blocks per stage, 4 stages) at base width ``width``."""
+    if width == 32:
+        return resnet_like(classes)
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+def _digits(size: int):
     from secateurs.demo.trained import digits
 
     d = digits(0)
 
     def up(x):
-        return F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
 
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(d.x_train), generator=g)
@@ -98,6 +111,9 @@ def main() -> None:
     p.add_argument("--train-steps", dest="train_steps", type=int, default=300)
     p.add_argument("--finetune-steps", dest="finetune_steps", type=int, default=100)
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--width", type=int, default=32, help="base width (32: structural_models.resnet_like)")
+    p.add_argument("--size", type=int, default=32, help="input side (digits upsampled from 8x8)")
+    p.add_argument("--batch", type=int, default=BATCH, help="batch of the latency measurements")
     p.add_argument("--repeats", type=int, default=9, help="paired dense/pruned runs per latency measurement")
     args = p.parse_args()
     from secateurs.analysis import fit_budget, sensitivity
@@ -105,14 +121,14 @@ def main() -> None:
 
     load = [os.getloadavg()]
     torch.manual_seed(0)
-    train_batches, test_batches = _digits()
-    model = resnet_like(10)
+    train_batches, test_batches = _digits(args.size)
+    model = small_resnet(args.width)
     start = time.perf_counter()
     train(model, train_batches, args.train_steps)
     model.eval()
     train_seconds = time.perf_counter() - start
     dense_accuracy = accuracy(model, test_batches)
-    inputs = train_batches[0][0][:BATCH]
+    inputs = torch.cat([x for x, _ in train_batches])[: args.batch]
     print(f"trained in {train_seconds:.0f} s: dense accuracy {dense_accuracy:.4f}", flush=True)
 
     start = time.perf_counter()
@@ -163,6 +179,9 @@ def main() -> None:
     load.append(os.getloadavg())
     result = {
         "machine": machine(),
+        "width": args.width,
+        "size": args.size,
+        "batch": args.batch,
         "load": load,
         "budget": args.budget,
         "dense_accuracy": dense_accuracy,
