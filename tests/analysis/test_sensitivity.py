@@ -215,3 +215,15 @@ def test_the_pruner_and_a_recipe_take_the_sensitivity_allocation(mlp, mlp_batche
     for _ in range(3):
         pruner.step()
     assert math.isclose(pruner.report().sparsity, 0.5, abs_tol=3 / 1200)
+
+
+def test_channel_removal_allocates_groups_by_a_profile_under_a_params_budget(cnn, cnn_batches):
+    profile = sensitivity(cnn, cnn_batches, targets="groups", sparsities=(0.25, 0.5, 0.75), progress=False)
+    budget = int(0.7 * profile.dense["params"])
+    report = secateurs.prune(cnn, "magnitude", mode="remove", allocation="sensitivity", calibration=cnn_batches,
+                             allocation_options={"profile": profile, "budget": {"params": budget}},
+                             structural={"latency": False}, progress=False)  # fmt: skip
+    # removal shares weights between neighbouring groups, so the additive prediction is close, not exact
+    # (fit_budget re-measures); every group was sized by the profile
+    assert abs(report.after.params - budget) / budget < 0.1
+    assert {g.name for g in report.groups} == {e.name for e in profile.entries}

@@ -111,6 +111,11 @@ def _check(targets: str, metric: Any, costs: Sequence[str], backend: str, worker
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     if local and targets != "blocks":
         raise ConfigError("local=True (block reconstruction error) needs targets='blocks'")
+    if local and (workers > 1 or backend != "local"):
+        raise ConfigError(
+            "local=True walks the blocks in order in one process (each block's inputs come from the one before); "
+            "drop workers/backend, or use the whole-model metric (local=False) to run cells in parallel"
+        )
 
 
 # -- entries ---------------------------------------------------------------------------------------
@@ -449,7 +454,7 @@ def _dense(model: nn.Module, spec: _Spec, profile: SensitivityProfile, repeats: 
     else:
         profile.baseline = _checked(_metric(model, spec), "the dense model")
     profile.dense = {"params": _nonzeros(model), "repeats": repeats}
-    if spec.example_inputs is not None and ("macs" in spec.costs or spec.targets != "groups"):
+    if spec.example_inputs is not None and "macs" in spec.costs:
         profile.dense["macs"] = _prepare_macs(model, spec)
 
 
