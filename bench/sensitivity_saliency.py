@@ -21,7 +21,7 @@ from _common import machine, write_results
 
 def main() -> None:
     from secateurs.analysis import saliency_check
-    from secateurs.analysis.saliency import ESTIMATORS
+    from secateurs.analysis.saliencies import ESTIMATORS
     from secateurs.demo import train_batches, trained_cnn, trained_mlp
 
     load = os.getloadavg()

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import assert_unchanged, fingerprint
 from secateurs.analysis import saliency, saliency_check, spearman
-from secateurs.analysis.saliency import summary
+from secateurs.analysis.saliencies import summary
 
 
 def test_spearman_matches_scipy_with_ties():

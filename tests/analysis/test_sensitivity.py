@@ -11,7 +11,7 @@ import torch
 import secateurs
 from conftest import assert_unchanged, fingerprint, small_mlp
 from secateurs.analysis import ProfileMismatchError, SensitivityProfile, sensitivity
-from secateurs.analysis.sensitivity import CellError
+from secateurs.analysis.cells import CellError
 from secateurs.errors import ConfigError
 
 GRID = (0.3, 0.7)
@@ -227,3 +227,15 @@ def test_channel_removal_allocates_groups_by_a_profile_under_a_params_budget(cnn
     # (fit_budget re-measures); every group was sized by the profile
     assert abs(report.after.params - budget) / budget < 0.1
     assert {g.name for g in report.groups} == {e.name for e in profile.entries}
+
+
+def test_no_public_name_of_the_analysis_package_is_shadowed_by_a_submodule():
+    """``from secateurs.analysis import fit_budget, sensitivity`` imported the module ``sensitivity``
+    once a submodule of that name existed; no module may share a public name."""
+    from pathlib import Path
+
+    import secateurs.analysis as analysis
+
+    root = Path(analysis.__file__).parent
+    assert not [n for n in analysis.__all__ if (root / f"{n}.py").exists()]
+    assert callable(analysis.sensitivity) and callable(analysis.saliency)

@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .budget import Allocated, solve_budget
+    from .cells import fit_budget, sensitivity
     from .knapsack import BudgetError, Option, solve
     from .profile import Cell, Entry, ProfileMismatchError, SensitivityProfile
-    from .saliency import SaliencyCheck, saliency, saliency_check, spearman
-    from .sensitivity import fit_budget, sensitivity
+    from .saliencies import SaliencyCheck, saliency, saliency_check, spearman
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "budget": ("Allocated", "solve_budget"),
     "knapsack": ("BudgetError", "Option", "solve"),
     "profile": ("Cell", "Entry", "ProfileMismatchError", "SensitivityProfile"),
-    "saliency": ("SaliencyCheck", "saliency", "saliency_check", "spearman"),
-    "sensitivity": ("fit_budget", "sensitivity"),
+    "saliencies": ("SaliencyCheck", "saliency", "saliency_check", "spearman"),
+    "cells": ("fit_budget", "sensitivity"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = [

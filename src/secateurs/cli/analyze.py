@@ -82,7 +82,7 @@ def _llm_batches(args: argparse.Namespace, model: Any) -> tuple[list, list]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.sensitivity import sensitivity
+    from ..analysis.cells import sensitivity
     from ..errors import ConfigError
 
     apply_threads(args)
