@@ -14,6 +14,7 @@ the whole model (whole-model runner) or once per block (block runner).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .analysis.budget import parse_budget, solve_budget
+from .analysis.profile import SensitivityProfile
 from .criteria.activation import Wanda
 from .criteria.magnitude import lamp_normalize
 from .errors import ConfigError, choices
@@ -75,6 +78,13 @@ class Allocation:
 
     def check(self, sparsity: float | None) -> None:
         """Refuse a sparsity this allocation cannot reach, before anything runs."""
+
+    def check_targets(self, targets: Sequence[Target], kind: str = "target", hint: str = "") -> None:
+        """Refuse targets this allocation cannot size (checked once, before anything is pruned)."""
+
+    def implied_sparsity(self) -> float | None:
+        """The run's final sparsity when the allocation sets it itself (no ``sparsity`` given), else None."""
+        return None
 
     def target_sparsities(self, budget: Budget) -> dict[str, float] | None:
         """The fraction of units each target loses, or None for allocators that only rank."""
@@ -222,6 +232,9 @@ class Explicit(Allocation):
     def target_sparsities(self, budget: Budget) -> dict[str, float]:
         return self.scaled(budget.targets, budget.sparsity, budget.final_sparsity)
 
+    def implied_sparsity(self) -> float | None:
+        return max(self.sparsities.values(), default=0.0)
+
     def to_spec(self) -> dict:
         return dict(self.sparsities)
 
@@ -284,6 +297,87 @@ class OWL(Allocation):
         spread = owl_sparsities(list(ratios.values()), budget.sparsity, self.lam, list(sizes.values()))
         layer_sparsity = dict(zip(ratios, spread))
         return {t.name: layer_sparsity[self.layer_key(t, budget.layer_of)] for t in budget.targets}
+
+
+@ALLOCATIONS.register
+class Sensitivity(Allocation):
+    """Per-target sparsities from a measured sensitivity profile, under a budget: the exact multiple-choice
+    knapsack over the profile's options (SPDY, arXiv:2203.13131; OBC, arXiv:2208.11580; HALP's latency
+    knapsack, arXiv:2110.10811), see :mod:`secateurs.analysis.budget`.
+
+    ``profile`` is a :class:`~secateurs.analysis.SensitivityProfile` or the path of one saved as JSON;
+    ``budget`` is None (the run's ``sparsity``) or one of ``{'sparsity': s}``, ``{'params': n}`` (whole-model
+    parameters left), ``{'macs': n}`` or ``{'latency': r}`` (a ratio of the dense model's latency measured in
+    the profile). A budget other than the run's sparsity replaces it, so ``sparsity`` must then be omitted.
+    The profile must cover exactly the run's targets with the same shapes (refused otherwise, naming the
+    first mismatch); a profile entry may be a block holding several targets, which all get its sparsity.
+    """
+
+    name = "sensitivity"
+
+    def __init__(self, profile: Any, budget: Mapping[str, Any] | None = None) -> None:
+        if isinstance(profile, (str, os.PathLike)):
+            profile = SensitivityProfile.load(profile)
+        elif isinstance(profile, Mapping):
+            profile = SensitivityProfile.from_dict(profile)
+        elif not isinstance(profile, SensitivityProfile):
+            raise ConfigError(
+                "allocation_options.profile must be a SensitivityProfile or the path of one (JSON), got "
+                f"{type(profile).__name__}; compute one with secateurs.analysis.sensitivity(model, ...)"
+            )
+        if profile.missing():
+            target, sparsity = profile.missing()[0]
+            raise ConfigError(
+                f"the sensitivity profile is unfinished: {len(profile.missing())} cells missing, the first "
+                f"{target!r} at {sparsity:g}; resume the analysis (same --out) to finish it"
+            )
+        self.profile = profile
+        self.budget = None if budget is None else dict(budget)
+        if budget is not None:
+            parse_budget(budget, None)
+        self._solved: dict[tuple[str, ...], dict[str, float]] = {}
+
+    def options(self) -> dict[str, Any]:
+        return {"profile": self.profile, "budget": self.budget}
+
+    def to_spec(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        entries = f"<{len(self.profile.entries)} entries of a {self.profile.model}>"
+        return f"Sensitivity(profile={entries}, budget={self.budget!r})"
+
+    def check(self, sparsity: float | None) -> None:
+        if self.budget is not None and "sparsity" not in self.budget and sparsity is not None:
+            raise ConfigError(
+                f"allocation_options.budget {self.budget} sets how much is pruned, so sparsity={sparsity} would be "
+                "ignored; drop sparsity (or use budget={'sparsity': ...})"
+            )
+        if self.budget is not None and "sparsity" in self.budget and sparsity is not None:
+            raise ConfigError("give the sparsity once: as sparsity= or as allocation_options.budget, not both")
+        if self.budget is None and sparsity is None:
+            raise ConfigError("allocation 'sensitivity' needs a sparsity, or allocation_options.budget")
+
+    def implied_sparsity(self) -> float | None:
+        if self.budget is None:
+            return None
+        return float(self.budget["sparsity"]) if "sparsity" in self.budget else max(self.profile.grid)
+
+    def check_targets(self, targets: Sequence[Target], kind: str = "target", hint: str = "") -> None:
+        self.profile.check_targets(targets)
+
+    def target_sparsities(self, budget: Budget) -> dict[str, float]:
+        """The knapsack solves the final budget once; a schedule's step gets each target's share of its final
+        value (step / final sparsity), as an explicit allocation does, so masks only grow toward it."""
+        every = list(budget.all_targets or budget.targets)
+        key = tuple(t.name for t in every)
+        if key not in self._solved:  # the block runner asks once per block: solve the whole model once
+            owner = self.profile.check_targets(every)
+            kind, value = parse_budget(self.budget, budget.final_sparsity)
+            allocated = solve_budget(self.profile, kind, value)
+            self._solved[key] = {t.name: allocated.sparsities[owner[t.name].name] for t in every}
+        scale = budget.sparsity / budget.final_sparsity if budget.final_sparsity > 0 else 1.0
+        return {t.name: self._solved[key][t.name] * scale for t in budget.targets}
 
 
 def outlier_ratio(scores: Sequence[Tensor], m: float) -> float:

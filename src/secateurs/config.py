@@ -250,9 +250,7 @@ class PruneConfig(Spec):
             pattern: Pattern | Granularity = parse_granularity(self.pattern or criterion.default_pattern)
         else:
             pattern = parse_pattern(self.pattern)
-        # a Pruner that only drives a regularizer (learned gates, group lasso) prunes nothing on a schedule
-        required = not isinstance(self.allocation, Mapping) and self.regularizer is None
-        sparsity = check_sparsity(self.sparsity, pattern, required=required)
+        sparsity = check_sparsity(self.sparsity, pattern, required=False)  # unless the allocation sets it: below
         comparison = self.comparison or criterion.default_comparison
         if not removing:
             self._check_pattern(criterion, pattern)  # type: ignore[arg-type]
@@ -272,6 +270,9 @@ class PruneConfig(Spec):
         allocation = make_allocation(
             self.allocation or criterion.default_allocation, default=self.sparsity_, options=self.allocation_options
         )
+        # required unless the allocation sets it, or a Pruner only drives a regularizer (learned gates, group lasso)
+        if self.sparsity_ is None and allocation.implied_sparsity() is None and self.regularizer is None:
+            check_sparsity(None, self.pattern_)
         self._check_allocation(allocation, self.pattern_, self.comparison_, self.sparsity_)
         self._set("allocation_", allocation)
 
@@ -506,8 +507,8 @@ class PruneConfig(Spec):
         """The overall sparsity the schedule aims at."""
         if self.sparsity_ is not None:
             return self.sparsity_
-        explicit = self.allocation_
-        return max(explicit.sparsities.values(), default=0.0) if isinstance(explicit, Explicit) else 0.0
+        implied = self.allocation_.implied_sparsity()  # an explicit dict's largest value, a budget's
+        return implied if implied is not None else 0.0
 
     @property
     def rounds(self) -> int:
@@ -523,8 +524,7 @@ class PruneConfig(Spec):
     def plans(self, targets: Sequence[Target]) -> list[Plan]:
         """Split ``targets`` into config groups: the base configuration and one per override (the last
         matching glob wins; an override at sparsity 0 leaves its targets dense)."""
-        if isinstance(self.allocation_, Explicit):
-            self.allocation_.check_targets(targets)
+        self.allocation_.check_targets(targets)  # a glob naming no target, a profile of another model
         owner: dict[str, Override | None] = {t.name: None for t in targets}
         for override in self.overrides_:
             matched = [t for t in targets if target_matches(t, override.glob)]

@@ -77,6 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--profile", help="a sensitivity profile (secateurs analyze): allocate by it")
+    p.add_argument("--budget", type=_budget, help="with --profile: sparsity=S | params=N | macs=N | latency=RATIO")
     g = p.add_argument_group("language models (Hugging Face directories; text calibration)")
     g.add_argument("--calib", help="calibration text file, cut into seeded token segments")
     g.add_argument("--nsamples", type=int, help="calibration segments (default 128)")
@@ -112,6 +114,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _budget(text: str) -> dict[str, float]:
+    kind, _, value = text.partition("=")
+    try:
+        return {kind.strip(): float(value)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget takes KIND=VALUE (e.g. latency=0.5), got {text!r}") from None
+
+
 def _method_help() -> str:
     """The registered names, read when help is printed (importing the registry imports torch)."""
     from ..criteria import CRITERIA
@@ -141,6 +151,13 @@ def recipe_from_args(args: argparse.Namespace, schema: Any) -> dict[str, Any]:
     owl = {k: v for k, v in (("m", args.owl_m), ("lam", args.owl_lambda)) if v is not None}
     if owl:
         recipe["allocation_options"] = {**(recipe.get("allocation_options") or {}), **owl}
+    if args.profile:
+        recipe["allocation"] = "sensitivity"
+        recipe["allocation_options"] = {**(recipe.get("allocation_options") or {}), "profile": args.profile}
+    if args.budget:
+        if recipe.get("allocation") != "sensitivity":
+            raise ConfigError("--budget applies to a sensitivity allocation: pass --profile PROFILE.json")
+        recipe["allocation_options"] = {**recipe["allocation_options"], "budget": args.budget}
     solver = {k: v for k, v in (("dampening", args.dampening), ("blocksize", args.blocksize)) if v is not None}
     if solver:
         recipe["solver_options"] = {**(recipe.get("solver_options") or {}), **solver}

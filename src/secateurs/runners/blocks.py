@@ -204,3 +204,19 @@ def propagate(block: nn.Module, index: int, inputs: BlockInputs) -> None:
     with torch.no_grad():
         for b in range(len(inputs.hidden)):
             inputs.hidden[b] = inputs.call(index, b).invoke(block, inputs.hidden[b])
+
+
+def prune_block_alone(model: nn.Module, config: PruneConfig, data: Data, index: int, inputs: BlockInputs) -> None:
+    """Prune only block ``index`` on ``inputs`` (its captured inputs), the other blocks untouched: the
+    sensitivity analysis's local mode, which scores a block by its reconstruction error on its own inputs.
+    No rollback: the caller runs it inside a :func:`secateurs.trial`."""
+    container, blocks, scoped, _ = block_targets(model, config)
+    owner = block_owners(blocks)
+    mine = [t for t in scoped if owner[id(t.module)] == index]
+    plans = config.plans(mine)
+    check(plans, config, data)
+    layer_of = {t.name: f"{container}.{index}" for t in mine}
+    context = Context(all_targets={id(p): p.targets for p in plans}, layer_of=layer_of)
+    device = data.device if data.device is not None else model_device(model)
+    with on_device(blocks[index], device):
+        _prune_block(blocks[index], index, mine, plans, inputs, config, context, config.target_needs(plans))

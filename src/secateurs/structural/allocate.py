@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..allocation import Budget, Explicit
+from ..allocation import Budget
 from ..errors import ConfigError
 from ..granularity import StructuralOptions
 from ..patterns import OutputChannel
@@ -86,8 +86,8 @@ def prune_counts(
         dead[g.name] = torch.zeros_like(s, dtype=torch.bool)
         params = max(round(float(g.unit_params.mean())), 1) if g.units else 1
         targets.append(_GroupTarget(g.name, (g.units, 1, params)))
-    if isinstance(allocation, Explicit):  # a key naming no group would silently leave nothing protected
-        allocation.check_targets(targets, "group", " (a group is named by the layer that produces its channels)")
+    # an explicit key naming no group would silently leave nothing protected; a profile must fit the groups
+    allocation.check_targets(targets, "group", " (a group is named by the layer that produces its channels)")
     ranked_globally = allocation.needs_single_group
     if ranked_globally:
         unit_scores = {n: s.masked_fill(protected[n], float("inf")) for n, s in unit_scores.items()}

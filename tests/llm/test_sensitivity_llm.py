@@ -1,0 +1,73 @@
+"""Sensitivity analysis of language models: block cells restore the model bit-exact (local and whole-model
+modes, masks and SparseGPT's reconstruction), and prune_llm allocates by the profile."""
+
+from __future__ import annotations
+
+import pytest
+
+from secateurs.analysis import sensitivity
+from secateurs.llm import prune_llm
+
+from .conftest import assert_same_bits, state_bits
+
+
+def _batches(segments):
+    return [segments[:4], segments[4:]]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_local_block_cells_restore_the_model_bit_exact(llama, segments, method):
+    before = state_bits(llama)
+    profile = sensitivity(
+        llama, _batches(segments), method=method, targets="blocks", local=True, sparsities=(0.5, 0.8), progress=False
+    )
+    assert_same_bits(before, state_bits(llama))
+    assert [e.name for e in profile.entries] == ["model.layers.0", "model.layers.1"]
+    for entry in profile.entries:  # a block's reconstruction error grows with its sparsity
+        assert 0 < profile.cell(entry.name, 0.5).metric < profile.cell(entry.name, 0.8).metric
+
+
+def test_whole_model_block_cells_measure_perplexity_and_restore_the_model(llama, segments):
+    before = state_bits(llama)
+    evaluation = [{"input_ids": b, "labels": b} for b in _batches(segments)]
+    profile = sensitivity(
+        llama,
+        _batches(segments),
+        method="wanda",
+        targets="blocks",
+        runner="blocks",
+        metric="perplexity",
+        evaluation=evaluation,
+        sparsities=(0.7,),
+        costs=(),
+        progress=False,
+    )
+    assert_same_bits(before, state_bits(llama))
+    assert profile.baseline > 1 and all(c.metric > 1 for c in profile.cells)
+
+
+def test_prune_llm_allocates_blocks_by_the_profile_and_meets_the_sparsity(llama, segments):
+    profile = sensitivity(
+        llama,
+        _batches(segments),
+        method="wanda",
+        targets="blocks",
+        local=True,
+        sparsities=(0.5, 0.6, 0.7, 0.8, 0.9),
+        progress=False,
+    )
+    report = prune_llm(
+        llama,
+        "wanda",
+        0.7,
+        allocation="sensitivity",
+        allocation_options={"profile": profile},
+        calibration=segments,
+        seqlen=32,
+        nsamples=8,
+        progress=False,
+    )
+    assert report.sparsity == pytest.approx(0.7, abs=0.01)
+    damage = {e.name: mean for e, mean in profile.ranked()}
+    fragile, robust = max(damage, key=damage.get), min(damage, key=damage.get)
+    assert report.details.layer_sparsities[fragile] <= report.details.layer_sparsities[robust]
