@@ -184,6 +184,7 @@ def _shard(batches: list[Any], group: Group, config: LLMPruneConfig) -> list[Any
         )
     return shard(batches, group) if batches else batches
 
+
 def _prune_with_experts(
     model: nn.Module, config: LLMPruneConfig, data: Data, experts: list[MoEBlock], batches: list[Any],
     method: str, sparsity: float | None, options: dict[str, Any],

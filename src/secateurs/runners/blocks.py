@@ -219,4 +219,4 @@ def prune_block_alone(model: nn.Module, config: PruneConfig, data: Data, index: 
     context = Context(all_targets={id(p): p.targets for p in plans}, layer_of=layer_of)
     device = data.device if data.device is not None else model_device(model)
     with on_device(blocks[index], device):
-        _prune_block(blocks[index], index, mine, plans, inputs, config, context, config.target_needs(plans))
+        prune_block(blocks[index], index, mine, plans, inputs, config, context, config.target_needs(plans))
