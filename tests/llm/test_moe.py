@@ -185,6 +185,19 @@ def test_a_mixtral_pruned_to_half_prunes_every_expert_to_half(method, tokens):
         assert torch.isfinite(model(tokens[:2]).logits).all()
 
 
+def test_routers_and_the_shared_expert_gate_are_left_dense(tokens):
+    """Pruning a router or Qwen2-MoE's shared-expert gate changes where tokens go, not one expert's weights."""
+    model = tiny_moe("qwen2_moe")
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("shared_expert_gate.weight",
+                                                                                     "mlp.gate.weight"))}  # fmt: skip
+    assert any("shared_expert_gate" in n for n in kept)
+    report = prune_llm(model, "wanda", 0.5, calibration=tokens, progress=False, min_expert_tokens=1)
+    assert not any(n.endswith(("shared_expert_gate", "mlp.gate")) for n in (layer.name for layer in report.layers))
+    params = dict(model.named_parameters())
+    for name, value in kept.items():
+        assert torch.equal(params[name], value), name
+
+
 def test_n_m_inside_experts_and_statistics_counted_by_routed_tokens(tokens):
     model = tiny_moe("qwen3_moe")
     stats = expert_statistics(model, [tokens])

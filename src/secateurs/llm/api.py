@@ -206,14 +206,20 @@ def _prune_with_experts(
     if batches and config.needs & DATA_NEEDS:
         starved = starved_experts(expert_statistics(model, batches, experts, outputs=False), experts,
                                   config.min_expert_tokens)  # fmt: skip
-    if starved:  # the same run without them; they get the declared fallback below
+    # routers and shared-expert gates decide where tokens go: pruning them changes the routing, not one expert
+    routers = tuple(
+        f"{b.name}.{name}" for b in experts for name, child in b.block.named_children()
+        if isinstance(child, nn.Linear) and (child is b.router or name.endswith("expert_gate"))
+    )  # fmt: skip
+    excluded = (*starved, *routers)
+    if excluded:  # the same run without them; starved experts get the declared fallback below
         scope = config.scope
         if isinstance(scope, ScopeSpec):
-            scope = replace(scope, exclude=(*scope.exclude, *starved))
+            scope = replace(scope, exclude=(*scope.exclude, *excluded))
         elif isinstance(scope, Mapping):
-            scope = {**scope, "exclude": (*ScopeSpec.from_value(dict(scope)).exclude, *starved)}
+            scope = {**scope, "exclude": (*ScopeSpec.from_value(dict(scope)).exclude, *excluded)}
         else:
-            scope = {"include": ScopeSpec.from_value(scope).include, "exclude": tuple(starved)}
+            scope = {"include": ScopeSpec.from_value(scope).include, "exclude": excluded}
         config = LLMPruneConfig(method=method, sparsity=sparsity, **{**options, "scope": scope})
     with unfused_experts(model, experts):
         report = run(model, config, data)
