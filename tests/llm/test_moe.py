@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from secateurs import ConfigError
+from secateurs import ConfigError, DataRequiredError
 from secateurs.llm import prune_llm
 from secateurs.llm.moe import MOE_BLOCKS, MoESpec, expert_statistics, find_moe_blocks, prune_experts, register_moe
 
@@ -185,6 +185,16 @@ def test_a_mixtral_pruned_to_half_prunes_every_expert_to_half(method, tokens):
         assert torch.isfinite(model(tokens[:2]).logits).all()
 
 
+def test_expert_removal_without_calibration_reaching_the_experts_is_refused_untouched():
+    model = tiny_moe("mixtral")
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(DataRequiredError, match="no calibration token reached"):
+        prune_experts(model, 0.25, saliency="reap", calibration=torch.zeros(0, 16, dtype=torch.long))
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    with pytest.raises(ConfigError, match="min_expert_tokens"):
+        prune_llm(model, "wanda", 0.5, calibration=torch.zeros(1, 8, dtype=torch.long), min_expert_tokens=0)
+
+
 def test_routers_and_the_shared_expert_gate_are_left_dense(tokens):
     """Pruning a router or Qwen2-MoE's shared-expert gate changes where tokens go, not one expert's weights."""
     model = tiny_moe("qwen2_moe")
@@ -206,8 +216,9 @@ def test_n_m_inside_experts_and_statistics_counted_by_routed_tokens(tokens):
     assert int(counts.sum()) == tokens.numel() * 2  # every token goes to top-2 experts
     prune_llm(model, "wanda", pattern="2:4", calibration=tokens, progress=False, min_expert_tokens=1)
     for b in find_moe_blocks(model):
-        groups = (b.experts.gate_up_proj != 0).reshape(-1, 4).sum(-1)
-        assert bool((groups <= 2).all())
+        for weight in (b.experts.gate_up_proj, b.experts.down_proj):
+            groups = (weight != 0).reshape(-1, 4).sum(-1)
+            assert bool((groups <= 2).all())
 
 
 def test_an_expert_with_too_few_tokens_falls_back_to_magnitude_and_is_reported(tokens):

@@ -21,7 +21,7 @@ from ..blocks import batched
 from ..calibration import model_tokenizer as _default_tokenizer
 from ..calibration import resolve_seqlen, sample_segments
 from ..distributed import Group, agree, detect, fingerprint, shard
-from ..errors import ConfigError
+from ..errors import ConfigError, DataRequiredError
 from ..evidence import DATA_NEEDS
 from ..guards import outside_inference_mode
 from ..pipeline import Data
@@ -222,7 +222,16 @@ def _prune_with_experts(
             scope = {"include": ScopeSpec.from_value(scope).include, "exclude": excluded}
         config = LLMPruneConfig(method=method, sparsity=sparsity, **{**options, "scope": scope})
     with unfused_experts(model, experts):
-        report = run(model, config, data)
+        try:
+            report = run(model, config, data)
+        except DataRequiredError as error:
+            if ".experts." not in str(error):
+                raise
+            raise DataRequiredError(
+                f"{error}: an expert got no routed calibration tokens in the sequential pass (routing shifts as "
+                "earlier blocks are pruned, so the dense count that picks the magnitude fallbacks can miss it); "
+                "raise min_expert_tokens or pass more calibration text"
+            ) from error
         if starved:
             fallback = PruneConfig(
                 method="magnitude", sparsity=report.config.get("sparsity"), pattern=report.config.get("pattern"),

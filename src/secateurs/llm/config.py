@@ -49,7 +49,7 @@ class LLMPruneConfig(PruneConfig):
     nsamples: int = option(128, check=integer(1))
     seqlen: int | None = option(None, check=integer(1, optional=True))
     batch_size: int = option(1, check=integer(1))
-    min_expert_tokens: int | None = option(None, check=integer(0, optional=True))
+    min_expert_tokens: int | None = option(None, check=integer(1, optional=True))
 
     def _runner(self) -> str:
         if self.runner is not None:

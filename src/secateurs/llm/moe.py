@@ -328,6 +328,12 @@ def prune_experts(
             raise ConfigError(f"saliency {saliency!r} needs calibration data: pass calibration='calib.txt'")
         batches = _calibration_batches(model, calibration, tokenizer, nsamples, seqlen, batch_size, seed)
         stats = expert_statistics(model, batches, blocks, outputs=saliency == "reap")
+        for b in blocks:  # all-zero scores would remove experts 0, 1, ... by the index tie-break
+            if stats[b.name].total == 0:
+                raise DataRequiredError(
+                    f"no calibration token reached {b.name!r}, so its experts cannot be ranked by {saliency!r}; "
+                    "pass calibration text that the model runs through every MoE block (or saliency='random')"
+                )
     report = ExpertReport(saliency, experts, experts - remove, top_k, config_key=key)
     plans = []
     for b in blocks:
