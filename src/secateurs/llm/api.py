@@ -221,7 +221,16 @@ def _prune_with_experts(
         else:
             scope = {"include": ScopeSpec.from_value(scope).include, "exclude": excluded}
         config = LLMPruneConfig(method=method, sparsity=sparsity, **{**options, "scope": scope})
+    given = config.to_dict()
     with unfused_experts(model, experts):
+        extra = None
+        if starved:  # first: a failure of either run leaves the fused experts unwritten (``unfused_experts``)
+            # and the main run's own rollback restores everything else; starved experts are outside its scope
+            fallback = PruneConfig(
+                method="magnitude", sparsity=given.get("sparsity"), pattern=given.get("pattern"),
+                mode="bake", scope={"include": tuple(starved), "skip_first": False, "skip_last": False},
+            )  # fmt: skip
+            extra = run(model, fallback, Data.from_user(fallback, [], None, None, False, data.allow_collapse))
         try:
             report = run(model, config, data)
         except DataRequiredError as error:
@@ -232,16 +241,10 @@ def _prune_with_experts(
                 "earlier blocks are pruned, so the dense count that picks the magnitude fallbacks can miss it); "
                 "raise min_expert_tokens or pass more calibration text"
             ) from error
-        if starved:
-            fallback = PruneConfig(
-                method="magnitude", sparsity=report.config.get("sparsity"), pattern=report.config.get("pattern"),
-                mode="bake", scope={"include": tuple(starved), "skip_first": False, "skip_last": False},
-            )  # fmt: skip
-            extra = run(model, fallback, Data.from_user(fallback, [], None, None, False, data.allow_collapse))
+        if extra is not None:
             report.layers += extra.layers
             report.target_params += extra.target_params
             report.target_nonzeros += extra.target_nonzeros
-            report.nonzeros = extra.nonzeros
             for name, tokens in starved.items():
                 report.details.fallbacks[name] = (
                     f"{tokens} routed calibration tokens (< {config.min_expert_tokens or 'the hidden size'}): "
