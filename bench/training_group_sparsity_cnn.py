@@ -31,32 +31,19 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import secateurs
 from _common import machine, write_results
 from secateurs.demo.data import load_digits
 from secateurs.demo.models import digits_cnn
 from secateurs.evaluation import compare_latency
-from secateurs.training import accuracy, remove_zero_groups
+from secateurs.training import accuracy, remove_zero_groups, train
+from secateurs.training.finetune import adam
 
 
 def fit(model, batches, steps, pruner=None, sgd=False):
-    if sgd:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        if pruner is not None:
-            pruner.regularize()
-        optimizer.step()
-        if pruner is not None:
-            pruner.step()
-    model.eval()
+    sgd_momentum = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)  # noqa: E731
+    train(model, batches, steps, sgd_momentum if sgd else adam(1e-3), pruner)
 
 
 def params(model) -> int:

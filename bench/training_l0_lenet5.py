@@ -21,14 +21,13 @@ import time
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import secateurs
 from _common import machine, write_results
 from secateurs.demo.data import load_digits
 from secateurs.evaluation import compare_latency
-from secateurs.training import accuracy, remove_zero_groups
+from secateurs.training import accuracy, remove_zero_groups, train
 
 
 def lenet5() -> nn.Sequential:
@@ -44,18 +43,13 @@ def fit(model, batches, steps, lr, pruner=None, gate_lr=1e-2):
     # close from its initial drop rate of 0.5, and our budget is a few thousand steps, not the paper's 200 epochs
     gates = [p for n, p in model.named_parameters() if n.endswith("log_alpha")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("log_alpha")]
-    optimizer = torch.optim.Adam([{"params": rest}, {"params": gates, "lr": gate_lr}], lr=lr)
-    model.train()
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        if pruner is not None:
-            pruner.regularize()
-        optimizer.step()
-        if pruner is not None:
-            pruner.step()
-    model.eval()
+    train(
+        model,
+        batches,
+        steps,
+        lambda _: torch.optim.Adam([{"params": rest}, {"params": gates, "lr": gate_lr}], lr=lr),
+        pruner,
+    )
 
 
 def architecture(model) -> str:

@@ -18,30 +18,19 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import secateurs
 from _common import machine, write_results
 from secateurs.demo.data import load_digits
 from secateurs.demo.models import digits_mlp
-from secateurs.training import accuracy
+from secateurs.training import accuracy, train
+from secateurs.training.finetune import adam
 
 EVERY_LAYER = {"skip_first": False, "skip_last": False}
 
 
 def fit(model, batches, steps, lr, pruner=None):
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        if pruner is not None:
-            pruner.regularize()
-        optimizer.step()
-        if pruner is not None:
-            pruner.step()
-    model.eval()
+    train(model, batches, steps, adam(lr), pruner)
 
 
 def weights(model) -> tuple[int, int]:

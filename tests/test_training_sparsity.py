@@ -344,3 +344,19 @@ def test_regularizers_refuse_what_they_cannot_act_on():
     with pytest.raises(StateError, match="already carries a WeightMask"):
         secateurs.Pruner(model, regularizer="l0")
     assert secateurs.training.gates.gate_of(model[2], "weight").__class__.__name__ == "WeightMask"  # untouched
+
+
+def test_the_library_training_loop_applies_the_pruners_regularizer_between_backward_and_step():
+    """secateurs.training.train drove pruner.step() but never pruner.regularize(): a regularizer-only Pruner
+    handed to it trained the plain model, silently."""
+    from secateurs.training import train as library_train
+
+    def run(pruner_options):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        batches = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
+        pruner = secateurs.Pruner(model, **pruner_options) if pruner_options else None
+        library_train(model, batches, 40, pruner=pruner)
+        return sum(float(m.weight.abs().sum()) for m in (model[0], model[2]))
+
+    assert run({"regularizer": "l1", "regularizer_options": {"strength": 1.0}}) < run({}) - 0.5

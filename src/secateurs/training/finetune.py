@@ -29,7 +29,8 @@ def train(
 ) -> list[float]:
     """Train for ``steps`` optimizer steps, cycling over ``batches``.
 
-    With a ``pruner``, ``pruner.step()`` runs after every optimizer step; when it
+    With a ``pruner``, ``pruner.regularize()`` runs between ``backward()`` and the optimizer step when it
+    has a regularizer, and ``pruner.step()`` after every optimizer step; when it
     rewinds the weights (lottery tickets) the optimizer is rebuilt, as in Frankle &
     Carbin (2019), so no stale momentum leaks into the rewound network; likewise when a
     ``mode='remove'`` pruner replaces the parameters by smaller ones.
@@ -37,6 +38,7 @@ def train(
     make_optimizer = optimizer or adam()
     opt = make_optimizer(model.parameters())
     device = model_device(model)
+    regularizing = getattr(getattr(pruner, "config", None), "regularizer_", None) is not None  # a secateurs Pruner
     losses = []
     model.train()
     cycle = itertools.cycle(batches)
@@ -45,6 +47,8 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss = default_loss(model, batch)
         loss.backward()
+        if regularizing:
+            pruner.regularize()
         opt.step()
         losses.append(float(loss.detach()))
         if pruner is not None:
