@@ -140,4 +140,57 @@ def sweep_one(arch: Arch, pattern: str, folder: str, sparsity: float = 0.3) -> d
         "status": "ok", "params_before": before, "params_after": after,
         "reduction": 1 - after / before, "reload": "stock" if stock else "load_structured",
         "max_abs_diff": float((again - pruned).abs().max()), "exact": bool(torch.equal(again, pruned)),
+        "zero_unit": zero_unit_check(arch, pattern, sparsity),
     }  # fmt: skip
+
+
+KINDS = {"channel": ("channel",), "head": ("head",), "head+channel": ("channel", "head")}
+NORMS = ("layer_norm", "layer_norm2d", "group_norm")
+
+
+def zero_unit_check(arch: Arch, pattern: str, ratio: float = 0.3, seed: int = 0) -> dict[str, Any]:
+    """On a fresh model: zero every parameter slice that produces or consumes ``ratio`` of the units of
+    each removable group of ``pattern``'s kind (a head's rows of the fused or separate q/k/v projections
+    and its columns of the output projection; an MLP neuron's rows and columns: a query head that shares
+    its key/value head still reads the shared values, so the consumer side is what silences it), then
+    remove exactly those units. The logits must not change: a unit mapped to
+    the wrong rows of a fused weight, or a head that lost its ALiBi slope, changes them. Groups whose
+    channels pass through a norm are skipped (removing a channel changes the norm's statistics)."""
+    from secateurs.structural import DependencyGraph
+    from secateurs.structural.apply import apply_steps
+    from secateurs.structural.handlers import handler_for
+
+    model = build(arch, seed)
+    batch = inputs(model)
+    graph = DependencyGraph(model, batch)
+    modules = dict(model.named_modules())
+
+    def through_norm(group) -> bool:
+        owners = {v.port.owner for v in group.ports if v.port.owner}
+        return any(getattr(handler_for(modules[o]), "name", "") in NORMS for o in owners)
+
+    groups = [g for g in graph.groups if g.kind in KINDS[pattern] and g.units > 1 and not g.blocked]
+    gen = torch.Generator().manual_seed(seed)
+    removed: dict[str, list[int]] = {}
+    for g in groups:
+        per_row = g.units // g.rows  # query heads per KV group: every group loses the same number
+        k = min(round(ratio * per_row), per_row - 1)
+        if k and not through_norm(g):
+            removed[g.name] = [r * per_row + int(i) for r in range(g.rows) for i in torch.randperm(per_row, generator=gen)[:k]]
+    if not removed:
+        return {"checked": 0, "exact": False, "max_abs_diff": None}
+    with torch.no_grad():
+        for name, units in removed.items():
+            for view in graph[name].ports:
+                port = view.port
+                if port.role not in ("out", "in") or port.param.startswith("#"):
+                    continue
+                tensor = getattr(modules[port.module], port.param)
+                hit = torch.isin(view.index, torch.tensor(units))
+                tensor.index_fill_(port.dim, hit.nonzero().reshape(-1), 0.0)
+    before = logits(model, batch)
+    apply_steps(model, [graph.step(removed)], batch, check=True)
+    after = logits(model, batch)
+    diff = float((after - before).abs().max())
+    scale = float(before.abs().max())
+    return {"checked": len(removed), "max_abs_diff": diff, "exact": bool(scale > 0 and diff <= 1e-5 * max(scale, 1.0))}

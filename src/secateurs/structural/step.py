@@ -130,7 +130,9 @@ def apply_step(model: nn.Module, step: Step, edit: Surgery) -> None:
     kept: dict[str, dict[str, int]] = {}
     for cut in step.cuts:
         kept.setdefault(cut.module, {})[cut.param] = len(cut.keep)
-        if not cut.param.startswith("#"):
+        if cut.param.startswith("#"):
+            edit.kept_positions[(cut.module, cut.param)] = cut.keep
+        else:
             edit.cut(modules[cut.module], cut.param, cut.dim, cut.keep, where=cut.module)
     edit.apply_cuts()
     for name, handler_name in step.updates.items():
