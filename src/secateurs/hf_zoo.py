@@ -35,6 +35,8 @@ TINY: dict[str, Any] = {
     "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64, "n_ctx": 64,
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0, "tie_word_embeddings": True,
     "attn_implementation": "eager",
+    # sizes tied to the layer count or head width whose defaults contradict the tiny ones
+    "attention_types": [[["global", "local"], 1]], "rotary_dim": 4,
 }  # fmt: skip
 
 
@@ -156,11 +158,15 @@ def zero_unit_check(arch: Arch, pattern: str, ratio: float = 0.3, seed: int = 0)
     remove exactly those units. The logits must not change: a unit mapped to
     the wrong rows of a fused weight, or a head that lost its ALiBi slope, changes them. Groups whose
     channels pass through a norm are skipped (removing a channel changes the norm's statistics)."""
+    return zero_unit_check_model(build(arch, seed), pattern, ratio, seed)
+
+
+def zero_unit_check_model(model: nn.Module, pattern: str, ratio: float = 0.3, seed: int = 0) -> dict[str, Any]:
+    """:func:`zero_unit_check` on a given (tiny) model, which is modified."""
     from secateurs.structural import DependencyGraph
     from secateurs.structural.apply import apply_steps
     from secateurs.structural.handlers import handler_for
 
-    model = build(arch, seed)
     batch = inputs(model)
     graph = DependencyGraph(model, batch)
     modules = dict(model.named_modules())
@@ -176,7 +182,8 @@ def zero_unit_check(arch: Arch, pattern: str, ratio: float = 0.3, seed: int = 0)
         per_row = g.units // g.rows  # query heads per KV group: every group loses the same number
         k = min(round(ratio * per_row), per_row - 1)
         if k and not through_norm(g):
-            removed[g.name] = [r * per_row + int(i) for r in range(g.rows) for i in torch.randperm(per_row, generator=gen)[:k]]
+            picks = [torch.randperm(per_row, generator=gen)[:k] for _ in range(g.rows)]
+            removed[g.name] = [r * per_row + int(i) for r, chosen in enumerate(picks) for i in chosen]
     if not removed:
         return {"checked": 0, "exact": False, "max_abs_diff": None}
     with torch.no_grad():

@@ -23,9 +23,9 @@ transformers.logging.set_verbosity_error()
 
 #: the only reasons a run may be refused, each with why it is a refusal and not a bug
 REFUSALS = {
-    # the attention is not the usual separate q/k/v layout (fused QKV as in Falcon, GPT-NeoX, BLOOM,
-    # Phi-3, MPT; a norm over the whole query width; T5's shared relative position bias): the reshape
-    # into heads is refused, naming the module, instead of guessed
+    # the attention is not a layout any handler covers (a norm over the whole query width, T5's shared
+    # relative position bias; fused QKV of Falcon, GPT-NeoX, BLOOM, MPT, Phi-3 has its own handler): the
+    # reshape into heads is refused, naming the module, instead of guessed
     "unrecognised attention layout": r"splits a channel axis into several axes|splits channels into pieces of fixed",
     # the head pattern found no attention it can handle: the message names what it saw
     "no removable heads": r"nothing to remove at granularity head",
@@ -37,7 +37,9 @@ REFUSALS = {
     # the model is restored and the message names the module
     "forward check": r"the pruned model fails in",
 }
-FAST = ("qwen3", "olmo")  # a hand-written handler and the generic one (BART: its own test below)
+# a hand-written handler, the generic one (BART: its own test below), a fused QKV with per-head rows and
+# one with ALiBi slopes kept per head (tests/structural/test_hf_fused.py checks every fused family)
+FAST = ("qwen3", "olmo", "gpt_neox", "bloom")
 
 
 def _archs(names=None):
@@ -52,6 +54,8 @@ def _check(arch, pattern, tmp_path):
     elif result["status"] == "ok":
         assert result["params_after"] < result["params_before"]
         assert result["max_abs_diff"] <= 1e-5, result
+        zero = result["zero_unit"]
+        assert zero["exact"] or zero["checked"] == 0, result  # 0: every group passes through a norm
     return result
 
 

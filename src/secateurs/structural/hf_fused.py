@@ -74,9 +74,13 @@ class FusedLayout:
 
 
 def _falcon(module: nn.Module) -> tuple[FusedLayout | None, str]:
+    if getattr(module.config, "alibi", False):
+        return None, (
+            "Falcon with alibi=True also folds the per-head ALiBi bias into the attention mask the model builds "
+            "for the config's head count, which a pruned layer cannot select from; its heads are not removed"
+        )
     order = "per_group" if module.new_decoder_architecture else "blocked" if module.multi_query else "per_head"
-    alibi = ("alibi", 1, True) if getattr(module.config, "alibi", False) else None
-    return FusedLayout("query_key_value", "dense", order, module.head_dim, alibi=alibi), ""
+    return FusedLayout("query_key_value", "dense", order, module.head_dim), ""
 
 
 def _gpt_neox(module: nn.Module) -> tuple[FusedLayout | None, str]:
@@ -292,9 +296,8 @@ def alibi_quirks(model: nn.Module) -> list[str]:
         f"{name} keeps the ALiBi slopes of heads {list(m.__dict__['_secateurs_alibi_heads'])} of "
         f"{m.__dict__['_secateurs_alibi_of']}; a config with fewer heads would recompute other slopes"
         for name, m in model.named_modules()
-        if "_secateurs_alibi_heads" in m.__dict__ and len(m.__dict__["_secateurs_alibi_heads"]) != m.__dict__.get(
-            "_secateurs_alibi_of"
-        )
+        if "_secateurs_alibi_heads" in m.__dict__
+        and len(m.__dict__["_secateurs_alibi_heads"]) != m.__dict__.get("_secateurs_alibi_of")
     ]
 
 
