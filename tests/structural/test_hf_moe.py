@@ -4,7 +4,6 @@ expert at once, in blocks the grouped-GEMM kernels accept; routers keep every ex
 from __future__ import annotations
 
 import pytest
-import torch
 
 from secateurs import hf_zoo
 from secateurs.structural import DependencyGraph

@@ -73,8 +73,9 @@ class ExpertsHandler(Handler):
         t.label(output, -1, ids)
 
     def update(self, module: nn.Module, name: str, edit: Surgery, kept: dict[str, int]) -> None:
-        for attr, value in (("intermediate_dim", module.down_proj.shape[2]), ("hidden_dim", module.down_proj.shape[1]),
-                            ("intermediate_size", module.down_proj.shape[2]), ("hidden_size", module.down_proj.shape[1])):  # fmt: skip
+        hidden, neurons = module.down_proj.shape[1:]
+        sizes = {"intermediate_dim": neurons, "intermediate_size": neurons, "hidden_dim": hidden, "hidden_size": hidden}
+        for attr, value in sizes.items():
             if isinstance(getattr(module, attr, None), int):
                 edit.set(module, attr, value)
 
