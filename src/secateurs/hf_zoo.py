@@ -173,6 +173,8 @@ def zero_unit_check_model(model: nn.Module, pattern: str, ratio: float = 0.3, se
 
     def through_norm(group) -> bool:
         owners = {v.port.owner for v in group.ports if v.port.owner}
+        if any("Norm" in type(modules[v.port.module]).__name__ for v in group.ports):  # OLMo 2's q_norm
+            return True
         return any(getattr(handler_for(modules[o]), "name", "") in NORMS for o in owners)
 
     groups = [g for g in graph.groups if g.kind in KINDS[pattern] and g.units > 1 and not g.blocked]

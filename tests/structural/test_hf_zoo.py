@@ -108,3 +108,21 @@ def test_generic_attention_keeps_grouped_query_heads_valid():
     secateurs.prune(bart, "magnitude", 0.5, pattern="head", mode="remove", example_inputs=hf_zoo.inputs(bart),
                     progress=False, structural={"latency": False})  # fmt: skip
     assert cross.q_proj.out_features == cross.k_proj.out_features == 16
+
+
+def test_a_norm_over_the_whole_query_width_is_cut_with_the_heads(tmp_path):
+    """OLMo 2 normalises the whole query (key) projection: that norm's weight loses the removed heads'
+    entries, and the pruned model reloads exactly."""
+    import secateurs
+
+    model = hf_zoo.build(next(a for a in hf_zoo.architectures() if a.model_type == "olmo2"))
+    batch = hf_zoo.inputs(model)
+    attn = model.model.layers[0].self_attn
+    weight = attn.q_norm.weight.detach().clone().reshape(4, 8)
+    secateurs.prune(model, "magnitude", 0.5, pattern="head", mode="remove", example_inputs=batch, progress=False,
+                    structural={"latency": False})  # fmt: skip
+    assert attn.q_proj.out_features == attn.q_norm.weight.shape[0] == 16
+    kept = attn.q_norm.weight.detach().reshape(2, 8)
+    assert all(any(torch.equal(row, old) for old in weight) for row in kept)
+    save_structured(model, tmp_path / "m")
+    torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))

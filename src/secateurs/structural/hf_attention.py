@@ -13,7 +13,9 @@ per-family handlers in :mod:`.hf` cover a few of them by class; this recogniser 
 - every other parameter it holds is per head-dimension (``q_norm``/``k_norm`` of width ``head_dim``,
   which removing whole heads leaves alone).
 
-Anything else (fused QKV, a norm over the whole query width, a learned per-head bias) is not taken:
+A ``q_norm`` / ``k_norm`` over the whole query / key width (OLMo 2) is cut with the heads (its
+statistics then cover the remaining heads only: a valid smaller model, not the zero-unit identity).
+Anything else (fused QKV: :mod:`.hf_fused`; a learned per-head bias) is not taken:
 the module is then traced op by op, and the reshape into heads is refused with its name. Heads and
 GQA groups become units exactly as in :func:`.hf._head_units` (``structural={'gqa': ...}``).
 Cross-attention reads its keys and values from ``key_value_states`` / ``encoder_hidden_states``.
@@ -52,6 +54,8 @@ class Layout:
     v: str
     o: str | None
     head_dim: int
+    q_norm: str | None = None  # a norm over the whole query width (OLMo 2): its weight is cut with the heads
+    k_norm: str | None = None
 
     def sizes(self, module: nn.Module) -> tuple[int, int, int]:
         """(query heads, key/value heads, head width) from the current tensors."""
@@ -89,11 +93,22 @@ def layout_of(module: nn.Module) -> tuple[Layout | None, str]:
         hd = qo // heads
     if qo % hd or ko % hd or ko != vo or (qo // hd) % (ko // hd):
         return None, f"query width {qo}, key/value widths {ko}/{vo} are not whole (grouped) heads of width {hd}"
-    own = {id(p) for n in (q, k, v, o) if n is not None for p in getattr(module, n).parameters()}
+    # widths from the tensors: while a handler updates, the Linear attributes still hold the old sizes
+    qw, kw = (getattr(module, n).weight.shape[0] for n in (q, k))
+    norms = {n: _width_norm(module, n, width) for n, width in (("q_norm", qw), ("k_norm", kw)) if width != hd}
+    norms = {n: found for n, found in norms.items() if found}
+    own = {id(p) for n in (q, k, v, o, *norms) if n is not None for p in getattr(module, n).parameters()}
     for pname, p in module.named_parameters():
         if id(p) not in own and not (p.ndim == 1 and p.shape[0] == hd):
             return None, f"parameter {pname!r} {tuple(p.shape)} is neither a projection nor per head-dimension"
-    return Layout(q, k, v, o, hd), ""
+    return Layout(q, k, v, o, hd, norms.get("q_norm"), norms.get("k_norm")), ""
+
+
+def _width_norm(module: nn.Module, name: str, width: int) -> str | None:
+    """``name`` if ``module.<name>`` is a norm whose only parameter is one weight over ``width`` channels."""
+    norm = module._modules.get(name)
+    params = dict(norm.named_parameters()) if norm is not None else {}
+    return name if set(params) == {"weight"} and tuple(params["weight"].shape) == (width,) else None
 
 
 class GenericAttentionHandler(Handler):
@@ -137,6 +152,11 @@ class GenericAttentionHandler(Handler):
             t.port(f"{name}.{p}", "weight", 0, rows, "out", name)
             if getattr(module, p).bias is not None:
                 t.port(f"{name}.{p}", "bias", 0, rows, "out", name)
+        # a norm over the whole query (key) width: its statistics change with the heads, its weight follows
+        if lay.q_norm is not None:
+            t.port(f"{name}.{lay.q_norm}", "weight", 0, q_rows, "pass", name)
+        if lay.k_norm is not None and kv_units is not None:
+            t.port(f"{name}.{lay.k_norm}", "weight", 0, kv_units.repeat_interleave(hd), "pass", name)
         first = output[0] if isinstance(output, (tuple, list)) else output
         if lay.o is None:  # BERT-style: the context leaves the module, the next Linear consumes the heads
             t.label(first, -1, q_rows)
