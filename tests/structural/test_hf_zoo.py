@@ -23,9 +23,8 @@ transformers.logging.set_verbosity_error()
 
 #: the only reasons a run may be refused, each with why it is a refusal and not a bug
 REFUSALS = {
-    # the attention is not a layout any handler covers (a norm over the whole query width, T5's shared
-    # relative position bias; fused QKV of Falcon, GPT-NeoX, BLOOM, MPT, Phi-3 has its own handler): the
-    # reshape into heads is refused, naming the module, instead of guessed
+    # the attention is not a layout any handler covers (fused QKV, T5's shared position bias, whole-width
+    # q/k norms and fused MoE experts have theirs): the reshape into heads is refused, naming the module
     "unrecognised attention layout": r"splits a channel axis into several axes|splits channels into pieces of fixed",
     # the head pattern found no attention it can handle: the message names what it saw
     "no removable heads": r"nothing to remove at granularity head",
@@ -126,3 +125,23 @@ def test_a_norm_over_the_whole_query_width_is_cut_with_the_heads(tmp_path):
     assert all(any(torch.equal(row, old) for old in weight) for row in kept)
     save_structured(model, tmp_path / "m")
     torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))
+
+
+def test_t5_heads_leave_every_layer_of_a_stack_that_shares_the_position_bias(tmp_path):
+    """T5's first layer computes a per-head position bias every later layer of its stack reads: head h
+    is one unit across the stack, so the bias keeps matching every layer, and the model reloads."""
+    import secateurs
+
+    model = hf_zoo.build(next(a for a in hf_zoo.architectures() if a.model_type == "t5"))
+    batch = hf_zoo.inputs(model)
+    first = model.encoder.block[0].layer[0].SelfAttention
+    table = first.relative_attention_bias.weight.detach().clone()
+    secateurs.prune(model, "magnitude", 0.25, pattern="head", mode="remove", example_inputs=batch, progress=False,
+                    structural={"latency": False})  # fmt: skip
+    encoder = [b.layer[0].SelfAttention for b in model.encoder.block]
+    assert {a.n_heads for a in encoder} == {3} and first.relative_attention_bias.weight.shape == (32, 3)
+    assert all(any(torch.equal(col, old) for old in table.T) for col in first.relative_attention_bias.weight.T)
+    save_structured(model, tmp_path / "m")
+    torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))
+    assert hf_zoo.zero_unit_check_model(hf_zoo.build(next(a for a in hf_zoo.architectures()
+                                                          if a.model_type == "t5")), "head")["exact"]  # fmt: skip
