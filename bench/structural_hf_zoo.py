@@ -124,6 +124,8 @@ def _tp_ok(theirs: dict, name: str, pattern: str, what: str) -> bool:
 def _cell(ours: dict, theirs: dict | None) -> str:
     if ours["status"] == "ok":
         mine = f"{ours['reduction']:.0%} {'stock' if ours['reload'] == 'stock' else 'load_structured'}"
+        if not ours.get("zero_unit", {}).get("exact", True):
+            mine += " (zero-unit n/a)" if not ours["zero_unit"].get("checked") else " (zero-unit FAILS)"
     else:
         mine = ours["status"]
     if theirs is None:
@@ -131,6 +133,8 @@ def _cell(ours: dict, theirs: dict | None) -> str:
     if theirs.get("pruned") and theirs.get("reduction", 0) > 0:
         tp_cell = f"{theirs['reduction']:.0%} " + ("stock" if theirs["stock_reload"] else
                                                    "runs, no reload" if theirs["runs"] else "broken")  # fmt: skip
+    elif str(theirs.get("error", "")).startswith("timed out"):  # its time limit under load, not a diagnosis
+        tp_cell = f"timeout ({TP_TIMEOUT} s)"
     else:
         tp_cell = "nothing pruned" if theirs.get("pruned") else "fails"
     return f"{mine} / {tp_cell}"
