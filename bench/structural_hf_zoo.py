@@ -9,7 +9,8 @@ config expresses every shape, ``load_structured`` otherwise) and compares logits
 does; we record whether it prunes, whether the pruned model still runs, and whether the saved model
 reloads with stock ``from_pretrained``.
 
-    python bench/structural_hf_zoo.py [--only llama bart ...] [--no-torch-pruning]
+    python bench/structural_hf_zoo.py [--only llama bart ...] [--no-torch-pruning | --reuse-torch-pruning]
+                                      [--tp-timeout 60]
 """
 
 from __future__ import annotations
@@ -181,11 +182,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--all", action="store_true", help="every architecture of the auto mappings, not TARGET")
     parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--tp-timeout", type=int, default=TP_TIMEOUT,
+                        help="seconds Torch-Pruning gets per architecture (raise it on a loaded machine)")  # fmt: skip
     parser.add_argument("--reuse-torch-pruning", action="store_true",
                         help="take Torch-Pruning's cells from the last results (its runs do not depend on secateurs' "
                              "code); run it only for architectures they lack")  # fmt: skip
     parser.add_argument("--table", action="store_true", help="print the table of the last results and stop")
     args = parser.parse_args()
+    global TP_TIMEOUT
+    TP_TIMEOUT = args.tp_timeout
     if args.table:
         payload = json.loads((Path(__file__).resolve().parent / "results" / "structural_hf_zoo.json").read_text())
         print(json.dumps(summarize(payload["secateurs"], payload["torch_pruning"]), indent=1))

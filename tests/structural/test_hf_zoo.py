@@ -145,3 +145,23 @@ def test_t5_heads_leave_every_layer_of_a_stack_that_shares_the_position_bias(tmp
     torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))
     assert hf_zoo.zero_unit_check_model(hf_zoo.build(next(a for a in hf_zoo.architectures()
                                                           if a.model_type == "t5")), "head")["exact"]  # fmt: skip
+
+
+def test_vision_transformer_heads_and_neurons_are_removed_and_reload(tmp_path):
+    """transformers' ViT (patch embedding, CLS token, position table): the generic handler takes its
+    query/key/value attention; heads and MLP neurons leave and the model reloads exactly."""
+    import secateurs
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_labels=5)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    before = sum(p.numel() for p in model.parameters())
+    secateurs.prune(model, "magnitude", 0.3, pattern="head+channel", mode="remove", example_inputs=batch,
+                    progress=False, structural={"latency": False})  # fmt: skip
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert model.vit.layers[0].attention.q_proj.out_features < 32
+    save_structured(model, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_structured(tmp_path / "m")(**batch).logits, model(**batch).logits)
