@@ -131,3 +131,23 @@ def test_moe_heads_whose_config_cannot_describe_them_reload_with_in_memory_tenso
     _prune(model, "head")
     save_structured(model, tmp_path / "m")
     torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))
+
+
+def test_alibi_slopes_survive_several_removals_and_their_replay(tmp_path):
+    """Heads removed in two steps, then hidden channels (which update the attention again): the kept slopes
+    compose, and load_structured, replaying every step in one surgery, rebuilds the same model."""
+    model = _model("bloom")
+    batch = hf_zoo.inputs(model)
+    _prune(model, "head", 0.25)
+    _prune(model, "head", 0.34)
+    _prune(model, "hidden", 0.25)  # cuts the attention's input columns: its update runs again
+    attn = model.transformer.h[0].self_attention
+    assert attn.query_key_value.in_features == 24
+    assert len(attn.__dict__["_secateurs_alibi_heads"]) == attn.num_heads == 2
+    save_structured(model, tmp_path / "m")
+    again = load_structured(tmp_path / "m")
+    assert (
+        again.transformer.h[0].self_attention.__dict__["_secateurs_alibi_heads"]
+        == attn.__dict__["_secateurs_alibi_heads"]
+    )
+    torch.testing.assert_close(hf_zoo.logits(again, batch), hf_zoo.logits(model, batch), rtol=0, atol=1e-6)

@@ -128,6 +128,7 @@ def apply_step(model: nn.Module, step: Step, edit: Surgery) -> None:
     check_step(model, step)
     modules = dict(model.named_modules())
     kept: dict[str, dict[str, int]] = {}
+    edit.kept_positions.clear()  # this step's positions only (a replay applies every step in one surgery)
     for cut in step.cuts:
         kept.setdefault(cut.module, {})[cut.param] = len(cut.keep)
         if cut.param.startswith("#"):
