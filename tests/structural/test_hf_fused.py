@@ -151,3 +151,12 @@ def test_alibi_slopes_survive_several_removals_and_their_replay(tmp_path):
         == attn.__dict__["_secateurs_alibi_heads"]
     )
     torch.testing.assert_close(hf_zoo.logits(again, batch), hf_zoo.logits(model, batch), rtol=0, atol=1e-6)
+
+
+def test_a_config_property_derived_from_other_fields_is_not_fitted():
+    """FalconConfig.head_dim is a read-only property (hidden_size // num_attention_heads): fitting it
+    would raise; the fields it derives from are fitted instead."""
+    from secateurs.structural.hf_config import _fields
+
+    fields = _fields(hf_zoo.tiny_config("falcon"))
+    assert "head_dim" not in fields and "num_attention_heads" in fields and "hidden_size" in fields
