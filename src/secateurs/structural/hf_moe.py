@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .handlers import Handler, _named, first_input, register_handler_matcher
+from .handlers import Handler, _named, first_input, register_handler_by_name, register_handler_matcher
 from .surgery import Surgery
 from .trace import Trace
 
@@ -96,6 +96,8 @@ class RouterHandler(Handler):
 
 EXPERTS = _named(ExpertsHandler())
 ROUTER = _named(RouterHandler())
+# a router that subclasses nn.Linear would otherwise get the Linear handler (its output is a tuple)
+register_handler_by_name("transformers.models.phimoe.modeling_phimoe.PhimoeTopKRouter", ROUTER)
 
 
 @register_handler_matcher

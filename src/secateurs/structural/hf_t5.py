@@ -71,3 +71,4 @@ class T5AttentionHandler(Handler):
 
 T5 = _named(T5AttentionHandler())
 register_handler_by_name("transformers.models.t5.modeling_t5.T5Attention", T5)
+register_handler_by_name("transformers.models.mt5.modeling_mt5.MT5Attention", T5)  # a copy of T5's
