@@ -26,11 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..errors import StructureError
 from .handlers import Handler, _named, handler_for, register_handler_matcher
 from .hf import _head_units
+from .hf_fused import _arguments
 from .surgery import Surgery
 from .trace import Trace
 
@@ -40,7 +42,7 @@ V_NAMES = ("v_proj", "value", "v", "wv", "value_proj", "v_lin")
 O_NAMES = ("o_proj", "out_proj", "o", "wo", "dense", "out_lin", "output_proj", "c_proj")
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "d_kv")
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-KV_INPUTS = ("key_value_states", "encoder_hidden_states")
+KV_INPUTS = ("key_value_states", "encoder_hidden_states", "key")
 # attributes that hold a size the forward reads; each follows the quantity it equals before the cut
 COUNT_ATTRS = {"heads": HEADS_ATTRS, "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads"),
                "groups": ("num_key_value_groups",), "inner": ("all_head_size", "inner_dim", "hidden_size",
@@ -124,8 +126,6 @@ class GenericAttentionHandler(Handler):
         if found is None:
             found, why = layout_of(module)
             if found is None:
-                from ..errors import StructureError
-
                 raise StructureError(f"{type(module).__name__} is not a usual q/k/v attention module: {why}")
             self._layouts[module] = found
         return found
@@ -135,8 +135,13 @@ class GenericAttentionHandler(Handler):
 
     def trace(self, t: Trace, name, module, args, kwargs, output):
         lay = self.layout(module)
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        kv_x = next((kwargs[k] for k in KV_INPUTS if kwargs.get(k) is not None), x)
+        bound = _arguments(module, args, kwargs)  # FSMT passes query=..., key=...: by name, whatever the call
+        x = bound.get("hidden_states")
+        if not isinstance(x, Tensor):
+            x = next((v for v in bound.values() if isinstance(v, Tensor) and v.is_floating_point()), None)
+        if x is None:
+            raise StructureError(f"{name!r} ({type(module).__name__}) was called without a hidden-states tensor")
+        kv_x = next((bound[k] for k in KV_INPUTS if isinstance(bound.get(k), Tensor)), x)
         vec = t.channel(x, -1)
         kv_vec = vec if kv_x is x else t.channel(kv_x, -1)
         heads, kv_heads, hd = lay.sizes(module)
