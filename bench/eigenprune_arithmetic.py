@@ -21,12 +21,18 @@ import torch.nn.functional as F
 from _common import machine, write_results
 from secateurs.eigenprune import eigenprune
 
-OPS = {"+": lambda i, j, b: (i + j) % b, "*": lambda i, j, b: (i * j) % b}
+OPS = {"+": lambda i, j, m: (i + j) % m, "*": lambda i, j, m: (i * j) % m}
 
 
-def make_task(base: int, seed: int, train_share: float) -> dict[str, dict[str, list]]:
+def vocabulary(base: int, modulus: int) -> int:
+    """Numbers up to the largest answer are tokens, then '+', '*', '='."""
+    return max(base, min(modulus, (base - 1) ** 2 + 1))
+
+
+def make_task(base: int, modulus: int, seed: int, train_share: float) -> dict[str, dict[str, list]]:
     """Per operation: prompts ``[i, op, j, =]`` (token ids) and answers, split into train and test pairs."""
-    plus, times, equals = base, base + 1, base + 2
+    numbers = vocabulary(base, modulus)
+    plus, times, equals = numbers, numbers + 1, numbers + 2
     op_token = {"+": plus, "*": times}
     g = torch.Generator().manual_seed(seed)
     task = {}
@@ -36,28 +42,28 @@ def make_task(base: int, seed: int, train_share: float) -> dict[str, dict[str, l
         cut = int(len(pairs) * train_share)
         split = {"train": [pairs[k] for k in order[:cut]], "test": [pairs[k] for k in order[cut:]]}
         task[op] = {
-            part: ([[i, op_token[op], j, equals] for i, j in ps], [fn(i, j, base) for i, j in ps])
+            part: ([[i, op_token[op], j, equals] for i, j in ps], [fn(i, j, modulus) for i, j in ps])
             for part, ps in split.items()
         }
     return task
 
 
-def build_model(base: int, seed: int, width: int, layers: int, heads: int) -> torch.nn.Module:
+def build_model(vocab: int, seed: int, width: int, layers: int, heads: int) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=base + 3, n_positions=8, n_embd=width, n_layer=layers, n_head=heads,
+        vocab_size=vocab + 3, n_positions=8, n_embd=width, n_layer=layers, n_head=heads,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
     )  # fmt: skip
     return GPT2LMHeadModel(config)
 
 
-def train(model: torch.nn.Module, task: dict, steps: int, lr: float, batch: int, seed: int) -> None:
+def train(model: torch.nn.Module, task: dict, steps: int, lr: float, batch: int, seed: int, decay: float) -> None:
     """Both operations' train pairs, loss on the answer only; stopped early on purpose (imperfect)."""
     x = torch.tensor([p for op in task for p in task[op]["train"][0]])
     y = torch.tensor([a for op in task for a in task[op]["train"][1]])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -77,26 +83,27 @@ def accuracy(model: torch.nn.Module, prompts: list, answers: list) -> float:
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
-    settings = [(tuple(c.split(",")), f) for c in args.components for f in args.fractions]
+    settings = [(tuple(c.split(",")), f, r) for c in args.components for f in args.fractions for r in args.reductions]
     for seed in args.seeds:
-        task = make_task(args.base, seed, args.train_share)
-        model = build_model(args.base, seed, args.width, args.layers, args.heads)
-        train(model, task, args.steps, args.lr, args.batch, seed)
+        task = make_task(args.base, args.modulus, seed, args.train_share)
+        model = build_model(vocabulary(args.base, args.modulus), seed, args.width, args.layers, args.heads)
+        train(model, task, args.steps, args.lr, args.batch, seed, args.weight_decay)
         for op in OPS:
             (train_p, train_a), (test_p, test_a) = task[op]["train"], task[op]["test"]
             before = accuracy(model, test_p, test_a), accuracy(model, train_p, train_a)
             # the paper scores on a small sample of the train split (its code reads one batch of 5)
             g = torch.Generator().manual_seed(1000 + seed)
             pick = torch.randperm(len(train_p), generator=g)[: args.prune_examples].tolist()
-            for components, fraction in settings:
+            for components, fraction, reduction in settings:
                 pruned = copy.deepcopy(model)
                 report = eigenprune(pruned, [train_p[k] for k in pick], [train_a[k] for k in pick],
-                                    components=components, fraction=fraction)  # fmt: skip
+                                    components=components, fraction=fraction, reduction=reduction)  # fmt: skip
                 after = accuracy(pruned, test_p, test_a), accuracy(pruned, train_p, train_a)
                 other = next(o for o in OPS if o != op)
                 row = {
                     "seed": seed, "op": op, "components": ",".join(components), "fraction": fraction,
-                    "removed": sum(report.removed.values()), "total": sum(report.total.values()),
+                    "reduction": reduction, "removed": sum(report.removed.values()),
+                    "total": sum(report.total.values()),
                     "test_before": before[0], "test_after": after[0],
                     "train_before": before[1], "train_after": after[1],
                     "other_op_test_before": accuracy(model, *task[other]["test"]),
@@ -104,7 +111,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 }  # fmt: skip
                 rows.append(row)
                 print(
-                    f"seed {seed} {op} {row['components']:>22} {fraction:.2f}"
+                    f"seed {seed} {op} {row['components']:>22} {fraction:.2f} {reduction}"
                     f" removed {row['removed']:4d}/{row['total']:4d}"
                     f"  test {before[0]:.3f} -> {after[0]:.3f}  train {before[1]:.3f} -> {after[1]:.3f}"
                     f"  other op test {row['other_op_test_before']:.3f} -> {row['other_op_test_after']:.3f}",
@@ -116,7 +123,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--base", type=int, default=23)
+    parser.add_argument("--base", type=int, default=23, help="operands are 0 .. base-1")
+    parser.add_argument("--modulus", type=int, default=23, help="answers are taken mod this (large: plain arithmetic)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--train-share", type=float, default=0.6)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -127,6 +136,7 @@ def main() -> None:
     parser.add_argument("--prune-examples", type=int, default=64)
     parser.add_argument("--components", nargs="+", default=["k", "q,k,v,o,mlp_in,mlp_out"])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--reductions", nargs="+", default=["max"], help="max: the paper's score; mean: a variant")
     parser.add_argument("--out", default="eigenprune_arithmetic")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

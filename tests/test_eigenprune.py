@@ -172,6 +172,34 @@ def test_a_fraction_outside_zero_one_is_refused(fraction):
         eigenprune(tiny_gpt2(), *task(), fraction=fraction)
 
 
+def test_an_unknown_reduction_is_refused():
+    with pytest.raises(ConfigError, match="reduction='median'"):
+        eigenprune(tiny_gpt2(), *task(), reduction="median")
+
+
+def test_the_effect_is_the_gradient_times_the_activation_change_of_each_direction():
+    """For the last MLP output layer the effect of direction k is s_k (g.u_k)(v_k.(x'-x)): check the
+    mean reduction against this formula computed by hand with autograd."""
+    model = tiny_gpt2()
+    prompts, answers = task(4)
+    corrupted = task(8)[0][4:]
+    report = eigenprune(copy.deepcopy(model), prompts, answers, corrupted=corrupted, components=("mlp_out",),
+                        fraction=0.0, reduction="mean")  # fmt: skip
+    layer = model.transformer.h[1].mlp.c_proj
+    seen = {}
+    layer.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+    with torch.no_grad():
+        model(input_ids=torch.tensor(corrupted))
+    dirty = seen["x"].double()
+    loss = torch.nn.functional.cross_entropy(
+        model(input_ids=torch.tensor(prompts)).logits[:, -1], torch.tensor(answers), reduction="sum"
+    )
+    (g,) = torch.autograd.grad(loss, seen["y"])
+    u, s, vh = torch.linalg.svd(weight_2d(layer).double().detach(), full_matrices=False)
+    effect = (g.double() @ u) * ((dirty - seen["x"].double().detach()) @ vh.T) * s
+    assert torch.allclose(report.scores["transformer.h.1.mlp.c_proj (mlp_out)"], effect.mean(dim=(0, 1)), atol=1e-6)
+
+
 def test_an_unknown_component_is_refused_with_the_choices():
     with pytest.raises(ComponentError, match="'mlp_in'"):
         eigenprune(tiny_gpt2(), *task(), components=("key",))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, choices
 from .components import KINDS, Component, ComponentError, find_components, module_map
 from .effects import Evidence, gather_evidence
 from .fold import Correction, apply_corrections, corrections
@@ -74,7 +74,12 @@ def select_lowest(scores: dict[Component, Tensor], fraction: float) -> dict[Comp
     return {c: torch.tensor(sorted(v), dtype=torch.long) for c, v in chosen.items()}
 
 
-def _check(fraction: float, batch_size: int, model: nn.Module) -> None:
+REDUCTIONS = ("max", "mean")
+
+
+def _check(fraction: float, batch_size: int, reduction: str, model: nn.Module) -> None:
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction={reduction!r}: must be one of {choices(REDUCTIONS)} (paper: 'max')")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ConfigError(
             f"fraction={fraction!r}: the share of singular values removed per kind must be in [0, 1] (paper: 0.3)"
@@ -103,6 +108,7 @@ def eigenprune(
     fraction: float = DEFAULT_FRACTION,
     blocks: str | None = None,
     batch_size: int = 16,
+    reduction: str = "max",
 ) -> EigenpruneReport:
     """Eigenprune ``model`` in place for the task ``prompts -> answers`` and say what was removed.
 
@@ -114,6 +120,8 @@ def eigenprune(
         components: kinds among ``q k v o mlp_in mlp_out``; Q/K/V/O are decomposed per head.
         fraction: share of each kind's singular values removed (lowest attribution scores).
         blocks: the container of the transformer blocks, if discovery needs telling.
+        reduction: how one direction's effects over examples and positions become its score:
+            ``"max"`` (the paper's) or ``"mean"`` (an alternative, not from the paper).
 
     Returns:
         An ``EigenpruneReport``; ``report.restore(model)`` undoes the prune exactly.
@@ -121,11 +129,11 @@ def eigenprune(
     Raises:
         TaskError, ComponentError, ConfigError: bad input, refused before the model is touched.
     """
-    _check(fraction, batch_size, model)
+    _check(fraction, batch_size, reduction, model)
     batches = encode_task(prompts, answers, corrupted, tokenizer, _vocab_size(model))
     found = find_components(model, components, blocks)
     modules = module_map(model, found)
-    evidence: Evidence = gather_evidence(model, found, modules, batches, batch_size)
+    evidence: Evidence = gather_evidence(model, found, modules, batches, batch_size, reduction)
     removed = select_lowest({c: s.score for c, s in evidence.spectra.items()}, float(fraction))
     fixes = corrections(removed, evidence, modules)
     apply_corrections(fixes, modules, sign=-1)

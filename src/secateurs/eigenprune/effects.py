@@ -8,9 +8,12 @@ run's gradient ``g = dL/dy``:
 
     effect_k = s_k (g . u_k) (v_k . (x' - x))    per example and token position,
 
-which is also ``dL/ds_k`` evaluated along the input difference. The score of ``k`` is the largest
+i.e. the gradient with respect to the direction's activation ``h_k = v_k . x`` times its change
+from clean to corrupted (attribution patching applied to each singular direction). The score of ``k`` is the largest
 effect over every example and position (the reference code's ``amax`` over batch and tokens); the
-lowest scores are removed. The loss is the cross-entropy of the answer at the last position.
+lowest scores are removed. ``reduction="mean"`` (not the paper's) averages instead: the expected
+first-order change of the loss, lowest when corrupting the direction would *help* the task.
+The loss is the cross-entropy of the answer at the last position.
 
 Nothing is mutated: gradients are taken with ``torch.autograd.grad`` with respect to zero tensors
 added to each layer's output, so no ``.grad`` is written and frozen weights work.
@@ -39,6 +42,7 @@ class Spectrum:
     s: Tensor  # (r,)
     vh: Tensor  # (r, cols)
     score: Tensor  # (r,) float64, -inf until a batch is seen
+    total: Tensor  # (r,) float64, summed effect (for reduction="mean")
 
 
 @dataclass
@@ -90,12 +94,13 @@ def gather_evidence(
     modules: dict[str, nn.Module],
     batches: list[TaskBatch],
     batch_size: int,
+    reduction: str = "max",
 ) -> Evidence:
     """SVD every component, then score each singular value over every task example."""
     spectra = {}
     for c in components:
         u, s, vh = decompose(weight_2d(modules[c.module_name])[c.rows, c.cols])
-        spectra[c] = Spectrum(u, s, vh, torch.full_like(s, -torch.inf))
+        spectra[c] = Spectrum(u, s, vh, torch.full_like(s, -torch.inf), torch.zeros_like(s))
     sums = {n: torch.zeros(weight_2d(m).shape[1], dtype=torch.float64) for n, m in modules.items()}
     count = 0
     recorder = _Recorder(modules)
@@ -112,6 +117,9 @@ def gather_evidence(
                     count += batch.clean[part].numel()
     finally:
         model.train(was_training)
+    if reduction == "mean":
+        for spectrum in spectra.values():
+            spectrum.score = spectrum.total / count
     return Evidence(spectra, {n: s / count for n, s in sums.items()})
 
 
@@ -149,3 +157,4 @@ def _score_chunk(
                 f"the attribution-patching effect of {c.name} is not finite: check the model's weights"
             )
         spectrum.score = torch.maximum(spectrum.score, effect.amax(dim=(0, 1)))
+        spectrum.total += effect.sum(dim=(0, 1))
