@@ -241,3 +241,23 @@ def test_end_to_end_on_a_trained_model_removes_directions_the_task_does_not_use(
     assert sum(report.removed.values()) == sum(int(n * 0.3) for n in report.total.values())
     assert not torch.allclose(logits(pruned, test.tolist()), logits(model, test.tolist()), atol=1e-3)
     assert accuracy(pruned) > 0.9
+
+
+def test_an_eigenpruned_llama_saves_and_loads_back_with_plain_transformers(tmp_path):
+    """k_proj had no bias: the config now says attention_bias=True and every attention projection has
+    one (zero where nothing was folded), so from_pretrained does not drop the mean ablation."""
+    model = tiny_llama()
+    prompts, answers = task()
+    eigenprune(model, prompts, answers, components=("k", "mlp_out"), fraction=0.3)
+    assert model.config.attention_bias and model.config.mlp_bias
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(logits(loaded, prompts), logits(model, prompts), atol=1e-6)
+
+
+def test_restore_also_takes_back_the_config_flags_and_zero_biases():
+    model = tiny_llama()
+    prompts, answers = task()
+    keys = set(model.state_dict())
+    eigenprune(model, prompts, answers, fraction=0.3).restore(model)
+    assert not model.config.attention_bias and set(model.state_dict()) == keys

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..blocks import find_blocks
 from ..errors import ConfigError, choices
 from .components import KINDS, Component, ComponentError, find_components, module_map
 from .effects import Evidence, gather_evidence
 from .fold import Correction, apply_corrections, corrections
+from .persist import BiasFlags, complete_biases
 from .task import Prompt, TaskError, encode_task
 
 __all__ = ["KINDS", "ComponentError", "EigenpruneReport", "TaskError", "eigenprune", "select_lowest"]
@@ -46,12 +48,14 @@ class EigenpruneReport:
     removed_by_layer: dict[str, int]  # module name -> directions removed
     created_biases: list[str]
     corrections: dict[str, Correction] = field(repr=False)
+    bias_flags: BiasFlags = field(repr=False)  # config flags set so that save/load keeps new biases
     scores: dict[str, Tensor] = field(repr=False)  # component name -> score per singular value
 
     def restore(self, model: nn.Module) -> None:
         """Add the removed directions back and take the bias shift out: the model before the prune."""
         modules = {name: model.get_submodule(name) for name in self.corrections}
         apply_corrections(self.corrections, modules, sign=+1)
+        self.bias_flags.undo(model)
 
     def summary(self) -> str:
         parts = [f"{k}: {self.removed[k]}/{self.total[k]}" for k in self.components]
@@ -137,6 +141,8 @@ def eigenprune(
     removed = select_lowest({c: s.score for c, s in evidence.spectra.items()}, float(fraction))
     fixes = corrections(removed, evidence, modules)
     apply_corrections(fixes, modules, sign=-1)
+    prefix, stack = find_blocks(model, blocks)
+    flags = complete_biases(model, [n for n, f in fixes.items() if f.created_bias], prefix, len(stack))
     kinds = tuple(dict.fromkeys(components))
     return EigenpruneReport(
         components=kinds,
@@ -147,5 +153,6 @@ def eigenprune(
         removed_by_layer={n: f.rank for n, f in fixes.items()},
         created_biases=[n for n, f in fixes.items() if f.created_bias],
         corrections=fixes,
+        bias_flags=flags,
         scores={c.name: s.score for c, s in evidence.spectra.items()},
     )
