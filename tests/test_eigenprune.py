@@ -172,6 +172,11 @@ def test_a_fraction_outside_zero_one_is_refused(fraction):
         eigenprune(tiny_gpt2(), *task(), fraction=fraction)
 
 
+def test_one_kind_may_be_named_by_a_plain_string():
+    report = eigenprune(tiny_gpt2(), *task(), components="mlp_in", fraction=0.3)
+    assert report.components == ("mlp_in",) and report.removed["mlp_in"] == int(report.total["mlp_in"] * 0.3)
+
+
 def test_an_unknown_reduction_is_refused():
     with pytest.raises(ConfigError, match="reduction='median'"):
         eigenprune(tiny_gpt2(), *task(), reduction="median")

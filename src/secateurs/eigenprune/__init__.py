@@ -134,8 +134,9 @@ def eigenprune(
         TaskError, ComponentError, ConfigError: bad input, refused before the model is touched.
     """
     _check(fraction, batch_size, reduction, model)
+    kinds = (components,) if isinstance(components, str) else tuple(dict.fromkeys(components))  # "k" is one kind
     batches = encode_task(prompts, answers, corrupted, tokenizer, _vocab_size(model))
-    found = find_components(model, components, blocks)
+    found = find_components(model, kinds, blocks)
     modules = module_map(model, found)
     evidence: Evidence = gather_evidence(model, found, modules, batches, batch_size, reduction)
     removed = select_lowest({c: s.score for c, s in evidence.spectra.items()}, float(fraction))
@@ -143,7 +144,6 @@ def eigenprune(
     apply_corrections(fixes, modules, sign=-1)
     prefix, stack = find_blocks(model, blocks)
     flags = complete_biases(model, [n for n, f in fixes.items() if f.created_bias], prefix, len(stack))
-    kinds = tuple(dict.fromkeys(components))
     return EigenpruneReport(
         components=kinds,
         fraction=float(fraction),
