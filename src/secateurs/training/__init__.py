@@ -2,16 +2,18 @@
 ``Pruner.regularize()`` (penalties: L1, network slimming, group lasso, L0 gates, sparse variational
 dropout, movement scores); the minimal loop here exists for the CLI, the demo and the benchmarks only."""
 
-from . import gates, group_lasso, movement  # noqa: F401  (registration)
+from . import fbs, gates, group_lasso, movement  # noqa: F401  (registration)
 from .callbacks import hf_trainer_callback, lightning_callback, reset_optimizer_state
 from .finetune import accuracy, train
 from .gates import HardConcreteGate, L0Gates, SparseVariationalDropout, VariationalDropoutGate, gates_to_masks
+from .fbs import FBSLasso
 from .group_lasso import GroupLasso, ZeroGroups, remove_zero_groups
 from .movement import MovementScoreGate, MovementScores, SoftMovement
 from .regularizers import L1, REGULARIZERS, BNScaleL1, RegularizationReport, Regularizer, register_regularizer
 
 __all__ = [
     "BNScaleL1",
+    "FBSLasso",
     "GroupLasso",
     "HardConcreteGate",
     "L0Gates",
