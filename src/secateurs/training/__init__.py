@@ -4,9 +4,9 @@ dropout, movement scores); the minimal loop here exists for the CLI, the demo an
 
 from . import fbs, gates, group_lasso, movement  # noqa: F401  (registration)
 from .callbacks import hf_trainer_callback, lightning_callback, reset_optimizer_state
+from .fbs import FBSLasso
 from .finetune import accuracy, train
 from .gates import HardConcreteGate, L0Gates, SparseVariationalDropout, VariationalDropoutGate, gates_to_masks
-from .fbs import FBSLasso
 from .group_lasso import GroupLasso, ZeroGroups, remove_zero_groups
 from .movement import MovementScoreGate, MovementScores, SoftMovement
 from .regularizers import L1, REGULARIZERS, BNScaleL1, RegularizationReport, Regularizer, register_regularizer
