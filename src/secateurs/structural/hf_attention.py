@@ -17,7 +17,7 @@ A ``q_norm`` / ``k_norm`` over the whole query / key width (OLMo 2) is cut with 
 statistics then cover the remaining heads only: a valid smaller model, not the zero-unit identity).
 Anything else (fused QKV: :mod:`.hf_fused`; a learned per-head bias) is not taken:
 the module is then traced op by op, and the reshape into heads is refused with its name. Heads and
-GQA groups become units exactly as in :func:`.hf._head_units` (``structural={'gqa': ...}``).
+GQA groups become units exactly as in :func:`.heads.head_units` (``structural={'gqa': ...}``).
 Cross-attention reads its keys and values from ``key_value_states`` / ``encoder_hidden_states``.
 """
 
@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import StructureError
 from .handlers import Handler, _named, handler_for, register_handler_matcher
-from .hf import _head_units
+from .heads import head_units as _head_units
 from .hf_fused import _arguments
 from .surgery import Surgery
 from .trace import Trace

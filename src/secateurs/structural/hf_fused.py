@@ -8,7 +8,7 @@ the family, so each is described by an *order* of its rows:
 - ``per_head``: ``[q_h k_h v_h]`` for every head h (GPT-NeoX, BLOOM, Falcon without multi-query);
 - ``per_group``: ``[q .. q k v]`` for every key/value group (Falcon's ``new_decoder_architecture``).
 
-A head (or a GQA group, ``structural={'gqa': ...}`` as in :func:`.hf._head_units`) is a unit owning
+A head (or a GQA group, ``structural={'gqa': ...}`` as in :func:`.heads.head_units`) is a unit owning
 its rows of the fused weight and bias and its columns of the output projection.
 
 ALiBi (BLOOM, MPT, Falcon with ``alibi=True``): the model builds one bias for *all* layers from the
@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import StructureError
 from .handlers import Handler, _named, first_input, handler_for, register_handler_by_name
-from .hf import _head_units
+from .heads import head_units as _head_units
 from .labels import LABEL_DTYPE, full_none
 from .surgery import Surgery
 from .trace import Trace
