@@ -114,8 +114,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     cnn = [] if args.skip_digits else digits(list(range(args.seeds)), [float(r) for r in args.ratios.split(",")])
     lines = ["| channels removed | method | test accuracy (mean, min-max) | params |", "|---:|---|---:|---:|"]

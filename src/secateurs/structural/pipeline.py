@@ -203,7 +203,7 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     n = layers.how_many(len(blocks), config.final_sparsity, config.structural_.keep_at_least)
     require_data(criterion.needs, f"method {criterion.name!r}", data)
     evidence = make_evidence(model, [], config, data)
-    scores = criterion.block_scores(model, blocks, evidence)
+    scores = criterion.block_scores(model, blocks, evidence, removing=n)
     gone = (~keep_mask(scores.reshape(1, -1), n)).reshape(-1).nonzero().reshape(-1).tolist()
     return layers.layer_step(container, gone), [f"{container}.{i}" for i in gone]
 
