@@ -12,6 +12,9 @@ protocol on non-overlapping 256-token windows of pydoc-test.txt. Writes bench/re
         [--runs 0,1,2,3,4] [--threads 2] [--name bernoulli_llama]
 
 The prune wall time is also given as CPU seconds of the process (meaningful on a busy machine).
+``--pattern layer`` compares whole-block removal instead: ShortGPT's block influence, the block
+search's initialisation (ShortGPT ranks, ``steps=0``) and the block search; ``--ratios`` is then the
+fraction of the blocks removed (e.g. ``0.17,0.34`` for 1 and 2 of 6).
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ RUNS = {  # name -> prune() options (search settings not given here come from th
     },
 }
 
+BLOCK_RUNS = {  # --pattern layer: whole blocks
+    "shortgpt": {"method": "shortgpt"},
+    "bernoulli init (shortgpt ranks, steps=0)": {"method": "bernoulli", "method_options": {"steps": 0}},
+    "bernoulli search (paper: moving-average baseline)": {"method": "bernoulli", "method_options": {}},
+}
+
 
 def worker(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
@@ -66,8 +75,9 @@ def worker(args: argparse.Namespace) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     report = None
     if args.ratio > 0:
-        report = prune(model, sparsity=args.ratio, mode="remove", pattern="head+channel", calibration=calib,
-                       progress=False, structural={"latency": False, "gqa": "kv_groups"}, **options)  # fmt: skip
+        structural = {"latency": False} if args.pattern == "layer" else {"latency": False, "gqa": "kv_groups"}
+        report = prune(model, sparsity=args.ratio, mode="remove", pattern=args.pattern, calibration=calib,
+                       progress=False, structural=structural, **options)  # fmt: skip
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"params_before": before, "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
             "cpu_seconds": cpu, "loadavg": os.getloadavg(),
@@ -90,13 +100,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     parser.add_argument("--runs", default=",".join(str(i) for i in range(len(RUNS))), help="indices into RUNS")
     parser.add_argument("--name", default="bernoulli_llama", help="bench/results/<name>.json")
+    parser.add_argument(
+        "--pattern", default="head+channel", choices=["head+channel", "layer"], help="'layer': whole blocks"
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
     load_start = os.getloadavg()
     common = ["--steps", str(args.steps), "--samples", str(args.samples), "--lr", str(args.lr), "--windows",
-              str(args.windows), "--nsamples", str(args.nsamples), "--threads", str(args.threads)]  # fmt: skip
+              str(args.windows), "--nsamples", str(args.nsamples), "--threads", str(args.threads),
+              "--pattern", args.pattern]  # fmt: skip
 
     def run(ratio: float, options: dict) -> dict:
         cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--options", json.dumps(options), *common]
@@ -109,16 +123,18 @@ def main() -> None:
 
     rows = [{"method": "dense", "ratio": 0.0, **run(0.0, {})}]
     print(f"dense: ppl {rows[0]['perplexity']:.2f}", flush=True)
-    chosen = [list(RUNS)[int(i)] for i in args.runs.split(",")]
+    runs = BLOCK_RUNS if args.pattern == "layer" else RUNS
+    chosen = [list(runs)[int(i)] for i in args.runs.split(",")]
     for ratio in map(float, args.ratios.split(",")):
         for name in chosen:
-            row = {"method": name, "ratio": ratio, **run(ratio, RUNS[name])}
+            row = {"method": name, "ratio": ratio, **run(ratio, runs[name])}
             rows.append(row)
             save(rows)
             print(f"{name} {ratio:.0%}: ppl {row['perplexity']:.2f}, params {row['params']:,}, "
                   f"{row['seconds']:.1f} s ({row['cpu_seconds']:.1f} CPU s, load {row['loadavg'][0]:.1f}), "
                   f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
-    lines = ["| head+neuron params removed | method | perplexity | params | prune wall (CPU) s | peak RSS |",
+    removed = "blocks" if args.pattern == "layer" else "head+neuron params"
+    lines = [f"| {removed} removed | method | perplexity | params | prune wall (CPU) s | peak RSS |",
              "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['params']:,} | {r['seconds']:.0f} "
               f"({r['cpu_seconds']:.0f}) | {r['peak_rss_mib']:.0f} MiB |" for r in rows]  # fmt: skip

@@ -74,7 +74,7 @@ def main() -> None:
     dense = llama()
     rows = [{"model": "pydoc-llama-12m", "method": "dense", "ratio": 1.0, "params": params(dense),
              "perplexity": ppl(dense)}]  # fmt: skip
-    print(f"llama dense: perplexity {rows[0]['perplexity']:.2f}", flush=True)
+    print(f"llama dense: perplexity {rows[0]['perplexity']}", flush=True)
     mtok = minilm_tokenizer()
     mdense = minilm()
     mcalib = [mtok(s, return_tensors="pt", truncation=True, max_length=128)["input_ids"]

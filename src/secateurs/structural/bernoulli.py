@@ -15,6 +15,12 @@ finds its own ratio. ``theta`` starts from a metric (FLAP by default, or Wanda-s
 
 The score is the learned ``theta``: the pipeline's global allocation keeps the most probable units to
 the budget, and ``mode='remove'`` cuts the rest (heads per KV group, rounding and refusals as usual).
+
+Options beyond the paper: ``baseline='leave_one_out'`` (each sample's loss minus the mean of the
+step's other samples on the same batch) and ``estimator='natural'`` (the score times the Fisher
+inverse, ``m - theta``). With ``pattern='layer'`` the same search runs over whole blocks (a dropped
+block is the identity; initialised from ShortGPT's block influence) and the least probable blocks
+are deleted.
 """
 
 from __future__ import annotations
