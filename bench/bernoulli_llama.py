@@ -9,7 +9,7 @@ end). Each run is its own subprocess, so the peak RSS is that run's. Perplexity:
 protocol on non-overlapping 256-token windows of pydoc-test.txt. Writes bench/results/bernoulli_llama.json.
 
     .venv/bin/python bench/bernoulli_llama.py [--steps 40] [--samples 4] [--windows 20] [--nsamples 8]
-        [--runs 0,1,2,3,4] [--threads 2] [--name bernoulli_llama]
+        [--runs 0,1,2,3,4,5] [--threads 2] [--name bernoulli_llama]
 
 The prune wall time is also given as CPU seconds of the process (meaningful on a busy machine).
 ``--pattern layer`` compares whole-block removal instead: ShortGPT's block influence, the block
@@ -43,6 +43,7 @@ RUNS = {  # name -> prune() options (search settings not given here come from th
         "method": "bernoulli",
         "method_options": {"baseline": "leave_one_out"},
     },
+    "bernoulli search (natural gradient)": {"method": "bernoulli", "method_options": {"estimator": "natural"}},
 }
 
 BLOCK_RUNS = {  # --pattern layer: whole blocks
