@@ -176,3 +176,30 @@ def test_whole_block_masks_skip_blocks_during_the_search_and_remove_them(monkeyp
         layer.self_attn.layer_idx = i
     with torch.no_grad():
         assert torch.allclose(masked, shallow(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["random", "shortgpt", "bernoulli"])
+def test_every_block_criterion_takes_the_removal_count(method):
+    model = _four_blocks()
+    options = {"method_options": {"steps": 2, "samples": 2}} if method == "bernoulli" else {}
+    secateurs.prune(model, method, 0.25, pattern="layer", mode="remove", calibration=_calibration(), progress=False,
+                    structural={"latency": False}, **options)  # fmt: skip
+    assert len(model.model.layers) == 3
+
+
+def test_a_block_criterion_without_the_removal_count_still_works():
+    from secateurs.structural.criteria import GroupCriterion
+
+    class Oldest(GroupCriterion):  # a third-party criterion written against the three-argument signature
+        name = "oldest_block_test"
+        granularities = ("layer",)
+        default_pattern = "layer"
+
+        def block_scores(self, model, blocks, evidence):
+            return torch.arange(len(blocks), dtype=torch.float64)  # the first block scores lowest
+
+    model = _four_blocks()
+    second = model.model.layers[1]
+    secateurs.prune(model, method=Oldest(), sparsity=0.25, pattern="layer", mode="remove", calibration=_calibration(),
+                    progress=False, structural={"latency": False})  # fmt: skip
+    assert len(model.model.layers) == 3 and model.model.layers[0] is second

@@ -134,7 +134,9 @@ class GroupRandom(GroupCriterion):
         gen = ev.evidence.generator
         return {g.name: torch.rand(g.units, generator=gen, dtype=torch.float64) for g in ev.groups}
 
-    def block_scores(self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence) -> Tensor:
+    def block_scores(
+        self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence, removing: int | None = None
+    ) -> Tensor:
         return torch.rand(len(blocks), generator=evidence.generator, dtype=torch.float64)
 
 
