@@ -8,6 +8,7 @@ adds what the removed inputs contributed on average to the consuming layers' bia
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -203,7 +204,9 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     n = layers.how_many(len(blocks), config.final_sparsity, config.structural_.keep_at_least)
     require_data(criterion.needs, f"method {criterion.name!r}", data)
     evidence = make_evidence(model, [], config, data)
-    scores = criterion.block_scores(model, blocks, evidence)
+    # criteria written before ``removing`` existed keep their three-argument signature
+    budget = {"removing": n} if "removing" in inspect.signature(criterion.block_scores).parameters else {}
+    scores = criterion.block_scores(model, blocks, evidence, **budget)
     gone = (~keep_mask(scores.reshape(1, -1), n)).reshape(-1).nonzero().reshape(-1).tolist()
     return layers.layer_step(container, gone), [f"{container}.{i}" for i in gone]
 
