@@ -53,7 +53,8 @@ def test_the_database_at_the_target_is_the_sequential_runners_uniform_prune(data
         assert values[0] == 0.0 and values == sorted(values) and values[1] > 0
 
 
-def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_the_model_alone(data):
+@pytest.mark.parametrize("granularity", ["blocks", "layers"])
+def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_the_model_alone(data, granularity):
     from secateurs.llm import prune_llm
 
     batches, evaluation = data
@@ -61,8 +62,9 @@ def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_th
     before = _state(model)
     result = spdy_search(
         model, batches, method="wanda", sparsity=0.5, evaluation=evaluation, grid=(0.3, 0.4, 0.5, 0.6, 0.7),
-        evaluations=6, verify=2, progress=False,
+        evaluations=6, verify=2, granularity=granularity, progress=False,
     )  # fmt: skip
+    assert len(result.sparsities) == (2 if granularity == "blocks" else 14)
     assert _same(_state(model), before)
     assert len(result.history) <= 6 and len({tuple(h["sparsities"]) for h in result.history}) == len(result.history)
     assert result.loss == result.profile.settings["loss"] and result.uniform_loss > 0
@@ -70,7 +72,9 @@ def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_th
         model, "wanda", 0.5, calibration=torch.cat(batches), batch_size=4, progress=False,
         allocation="sensitivity", allocation_options={"profile": result.profile},
     )  # fmt: skip
-    assert [round(s, 6) for s in report.block_sparsities] == [round(s, 6) for s in result.sparsities.values()]
+    got = {layer.name.rpartition(".")[0]: layer.sparsity for layer in report.layers}
+    for name, sparsity in result.sparsities.items():  # every layer of a block entry gets the block's sparsity
+        assert all(abs(v - sparsity) < 0.02 for k, v in got.items() if k == name or k.startswith(name + ".")), name
     assert report.sparsity == pytest.approx(0.5, abs=2e-3)
     with torch.no_grad():  # the loss the search reported is the loss of this very prune
         losses = [float(model(**b).loss) for b in evaluation]
@@ -86,6 +90,7 @@ def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_th
         ({"evaluations": 0}, "evaluations must be an integer >= 1"),
         ({"sigma": -1.0}, "sigma must be a positive number"),
         ({"mode": "mask"}, "sets 'mode' itself"),
+        ({"granularity": "heads"}, "granularity must be one of blocks, layers"),
     ],
 )
 def test_bad_search_settings_are_refused_before_the_model_is_touched(data, kwargs, message):
@@ -96,6 +101,19 @@ def test_bad_search_settings_are_refused_before_the_model_is_touched(data, kwarg
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         spdy_search(model, batches, **settings)
     assert _same(_state(model), before)
+
+
+def test_layer_errors_grow_with_sparsity_and_the_layers_weights_are_the_block_prunes(data):
+    batches, _ = data
+    model = _llama()
+    blocks = build_database(model, batches, "sparsegpt", [0.3, 0.6], 0.3, {})
+    layers = build_database(model, batches, "sparsegpt", [0.3, 0.6], 0.3, {}, granularity="layers")
+    assert len(layers.entries) == 14 and {e.kind for e in layers.entries} == {"layer"}
+    for k, targets in enumerate(layers.targets):
+        (t,) = targets
+        b = next(i for i, ts in enumerate(blocks.targets) if any(u.name == t.name for u in ts))
+        assert torch.equal(layers.weights[k][0.6][t.name], blocks.weights[b][0.6][t.name])
+        assert 0.0 == layers.errors[k][0.0] < layers.errors[k][0.3] < layers.errors[k][0.6]
 
 
 def test_the_default_grid_brackets_the_target_in_steps_of_five_points():

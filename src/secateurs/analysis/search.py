@@ -21,6 +21,7 @@ turns back into the very allocation the search chose.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -88,51 +89,112 @@ def _checked_grid(grid: Iterable[float] | None, sparsity: float) -> list[float]:
     return sorted({round(float(s), 9) for s in points} | {round(float(sparsity), 9)})  # the target: the reference
 
 
+GRANULARITIES = ("blocks", "layers")
+
+
 def build_database(
-    model: nn.Module, batches: Sequence[Any], method: str, grid: Sequence[float], reference: float, options: dict
+    model: nn.Module,
+    batches: Sequence[Any],
+    method: str,
+    grid: Sequence[float],
+    reference: float,
+    options: dict,
+    granularity: str = "blocks",
 ) -> Database:
     """Prune every block at every grid sparsity on the inputs the sequential runner would give it (the blocks
-    before it pruned at ``reference``); the model is restored exactly afterwards."""
+    before it pruned at ``reference``); the model is restored exactly afterwards.
+
+    ``granularity='layers'`` makes every weight tensor its own option list: the block runner prunes a block's
+    layers from one pass of the block's inputs, so a layer pruned with its whole block at ``s`` is the layer
+    pruned alone at ``s``. Its error is ``tr(dW G dW^T) / tr(W G W^T)`` with ``G`` its inputs' Gram matrix."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     start = time.perf_counter()
-    config = _config(method, reference, options)
-    container, blocks, scoped, _ = block_targets(model, config)
+    container, blocks, scoped, _ = block_targets(model, _config(method, reference, options))
     owner = block_owners(blocks)
     mine: list[list[Any]] = [[] for _ in blocks]
     for t in scoped:
         mine[owner[id(t.module)]].append(t)
+    if granularity == "layers":
+        odd = [t.name for t in scoped if not isinstance(t.module, nn.Linear) or t.param_name != "weight"]
+        if odd:
+            raise ConfigError(f"granularity='layers' scores linear weights; {odd[0]!r} is not one (use 'blocks')")
+    groups = [[t] for ts in mine for t in ts] if granularity == "layers" else [ts for ts in mine if ts]
     entries = [
-        Entry(f"{container}.{i}" if container else str(i), "block", {t.name: list(t.shape) for t in ts},
-              sum(t.numel for t in ts))
-        for i, ts in enumerate(mine) if ts
+        Entry(g[0].module_name if granularity == "layers" else f"{container}.{owner[id(g[0].module)]}".lstrip("."),
+              "layer" if granularity == "layers" else "block", {t.name: list(t.shape) for t in g},
+              sum(t.numel for t in g))
+        for g in groups
     ]  # fmt: skip
-    weights: list[dict[float, dict[str, torch.Tensor]]] = []
-    errors: list[dict[float, float]] = []
+    weights: dict[int, dict[float, dict[str, torch.Tensor]]] = {k: {} for k in range(len(groups))}
+    errors: dict[int, dict[float, float]] = {k: {0.0: 0.0} for k in range(len(groups))}
+    index = {id(g[0]): k for k, g in enumerate(groups)}
     was_training = model.training
     model.eval()
     try:
         with trial(model):
             inputs = capture_inputs(model, blocks, list(batches))
             for i, block in enumerate(blocks):
-                if not mine[i]:
-                    propagate(block, i, inputs)
-                    continue
-                dense = _outputs(block, i, inputs)
-                options_i: dict[float, dict[str, torch.Tensor]] = {0.0: _copy(mine[i])}
-                errors_i = {0.0: 0.0}
-                for s in grid:
-                    with trial(block):
-                        data = Data.from_user(_config(method, s, options), batches, None, None, False, True)
-                        prune_block_alone(model, _config(method, s, options), data, i, inputs)
-                        options_i[s] = _copy(mine[i])
-                        errors_i[s] = _relative_error(_outputs(block, i, inputs), dense)
-                weights.append(options_i)
-                errors.append(errors_i)
-                _load(mine[i], options_i[reference])  # the next block sees what the runner would give it
+                if mine[i]:
+                    grams = _grams(mine[i]) if granularity == "layers" else None
+                    with grams or contextlib.nullcontext():
+                        dense = _outputs(block, i, inputs)
+                    options_i = {0.0: _copy(mine[i])}
+                    for s in grid:
+                        with trial(block):
+                            config = _config(method, s, options)
+                            data = Data.from_user(config, batches, None, None, False, True)
+                            prune_block_alone(model, config, data, i, inputs)
+                            options_i[s] = _copy(mine[i])
+                            if grams is None:
+                                errors[index[id(mine[i][0])]][s] = _relative_error(_outputs(block, i, inputs), dense)
+                            else:
+                                for t in mine[i]:
+                                    errors[index[id(t)]][s] = grams.error(
+                                        t, options_i[0.0][t.name], options_i[s][t.name]
+                                    )
+                    for k in {index[id(t)] for t in mine[i] if id(t) in index}:
+                        names = {t.name for t in groups[k]}
+                        weights[k] = {g: {n: w for n, w in ws.items() if n in names} for g, ws in options_i.items()}
+                    _load(mine[i], options_i[reference])  # the next block sees what the runner would give it
                 propagate(block, i, inputs)
     finally:
         model.train(was_training)
-    targets = [ts for ts in mine if ts]
-    return Database(entries, list(grid), weights, errors, targets, time.perf_counter() - start)
+    return Database(
+        entries, list(grid), [weights[k] for k in range(len(groups))], [errors[k] for k in range(len(groups))],
+        groups, time.perf_counter() - start,
+    )  # fmt: skip
+
+
+class _grams:
+    """Forward hooks that add up each linear target's input Gram matrix ``sum x^T x`` (float64) while active."""
+
+    def __init__(self, targets: Sequence[Any]) -> None:
+        self.targets = list(targets)
+        self.gram: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _grams:
+        for t in self.targets:
+            self.handles.append(t.module.register_forward_hook(self._hook(t.name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            self.gram[name] = self.gram.get(name, 0) + x.T @ x
+
+        return hook
+
+    def error(self, target: Any, dense: torch.Tensor, pruned: torch.Tensor) -> float:
+        g = self.gram[target.name]
+        w, delta = dense.double(), (pruned.double() - dense.double())
+        return float(((delta @ g) * delta).sum()) / max(float(((w @ g) * w).sum()), 1e-300)
 
 
 def _config(method: str, sparsity: float, options: dict) -> PruneConfig:
@@ -209,6 +271,7 @@ def spdy_search(
     steps: int = 2000,
     verify: int = 3,
     sigma: float = 0.5,
+    granularity: str = "blocks",
     seed: int = 0,
     loss_fn: Callable | None = None,
     progress: bool = True,
@@ -228,6 +291,7 @@ def spdy_search(
             knapsack solve; a step that lands on a scored allocation costs no forward pass).
         verify: the best candidates then pruned for real by the block runner, the best of them kept.
         sigma: the spread of the log-normal factor a mutated coefficient is multiplied by.
+        granularity: ``'blocks'`` (one sparsity per block) or ``'layers'`` (one per weight tensor).
         options: other :func:`secateurs.prune` options (``scope``, ``pattern``, ``blocks``, ``method_options``).
 
     Returns a :class:`SearchResult` whose ``profile`` reproduces the chosen allocation under
@@ -249,7 +313,9 @@ def spdy_search(
     if not batches or not scored:
         raise ConfigError("spdy_search needs calibration batches (and evaluation batches, default the same)")
     target = round(float(sparsity), 9)
-    db = build_database(model, batches, method, grid_, target, options)
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    db = build_database(model, batches, method, grid_, target, options, granularity)
     settings = {
         "search": "spdy",
         "method": method,
@@ -258,6 +324,7 @@ def spdy_search(
         "seed": seed,
         "sigma": sigma,
         "evaluations": evaluations,
+        "granularity": granularity,
     }
     start = time.perf_counter()
     tried, first_coefficients, history = _local_search(
