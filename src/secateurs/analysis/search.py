@@ -34,7 +34,7 @@ from torch import nn
 
 from ..api import prune
 from ..batches import default_loss, take
-from ..blocks import block_owners, capture_inputs
+from ..blocks import block_owners, capture_inputs, find_blocks
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..pipeline import Data
@@ -126,9 +126,9 @@ def build_database(
               sum(t.numel for t in g))
         for g in groups
     ]  # fmt: skip
-    weights: dict[int, dict[float, dict[str, torch.Tensor]]] = {k: {} for k in range(len(groups))}
-    errors: dict[int, dict[float, float]] = {k: {0.0: 0.0} for k in range(len(groups))}
-    index = {id(g[0]): k for k, g in enumerate(groups)}
+    weights: dict[int, dict[float, dict[str, torch.Tensor]]] = {}
+    errors: dict[int, dict[float, float]] = {}
+    index = {t.name: k for k, g in enumerate(groups) for t in g}
     was_training = model.training
     model.eval()
     try:
@@ -136,27 +136,13 @@ def build_database(
             inputs = capture_inputs(model, blocks, list(batches))
             for i, block in enumerate(blocks):
                 if mine[i]:
-                    grams = _grams(mine[i]) if granularity == "layers" else None
-                    with grams or contextlib.nullcontext():
-                        dense = _outputs(block, i, inputs)
-                    options_i = {0.0: _copy(mine[i])}
-                    for s in grid:
-                        with trial(block):
-                            config = _config(method, s, options)
-                            data = Data.from_user(config, batches, None, None, False, True)
-                            prune_block_alone(model, config, data, i, inputs)
-                            options_i[s] = _copy(mine[i])
-                            if grams is None:
-                                errors[index[id(mine[i][0])]][s] = _relative_error(_outputs(block, i, inputs), dense)
-                            else:
-                                for t in mine[i]:
-                                    errors[index[id(t)]][s] = grams.error(
-                                        t, options_i[0.0][t.name], options_i[s][t.name]
-                                    )
-                    for k in {index[id(t)] for t in mine[i] if id(t) in index}:
+                    found, block_errors = _block_options(model, i, inputs, mine[i], grid, method, options, batches,
+                                                         granularity == "layers")  # fmt: skip
+                    for k in dict.fromkeys(index[t.name] for t in mine[i]):
                         names = {t.name for t in groups[k]}
-                        weights[k] = {g: {n: w for n, w in ws.items() if n in names} for g, ws in options_i.items()}
-                    _load(mine[i], options_i[reference])  # the next block sees what the runner would give it
+                        weights[k] = {g: {n: w for n, w in ws.items() if n in names} for g, ws in found.items()}
+                        errors[k] = block_errors[groups[k][0].name if granularity == "layers" else None]
+                    _load(mine[i], found[reference])  # the next block sees what the runner would give it
                 propagate(block, i, inputs)
     finally:
         model.train(was_training)
@@ -164,6 +150,32 @@ def build_database(
         entries, list(grid), [weights[k] for k in range(len(groups))], [errors[k] for k in range(len(groups))],
         groups, time.perf_counter() - start,
     )  # fmt: skip
+
+
+def _block_options(
+    model: nn.Module, index: int, inputs: Any, targets: list[Any], grid: Sequence[float], method: str,
+    options: dict, batches: Sequence[Any], layers: bool,
+) -> tuple[dict[float, dict[str, torch.Tensor]], dict[str | None, dict[float, float]]]:  # fmt: skip
+    """One block pruned at every grid sparsity (restored after each): its weights per sparsity, dense
+    included, and the errors, of the block (key None) or of each layer (key: the weight's name)."""
+    block = find_blocks(model, options.get("blocks"))[1][index]
+    grams = _grams(targets) if layers else None
+    with grams or contextlib.nullcontext():
+        dense = _outputs(block, index, inputs)
+    found = {0.0: _copy(targets)}
+    errors: dict[str | None, dict[float, float]] = {key: {0.0: 0.0} for key in ([t.name for t in targets] if layers
+                                                                            else [None])}  # fmt: skip
+    for s in grid:
+        with trial(block):
+            config = _config(method, s, options)
+            prune_block_alone(model, config, Data.from_user(config, batches, None, None, False, True), index, inputs)
+            found[s] = _copy(targets)
+            if grams is None:
+                errors[None][s] = _relative_error(_outputs(block, index, inputs), dense)
+            else:
+                for t in targets:
+                    errors[t.name][s] = grams.error(t, found[0.0][t.name], found[s][t.name])
+    return found, errors
 
 
 class _grams:
