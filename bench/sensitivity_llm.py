@@ -91,6 +91,7 @@ def _spdy(method: str, segments: torch.Tensor, evaluation: list, args: argparse.
         evaluations=args.evaluations,
         verify=args.verify,
         seed=0,
+        granularity=args.granularity,
         progress=False,
     )
     return result, time.perf_counter() - start
@@ -130,6 +131,7 @@ def main() -> None:
                    "the profiles and the search are scored on")  # fmt: skip
     p.add_argument("--evaluations", type=int, default=40, help="spdy: distinct assembled candidates scored")
     p.add_argument("--verify", type=int, default=3, help="spdy: best candidates pruned for real")
+    p.add_argument("--granularity", choices=("blocks", "layers"), default="blocks", help="spdy: one sparsity per ...")
     p.add_argument("--tag", default="", help="suffix of the results file (parallel runs of one method each)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -156,7 +158,7 @@ def main() -> None:
                 )  # fmt: skip
                 row.update(analysis_seconds=seconds, search=result.profile.settings, history=result.history,
                            search_seconds=result.seconds)  # fmt: skip
-                results["sensitivity (spdy)"] = row
+                results["sensitivity (spdy)" if args.granularity == "blocks" else "sensitivity (spdy, layers)"] = row
                 print(f"spdy: calibration loss {result.loss:.4f} (uniform {result.uniform_loss:.4f}), "
                       f"{len(result.history)} candidates, {seconds:.0f} s", flush=True)  # fmt: skip
                 continue
