@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import secateurs
 from secateurs.analysis.search import build_database, default_grid, spdy_search
 from secateurs.errors import ConfigError
 
@@ -39,12 +38,15 @@ def data():
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_the_database_at_the_target_is_the_sequential_runners_uniform_prune(data, method):
+    from secateurs.llm import prune_llm
+
     batches, _ = data
     model = _llama()
     before = _state(model)
-    db = build_database(model, batches, method, [0.3, 0.5, 0.7], 0.5, {})
+    mode = {"wanda": "bake", "sparsegpt": "reconstruct"}[method]  # prune_llm's: SparseGPT updates the weights
+    db = build_database(model, batches, method, [0.3, 0.5, 0.7], 0.5, {"mode": mode})
     assert _same(_state(model), before)  # building it leaves the model as it was
-    secateurs.prune(model, method, 0.5, calibration=batches, runner="blocks", mode="bake", progress=False)
+    prune_llm(model, method, 0.5, calibration=torch.cat(batches), batch_size=4, progress=False)
     for b, targets in enumerate(db.targets):
         for t in targets:
             assert torch.equal(db.weights[b][0.5][t.name], getattr(t.module, t.param_name)), t.name
@@ -53,23 +55,26 @@ def test_the_database_at_the_target_is_the_sequential_runners_uniform_prune(data
         assert values[0] == 0.0 and values == sorted(values) and values[1] > 0
 
 
-@pytest.mark.parametrize("granularity", ["blocks", "layers"])
-def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_the_model_alone(data, granularity):
+@pytest.mark.parametrize(("method", "granularity"), [("wanda", "blocks"), ("wanda", "layers"), ("sparsegpt", "blocks")])
+def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_the_model_alone(
+    data, method, granularity
+):
     from secateurs.llm import prune_llm
 
     batches, evaluation = data
     model = _llama()
     before = _state(model)
     result = spdy_search(
-        model, batches, method="wanda", sparsity=0.5, evaluation=evaluation, grid=(0.3, 0.4, 0.5, 0.6, 0.7),
+        model, batches, method=method, sparsity=0.5, evaluation=evaluation, grid=(0.3, 0.4, 0.5, 0.6, 0.7),
         evaluations=6, verify=2, granularity=granularity, progress=False,
     )  # fmt: skip
     assert len(result.sparsities) == (2 if granularity == "blocks" else 14)
     assert _same(_state(model), before)
     assert len(result.history) <= 6 and len({tuple(h["sparsities"]) for h in result.history}) == len(result.history)
     assert result.loss == result.profile.settings["loss"] and result.uniform_loss > 0
+    assert result.profile.settings["options"]["mode"] == ("reconstruct" if method == "sparsegpt" else "bake")
     report = prune_llm(
-        model, "wanda", 0.5, calibration=torch.cat(batches), batch_size=4, progress=False,
+        model, method, 0.5, calibration=torch.cat(batches), batch_size=4, progress=False,
         allocation="sensitivity", allocation_options={"profile": result.profile},
     )  # fmt: skip
     got = {layer.name.rpartition(".")[0]: layer.sparsity for layer in report.layers}
@@ -89,7 +94,7 @@ def test_the_search_result_reproduces_under_allocation_sensitivity_and_leaves_th
         ({"grid": (0.5, 1.0)}, "outside (0, 1)"),
         ({"evaluations": 0}, "evaluations must be an integer >= 1"),
         ({"sigma": -1.0}, "sigma must be a positive number"),
-        ({"mode": "mask"}, "sets 'mode' itself"),
+        ({"mode": "mask"}, "mode must be one of bake, reconstruct"),
         ({"granularity": "heads"}, "granularity must be one of blocks, layers"),
     ],
 )
@@ -106,8 +111,8 @@ def test_bad_search_settings_are_refused_before_the_model_is_touched(data, kwarg
 def test_layer_errors_grow_with_sparsity_and_the_layers_weights_are_the_block_prunes(data):
     batches, _ = data
     model = _llama()
-    blocks = build_database(model, batches, "sparsegpt", [0.3, 0.6], 0.3, {})
-    layers = build_database(model, batches, "sparsegpt", [0.3, 0.6], 0.3, {}, granularity="layers")
+    blocks = build_database(model, batches, "sparsegpt", [0.3, 0.6], 0.3, {"mode": "reconstruct"})
+    layers = build_database(model, batches, "sparsegpt", [0.3, 0.6], 0.3, {"mode": "reconstruct"}, granularity="layers")
     assert len(layers.entries) == 14 and {e.kind for e in layers.entries} == {"layer"}
     for k, targets in enumerate(layers.targets):
         (t,) = targets

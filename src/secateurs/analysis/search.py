@@ -210,7 +210,25 @@ class _grams:
 
 
 def _config(method: str, sparsity: float, options: dict) -> PruneConfig:
-    return PruneConfig(method=method, sparsity=sparsity, runner="blocks", mode="bake", **options)
+    return PruneConfig(method=method, sparsity=sparsity, runner="blocks", **options)
+
+
+WRITING_MODES = ("bake", "reconstruct")
+
+
+def _mode(method: str, options: dict) -> str:
+    """The mode of the LLM front door: the method's own (SparseGPT reconstructs), else ``bake``. The database holds
+    weights, so only the modes that write them are accepted (a mask or a removal would not be assembled)."""
+    given = options.get("mode")
+    if given is None:
+        resolved = PruneConfig(method=method, sparsity=0.5, runner="blocks", **options).mode_
+        given = "bake" if resolved == "mask" else resolved
+    if given not in WRITING_MODES:
+        raise ConfigError(
+            f"spdy_search assembles candidates from pruned weights: mode must be one of {', '.join(WRITING_MODES)} "
+            f"(default: the method's own, else 'bake'), got {given!r}"
+        )
+    return given
 
 
 def _copy(targets: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -294,7 +312,8 @@ def spdy_search(
     Args:
         calibration: the batches every prune reads (the same ones the final run will read).
         method: the pruning method (``wanda``, ``sparsegpt``, ``magnitude`` ...), unstructured or N:M
-            patterns as ``pattern=`` in ``options``; the block runner prunes in ``mode='bake'``.
+            patterns as ``pattern=`` in ``options``; the block runner prunes in the method's own mode as
+            ``prune_llm`` does (SparseGPT reconstructs), else ``'bake'``.
         evaluation: the batches the candidates are scored on (calibration data, never the test set);
             default: ``calibration``.
         grid: the sparsities each block may take (dense is always one); default ``sparsity +- 0.2`` in
@@ -315,11 +334,9 @@ def spdy_search(
     for name, value, least in (("evaluations", evaluations, 1), ("steps", steps, 0), ("verify", verify, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(f"spdy_search {name} must be an integer >= {least}, got {value!r}")
-    for fixed in ("mode", "allocation", "allocation_options", "runner", "sparsity"):
+    for fixed in ("allocation", "allocation_options", "runner", "sparsity"):
         if fixed in options:
-            raise ConfigError(
-                f"spdy_search sets {fixed!r} itself (block runner, mode='bake', the searched allocation); drop it"
-            )
+            raise ConfigError(f"spdy_search sets {fixed!r} itself (the block runner, the searched allocation); drop it")
     batches = take(calibration, None)
     scored = take(evaluation, None) if evaluation is not None else batches
     if not batches or not scored:
@@ -327,6 +344,7 @@ def spdy_search(
     target = round(float(sparsity), 9)
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    options = {**options, "mode": _mode(method, options)}  # the final prune_llm's mode, fixed for every prune here
     db = build_database(model, batches, method, grid_, target, options, granularity)
     settings = {
         "search": "spdy",
@@ -417,6 +435,6 @@ def _pruned_loss(model, method, sparsity, batches, scored, loss_fn, options, pro
     """The calibration loss after a real block-runner prune (uniform when ``profile`` is None); model restored."""
     allocation = {} if profile is None else {"allocation": "sensitivity", "allocation_options": {"profile": profile}}
     with trial(model):
-        prune(model, method, sparsity, calibration=batches, runner="blocks", mode="bake", progress=False,
+        prune(model, method, sparsity, calibration=batches, runner="blocks", progress=False,
               allow_collapse=True, **allocation, **options)  # fmt: skip
         return _loss(model, scored, loss_fn)
