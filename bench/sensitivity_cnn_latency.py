@@ -184,6 +184,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-steps", dest="train_steps", type=int, default=300)
     p.add_argument("--finetune-steps", dest="finetune_steps", type=int, default=40, help="about 2 epochs of digits")
+    p.add_argument("--finetune-seeds", dest="finetune_seeds", type=int, default=3, help="fine-tunes averaged")
     p.add_argument(
         "--bn-batches",
         dest="bn_batches",
