@@ -7,11 +7,16 @@ is measured on the calibration text only (never the test text):
 - ``sensitivity (block loss)``: each block pruned alone by the method at 50..90% (the others dense),
   language-model loss on 16 further calibration segments (seed 1), blocks' loss increases summed;
 - ``sensitivity (local error)``: each block's relative reconstruction error on its own captured
-  dense inputs (the fast mode), summed.
+  dense inputs (the fast mode), summed;
+- ``sensitivity (spdy)``: :func:`secateurs.analysis.spdy_search`: a database of every block pruned at
+  50..90% (step 5%) on the inputs the sequential runner gives it, the knapsack over coefficient-scaled
+  local errors, and a local search over the coefficients scored by the loss of the assembled model on
+  ``--held-samples`` further calibration segments (seed 1); the best ``--verify`` candidates are pruned
+  for real and the one of least calibration loss is kept.
 
 The knapsack then picks the block sparsities of least summed damage averaging exactly 70%.
 
-    .venv/bin/python bench/sensitivity_llm.py [--eval-windows 200] [--cell-samples 32]
+    .venv/bin/python bench/sensitivity_llm.py [--eval-windows 200] [--cell-samples 32] [--profiles spdy]
 """
 
 from __future__ import annotations
@@ -71,6 +76,27 @@ def _profile(method: str, kind: str, segments: torch.Tensor, evaluation: list, c
     return profile, time.perf_counter() - start
 
 
+def _spdy(method: str, segments: torch.Tensor, evaluation: list, args: argparse.Namespace):
+    from secateurs.analysis import spdy_search
+
+    model = _model()
+    batches = [segments[i : i + 8] for i in range(0, len(segments), 8)]  # what prune_llm reads (batch_size 8)
+    start = time.perf_counter()
+    result = spdy_search(
+        model,
+        batches,
+        method=method,
+        sparsity=0.7,
+        evaluation=evaluation,
+        evaluations=args.evaluations,
+        verify=args.verify,
+        seed=0,
+        granularity=args.granularity,
+        progress=False,
+    )
+    return result, time.perf_counter() - start
+
+
 def _prune(method: str, segments: torch.Tensor, eval_windows: int, **options) -> dict:
     from secateurs.llm import prune_llm
 
@@ -100,15 +126,22 @@ def main() -> None:
     p.add_argument(
         "--nsamples", type=int, default=128, help="calibration segments of every prune (128: llm_pruning.py)"
     )
-    p.add_argument("--profiles", default="block loss,local error", help="which profiles to measure")
+    p.add_argument("--profiles", default="block loss,local error,spdy", help="which profiles to measure")
+    p.add_argument("--held-samples", dest="held_samples", type=int, default=32, help="calibration segments (seed 1) "
+                   "the profiles and the search are scored on")  # fmt: skip
+    p.add_argument("--evaluations", type=int, default=40, help="spdy: distinct assembled candidates scored")
+    p.add_argument("--verify", type=int, default=3, help="spdy: best candidates pruned for real")
+    p.add_argument("--granularity", choices=("blocks", "layers"), default="blocks", help="spdy: one sparsity per ...")
+    p.add_argument("--tag", default="", help="suffix of the results file (parallel runs of one method each)")
     args = p.parse_args()
+    torch.set_num_threads(1)
     from secateurs.calibration import sample_segments
     from secateurs.hf import load_tokenizer
 
     load = os.getloadavg()
     segments = _segments(args.nsamples, 256)
-    held = sample_segments(str(CALIB), load_tokenizer(str(MODEL)), 16, 256, seed=1)
-    evaluation = [{"input_ids": held[i : i + 8], "labels": held[i : i + 8]} for i in range(0, 16, 8)]
+    held = sample_segments(str(CALIB), load_tokenizer(str(MODEL)), args.held_samples, 256, seed=1)
+    evaluation = [{"input_ids": held[i : i + 8], "labels": held[i : i + 8]} for i in range(0, len(held), 8)]
     dense = _ppl(_model(), args.eval_windows)
     rows = []
     for method in args.methods.split(","):
@@ -117,6 +150,18 @@ def main() -> None:
             "owl": _prune(method, segments, args.eval_windows, allocation="owl"),
         }
         for kind in args.profiles.split(","):
+            if kind == "spdy":
+                result, seconds = _spdy(method, segments, evaluation, args)
+                row = _prune(
+                    method, segments, args.eval_windows, allocation="sensitivity",
+                    allocation_options={"profile": result.profile},
+                )  # fmt: skip
+                row.update(analysis_seconds=seconds, search=result.profile.settings, history=result.history,
+                           search_seconds=result.seconds)  # fmt: skip
+                results["sensitivity (spdy)" if args.granularity == "blocks" else "sensitivity (spdy, layers)"] = row
+                print(f"spdy: calibration loss {result.loss:.4f} (uniform {result.uniform_loss:.4f}), "
+                      f"{len(result.history)} candidates, {seconds:.0f} s", flush=True)  # fmt: skip
+                continue
             profile, seconds = _profile(
                 method, "local" if kind == "local error" else "loss", segments, evaluation, args.cell_samples
             )
@@ -134,7 +179,7 @@ def main() -> None:
 
 def _write(args: argparse.Namespace, rows: list[dict], dense: float, load: tuple) -> None:
     write_results(
-        f"sensitivity_llm_{args.nsamples}",
+        f"sensitivity_llm_{args.nsamples}{args.tag}",
         {
             "machine": machine(),
             "load_before": load,
@@ -142,6 +187,8 @@ def _write(args: argparse.Namespace, rows: list[dict], dense: float, load: tuple
             "dense_perplexity": dense,
             "eval_windows": args.eval_windows,
             "cell_samples": args.cell_samples,
+            "held_samples": args.held_samples,
+            "evaluations": args.evaluations,
             "nsamples": args.nsamples,
             "grid": GRID,
             "rows": rows,

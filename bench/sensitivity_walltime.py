@@ -2,13 +2,15 @@
 
 The demo's trained CNN (digits), every layer at 7 sparsities with Wanda (loss on 4 calibration
 batches): one process, then two (``backend='processes'``), alternating 1, 2, 1, 2 so a burst of load
-hits both; the profiles are checked equal. One torch thread per process in both settings.
+hits both; the profiles are checked equal. One torch thread per process in both settings. On a
+quiet 2-core machine the whole run takes about a minute:
 
-    .venv/bin/python bench/sensitivity_walltime.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/sensitivity_walltime.py [--rounds 2]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -27,11 +29,14 @@ def main() -> None:
     from secateurs.analysis import sensitivity
     from secateurs.demo import train_batches, trained_cnn
 
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2, help="pairs of (1 process, 2 processes) runs")
+    args = p.parse_args()
     torch.set_num_threads(1)
     model, batches = trained_cnn(), train_batches()[:4]
     times: dict[int, list[float]] = {1: [], 2: []}
     loads, profiles = [], {}
-    for workers in (1, 2, 1, 2):
+    for workers in (1, 2) * args.rounds:
         loads.append(os.getloadavg()[0])
         start = time.perf_counter()
         profiles[workers] = sensitivity(
@@ -51,7 +56,15 @@ def main() -> None:
     )
     write_results(
         "sensitivity_walltime",
-        {"machine": machine(), "loads": loads, "cells": cells, "times": times, "speedups": speedups, "identical": same},
+        {
+            "machine": machine(),
+            "loads": loads,
+            "load_after": os.getloadavg(),
+            "cells": cells,
+            "times": times,
+            "speedups": speedups,
+            "identical": same,
+        },
     )
 
 

@@ -302,7 +302,7 @@ class OWL(Allocation):
 @ALLOCATIONS.register
 class Sensitivity(Allocation):
     """Per-target sparsities from a measured sensitivity profile, under a budget: the exact multiple-choice
-    knapsack over the profile's options (SPDY, arXiv:2203.13131; OBC, arXiv:2208.11580; HALP's latency
+    knapsack over the profile's options (SPDY, arXiv:2201.13096; OBC, arXiv:2208.11580; HALP's latency
     knapsack, arXiv:2110.10811), see :mod:`secateurs.analysis.budget`.
 
     ``profile`` is a :class:`~secateurs.analysis.SensitivityProfile` or the path of one saved as JSON;

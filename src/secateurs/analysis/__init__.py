@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .knapsack import BudgetError, Option, solve
     from .profile import Cell, Entry, ProfileMismatchError, SensitivityProfile
     from .saliencies import SaliencyCheck, saliency, saliency_check, spearman
+    from .search import SearchResult, spdy_search
 
 _MODULES: dict[str, tuple[str, ...]] = {
     "budget": ("Allocated", "solve_budget"),
@@ -30,6 +31,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "profile": ("Cell", "Entry", "ProfileMismatchError", "SensitivityProfile"),
     "saliencies": ("SaliencyCheck", "saliency", "saliency_check", "spearman"),
     "cells": ("fit_budget", "sensitivity"),
+    "search": ("SearchResult", "spdy_search"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "Option",
     "ProfileMismatchError",
     "SaliencyCheck",
+    "SearchResult",
     "SensitivityProfile",
     "fit_budget",
     "saliency",
@@ -47,6 +50,7 @@ __all__ = [
     "sensitivity",
     "solve",
     "solve_budget",
+    "spdy_search",
     "spearman",
 ]
 

@@ -1,6 +1,6 @@
 """Exact multiple-choice knapsack: one option per layer, least total damage within a budget.
 
-This is the dynamic programme of SPDY (Frantar & Alistarh 2022, arXiv:2203.13131) and OBC's
+This is the dynamic programme of SPDY (Frantar & Alistarh 2022, arXiv:2201.13096) and OBC's
 per-layer database (arXiv:2208.11580), and HALP's latency knapsack (arXiv:2110.10811): each layer
 offers a few options (a sparsity or width), each with a cost (weights kept, MACs, measured latency)
 and a damage (its measured metric increase), and the layers' damages and costs add up.
