@@ -36,6 +36,7 @@ from .errors import ConfigError, StateError
 from .io import atomic_path, move_dir_into_place, refuse_existing
 from .llm.api import calibration_segments
 from .llm.config import LLMPruneConfig
+from .memory import release_freed_memory
 from .pipeline import Context, Data, check
 from .progress import progress as progress_bar
 from .runners.blocks import block_targets, propagate, prune_block, to_device_inputs
@@ -314,6 +315,7 @@ def prune_from_disk(
         _write_json(work / MANIFEST, manifest)  # last: the block counts as done only once all of it is on disk
         if previous and previous != manifest.get("activations"):
             (work / previous).unlink(missing_ok=True)
+        release_freed_memory()  # else the heap keeps every block's freed pages: 4.5 GiB resident for 8 GB read
         if after_block is not None:
             after_block(i)
     _finish(model, container, checkpoint, model_dir, work, out, overwrite)

@@ -3,6 +3,7 @@ bytes the in-memory block runner gives, and a run killed after a block resumes t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from safetensors.torch import load_file  # noqa: E402
 
-from secateurs import outofcore  # noqa: E402
+from secateurs import memory, outofcore  # noqa: E402
 from secateurs.errors import ConfigError, StateError  # noqa: E402
 from secateurs.llm import prune_llm  # noqa: E402
 
@@ -111,6 +112,38 @@ def test_a_killed_run_resumes_after_its_last_block_to_the_uninterrupted_bytes(on
     assert resumed.keys() == straight.keys()
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
+
+
+_RESIDENT_RUN = """
+import json, sys, torch, transformers
+from secateurs import outofcore
+from secateurs.memory import resident_kib
+torch.manual_seed(0)
+config = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=512, num_hidden_layers=16,
+                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+transformers.LlamaForCausalLM(config).save_pretrained(sys.argv[1])
+anon = []
+outofcore.prune_from_disk(sys.argv[1], sys.argv[2], "wanda", 0.5, calibration=torch.randint(0, 256, (2, 32)),
+                          batch_size=1, progress=False, after_block=lambda i: anon.append(resident_kib()["RssAnon"]))
+print(json.dumps(anon))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not memory.resident_kib() or not memory.release_freed_memory(), reason="glibc and /proc only")
+def test_resident_memory_stays_flat_over_the_blocks(tmp_path):
+    # Each block holds 7 weights of 1 MiB. Without release_freed_memory() after each block, glibc's heap kept
+    # the freed pages and the private resident set grew by ~6 MiB per block (2026-11-30: +135 MiB over 23
+    # blocks at 24 blocks); with it, +0.15 MiB. A fresh process: the heap's history is this run's alone.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-c", _RESIDENT_RUN, str(tmp_path / "in"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    anon = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(anon) == 16
+    block_kib = 7 * 512 * 512 * 4 // 1024
+    assert anon[-1] - anon[1] < 2 * block_kib, anon
 
 
 def test_resuming_with_other_settings_is_refused(on_disk, tmp_path):
