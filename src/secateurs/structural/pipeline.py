@@ -9,12 +9,14 @@ adds what the removed inputs contributed on average to the consuming layers' bia
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import PruneConfig
+from ..distributed import add_over_ranks, reduce_evidence
 from ..errors import DataRequiredError, ScopeError, StructureError
 from ..evidence import GRADIENT_NEEDS, Need, gather, preserved
 from ..guards import refuse_inference_weights
@@ -149,6 +151,8 @@ def score_groups(
     evidence = make_evidence(model, targets, config, data)
     with preserved(model, targets):
         gather(evidence, needs)
+        if data.group is not None:  # this rank's share: every rank's sums and token counts added
+            reduce_evidence(data.group, evidence.activations, evidence.hessians, f"{criterion.name} statistics")
         ev = GroupEvidence(model, groups, evidence, modules, sparsity=config.final_sparsity)
         return ev, criterion.group_scores(ev)
 
@@ -203,6 +207,8 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     n = layers.how_many(len(blocks), config.final_sparsity, config.structural_.keep_at_least)
     require_data(criterion.needs, f"method {criterion.name!r}", data)
     evidence = make_evidence(model, [], config, data)
+    if data.group is not None:
+        evidence.sum_over_ranks = partial(add_over_ranks, data.group, step=f"{criterion.name} block scores")
     scores = criterion.block_scores(model, blocks, evidence)
     gone = (~keep_mask(scores.reshape(1, -1), n)).reshape(-1).nonzero().reshape(-1).tolist()
     return layers.layer_step(container, gone), [f"{container}.{i}" for i in gone]
