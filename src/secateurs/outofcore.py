@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .blocks import BlockInputs, capture_inputs, find_blocks
 from .distributed import fingerprint
 from .errors import ConfigError, StateError
+from .evidence import Evidence, gather_block
 from .io import atomic_path, move_dir_into_place, refuse_existing
 from .llm.api import calibration_segments
 from .llm.config import LLMPruneConfig
@@ -287,7 +288,7 @@ def prune_from_disk(
     checkpoint = Checkpoint(model_dir)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model, container, blocks = skeleton(model_dir, checkpoint, config.blocks)
-    block_targets(model, config, allow_meta=True)  # a scope reaching outside the blocks: refused now
+    run = _RunPlans.of(model, config)  # a scope reaching outside the blocks: refused now
     batches: list[Tensor] = []
     if config.needs:
         if calibration is None:
@@ -299,6 +300,10 @@ def prune_from_disk(
              "calibration": fingerprint(torch.cat(batches)) if batches else None, "blocks": len(blocks)}  # fmt: skip
     check_space(work, sum(checkpoint.nbytes.values()), _written(work))  # before the work directory is made
     manifest = _resume_state(work, stamp)
+    if config.allocation_.needs and manifest.get("observed") is None:  # OWL: a dense pass over every block first
+        manifest["observed"] = _observe(model, container, blocks, checkpoint, config, run, batches, device, progress)
+        _write_json(work / MANIFEST, manifest)
+    run.observed = manifest.get("observed") or {}
     inputs = _capture(model, container, blocks, batches, checkpoint) if batches else None
     if inputs is not None and device != torch.device("cpu"):
         inputs = to_device_inputs(inputs, device)
@@ -306,7 +311,7 @@ def prune_from_disk(
     if first > 0 and inputs is not None:
         _load_inputs(work / manifest["activations"], inputs)
     for i in progress_bar(range(first, len(blocks)), f"{config.criterion_.name} blocks (from disk)", progress):
-        manifest["layers"] += _prune_one(model, container, blocks[i], i, checkpoint, config, inputs, device, work)
+        manifest["layers"] += _prune_one(model, container, blocks[i], i, checkpoint, config, run, inputs, device, work)
         previous = manifest.get("activations")
         if inputs is not None and i + 1 < len(blocks):
             manifest["activations"] = f"activations-{i:05d}.safetensors"
@@ -333,11 +338,6 @@ def _refuse_unsupported(config: LLMPruneConfig) -> None:
             f"out-of-core pruning writes the pruned weights with their zeros; mode={config.mode_!r} keeps masks beside "
             "the weights: use mode='bake' (or 'reconstruct')"
         )
-    if config.allocation_.needs:
-        raise ConfigError(
-            f"allocation {config.allocation_.name!r} observes the whole dense model before pruning, a second pass "
-            "over every block; out-of-core pruning makes one pass: use a uniform allocation, or prune in memory"
-        )
 
 
 def _resume_state(work: Path, stamp: dict[str, Any]) -> dict[str, Any]:
@@ -360,9 +360,71 @@ def _written(work: Path) -> int:
     return sum(p.stat().st_size for p in work.glob("block-*.safetensors")) if work.exists() else 0
 
 
+@dataclass
+class _RunPlans:
+    """The whole run's targets (blocks on disk: meta), which an allocation sizes each block's layers against
+    (ERK, OWL), each target's block, and the dense model's observations (OWL's outlier ratios)."""
+
+    plans: list[Any]
+    layer_of: dict[str, str]
+    observed: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module, config: LLMPruneConfig) -> _RunPlans:
+        container, blocks, targets, _ = block_targets(model, config, allow_meta=True)
+        owner = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
+        return cls(config.plans(targets), {t.name: f"{container}.{owner[id(t.module)]}" for t in targets})
+
+    def context(self, plans: list[Any]) -> Context:
+        """A block's context: each of its plans sized against the same plan's targets over the whole run."""
+        whole = {t.name: plan.targets for plan in self.plans for t in plan.targets}
+        return Context(all_targets={id(p): whole[p.targets[0].name] for p in plans}, observed=self.observed,
+                       layer_of=self.layer_of)  # fmt: skip
+
+
+def _block_plans(model: nn.Module, block: nn.Module, config: LLMPruneConfig) -> list[Any]:
+    """The plans of the block just read (its targets resolved on its real weights)."""
+    owned = {id(m) for m in block.modules()}
+    return config.plans([t for t in resolve(model, config.scope_, allow_meta=True) if id(t.module) in owned])
+
+
+def _observe(
+    model: nn.Module, container: str, blocks: list, checkpoint: Checkpoint, config: LLMPruneConfig, run: _RunPlans,
+    batches: list[Tensor], device: torch.device, show: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The dense pass an observing allocation (OWL) needs before anything is pruned: every block read, observed
+    and run over the activations, in turn. Its observations go into the manifest (plain data: a resumed run
+    skips this pass), so an allocation whose observations are not plain data is refused."""
+    allocation = config.allocation_
+    watched = {t.name for t in config.observed_targets(run.plans)}
+    inputs = _capture(model, container, blocks, batches, checkpoint)
+    if device != torch.device("cpu"):
+        inputs = to_device_inputs(inputs, device)
+    observed: dict[str, Any] = {}
+    for i in progress_bar(range(len(blocks)), f"{allocation.name} observations (from disk)", show):
+        _onload(model, f"{container}.{i}.", checkpoint, device)
+        try:
+            targets = [t for p in _block_plans(model, blocks[i], config) for t in p.targets if t.name in watched]
+            if targets:
+                activations, hessians = gather_block(blocks[i], i, targets, inputs, allocation.needs)
+                evidence = Evidence(model=blocks[i], targets=targets, activations=activations, hessians=hessians)
+                observed.update(allocation.observe(targets, evidence, run.layer_of))
+            if i + 1 < len(blocks):
+                propagate(blocks[i], i, inputs)
+        finally:
+            blocks[i].to("meta")
+        release_freed_memory()
+    if json.loads(json.dumps(observed, default=repr)) != observed:
+        raise ConfigError(
+            f"allocation {allocation.name!r} observes values that are not plain data (numbers, strings), which an "
+            "out-of-core run keeps in its manifest to resume; prune in memory"
+        )
+    return observed
+
+
 def _prune_one(
     model: nn.Module, container: str, block: nn.Module, index: int, checkpoint: Checkpoint, config: LLMPruneConfig,
-    inputs: BlockInputs | None, device: torch.device, work: Path,
+    run: _RunPlans, inputs: BlockInputs | None, device: torch.device, work: Path,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Read block ``index``, prune it, propagate the activations, write its shard, free it."""
     from safetensors.torch import save_file
@@ -370,13 +432,10 @@ def _prune_one(
     prefix = f"{container}.{index}."
     _onload(model, prefix, checkpoint, device)
     try:
-        owned = {id(m) for m in block.modules()}
-        targets = [t for t in resolve(model, config.scope_, allow_meta=True) if id(t.module) in owned]
-        plans = config.plans(targets)
+        plans = _block_plans(model, block, config)
         targets = [t for plan in plans for t in plan.targets]
         check(plans, config, Data(batches=[inputs] if inputs is not None else []))
-        context = Context(all_targets={id(p): p.targets for p in plans},
-                          layer_of={t.name: f"{container}.{index}" for t in targets})  # fmt: skip
+        context = run.context(plans)
         results, _ = prune_block(block, index, targets, plans, inputs, config, context, config.target_needs(plans))
         if inputs is not None:
             propagate(block, index, inputs)

@@ -46,19 +46,43 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_from_disk_gives_the_in_memory_bytes(on_disk, tmp_path, method):
+@pytest.mark.parametrize(("method", "options"), [("wanda", {}), ("sparsegpt", {}), ("wanda", {"allocation": "owl"})])
+def test_from_disk_gives_the_in_memory_bytes(on_disk, tmp_path, method, options):
+    # OWL: a dense observation pass over every block from disk, then the pruning pass with its sparsities
     result = outofcore.prune_from_disk(on_disk, tmp_path / "out", method, 0.5, calibration=SEGMENTS, batch_size=2,
-                                       progress=False)  # fmt: skip
+                                       progress=False, **options)  # fmt: skip
     assert result.blocks == 4 and result.resumed_from == 0
     assert not (tmp_path / "out.partial").exists()
     in_memory = _llama()
-    prune_llm(in_memory, method, 0.5, calibration=SEGMENTS, batch_size=2, progress=False)
+    prune_llm(in_memory, method, 0.5, calibration=SEGMENTS, batch_size=2, progress=False, **options)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     expected = in_memory.state_dict()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
-    assert {layer["sparsity"] for layer in result.layers} == {0.5}
+    sparsities = {round(layer["sparsity"], 6) for layer in result.layers}
+    assert sparsities == {0.5} if not options else len(sparsities) > 1  # OWL: per-layer sparsities differ
+
+
+def test_an_owl_run_interrupted_after_its_observations_resumes_without_observing_again(on_disk, tmp_path, monkeypatch):
+    def stop(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    options = {"calibration": SEGMENTS, "batch_size": 2, "progress": False, "allocation": "owl"}
+    with pytest.raises(KeyboardInterrupt):
+        outofcore.prune_from_disk(on_disk, tmp_path / "resumed", "wanda", 0.5, after_block=stop, **options)
+    manifest = json.loads((tmp_path / "resumed.partial" / outofcore.MANIFEST).read_text())
+    assert len(manifest["observed"]) == 4  # one outlier ratio per block
+    observed = []
+    real = outofcore._observe
+    monkeypatch.setattr(outofcore, "_observe", lambda *a, **k: observed.append(1) or real(*a, **k))
+    result = outofcore.prune_from_disk(on_disk, tmp_path / "resumed", "wanda", 0.5, **options)
+    assert observed == [] and result.resumed_from == 2
+    straight = outofcore.prune_from_disk(on_disk, tmp_path / "straight", "wanda", 0.5, **options)
+    assert straight.layers == result.layers
+    resumed, uninterrupted = _tensors(tmp_path / "resumed"), _tensors(tmp_path / "straight")
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
 _KILLED_RUN = """
@@ -167,8 +191,7 @@ def test_no_room_for_the_output_is_refused_before_any_work(on_disk, tmp_path, mo
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"mode": "mask"}, "mode='bake'"), ({"method": "flap"}, "runs on the whole model"),
-     ({"allocation": "owl"}, "observes the whole dense model")],
+    [({"mode": "mask"}, "mode='bake'"), ({"method": "flap"}, "runs on the whole model")],
 )  # fmt: skip
 def test_what_one_pass_from_disk_cannot_do_is_refused(on_disk, tmp_path, options, message):
     options = {"method": "wanda", "sparsity": 0.5, **options}
