@@ -6,8 +6,10 @@ activations. Then each repeated block in turn is read from the memory-mapped saf
 (``safe_open``, one file handle per block, closed after), pruned by the block runner's own stages
 (:func:`secateurs.runners.blocks.prune_block`: statistics from its captured inputs, score, allocate,
 select, apply), run over the calibration activations to give the next block's inputs, written to its
-own output shard and freed (back to the meta device). Peak memory is one block, its statistics and
-the resident tensors -- not the model.
+own output shard and freed (back to the meta device, and the heap's freed pages handed back to the system:
+:func:`secateurs.memory.release_freed_memory`). Peak memory is one block, its statistics and the resident
+tensors -- not the model. An allocation that observes the dense model (OWL) gets a dense pass over every
+block from disk first.
 
 Every finished block leaves, in a work directory beside the output (``<out>.partial``), its shard, the
 activations it produced and a manifest written atomically last; an interrupted run started again with
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .blocks import BlockInputs, capture_inputs, find_blocks
+from .blocks import BlockInputs, capture_inputs
 from .distributed import fingerprint
 from .errors import ConfigError, StateError
 from .evidence import Evidence, gather_block
@@ -38,13 +40,13 @@ from .io import atomic_path, move_dir_into_place, refuse_existing
 from .llm.api import calibration_segments
 from .llm.config import LLMPruneConfig
 from .memory import release_freed_memory
+from .ondisk import INDEX, Checkpoint, onload, skeleton
 from .pipeline import Context, Data, check
 from .progress import progress as progress_bar
 from .runners.blocks import block_targets, propagate, prune_block, to_device_inputs
 from .scope import resolve
 
 MANIFEST = "manifest.json"
-INDEX = "model.safetensors.index.json"
 
 
 class OutOfSpaceError(StateError, OSError):
@@ -63,101 +65,6 @@ class OutOfCoreResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# -- the checkpoint on disk -----------------------------------------------------------------------------
-class Checkpoint:
-    """A safetensors checkpoint read lazily: which file holds each tensor, and its size, from the headers."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        index = self.directory / INDEX
-        single = self.directory / "model.safetensors"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif single.is_file():
-            weight_map = dict.fromkeys(_header(single), "model.safetensors")
-        else:
-            raise ConfigError(
-                f"{self.directory} holds no safetensors checkpoint (model.safetensors or {INDEX}); out-of-core "
-                "pruning reads safetensors only (convert a .bin checkpoint with "
-                "save_pretrained(safe_serialization=True))"
-            )
-        self.files: dict[str, str] = dict(weight_map)
-        self.nbytes: dict[str, int] = {}
-        self.shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for file in sorted(set(self.files.values())):
-            for name, entry in _header(self.directory / file).items():
-                start, end = entry["data_offsets"]
-                self.nbytes[name] = end - start
-                self.shapes[name] = (entry["dtype"], tuple(entry["shape"]))
-
-    def read(self, names: list[str], device: torch.device) -> dict[str, Tensor]:
-        """The named tensors, copied out of the memory-mapped files (closed again afterwards: pages of a
-        file left mapped would count as resident memory)."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
-        out = {}
-        for file, members in by_file.items():
-            with safe_open(str(self.directory / file), framework="pt", device="cpu") as handle:
-                for name in members:
-                    out[name] = handle.get_tensor(name).to(device)
-        return out
-
-    def fingerprint(self) -> str:
-        shapes = {k: [dtype, list(shape)] for k, (dtype, shape) in sorted(self.shapes.items())}
-        files = {f: _stat(self.directory / f) for f in sorted(set(self.files.values()))}
-        return fingerprint({"shapes": shapes, "files": files})
-
-
-def _stat(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return header
-
-
-# -- the skeleton --------------------------------------------------------------------------------------
-def skeleton(directory: Path, checkpoint: Checkpoint, blocks_name: str | None) -> tuple[nn.Module, str, list]:
-    """The model with every weight on the meta device except those outside the blocks, read from disk."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(directory)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.eval()
-    container, blocks = find_blocks(model, blocks_name)
-    outside = [n for n in checkpoint.files if not n.startswith(container + ".")]
-    for name, value in checkpoint.read(outside, torch.device("cpu")).items():
-        set_module_tensor_to_device(model, name, "cpu", value=value)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    meta = [n for n, t in model.state_dict().items() if t.is_meta and not n.startswith(container + ".")]
-    if meta:
-        raise ConfigError(f"the checkpoint in {directory} lacks {', '.join(meta[:5])}; is it a complete model?")
-    return model, container, blocks
-
-
-def _onload(model: nn.Module, prefix: str, checkpoint: Checkpoint, device: torch.device) -> None:
-    from accelerate.utils import set_module_tensor_to_device
-
-    names = [n for n in checkpoint.files if n.startswith(prefix)]
-    for name, value in checkpoint.read(names, device).items():
-        set_module_tensor_to_device(model, name, device, value=value)
-    left = [n for n, t in model.state_dict().items() if n.startswith(prefix) and t.is_meta]
-    if left:
-        raise ConfigError(f"the checkpoint has no {', '.join(left[:5])}; is it a complete model?")
 
 
 class _Stand(nn.Module):
@@ -204,7 +111,7 @@ def _capture(
 ) -> BlockInputs:
     """The first block's inputs and every block's calls, from one forward per batch shape through the first block
     (read from disk for this, and freed after) and its stand-ins."""
-    _onload(model, f"{container}.0.", checkpoint, torch.device("cpu"))
+    onload(model, f"{container}.0.", checkpoint, torch.device("cpu"))
     stack = model.get_submodule(container)
     first_output: list = []
     keep = blocks[0].register_forward_hook(_keep_first(first_output))
@@ -402,7 +309,7 @@ def _observe(
         inputs = to_device_inputs(inputs, device)
     observed: dict[str, Any] = {}
     for i in progress_bar(range(len(blocks)), f"{allocation.name} observations (from disk)", show):
-        _onload(model, f"{container}.{i}.", checkpoint, device)
+        onload(model, f"{container}.{i}.", checkpoint, device)
         try:
             targets = [t for p in _block_plans(model, blocks[i], config) for t in p.targets if t.name in watched]
             if targets:
@@ -430,7 +337,7 @@ def _prune_one(
     from safetensors.torch import save_file
 
     prefix = f"{container}.{index}."
-    _onload(model, prefix, checkpoint, device)
+    onload(model, prefix, checkpoint, device)
     try:
         plans = _block_plans(model, block, config)
         targets = [t for plan in plans for t in plan.targets]
