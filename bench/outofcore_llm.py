@@ -8,6 +8,7 @@ side by side, in alternating order, and the two outputs are compared tensor by t
 files are deleted at the end.
 
     .venv/bin/python bench/outofcore_llm.py [--big-layers 272] [--small-layers 4] [--repeats 2] [--keep]
+        [--skip-big | --skip-small] [--threads 2] [--name outofcore_llm]
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--skip-small", action="store_true", help="only the big out-of-core run (its peak RSS)")
+    parser.add_argument("--name", help="bench/results/<name>.json (default outofcore_llm, outofcore_llm_big alone)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -218,7 +220,7 @@ def main() -> None:
         payload["load_end"] = os.getloadavg()
         if not args.keep:
             shutil.rmtree(WORK, ignore_errors=True)
-    write_results("outofcore_llm_big" if args.skip_small else "outofcore_llm", payload)
+    write_results(args.name or ("outofcore_llm_big" if args.skip_small else "outofcore_llm"), payload)
     print(table(payload))
 
 
