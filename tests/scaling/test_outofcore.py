@@ -157,8 +157,8 @@ print(json.dumps(anon))
 @pytest.mark.skipif(not memory.resident_kib() or not memory.release_freed_memory(), reason="glibc and /proc only")
 def test_resident_memory_stays_flat_over_the_blocks(tmp_path):
     # Each block holds 7 weights of 1 MiB. Without release_freed_memory() after each block, glibc's heap kept
-    # the freed pages and the private resident set grew by ~6 MiB per block (2026-11-30: +135 MiB over 23
-    # blocks at 24 blocks); with it, +0.15 MiB. A fresh process: the heap's history is this run's alone.
+    # the freed pages and the private resident set grew by ~6 MiB per block (2026-11-30, 24 blocks: +131 MiB
+    # from block 1 to 23); with it, +0.14 MiB. A fresh process: the heap's history is this run's alone.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
     done = subprocess.run([sys.executable, "-c", _RESIDENT_RUN, str(tmp_path / "in"), str(tmp_path / "out")],
