@@ -4,8 +4,8 @@ glibc's ``malloc`` serves a large block (a weight, a Hessian) from ``mmap`` only
 freed: it then raises its mmap threshold to that size (up to 32 MiB) and serves later blocks of that size
 from its heap, whose freed middle pages it keeps. A loop that allocates and frees one transformer block's
 tensors after another (out-of-core pruning) then grows the resident set by the holes it leaves: a random
-Llama of 48 blocks (hidden 1024) went from 0.6 to 1.8 GiB resident over the run with nothing referenced,
-and stayed at 0.46 GiB with :func:`release_freed_memory` after each block (2026-11-30).
+Llama of 48 blocks (hidden 1024) went from 0.56 to 1.78 GiB resident over the run with nothing referenced,
+and stayed at 0.45 GiB with :func:`release_freed_memory` after each block (2026-11-30).
 """
 
 from __future__ import annotations
