@@ -184,7 +184,7 @@ def test_block_influence_adds_each_share_s_sums_and_token_counts_before_the_mean
 
     model = tiny("llama")
     blocks = list(model.model.layers)
-    batches = list(segments()[:6].split(2)) + [segments()[6:, :16]]
+    batches = [*segments()[:6].split(2), segments()[6:, :16]]
     other = _influence_sums(model, blocks, batches[3:], False)
 
     def add_other_rank(tensors):
