@@ -9,6 +9,12 @@ end). Each run is its own subprocess, so the peak RSS is that run's. Perplexity:
 protocol on non-overlapping 256-token windows of pydoc-test.txt. Writes bench/results/bernoulli_llama.json.
 
     .venv/bin/python bench/bernoulli_llama.py [--steps 40] [--samples 4] [--windows 20] [--nsamples 8]
+        [--runs 0,1,2,3,4,5] [--threads 2] [--name bernoulli_llama]
+
+The prune wall time is also given as CPU seconds of the process (meaningful on a busy machine).
+``--pattern layer`` compares whole-block removal instead: ShortGPT's block influence, the block
+search's initialisation (ShortGPT ranks, ``steps=0``) and the block search; ``--ratios`` is then the
+fraction of the blocks removed (e.g. ``0.17,0.34`` for 1 and 2 of 6).
 """
 
 from __future__ import annotations
@@ -25,10 +31,25 @@ import torch
 
 from _common import machine, write_results
 
-RUNS = {  # name -> prune() options
+RUNS = {  # name -> prune() options (search settings not given here come from the command line)
     "flap": {"method": "flap"},
     "bernoulli init (flap ranks, steps=0)": {"method": "bernoulli", "method_options": {"steps": 0}},
-    "bernoulli search": {"method": "bernoulli"},
+    "bernoulli search (paper: moving-average baseline)": {"method": "bernoulli", "method_options": {}},
+    "bernoulli search (leave-one-out baseline, natural gradient)": {
+        "method": "bernoulli",
+        "method_options": {"baseline": "leave_one_out", "estimator": "natural"},
+    },
+    "bernoulli search (leave-one-out baseline)": {
+        "method": "bernoulli",
+        "method_options": {"baseline": "leave_one_out"},
+    },
+    "bernoulli search (natural gradient)": {"method": "bernoulli", "method_options": {"estimator": "natural"}},
+}
+
+BLOCK_RUNS = {  # --pattern layer: whole blocks
+    "shortgpt": {"method": "shortgpt"},
+    "bernoulli init (shortgpt ranks, steps=0)": {"method": "bernoulli", "method_options": {"steps": 0}},
+    "bernoulli search (paper: moving-average baseline)": {"method": "bernoulli", "method_options": {}},
 }
 
 
@@ -40,7 +61,7 @@ def worker(args: argparse.Namespace) -> dict:
     from secateurs.llm import perplexity
     from structural_models import LLAMA, SHARED, llama
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(LLAMA)
     calib = [s.unsqueeze(0) for s in sample_segments(SHARED / "data" / "pydoc-calib.txt", tokenizer, args.nsamples,
                                                      256, seed=0)]  # fmt: skip
@@ -49,15 +70,18 @@ def worker(args: argparse.Namespace) -> dict:
     model = llama()
     options = json.loads(args.options)
     if options.get("method") == "bernoulli" and "steps" not in options.get("method_options", {}):
-        options["method_options"] = {"steps": args.steps, "samples": args.samples, "lr": args.lr}
+        options["method_options"] = {"steps": args.steps, "samples": args.samples, "lr": args.lr,
+                                     **options.get("method_options", {})}  # fmt: skip
     before = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = None
     if args.ratio > 0:
-        report = prune(model, sparsity=args.ratio, mode="remove", pattern="head+channel", calibration=calib,
-                       progress=False, structural={"latency": False, "gqa": "kv_groups"}, **options)  # fmt: skip
-    seconds = time.perf_counter() - start
+        structural = {"latency": False} if args.pattern == "layer" else {"latency": False, "gqa": "kv_groups"}
+        report = prune(model, sparsity=args.ratio, mode="remove", pattern=args.pattern, calibration=calib,
+                       progress=False, structural=structural, **options)  # fmt: skip
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"params_before": before, "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+            "cpu_seconds": cpu, "loadavg": os.getloadavg(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "perplexity": perplexity(model, test, tokenizer, seqlen=256, progress=False).perplexity,
             "removed_params": report.before.params - report.after.params if report else 0}  # fmt: skip
@@ -74,35 +98,50 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--ratio", type=float, default=0.0)
     parser.add_argument("--options", default="{}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--runs", default=",".join(str(i) for i in range(len(RUNS))), help="indices into RUNS")
+    parser.add_argument("--name", default="bernoulli_llama", help="bench/results/<name>.json")
+    parser.add_argument(
+        "--pattern", default="head+channel", choices=["head+channel", "layer"], help="'layer': whole blocks"
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
     load_start = os.getloadavg()
-    common = ["--steps", str(args.steps), "--samples", str(args.samples), "--lr", str(args.lr),
-              "--windows", str(args.windows), "--nsamples", str(args.nsamples)]  # fmt: skip
+    common = ["--steps", str(args.steps), "--samples", str(args.samples), "--lr", str(args.lr), "--windows",
+              str(args.windows), "--nsamples", str(args.nsamples), "--threads", str(args.threads),
+              "--pattern", args.pattern]  # fmt: skip
 
     def run(ratio: float, options: dict) -> dict:
         cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--options", json.dumps(options), *common]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    def save(rows: list[dict], table: str = "") -> None:  # after every row: a shared machine may cut the run
+        write_results(args.name, {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                                  "settings": vars(args), "rows": rows, "table": table})  # fmt: skip
+
     rows = [{"method": "dense", "ratio": 0.0, **run(0.0, {})}]
     print(f"dense: ppl {rows[0]['perplexity']:.2f}", flush=True)
+    runs = BLOCK_RUNS if args.pattern == "layer" else RUNS
+    chosen = [list(runs)[int(i)] for i in args.runs.split(",")]
     for ratio in map(float, args.ratios.split(",")):
-        for name, options in RUNS.items():
-            row = {"method": name, "ratio": ratio, **run(ratio, options)}
+        for name in chosen:
+            row = {"method": name, "ratio": ratio, **run(ratio, runs[name])}
             rows.append(row)
+            save(rows)
             print(f"{name} {ratio:.0%}: ppl {row['perplexity']:.2f}, params {row['params']:,}, "
-                  f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
-    lines = ["| head+neuron params removed | method | perplexity | params | prune wall time | peak RSS |",
+                  f"{row['seconds']:.1f} s ({row['cpu_seconds']:.1f} CPU s, load {row['loadavg'][0]:.1f}), "
+                  f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+    removed = "blocks" if args.pattern == "layer" else "head+neuron params"
+    lines = [f"| {removed} removed | method | perplexity | params | prune wall (CPU) s | peak RSS |",
              "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['params']:,} | {r['seconds']:.1f} s "
-              f"| {r['peak_rss_mib']:.0f} MiB |" for r in rows]  # fmt: skip
+    lines += [f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['params']:,} | {r['seconds']:.0f} "
+              f"({r['cpu_seconds']:.0f}) | {r['peak_rss_mib']:.0f} MiB |" for r in rows]  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    write_results("bernoulli_llama", {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                                      "settings": vars(args), "rows": rows, "table": table})  # fmt: skip
+    save(rows, table)
 
 
 if __name__ == "__main__":

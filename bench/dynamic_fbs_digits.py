@@ -1,8 +1,9 @@
 """FBS (Feature Boosting and Suppression) on a digits CNN: MACs saved, accuracy, batch-1 latency vs dense.
 
 The CNN (5 conv layers with BatchNorm, 16x16 inputs: sklearn's 8x8 digits upsampled 2x) is trained
-dense, then FBS gates every conv but the first at each ``--density`` and the gated copy is fine-tuned
-with FBS's saliency lasso (Gao et al. 2019, arXiv:1810.05331, section 3.3) for ``--finetune`` epochs.
+dense, then FBS gates every conv but the first at each ``--density`` (``Pruner(regularizer='fbs')``) and
+the gated copy is fine-tuned for ``--finetune`` epochs, the Pruner driving FBS's saliency lasso
+(Gao et al. 2019, arXiv:1810.05331, section 3.3).
 MACs are counted per test sample from the channels actually computed (output channels kept x input
 channels not zero), predictors included; batch-1 latency alternates dense and gated runs
 (``secateurs.evaluation.compare_latency``) on the shared, busy machine.
@@ -47,7 +48,9 @@ def data():
     return up(d.x_train), d.y_train, up(d.x_test), d.y_test
 
 
-def train(model, x, y, epochs: int, fbs=None, strength: float = 0.0, lr: float = 2e-3) -> None:
+def train(model, x, y, epochs: int, pruner=None, lr: float = 2e-3) -> None:
+    """Adam with a cosine schedule; a ``Pruner(regularizer='fbs')`` drives FBS's lasso (its gradient enters
+    during ``backward()``; ``regularize()`` checks it) exactly as it would in a user's loop."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(x) + 63) // 64)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -58,12 +61,14 @@ def train(model, x, y, epochs: int, fbs=None, strength: float = 0.0, lr: float =
         for i in range(0, len(x), 64):
             idx = order[i : i + 64]
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            if fbs is not None:
-                loss = loss + fbs.penalty(strength)
             opt.zero_grad()
             loss.backward()
+            if pruner is not None:
+                pruner.regularize()
             opt.step()
             sched.step()
+            if pruner is not None:
+                pruner.step()
     model.eval()
 
 
@@ -84,7 +89,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(BENCH))
     from _common import machine, write_results
-    from secateurs.dynamic import add_fbs
+    from secateurs import Pruner
     from secateurs.evaluation import compare_latency, count_macs
 
     torch.set_num_threads(args.threads)
@@ -98,8 +103,9 @@ def main() -> None:
     rows = []
     for density in args.density:
         gated = copy.deepcopy(dense)
-        fbs = add_fbs(gated, density)
-        train(gated, x, y, args.finetune, fbs, args.strength, lr=1e-3)
+        pruner = Pruner(gated, regularizer="fbs", regularizer_options={"density": density, "strength": args.strength})
+        fbs = pruner.config.regularizer_.fbs
+        train(gated, x, y, args.finetune, pruner, lr=1e-3)
         fbs.reset_counts()
         with torch.no_grad():  # batch-1 forwards: the path that computes only the kept channels
             correct = sum(int(gated(xt[i : i + 1]).argmax(1) == yt[i]) for i in range(len(xt)))

@@ -8,7 +8,11 @@ non-overlapping 256-token windows of pydoc-test.txt) for the Llama, mean cosine 
 embeddings to the dense model's for MiniLM. Latency: dense vs factored, timed alternately
 (``paired_latency``), batch 8 x 256 tokens (Llama) and 32 sentences (MiniLM). No retraining.
 
-    .venv/bin/python bench/lowrank_svd.py [--ratios 0.8,0.6] [--windows 40] [--nsamples 16]
+    .venv/bin/python bench/lowrank_svd.py [--ratios 0.8,0.6] [--windows 40] [--nsamples 16] [--no-latency]
+    .venv/bin/python bench/lowrank_svd.py --latency-only   # timings only (quiet machine), no quality
+
+``--no-latency`` measures quality only (a busy machine); ``--latency-only`` factors the models and
+times them only, writing ``bench/results/lowrank_svd_latency.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ import time
 import torch
 
 from _common import machine, write_results
-from structural_models import SHARED, embedding_fidelity, llama, minilm, minilm_tokenizer, paired_latency, params
+from structural_models import (
+    SHARED,
+    embedding_fidelity,
+    llama,
+    minilm,
+    minilm_tokenizer,
+    paired_latency,
+    params,
+    sentences,
+)
 
 LLAMA_SCOPE = {"include": ["model.layers.*"], "skip_last": False}
 MINILM_SCOPE = {"include": ["encoder.layer.*"], "skip_first": False, "skip_last": False}
@@ -39,8 +52,13 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.8,0.6", help="fraction of each layer's weights kept")
     parser.add_argument("--windows", type=int, default=40, help="256-token test windows")
     parser.add_argument("--nsamples", type=int, default=16, help="calibration segments")
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument("--no-latency", action="store_true", help="quality only")
+    timing.add_argument("--latency-only", action="store_true", help="timings only")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    name = "lowrank_svd_latency" if args.latency_only else "lowrank_svd"
+    torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     tokenizer = AutoTokenizer.from_pretrained(LLAMA)
     calib = [s.unsqueeze(0) for s in sample_segments(SHARED / "data" / "pydoc-calib.txt", tokenizer, args.nsamples,
@@ -48,13 +66,15 @@ def main() -> None:
     test = tokenizer((SHARED / "data" / "pydoc-test.txt").read_text(), return_tensors="pt").input_ids[0]
     test = test[: args.windows * 256]
 
-    def ppl(model) -> float:
+    def ppl(model) -> float | None:
+        if args.latency_only:
+            return None
         return perplexity(model, test, tokenizer, seqlen=256, progress=False).perplexity
 
     dense = llama()
     rows = [{"model": "pydoc-llama-12m", "method": "dense", "ratio": 1.0, "params": params(dense),
              "perplexity": ppl(dense)}]  # fmt: skip
-    print(f"llama dense: perplexity {rows[0]['perplexity']:.2f}", flush=True)
+    print(f"llama dense: perplexity {rows[0]['perplexity']}", flush=True)
     mtok = minilm_tokenizer()
     mdense = minilm()
     mcalib = [mtok(s, return_tensors="pt", truncation=True, max_length=128)["input_ids"]
@@ -63,7 +83,7 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
 
     def save(partial: bool, table: str = "") -> None:  # after every row: a slow, shared machine may cut the run short
-        write_results("lowrank_svd", {"machine": machine(), "loadavg_start": load_start,
+        write_results(name, {"machine": machine(), "loadavg_start": load_start,
                                       "loadavg_end": os.getloadavg(), "partial": partial,
                                       "calibration": {"nsamples": args.nsamples, "seqlen": 256, "seed": 0},
                                       "test_tokens": int(test.numel()), "rows": rows, "table": table})  # fmt: skip
@@ -74,31 +94,41 @@ def main() -> None:
             start = time.perf_counter()
             report = factorize(model, ratio=ratio, method=method, calibration=calib, scope=LLAMA_SCOPE)
             seconds = time.perf_counter() - start
-            td, tp = paired_latency(dense, model, latency_inputs, budget_s=3.0)
             row = {"model": "pydoc-llama-12m", "method": method, "ratio": ratio, "params": params(model),
-                   "layers": len(report.layers), "seconds": seconds, "perplexity": ppl(model),
-                   "latency_dense_s": td, "latency_factored_s": tp, "speedup": td / tp}  # fmt: skip
+                   "layers": len(report.layers), "seconds": seconds, "perplexity": ppl(model)}  # fmt: skip
+            if not args.no_latency:
+                td, tp = paired_latency(dense, model, latency_inputs, budget_s=3.0)
+                row.update(latency_dense_s=td, latency_factored_s=tp, speedup=td / tp, loadavg=os.getloadavg())
             rows.append(row)
             save(True)
-            print(f"llama {method} keep {ratio:.0%}: ppl {row['perplexity']:.2f}, params {row['params']:,}, "
-                  f"speed-up {row['speedup']:.2f}x", flush=True)  # fmt: skip
+            print(f"llama {method} keep {ratio:.0%}: ppl {row['perplexity']}, params {row['params']:,}, "
+                  f"speed-up {row.get('speedup')}", flush=True)  # fmt: skip
     for ratio in ratios:
         for method in ("svd", "whitened"):
             model = copy.deepcopy(mdense)
             start = time.perf_counter()
             report = factorize(model, ratio=ratio, method=method, calibration=mcalib, scope=MINILM_SCOPE)
             seconds = time.perf_counter() - start
-            fid = embedding_fidelity(mdense, model, mtok, latency=True)
+            if args.latency_only:
+                batch = mtok(sentences(SHARED / "data" / "pydoc-test.txt", 32), padding="max_length", max_length=128,
+                             truncation=True, return_tensors="pt")  # fmt: skip
+                td, tp = paired_latency(mdense, model, dict(batch))
+                fid = {"latency_ratio_b32": td / tp, "loadavg": os.getloadavg()}
+            else:
+                fid = embedding_fidelity(mdense, model, mtok, latency=not args.no_latency)
             row = {"model": "all-MiniLM-L6-v2", "method": method, "ratio": ratio, "params": params(model),
                    "params_dense": params(mdense), "layers": len(report.layers), "seconds": seconds, **fid}  # fmt: skip
             rows.append(row)
             save(True)
-            print(f"minilm {method} keep {ratio:.0%}: cosine {fid['cosine_mean']:.4f}, "
-                  f"speed-up {fid['latency_ratio_b32']:.2f}x", flush=True)  # fmt: skip
+            print(f"minilm {method} keep {ratio:.0%}: cosine {fid.get('cosine_mean')}, "
+                  f"speed-up {fid.get('latency_ratio_b32')}", flush=True)  # fmt: skip
     lines = ["| model | keep | method | params | perplexity / mean cosine | speed-up (dense/factored) |",
              "|---|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        quality = f"{r['perplexity']:.2f}" if "perplexity" in r else f"{r['cosine_mean']:.4f}"
+        if r.get("perplexity") is not None:
+            quality = f"{r['perplexity']:.2f}"
+        else:
+            quality = f"{r['cosine_mean']:.4f}" if "cosine_mean" in r else "-"
         speed = r.get("speedup", r.get("latency_ratio_b32"))
         lines.append(f"| {r['model']} | {r['ratio']:.0%} | {r['method']} | {r['params']:,} | {quality} | "
                      + (f"{speed:.2f}x |" if speed else "- |"))  # fmt: skip

@@ -9,7 +9,8 @@ config expresses every shape, ``load_structured`` otherwise) and compares logits
 does; we record whether it prunes, whether the pruned model still runs, and whether the saved model
 reloads with stock ``from_pretrained``.
 
-    python bench/structural_hf_zoo.py [--only llama bart ...] [--no-torch-pruning]
+    python bench/structural_hf_zoo.py [--only llama bart ...] [--no-torch-pruning | --reuse-torch-pruning]
+                                      [--tp-timeout 60]
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def _tp_ok(theirs: dict, name: str, pattern: str, what: str) -> bool:
 def _cell(ours: dict, theirs: dict | None) -> str:
     if ours["status"] == "ok":
         mine = f"{ours['reduction']:.0%} {'stock' if ours['reload'] == 'stock' else 'load_structured'}"
+        if not ours.get("zero_unit", {}).get("exact", True):
+            mine += " (zero-unit n/a)" if not ours["zero_unit"].get("checked") else " (zero-unit FAILS)"
     else:
         mine = ours["status"]
     if theirs is None:
@@ -131,6 +134,8 @@ def _cell(ours: dict, theirs: dict | None) -> str:
     if theirs.get("pruned") and theirs.get("reduction", 0) > 0:
         tp_cell = f"{theirs['reduction']:.0%} " + ("stock" if theirs["stock_reload"] else
                                                    "runs, no reload" if theirs["runs"] else "broken")  # fmt: skip
+    elif str(theirs.get("error", "")).startswith("timed out"):  # its time limit under load, not a diagnosis
+        tp_cell = f"timeout ({TP_TIMEOUT} s)"
     else:
         tp_cell = "nothing pruned" if theirs.get("pruned") else "fails"
     return f"{mine} / {tp_cell}"
@@ -154,13 +159,14 @@ def summarize(ours: dict, theirs: dict) -> dict:
     """Per pattern: architectures built, pruned and reloaded (stock or load_structured), and Torch-Pruning's
     counts (a run that removes nothing is not counted)."""
     built = [n for n, r in ours.items() if r["channel"]["status"] != "unbuilt"]
-    summary = {}
+    summary = {"channel_and_head": sum(all(ours[n][p]["status"] == "ok" for p in hf_zoo.PATTERNS) for n in built)}
     for pattern in hf_zoo.PATTERNS:
         ok = [n for n in built if ours[n][pattern]["status"] == "ok"]
         summary[pattern] = {
             "built": len(built), "ok": len(ok),
             "stock_reload": sum(ours[n][pattern].get("reload") == "stock" for n in ok),
             "reload_max_abs_diff": max((ours[n][pattern]["max_abs_diff"] for n in ok), default=None),
+            "zero_unit_exact": sum(bool(ours[n][pattern].get("zero_unit", {}).get("exact")) for n in ok),
             "torch_pruning_prunes_and_runs": sum(_tp_ok(theirs, n, pattern, "runs") for n in built),
             "torch_pruning_stock_reload": sum(_tp_ok(theirs, n, pattern, "stock_reload") for n in built),
         }  # fmt: skip
@@ -176,8 +182,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--all", action="store_true", help="every architecture of the auto mappings, not TARGET")
     parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--tp-timeout", type=int, default=TP_TIMEOUT,
+                        help="seconds Torch-Pruning gets per architecture (raise it on a loaded machine)")  # fmt: skip
+    parser.add_argument("--reuse-torch-pruning", action="store_true",
+                        help="take Torch-Pruning's cells from the last results (its runs do not depend on secateurs' "
+                             "code); run it only for architectures they lack")  # fmt: skip
     parser.add_argument("--table", action="store_true", help="print the table of the last results and stop")
     args = parser.parse_args()
+    global TP_TIMEOUT
+    TP_TIMEOUT = args.tp_timeout
     if args.table:
         payload = json.loads((Path(__file__).resolve().parent / "results" / "structural_hf_zoo.json").read_text())
         print(json.dumps(summarize(payload["secateurs"], payload["torch_pruning"]), indent=1))
@@ -188,7 +201,12 @@ def main() -> None:
     load = os.getloadavg()
     ours = _ours(archs)
     built = [n for n, r in ours.items() if r["channel"]["status"] != "unbuilt"]
-    theirs = {} if args.no_torch_pruning else _torch_pruning(built)
+    previous = {}
+    if args.reuse_torch_pruning:
+        last = Path(__file__).resolve().parent / "results" / "structural_hf_zoo.json"
+        previous = {n: r for n, r in json.loads(last.read_text()).get("torch_pruning", {}).items() if n in built}
+    missing = [n for n in built if n not in previous]
+    theirs = previous if args.no_torch_pruning else {**previous, **_torch_pruning(missing)}
     summary = summarize(ours, theirs)
     print(json.dumps(summary, indent=1))
     payload = {

@@ -41,29 +41,34 @@ CNN_METHODS = {  # name -> prune() options
 def digits(seeds: list[int], ratios: list[float]) -> list[dict]:
     data = load_digits()
     test = data.batches(512, train=False)
-    rows = []
-    for ratio in ratios:
-        accs: dict[str, list[float]] = {m: [] for m in CNN_METHODS}
-        params: dict[str, list[int]] = {m: [] for m in CNN_METHODS}
-        dense = []
-        for seed in seeds:
-            batches = data.batches(64, seed)
-            torch.manual_seed(seed)
-            model = digits_cnn().eval()
-            train(model, batches, 300)
-            model.eval()
-            dense.append(accuracy(model, test))
+    accs = {(r, m): [] for r in ratios for m in CNN_METHODS}
+    params = {(r, m): [] for r in ratios for m in CNN_METHODS}
+    dense = []
+    for seed in seeds:  # one trained model per seed, pruned at every ratio by every method
+        batches = data.batches(64, seed)
+        torch.manual_seed(seed)
+        model = digits_cnn().eval()
+        train(model, batches, 300)
+        model.eval()
+        dense.append(accuracy(model, test))
+        for ratio in ratios:
             for name, options in CNN_METHODS.items():
                 pruned = copy.deepcopy(model)
+                start = time.process_time()
                 report = prune(pruned, sparsity=ratio, mode="remove", pattern="channel", calibration=batches[:8],
                                scope={"exclude": ["fc"]}, progress=False, seed=seed,
                                structural={"latency": False}, **options)  # fmt: skip
-                accs[name].append(accuracy(pruned, test))
-                params[name].append(report.after.params)
-        row = {"ratio": ratio, "dense": statistics.mean(dense)}
+                accs[ratio, name].append(accuracy(pruned, test))
+                params[ratio, name].append(report.after.params)
+                print(f"seed {seed} {ratio:.0%} {name}: {accs[ratio, name][-1]:.3f} "
+                      f"({time.process_time() - start:.1f} CPU s)", flush=True)  # fmt: skip
+    rows = []
+    for ratio in ratios:
+        row = {"ratio": ratio, "dense": statistics.mean(dense), "dense_spread": [min(dense), max(dense)]}
         for name in CNN_METHODS:
-            row[name] = {"accuracy": statistics.mean(accs[name]), "spread": [min(accs[name]), max(accs[name])],
-                         "params": statistics.mean(params[name])}  # fmt: skip
+            a = accs[ratio, name]
+            row[name] = {"accuracy": statistics.mean(a), "spread": [min(a), max(a)], "per_seed": a,
+                         "params": statistics.mean(params[ratio, name])}  # fmt: skip
         rows.append(row)
         print(f"digits {ratio:.0%}: dense {row['dense']:.3f} | "
               + " | ".join(f"{n} {row[n]['accuracy']:.3f}" for n in CNN_METHODS), flush=True)  # fmt: skip
@@ -108,16 +113,20 @@ def llama_mlp(ratios: list[float], windows: int, nsamples: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--name", default="", help="suffix of bench/results/subspace_pruning<...>.json")
     parser.add_argument("--ratios", default="0.3,0.5")
     parser.add_argument("--llm-ratios", default="0.2,0.4")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
-    cnn = [] if args.skip_digits else digits(list(range(args.seeds)), [float(r) for r in args.ratios.split(",")])
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    cnn = [] if args.skip_digits else digits(seeds, [float(r) for r in args.ratios.split(",")])
     lines = ["| channels removed | method | test accuracy (mean, min-max) | params |", "|---:|---|---:|---:|"]
     for row in cnn:
         lines.append(f"| {row['ratio']:.0%} | dense | {row['dense']:.3f} | |")
@@ -140,7 +149,7 @@ def main() -> None:
     payload = {"machine": machine(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "seeds": args.seeds,
                "digits": cnn, "llama_mlp": llm, "table": table}  # fmt: skip
     part = "_llama" if args.skip_digits else "_digits" if args.skip_llama else ""
-    write_results(f"subspace_pruning{part}", payload)
+    write_results(f"subspace_pruning{part}{args.name}", payload)
 
 
 if __name__ == "__main__":

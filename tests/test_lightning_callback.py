@@ -66,3 +66,30 @@ def test_the_lightning_callback_refuses_removal_during_training():
     pruner = Pruner(Module().body, "magnitude", 0.5, mode="remove", example_inputs=torch.randn(2, 8))
     with pytest.raises(SecateursError, match="remove_zero_groups"):
         lightning_callback(pruner)
+
+
+class ConvModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3),
+        )  # fmt: skip
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.body(x.view(-1, 1, 2, 4)), y)
+
+    def configure_optimizers(self):  # built by fit(), after the Pruner added the predictors
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_fbs_gates_train_inside_a_lightning_run():
+    module = ConvModule()
+    pruner = Pruner(module.body, regularizer="fbs", regularizer_options={"strength": 0.05})
+    before = module.body[2].saliency.weight.detach().clone()
+    callback = lightning_callback(pruner)
+    _fit(module, callback, 6)
+    assert len(callback.penalties) == 6 and all(p > 0 for p in callback.penalties)
+    assert not torch.equal(before, module.body[2].saliency.weight)

@@ -35,6 +35,8 @@ TINY: dict[str, Any] = {
     "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64, "n_ctx": 64,
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0, "tie_word_embeddings": True,
     "attn_implementation": "eager",
+    # sizes tied to the layer count or head width whose defaults contradict the tiny ones
+    "attention_types": [[["global", "local"], 1]], "rotary_dim": 4,
 }  # fmt: skip
 
 
@@ -140,4 +142,64 @@ def sweep_one(arch: Arch, pattern: str, folder: str, sparsity: float = 0.3) -> d
         "status": "ok", "params_before": before, "params_after": after,
         "reduction": 1 - after / before, "reload": "stock" if stock else "load_structured",
         "max_abs_diff": float((again - pruned).abs().max()), "exact": bool(torch.equal(again, pruned)),
+        "zero_unit": zero_unit_check(arch, pattern, sparsity),
     }  # fmt: skip
+
+
+KINDS = {"channel": ("channel",), "head": ("head",), "head+channel": ("channel", "head")}
+NORMS = ("layer_norm", "layer_norm2d", "group_norm")
+
+
+def zero_unit_check(arch: Arch, pattern: str, ratio: float = 0.3, seed: int = 0) -> dict[str, Any]:
+    """On a fresh model: zero every parameter slice that produces or consumes ``ratio`` of the units of
+    each removable group of ``pattern``'s kind (a head's rows of the fused or separate q/k/v projections
+    and its columns of the output projection; an MLP neuron's rows and columns: a query head that shares
+    its key/value head still reads the shared values, so the consumer side is what silences it), then
+    remove exactly those units. The logits must not change: a unit mapped to
+    the wrong rows of a fused weight, or a head that lost its ALiBi slope, changes them. Groups whose
+    channels pass through a norm are skipped (removing a channel changes the norm's statistics)."""
+    return zero_unit_check_model(build(arch, seed), pattern, ratio, seed)
+
+
+def zero_unit_check_model(model: nn.Module, pattern: str, ratio: float = 0.3, seed: int = 0) -> dict[str, Any]:
+    """:func:`zero_unit_check` on a given (tiny) model, which is modified."""
+    from secateurs.structural import DependencyGraph
+    from secateurs.structural.apply import apply_steps
+    from secateurs.structural.handlers import handler_for
+
+    batch = inputs(model)
+    graph = DependencyGraph(model, batch)
+    modules = dict(model.named_modules())
+
+    def through_norm(group) -> bool:
+        owners = {v.port.owner for v in group.ports if v.port.owner}
+        if any("Norm" in type(modules[v.port.module]).__name__ for v in group.ports):  # OLMo 2's q_norm
+            return True
+        return any(getattr(handler_for(modules[o]), "name", "") in NORMS for o in owners)
+
+    groups = [g for g in graph.groups if g.kind in KINDS[pattern] and g.units > 1 and not g.blocked]
+    gen = torch.Generator().manual_seed(seed)
+    removed: dict[str, list[int]] = {}
+    for g in groups:
+        per_row = g.units // g.rows  # query heads per KV group: every group loses the same number
+        k = min(round(ratio * per_row), per_row - 1)
+        if k and not through_norm(g):
+            picks = [torch.randperm(per_row, generator=gen)[:k] for _ in range(g.rows)]
+            removed[g.name] = [r * per_row + int(i) for r, chosen in enumerate(picks) for i in chosen]
+    if not removed:
+        return {"checked": 0, "exact": False, "max_abs_diff": None}
+    with torch.no_grad():
+        for name, units in removed.items():
+            for view in graph[name].ports:
+                port = view.port
+                if port.role not in ("out", "in") or port.param.startswith("#"):
+                    continue
+                tensor = getattr(modules[port.module], port.param)
+                hit = torch.isin(view.index, torch.tensor(units))
+                tensor.index_fill_(port.dim, hit.nonzero().reshape(-1), 0.0)
+    before = logits(model, batch)
+    apply_steps(model, [graph.step(removed)], batch, check=True)
+    after = logits(model, batch)
+    diff = float((after - before).abs().max())
+    scale = float(before.abs().max())
+    return {"checked": len(removed), "max_abs_diff": diff, "exact": bool(scale > 0 and diff <= 1e-5 * max(scale, 1.0))}

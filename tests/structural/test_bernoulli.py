@@ -94,3 +94,112 @@ def test_a_budget_that_would_empty_a_layer_keeps_whole_gqa_groups():
         assert layer.mlp.up_proj.out_features >= 1
     with torch.no_grad():
         assert torch.isfinite(model(_calibration()[0]).logits).all()
+
+
+def test_leave_one_out_baseline_cancels_the_batch_and_natural_estimator_is_bounded():
+    from secateurs.structural.bernoulli import Bernoulli
+
+    theta = torch.tensor([0.5, 0.01, 0.99], dtype=torch.float64)
+    masks = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    losses = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    loo = Bernoulli(baseline="leave_one_out", estimator="natural")
+    shifted = loo._gradient(masks, losses + 10.0, theta, moving=0.0)  # a harder batch: every loss + 10
+    assert torch.allclose(loo._gradient(masks, losses, theta, moving=0.0), shifted)
+    # closed form: L_k - L_other = (-1, +1); natural score m - theta
+    expected = ((torch.tensor([-1.0, 1.0])[:, None]) * (masks - theta)).mean(0)
+    assert torch.allclose(shifted, expected)
+    assert float(shifted.abs().max()) <= 1.0  # no 1/(theta (1 - theta)) blow-up near the bounds
+    plain = Bernoulli()  # the paper's: moving-average baseline, score function
+    expected = ((losses - 2.5)[:, None] * (masks - theta) / (theta * (1 - theta))).mean(0)
+    assert torch.allclose(plain._gradient(masks, losses, theta, moving=2.5), expected)
+    with pytest.raises(ConfigError, match="baseline must be one of"):
+        Bernoulli(baseline="median")
+    with pytest.raises(ConfigError, match="estimator must be one of"):
+        Bernoulli(estimator="adam")
+
+
+def _four_blocks():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_whole_block_masks_skip_blocks_during_the_search_and_remove_them(monkeypatch):
+    from secateurs.structural.bernoulli import Bernoulli
+
+    model = _four_blocks()
+    skipped = []
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("a backward pass ran")
+
+    monkeypatch.setattr(torch.Tensor, "backward", no_backward)
+    crit = Bernoulli(steps=5, samples=3, lr=0.1)
+    original = crit._search
+
+    def spy(model_, evidence, theta, cost, budget, apply):
+        def watched(mask):
+            skipped.append(mask.clone())
+            apply(mask)
+
+        return original(model_, evidence, theta, cost, budget, watched)
+
+    crit._search = spy
+    dense = copy.deepcopy(model)
+    report = secateurs.prune(model, method=crit, sparsity=0.5, pattern="layer", mode="remove",
+                             calibration=_calibration(), progress=False, structural={"latency": False})  # fmt: skip
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert report.after.params < report.before.params
+    assert len(crit.history_) == 5 and len(skipped) == 15
+    assert float(crit.theta_.sum()) == pytest.approx(2.0, abs=1e-6)  # the budget: 4 - 2 blocks in expectation
+    kept = torch.argsort(crit.theta_, descending=True)[:2].sort().values.tolist()
+    expected = [dense.model.layers[i] for i in kept]
+    for got, want in zip(model.model.layers, expected):
+        assert torch.equal(got.mlp.up_proj.weight, want.mlp.up_proj.weight)  # the two most probable blocks stay
+
+    # a dropped block is the identity: with block 1 masked, the logits equal those of the model without it
+    from secateurs.structural.bernoulli import _BlockSkip
+
+    ids = _calibration()[0]
+    skip = _BlockSkip(list(dense.model.layers))
+    skip.set(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    with torch.no_grad():
+        masked = dense(ids).logits
+    skip.remove()
+    shallow = copy.deepcopy(dense)
+    del shallow.model.layers[1]
+    shallow.config.num_hidden_layers = 3
+    for i, layer in enumerate(shallow.model.layers):
+        layer.self_attn.layer_idx = i
+    with torch.no_grad():
+        assert torch.allclose(masked, shallow(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["random", "shortgpt", "bernoulli"])
+def test_every_block_criterion_takes_the_removal_count(method):
+    model = _four_blocks()
+    options = {"method_options": {"steps": 2, "samples": 2}} if method == "bernoulli" else {}
+    secateurs.prune(model, method, 0.25, pattern="layer", mode="remove", calibration=_calibration(), progress=False,
+                    structural={"latency": False}, **options)  # fmt: skip
+    assert len(model.model.layers) == 3
+
+
+def test_a_block_criterion_without_the_removal_count_still_works():
+    from secateurs.structural.criteria import GroupCriterion
+
+    class Oldest(GroupCriterion):  # a third-party criterion written against the three-argument signature
+        name = "oldest_block_test"
+        granularities = ("layer",)
+        default_pattern = "layer"
+
+        def block_scores(self, model, blocks, evidence):
+            return torch.arange(len(blocks), dtype=torch.float64)  # the first block scores lowest
+
+    model = _four_blocks()
+    second = model.model.layers[1]
+    secateurs.prune(model, method=Oldest(), sparsity=0.25, pattern="layer", mode="remove", calibration=_calibration(),
+                    progress=False, structural={"latency": False})  # fmt: skip
+    assert len(model.model.layers) == 3 and model.model.layers[0] is second

@@ -23,9 +23,8 @@ transformers.logging.set_verbosity_error()
 
 #: the only reasons a run may be refused, each with why it is a refusal and not a bug
 REFUSALS = {
-    # the attention is not the usual separate q/k/v layout (fused QKV as in Falcon, GPT-NeoX, BLOOM,
-    # Phi-3, MPT; a norm over the whole query width; T5's shared relative position bias): the reshape
-    # into heads is refused, naming the module, instead of guessed
+    # the attention is not a layout any handler covers (fused QKV, T5's shared position bias, whole-width
+    # q/k norms and fused MoE experts have theirs): the reshape into heads is refused, naming the module
     "unrecognised attention layout": r"splits a channel axis into several axes|splits channels into pieces of fixed",
     # the head pattern found no attention it can handle: the message names what it saw
     "no removable heads": r"nothing to remove at granularity head",
@@ -37,7 +36,9 @@ REFUSALS = {
     # the model is restored and the message names the module
     "forward check": r"the pruned model fails in",
 }
-FAST = ("qwen3", "olmo")  # a hand-written handler and the generic one (BART: its own test below)
+# a hand-written handler, the generic one (BART: its own test below), a fused QKV with per-head rows and
+# one with ALiBi slopes kept per head (tests/structural/test_hf_fused.py checks every fused family)
+FAST = ("qwen3", "olmo", "gpt_neox", "bloom")
 
 
 def _archs(names=None):
@@ -52,6 +53,8 @@ def _check(arch, pattern, tmp_path):
     elif result["status"] == "ok":
         assert result["params_after"] < result["params_before"]
         assert result["max_abs_diff"] <= 1e-5, result
+        zero = result["zero_unit"]
+        assert zero["exact"] or zero["checked"] == 0, result  # 0: every group passes through a norm
     return result
 
 
@@ -104,3 +107,61 @@ def test_generic_attention_keeps_grouped_query_heads_valid():
     secateurs.prune(bart, "magnitude", 0.5, pattern="head", mode="remove", example_inputs=hf_zoo.inputs(bart),
                     progress=False, structural={"latency": False})  # fmt: skip
     assert cross.q_proj.out_features == cross.k_proj.out_features == 16
+
+
+def test_a_norm_over_the_whole_query_width_is_cut_with_the_heads(tmp_path):
+    """OLMo 2 normalises the whole query (key) projection: that norm's weight loses the removed heads'
+    entries, and the pruned model reloads exactly."""
+    import secateurs
+
+    model = hf_zoo.build(next(a for a in hf_zoo.architectures() if a.model_type == "olmo2"))
+    batch = hf_zoo.inputs(model)
+    attn = model.model.layers[0].self_attn
+    weight = attn.q_norm.weight.detach().clone().reshape(4, 8)
+    secateurs.prune(model, "magnitude", 0.5, pattern="head", mode="remove", example_inputs=batch, progress=False,
+                    structural={"latency": False})  # fmt: skip
+    assert attn.q_proj.out_features == attn.q_norm.weight.shape[0] == 16
+    kept = attn.q_norm.weight.detach().reshape(2, 8)
+    assert all(any(torch.equal(row, old) for old in weight) for row in kept)
+    save_structured(model, tmp_path / "m")
+    torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))
+
+
+def test_t5_heads_leave_every_layer_of_a_stack_that_shares_the_position_bias(tmp_path):
+    """T5's first layer computes a per-head position bias every later layer of its stack reads: head h
+    is one unit across the stack, so the bias keeps matching every layer, and the model reloads."""
+    import secateurs
+
+    model = hf_zoo.build(next(a for a in hf_zoo.architectures() if a.model_type == "t5"))
+    batch = hf_zoo.inputs(model)
+    first = model.encoder.block[0].layer[0].SelfAttention
+    table = first.relative_attention_bias.weight.detach().clone()
+    secateurs.prune(model, "magnitude", 0.25, pattern="head", mode="remove", example_inputs=batch, progress=False,
+                    structural={"latency": False})  # fmt: skip
+    encoder = [b.layer[0].SelfAttention for b in model.encoder.block]
+    assert {a.n_heads for a in encoder} == {3} and first.relative_attention_bias.weight.shape == (32, 3)
+    assert all(any(torch.equal(col, old) for old in table.T) for col in first.relative_attention_bias.weight.T)
+    save_structured(model, tmp_path / "m")
+    torch.testing.assert_close(hf_zoo.logits(load_structured(tmp_path / "m"), batch), hf_zoo.logits(model, batch))
+    assert hf_zoo.zero_unit_check_model(hf_zoo.build(next(a for a in hf_zoo.architectures()
+                                                          if a.model_type == "t5")), "head")["exact"]  # fmt: skip
+
+
+def test_vision_transformer_heads_and_neurons_are_removed_and_reload(tmp_path):
+    """transformers' ViT (patch embedding, CLS token, position table): the generic handler takes its
+    query/key/value attention; heads and MLP neurons leave and the model reloads exactly."""
+    import secateurs
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    image_size=32, patch_size=8, num_labels=5)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    before = sum(p.numel() for p in model.parameters())
+    secateurs.prune(model, "magnitude", 0.3, pattern="head+channel", mode="remove", example_inputs=batch,
+                    progress=False, structural={"latency": False})  # fmt: skip
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert model.vit.layers[0].attention.q_proj.out_features < 32
+    save_structured(model, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_structured(tmp_path / "m")(**batch).logits, model(**batch).logits)

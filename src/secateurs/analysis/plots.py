@@ -6,25 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..io import atomic_path
+from ..plotting import pyplot, save_png
 from .profile import SensitivityProfile
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ConfigError("plots need matplotlib: pip install 'secateurs[plot]'") from e
-    return plt
 
 
 def plot_curves(profile: SensitivityProfile, path: str | os.PathLike, top: int = 12, overwrite: bool = False) -> Path:
     """The metric against sparsity for the ``top`` most sensitive targets (dense at 0), one line each."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for entry, _ in profile.ranked()[:top]:
         xs, ys = zip(*profile.curve(entry.name))
@@ -33,12 +21,12 @@ def plot_curves(profile: SensitivityProfile, path: str | os.PathLike, top: int =
     ax.set_ylabel(profile.metric)
     ax.set_title(f"sensitivity of {profile.model} ({profile.settings.get('method', '')})")
     ax.legend(fontsize=6, ncol=2)
-    return _save(fig, plt, path, overwrite)
+    return save_png(fig, path, overwrite)
 
 
 def plot_heatmap(profile: SensitivityProfile, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Damage (metric change from dense) per target (rows, in model order) and sparsity (columns)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [e.name for e in profile.entries]
     grid = profile.grid
     values = [[float("nan")] * len(grid) for _ in names]
@@ -51,14 +39,4 @@ def plot_heatmap(profile: SensitivityProfile, path: str | os.PathLike, overwrite
     ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_xlabel("sparsity")
     fig.colorbar(image, ax=ax, label=f"{profile.metric} damage")
-    return _save(fig, plt, path, overwrite)
-
-
-def _save(fig, plt, path: str | os.PathLike, overwrite: bool) -> Path:
-    fig.tight_layout()
-    try:
-        with atomic_path(path, overwrite) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save_png(fig, path, overwrite)

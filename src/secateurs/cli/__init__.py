@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import SecateursError
-from . import analyze, demo, eval, methods, prune, report
+from . import analyze, demo, dynamic, eval, methods, prune, report
 from .help import HelpParser
 
-SUBCOMMANDS = (prune, analyze, eval, report, methods, demo)
+SUBCOMMANDS = (prune, analyze, dynamic, eval, report, methods, demo)
 
 
 DEBUG_FLAG = "--debug"

@@ -123,7 +123,10 @@ def _budget(text: str) -> dict[str, float]:
 
 
 def _method_help() -> str:
-    """The registered names, read when help is printed (importing the registry imports torch)."""
+    """The registered names, read when help is printed (importing the registry imports torch). The
+    configuration module imports everything that registers a method (the structural group criteria
+    too), so the list does not depend on what else the process imported first."""
+    from .. import config  # noqa: F401  (registration)
     from ..criteria import CRITERIA
 
     masks = ", ".join(sorted(n for n, c in CRITERIA.items() if "mask" in c.modes))

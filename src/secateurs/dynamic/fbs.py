@@ -5,7 +5,11 @@ subsampled to their mean magnitude, a fully connected layer and a ReLU predict o
 channel, and a winner-take-all keeps the ``k = ceil(density * C)`` largest (the others are exactly 0).
 The kept channels of the convolution (with its BatchNorm) are multiplied by their saliency, which
 boosts them. Training adds the lasso ``lambda * sum |g(x)|`` of the saliencies to the loss
-(:meth:`FBS.penalty`), so predicted saliencies become sparse and informative.
+(:meth:`FBS.penalty`), so predicted saliencies become sparse and informative. Driven by a
+``Pruner(regularizer='fbs')`` instead, each gate adds the lasso's gradient to the saliencies during
+the loss's own ``backward()`` (:attr:`FBSConv.lasso`): the penalty sits on activations, which only
+the backward pass through them reaches, so this is how a plain loop, the Trainer callback and the
+Lightning callback all train it without touching the loss.
 
 At inference on one sample, only the selected output channels are computed, and only from the input
 channels that are not zero (those the previous gate suppressed): the convolution runs on the slices
@@ -19,6 +23,7 @@ import copy
 import json
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,22 @@ from ..spec import is_number
 _KEY = "secateurs.fbs"
 
 
+class _LassoGradient(torch.autograd.Function):
+    """Identity forward; backward adds ``d(strength * sum|s| / batch) / ds`` to the incoming gradient,
+    exactly what adding the lasso to the loss would send back through ``s``."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, strength: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(s)
+        ctx.strength = strength
+        return s.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (s,) = ctx.saved_tensors
+        return grad + (ctx.strength / s.shape[0]) * torch.sign(s), None
+
+
 class FBSConv(nn.Module):
     """A ``Conv2d`` (+ its ``BatchNorm2d``) whose output channels are gated per input by a saliency predictor."""
 
@@ -48,8 +69,15 @@ class FBSConv(nn.Module):
         self.saliency.to(conv.weight.device)
         self.train(conv.training)
         self.last_saliency: Tensor | None = None
+        self.lasso = 0.0  # > 0: the lasso's gradient is added in backward (set by the 'fbs' regularizer)
         self.computed = 0  # MACs of the convolution actually computed (eval, counted per sample)
         self.full = 0  # MACs the dense convolution would have computed
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the last batch's saliencies behind (a non-leaf tensor of a graph)."""
+        state = self.__dict__.copy()
+        state["last_saliency"] = None
+        return state
 
     @property
     def kept(self) -> int:
@@ -57,6 +85,8 @@ class FBSConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = F.relu(self.saliency(x.abs().mean((2, 3))))  # FBS eq. 6: g(x) = relu(W ss(x) + b)
+        if self.lasso > 0 and self.training and s.requires_grad:
+            s = _LassoGradient.apply(s, self.lasso)
         self.last_saliency = s
         top = s.topk(self.kept, dim=1)  # winner-take-all (eq. 7)
         gate = torch.zeros_like(s).scatter(1, top.indices, top.values)
@@ -157,25 +187,28 @@ class FBS:
 
     def set_density(self, density: float) -> None:
         """Change how many channels each gate keeps (the winner-take-all's k) at run time."""
-        _check_density(density)
+        check_density(density)
         for layer in self.layers.values():
             layer.density = float(density)
 
 
-def _check_density(density: float) -> None:
+def check_density(density: float) -> None:
     if isinstance(density, bool) or not is_number(density) or not 0 < density <= 1:
         raise ConfigError(f"FBS density (the fraction of channels kept) must be in (0, 1], got {density!r}")
 
 
-def add_fbs(model: nn.Module, density: float = 0.5, skip_first: bool = True) -> FBS:
+def add_fbs(
+    model: nn.Module, density: float = 0.5, skip_first: bool = True, only: Collection[str] | None = None
+) -> FBS:
     """Gate every ``Conv2d`` (``groups=1``) of ``model``'s ``nn.Sequential`` containers, with the
     ``BatchNorm2d`` right after it, by FBS at ``density`` (the fraction of output channels kept per input).
 
     ``skip_first`` leaves the first convolution dense (its input is the image, FBS gates the layers
     after it). Then train as usual, adding :meth:`FBS.penalty` to the loss. Refused, with the model
-    unchanged, if no convolution can be gated.
+    unchanged, if no convolution can be gated. ``only`` restricts the gates to the convolutions of
+    those names (what a ``Pruner``'s scope selects); the first convolution stays dense all the same.
     """
-    _check_density(density)
+    check_density(density)
     found: list[tuple[nn.Sequential, int, str]] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential):
@@ -184,10 +217,13 @@ def add_fbs(model: nn.Module, density: float = 0.5, skip_first: bool = True) -> 
                     found.append((module, i, f"{name}.{i}" if name else str(i)))
     if skip_first:
         found = found[1:]
+    if only is not None:
+        found = [f for f in found if f[2] in only]
     if not found:
         raise ConfigError(
             f"{type(model).__name__} has no Conv2d (groups=1) inside an nn.Sequential"
-            f"{' after the first' if skip_first else ''} to gate with FBS"
+            f"{' after the first' if skip_first else ''}{' among the layers in scope' if only is not None else ''} "
+            "to gate with FBS"
         )
     layers: dict[str, FBSConv] = {}
     for container, i, name in found:

@@ -8,7 +8,7 @@ See ``docs/structural.md``.
 
 from __future__ import annotations
 
-from . import attention, bernoulli, hf, hf_attention, recurrent, subspace, vision  # noqa: F401  (handlers register eagerly, at import)
+from . import attention, bernoulli, hf, hf_attention, hf_fused, hf_moe, hf_t5, recurrent, subspace, vision  # noqa: F401  (handlers register eagerly, at import)
 from .attention import PrunedMultiheadAttention
 from .criteria import FLAP, FPGM, GROUP_FORMS, BNScale, GroupCriterion, ShortGPT, as_group_criterion
 from .graph import DependencyGraph, Group

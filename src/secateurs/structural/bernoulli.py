@@ -15,11 +15,18 @@ finds its own ratio. ``theta`` starts from a metric (FLAP by default, or Wanda-s
 
 The score is the learned ``theta``: the pipeline's global allocation keeps the most probable units to
 the budget, and ``mode='remove'`` cuts the rest (heads per KV group, rounding and refusals as usual).
+
+Options beyond the paper: ``baseline='leave_one_out'`` (each sample's loss minus the mean of the
+step's other samples on the same batch) and ``estimator='natural'`` (the score times the Fisher
+inverse, ``m - theta``). With ``pattern='layer'`` the same search runs over whole blocks (a dropped
+block is the identity; initialised from ShortGPT's block influence) and the least probable blocks
+are deleted.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,14 +36,17 @@ from ..batches import default_loss, logits_of, model_device, model_inputs, run_m
 from ..criteria import make_criterion
 from ..criteria.base import register
 from ..errors import ConfigError, DataRequiredError
-from ..evidence import Need, preserved
+from ..evidence import Evidence, Need, preserved
 from ..progress import progress
 from ..spec import number
 from .criteria import GroupCriterion, as_group_criterion
 from .graph import Group
+from .layers import block_influence
 from .units import GroupEvidence
 
 INITS = ("flap", "wanda", "uniform")
+BASELINES = ("moving_average", "leave_one_out")
+ESTIMATORS = ("score", "natural")
 
 
 def project_to_budget(theta: Tensor, cost: Tensor, budget: float, eps: float = 1e-3) -> Tensor:
@@ -104,6 +114,35 @@ class _MeanAblation:
             h.remove()
 
 
+class _BlockSkip:
+    """Forward hooks on whole blocks: a block whose mask is 0 returns its input hidden state (the identity
+    its removal from the residual stack leaves), in the structure of its output."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self.mask: Tensor | None = None
+        self.handles = [b.register_forward_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+
+    def set(self, mask: Tensor) -> None:
+        self.mask = mask
+
+    def _hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if self.mask is None or bool(self.mask[i]):
+                return output
+            x = args[0] if args else kwargs["hidden_states"]
+            if isinstance(output, Tensor):
+                return x
+            if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+                return type(output)((x, *output[1:]))
+            raise ConfigError(f"block {i} returns {type(output).__name__}; Bernoulli block masks need a hidden state")
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @register
 class Bernoulli(GroupCriterion):
     """Bernoulli masks over heads and neurons learned by a forward-only policy gradient (arXiv:2406.10576)."""
@@ -111,13 +150,14 @@ class Bernoulli(GroupCriterion):
     name = "bernoulli"
     reads = "the Linear layers that consume a unit (its mask is applied to their inputs)"
     needs = frozenset({Need.ACTIVATIONS, Need.DATA_PASSES})
-    granularities = ("head", "channel")
+    granularities = ("head", "channel", "layer")
     default_allocation = "global"
     default_solver = "bias_compensation"
     default_pattern = "head+channel"
 
     def __init__(self, steps: int = 60, samples: int = 4, lr: float = 0.05, baseline_decay: float = 0.9,
-                 init: str = "flap", init_spread: float = 0.8) -> None:  # fmt: skip
+                 init: str = "flap", init_spread: float = 0.8, baseline: str = "moving_average",
+                 estimator: str = "score") -> None:  # fmt: skip
         for key, value, low in (("steps", steps, 0), ("samples", samples, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"method_options.{key} must be an integer >= {low}, got {value!r}")
@@ -126,6 +166,11 @@ class Bernoulli(GroupCriterion):
         number(0.0, 1.0, high_open=True)("method_options.init_spread", init_spread)
         if init not in INITS:
             raise ConfigError(f"method_options.init must be one of {INITS}, got {init!r}")
+        if baseline not in BASELINES:
+            raise ConfigError(f"method_options.baseline must be one of {BASELINES}, got {baseline!r}")
+        if estimator not in ESTIMATORS:
+            raise ConfigError(f"method_options.estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.baseline, self.estimator = baseline, estimator
         self.steps, self.samples, self.lr, self.baseline_decay = steps, samples, lr, baseline_decay
         self.init, self.init_spread = init, init_spread
         self._init = None if init == "uniform" else as_group_criterion(make_criterion(init))
@@ -146,10 +191,22 @@ class Bernoulli(GroupCriterion):
             return project_to_budget(torch.full_like(cost, 0.5), cost, budget)
         scores = self._init.group_scores(ev)
         flat = torch.cat([scores[g.name].double().reshape(-1) for g in ev.groups])
-        rank = torch.empty_like(flat)
-        rank[torch.argsort(flat, stable=True)] = torch.arange(len(flat), dtype=flat.dtype) / max(len(flat) - 1, 1)
-        theta = 0.5 + self.init_spread * (rank - 0.5)  # best unit 0.5 + spread/2, worst 0.5 - spread/2
-        return project_to_budget(theta, cost, budget)
+        return project_to_budget(self._from_ranks(flat), cost, budget)
+
+    def _gradient(self, masks: Tensor, losses: Tensor, theta: Tensor, moving: float) -> Tensor:
+        """REINFORCE over the ``K`` samples of one step. ``moving_average`` subtracts the running mean loss
+        (the paper); ``leave_one_out`` subtracts, per sample, the mean loss of the step's other samples on the
+        same batch, so the difference between calibration batches cancels. ``score`` is the plain
+        ``d log p(m) / d theta``; ``natural`` multiplies it by the Fisher inverse ``theta (1 - theta)``
+        (the natural gradient, ``m - theta``), which does not blow up for probabilities near 0 or 1."""
+        if self.baseline == "leave_one_out":
+            centred = (losses - losses.mean()) * (len(losses) / (len(losses) - 1))  # L_k - mean of the others
+        else:
+            centred = losses - moving
+        score = masks - theta
+        if self.estimator == "score":
+            score = score / (theta * (1 - theta))
+        return (centred[:, None] * score).mean(0)
 
     def group_scores(self, ev: GroupEvidence) -> dict[str, Tensor]:
         if ev.sparsity is None:
@@ -160,46 +217,90 @@ class Bernoulli(GroupCriterion):
         cost = torch.cat([g.unit_params.double().reshape(-1) for g in ev.groups])
         cost = cost / cost.mean()
         budget = (1 - ev.sparsity) * float(cost.sum())
-        theta = self._initial(ev, cost, budget)
+        ablation = _MeanAblation(ev, ev.groups)
+
+        def apply(mask: Tensor) -> None:
+            for g, m in zip(ev.groups, mask.split(sizes)):
+                ablation.masks[g.name] = m.float()
+
+        try:
+            theta = self._search(ev.model, ev.evidence, self._initial(ev, cost, budget), cost, budget, apply)
+        finally:
+            ablation.remove()
+        return {g.name: t for g, t in zip(ev.groups, theta.split(sizes))}
+
+    def block_scores(
+        self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence, removing: int | None = None
+    ) -> Tensor:
+        """``pattern='layer'``: one keep probability per whole block, searched the same way. A dropped block
+        passes its input through (the identity that removing it from the residual stack leaves); the budget
+        keeps ``len(blocks) - removing`` blocks in expectation. Initialised from ShortGPT's block influence
+        ranks (``init='uniform'``: all equal)."""
+        if removing is None:
+            raise ConfigError(
+                "method 'bernoulli' searches under the run's budget; use it through prune(..., sparsity=)"
+            )
+        cost = torch.ones(len(blocks), dtype=torch.float64)
+        budget = float(len(blocks) - removing)
+        if self._init is None:
+            theta = project_to_budget(torch.full_like(cost, 0.5), cost, budget)
+        else:
+            influence = block_influence(model, blocks, evidence.batches, evidence.show_progress).double()
+            theta = project_to_budget(self._from_ranks(influence), cost, budget)
+        skip = _BlockSkip(blocks)
+        try:
+            return self._search(model, evidence, theta, cost, budget, skip.set)
+        finally:
+            skip.remove()
+
+    def _from_ranks(self, scores: Tensor) -> Tensor:
+        """Scores (higher = keep) to probabilities linear in their rank, ``0.5 -+ init_spread / 2``."""
+        rank = torch.empty_like(scores)
+        rank[torch.argsort(scores, stable=True)] = torch.arange(len(scores), dtype=scores.dtype) / max(
+            len(scores) - 1, 1
+        )
+        return 0.5 + self.init_spread * (rank - 0.5)
+
+    def _search(
+        self, model: nn.Module, evidence: Evidence, theta: Tensor, cost: Tensor, budget: float,
+        apply: Callable[[Tensor], None],
+    ) -> Tensor:  # fmt: skip
+        """The forward-only policy-gradient loop from ``theta``; ``apply(mask)`` sets one sample's mask."""
         self.initial_ = theta.clone()
-        batches = ev.evidence.batches
+        batches = evidence.batches
         if not batches:
             raise DataRequiredError("method 'bernoulli' needs calibration batches")
-        loss_fn = ev.evidence.loss_fn or search_loss
-        gen = ev.evidence.generator or torch.Generator().manual_seed(0)
-        device = model_device(ev.model)
-        ablation = _MeanAblation(ev, ev.groups)
+        loss_fn = evidence.loss_fn or search_loss
+        gen = evidence.generator or torch.Generator().manual_seed(0)
+        device = model_device(model)
         baseline = None
         self.history_: list[float] = []
-        params = list(ev.model.parameters())
+        params = list(model.parameters())
         flags = [p.requires_grad for p in params]
         try:
-            with preserved(ev.model, []), torch.no_grad():
+            with preserved(model, []), torch.no_grad():
                 for p in params:  # no autograd graph through the model: the gradient is REINFORCE's closed form
                     p.requires_grad_(False)
-                for step in progress(range(self.steps), "bernoulli search", ev.evidence.show_progress):
+                for step in progress(range(self.steps), "bernoulli search", evidence.show_progress):
                     batch = to_device(batches[step % len(batches)], device)
                     masks = torch.bernoulli(theta.expand(self.samples, -1), generator=gen)
                     losses = torch.empty(self.samples, dtype=torch.float64)
                     for k in range(self.samples):
-                        for g, m in zip(ev.groups, masks[k].split(sizes)):
-                            ablation.masks[g.name] = m.float()
-                        losses[k] = float(loss_fn(ev.model, batch))
+                        apply(masks[k])
+                        losses[k] = float(loss_fn(model, batch))
                     mean_loss = float(losses.mean())
                     baseline = (
                         mean_loss
                         if baseline is None
                         else self.baseline_decay * baseline + (1 - self.baseline_decay) * mean_loss
                     )
-                    score = (masks - theta) / (theta * (1 - theta))  # d log p(m) / d theta
-                    grad = ((losses - baseline)[:, None] * score).mean(0)
+                    grad = self._gradient(masks, losses, theta, baseline)
                     theta = project_to_budget(theta - self.lr * grad / grad.abs().max().clamp_min(1e-12), cost, budget)
                     self.history_.append(mean_loss)
         finally:
-            ablation.remove()
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
         if not all(math.isfinite(v) for v in self.history_):
             raise ConfigError("the Bernoulli search saw non-finite losses; check the calibration batches")
         self.theta_ = theta
-        return {g.name: t for g, t in zip(ev.groups, theta.split(sizes))}
+        return theta

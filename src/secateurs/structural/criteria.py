@@ -47,8 +47,11 @@ class GroupCriterion(Criterion):
         """Weights whose activations / gradients the runner should gather."""
         return []
 
-    def block_scores(self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence) -> Tensor:
-        """One score per block (``pattern='layer'``); higher = keep."""
+    def block_scores(
+        self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence, removing: int | None = None
+    ) -> Tensor:
+        """One score per block (``pattern='layer'``); higher = keep. ``removing``: how many will go (criteria
+        that search under the budget read it)."""
         raise ConfigError(f"method {self.name!r} scores channels, not whole blocks; use method='shortgpt'")
 
     @classmethod
@@ -135,7 +138,9 @@ class GroupRandom(GroupCriterion):
         gen = ev.evidence.generator
         return {g.name: torch.rand(g.units, generator=gen, dtype=torch.float64) for g in ev.groups}
 
-    def block_scores(self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence) -> Tensor:
+    def block_scores(
+        self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence, removing: int | None = None
+    ) -> Tensor:
         return torch.rand(len(blocks), generator=evidence.generator, dtype=torch.float64)
 
 
@@ -354,5 +359,7 @@ class ShortGPT(GroupCriterion):
     granularities = ("layer",)
     default_pattern = "layer"
 
-    def block_scores(self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence) -> Tensor:
+    def block_scores(
+        self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence, removing: int | None = None
+    ) -> Tensor:
         return block_influence(model, blocks, evidence.batches, evidence.show_progress, evidence.sum_over_ranks)

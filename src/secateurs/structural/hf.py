@@ -8,13 +8,13 @@ GPT-2 (fused ``Conv1D``), OPT, and the Llama family (Llama, Qwen2, Qwen3, Mistra
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..blocks import BlockDiscoveryError, find_blocks
 from .handlers import Conv1DHandler, Handler, handler_for, register_handler_by_name
+from .heads import head_units as _head_units
 from .surgery import Surgery
 from .trace import Trace
 
@@ -30,21 +30,6 @@ def _width(module: nn.Module, axis: str) -> int:
 def _refresh(edit: Surgery, module: nn.Module) -> None:
     """Size attributes of a projection (Linear or Conv1D), by its own handler."""
     handler_for(module).update(module, "", edit, {})
-
-
-def _head_units(t: Trace, name: str, heads: int, kv_heads: int) -> tuple[Any, Any]:
-    """Classes of the query heads and of the KV heads (None: KV heads stay).
-
-    ``kv_groups``: a unit is one KV head with its query heads; ``query_heads``: a unit is one query
-    head, and every KV group loses the same number (rows), so the model stays a valid GQA model."""
-    per_group = heads // kv_heads
-    mode = t.options.get("gqa", "auto")
-    if mode == "auto":
-        mode = "query_heads" if per_group > 1 else "kv_groups"
-    if mode == "kv_groups":
-        units = t.source(name, f"{name}:heads", kv_heads, kind="head")
-        return units.repeat_interleave(per_group), units
-    return t.source(name, f"{name}:heads", heads, kind="head", rows=kv_heads), None
 
 
 class ProjectionAttentionHandler(Handler):

@@ -13,9 +13,11 @@ per-family handlers in :mod:`.hf` cover a few of them by class; this recogniser 
 - every other parameter it holds is per head-dimension (``q_norm``/``k_norm`` of width ``head_dim``,
   which removing whole heads leaves alone).
 
-Anything else (fused QKV, a norm over the whole query width, a learned per-head bias) is not taken:
+A ``q_norm`` / ``k_norm`` over the whole query / key width (OLMo 2) is cut with the heads (its
+statistics then cover the remaining heads only: a valid smaller model, not the zero-unit identity).
+Anything else (fused QKV: :mod:`.hf_fused`; a learned per-head bias) is not taken:
 the module is then traced op by op, and the reshape into heads is refused with its name. Heads and
-GQA groups become units exactly as in :func:`.hf._head_units` (``structural={'gqa': ...}``).
+GQA groups become units exactly as in :func:`.heads.head_units` (``structural={'gqa': ...}``).
 Cross-attention reads its keys and values from ``key_value_states`` / ``encoder_hidden_states``.
 """
 
@@ -24,11 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..errors import StructureError
 from .handlers import Handler, _named, handler_for, register_handler_matcher
-from .hf import _head_units
+from .heads import head_units as _head_units
+from .hf_fused import _arguments
 from .surgery import Surgery
 from .trace import Trace
 
@@ -38,7 +42,7 @@ V_NAMES = ("v_proj", "value", "v", "wv", "value_proj", "v_lin")
 O_NAMES = ("o_proj", "out_proj", "o", "wo", "dense", "out_lin", "output_proj", "c_proj")
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "d_kv")
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-KV_INPUTS = ("key_value_states", "encoder_hidden_states")
+KV_INPUTS = ("key_value_states", "encoder_hidden_states", "key")
 # attributes that hold a size the forward reads; each follows the quantity it equals before the cut
 COUNT_ATTRS = {"heads": HEADS_ATTRS, "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads"),
                "groups": ("num_key_value_groups",), "inner": ("all_head_size", "inner_dim", "hidden_size",
@@ -52,6 +56,8 @@ class Layout:
     v: str
     o: str | None
     head_dim: int
+    q_norm: str | None = None  # a norm over the whole query width (OLMo 2): its weight is cut with the heads
+    k_norm: str | None = None
 
     def sizes(self, module: nn.Module) -> tuple[int, int, int]:
         """(query heads, key/value heads, head width) from the current tensors."""
@@ -89,11 +95,22 @@ def layout_of(module: nn.Module) -> tuple[Layout | None, str]:
         hd = qo // heads
     if qo % hd or ko % hd or ko != vo or (qo // hd) % (ko // hd):
         return None, f"query width {qo}, key/value widths {ko}/{vo} are not whole (grouped) heads of width {hd}"
-    own = {id(p) for n in (q, k, v, o) if n is not None for p in getattr(module, n).parameters()}
+    # widths from the tensors: while a handler updates, the Linear attributes still hold the old sizes
+    qw, kw = (getattr(module, n).weight.shape[0] for n in (q, k))
+    norms = {n: _width_norm(module, n, width) for n, width in (("q_norm", qw), ("k_norm", kw)) if width != hd}
+    norms = {n: found for n, found in norms.items() if found}
+    own = {id(p) for n in (q, k, v, o, *norms) if n is not None for p in getattr(module, n).parameters()}
     for pname, p in module.named_parameters():
         if id(p) not in own and not (p.ndim == 1 and p.shape[0] == hd):
             return None, f"parameter {pname!r} {tuple(p.shape)} is neither a projection nor per head-dimension"
-    return Layout(q, k, v, o, hd), ""
+    return Layout(q, k, v, o, hd, norms.get("q_norm"), norms.get("k_norm")), ""
+
+
+def _width_norm(module: nn.Module, name: str, width: int) -> str | None:
+    """``name`` if ``module.<name>`` is a norm whose only parameter is one weight over ``width`` channels."""
+    norm = module._modules.get(name)
+    params = dict(norm.named_parameters()) if norm is not None else {}
+    return name if set(params) == {"weight"} and tuple(params["weight"].shape) == (width,) else None
 
 
 class GenericAttentionHandler(Handler):
@@ -109,8 +126,6 @@ class GenericAttentionHandler(Handler):
         if found is None:
             found, why = layout_of(module)
             if found is None:
-                from ..errors import StructureError
-
                 raise StructureError(f"{type(module).__name__} is not a usual q/k/v attention module: {why}")
             self._layouts[module] = found
         return found
@@ -120,8 +135,13 @@ class GenericAttentionHandler(Handler):
 
     def trace(self, t: Trace, name, module, args, kwargs, output):
         lay = self.layout(module)
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        kv_x = next((kwargs[k] for k in KV_INPUTS if kwargs.get(k) is not None), x)
+        bound = _arguments(module, args, kwargs)  # FSMT passes query=..., key=...: by name, whatever the call
+        x = bound.get("hidden_states")
+        if not isinstance(x, Tensor):
+            x = next((v for v in bound.values() if isinstance(v, Tensor) and v.is_floating_point()), None)
+        if x is None:
+            raise StructureError(f"{name!r} ({type(module).__name__}) was called without a hidden-states tensor")
+        kv_x = next((bound[k] for k in KV_INPUTS if isinstance(bound.get(k), Tensor)), x)
         vec = t.channel(x, -1)
         kv_vec = vec if kv_x is x else t.channel(kv_x, -1)
         heads, kv_heads, hd = lay.sizes(module)
@@ -137,6 +157,11 @@ class GenericAttentionHandler(Handler):
             t.port(f"{name}.{p}", "weight", 0, rows, "out", name)
             if getattr(module, p).bias is not None:
                 t.port(f"{name}.{p}", "bias", 0, rows, "out", name)
+        # a norm over the whole query (key) width: its statistics change with the heads, its weight follows
+        if lay.q_norm is not None:
+            t.port(f"{name}.{lay.q_norm}", "weight", 0, q_rows, "pass", name)
+        if lay.k_norm is not None and kv_units is not None:
+            t.port(f"{name}.{lay.k_norm}", "weight", 0, kv_units.repeat_interleave(hd), "pass", name)
         first = output[0] if isinstance(output, (tuple, list)) else output
         if lay.o is None:  # BERT-style: the context leaves the module, the next Linear consumes the heads
             t.label(first, -1, q_rows)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hf_fused import alibi_quirks
+
 SIZE_FIELDS = (
     "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "ffn_dim",
     "encoder_ffn_dim", "decoder_ffn_dim", "encoder_attention_heads", "decoder_attention_heads", "d_ff", "d_kv",
@@ -43,6 +45,8 @@ def _fields(config: Any) -> list[str]:
     for f in SIZE_FIELDS:
         real = aliases.get(f, f)
         if real in out or not hasattr(config, real):
+            continue
+        if isinstance(getattr(type(config), real, None), property):  # derived (Falcon's head_dim): not a field
             continue
         value = getattr(config, real)
         if value is None or (isinstance(value, int) and not isinstance(value, bool)):
@@ -139,7 +143,7 @@ def quirks(model: nn.Module, config: Any) -> list[str]:
     if built is None:
         return [f"{type(model).__name__} cannot be built from the updated config"]
     mine = dict(model.named_modules())
-    out = []
+    out = alibi_quirks(model)
     for name, module in built.named_modules():
         ours = mine.get(name)
         if ours is None:

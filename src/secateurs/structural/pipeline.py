@@ -8,6 +8,7 @@ adds what the removed inputs contributed on average to the consuming layers' bia
 
 from __future__ import annotations
 
+import inspect
 import time
 from functools import partial
 from typing import Any
@@ -209,7 +210,9 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     evidence = make_evidence(model, [], config, data)
     if data.group is not None:
         evidence.sum_over_ranks = partial(add_over_ranks, data.group, step=f"{criterion.name} block scores")
-    scores = criterion.block_scores(model, blocks, evidence)
+    # criteria written before ``removing`` existed keep their three-argument signature
+    budget = {"removing": n} if "removing" in inspect.signature(criterion.block_scores).parameters else {}
+    scores = criterion.block_scores(model, blocks, evidence, **budget)
     gone = (~keep_mask(scores.reshape(1, -1), n)).reshape(-1).nonzero().reshape(-1).tolist()
     return layers.layer_step(container, gone), [f"{container}.{i}" for i in gone]
 

@@ -93,11 +93,42 @@ def save_structured(model: nn.Module, path: str | os.PathLike, overwrite: bool =
             if data["variable_width"]:
                 hf_variable.write_variable(model, tmp)
             else:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, **_save_format(model, data["config_expressible"]))
         else:
             save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / PLAN_FILE).write_text(json.dumps(data, indent=1) + "\n")
     return Path(path)
+
+
+def _save_format(model: nn.Module, expressible: bool) -> dict[str, Any]:
+    """transformers renames some tensors on save (fused MoE experts are written per expert) and maps them
+    back only in ``from_pretrained``. A model its config cannot describe is only ever rebuilt by
+    :func:`load_structured`, which replays the cuts onto the in-memory layout: save it under those names."""
+    import inspect
+
+    if expressible or "save_original_format" not in inspect.signature(model.save_pretrained).parameters:
+        return {}
+    return {"save_original_format": False}
+
+
+def _stock_reload(path: Path, plan: PruningPlan) -> nn.Module:
+    """A folder whose config describes the pruned model but whose tensor names transformers changed on
+    save: stock ``from_pretrained`` maps them back (and is exact: the config expresses every shape)."""
+    transformers = require_transformers()
+    cls = getattr(transformers, str(plan.base.get("hf_class")), None)
+    if cls is None:
+        raise StateError(f"transformers has no model class {plan.base.get('hf_class')!r}")
+    model = cls.from_pretrained(str(path))
+    model.__dict__["_secateurs_plan"] = plan
+    return model.eval()
+
+
+def _renamed_on_save(path: Path, state: dict[str, Tensor], model: nn.Module) -> bool:
+    try:
+        expressible = bool(json.loads((path / PLAN_FILE).read_text()).get("config_expressible"))
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expressible and not set(state) <= set(model.state_dict())
 
 
 def read_plan(path: str | os.PathLike) -> PruningPlan:
@@ -133,6 +164,8 @@ def load_structured(path: str | os.PathLike, model: nn.Module | None = None) -> 
                 "and pass it as load_structured(path, model=...)"
             )
         model = _build_hf(plan.base)
+        if _renamed_on_save(Path(path), state, model):
+            return _stock_reload(Path(path), plan)
 
     def load_weights(m: nn.Module, edit: Surgery) -> None:
         hf.sync_config(m, edit)

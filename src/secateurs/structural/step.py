@@ -128,9 +128,12 @@ def apply_step(model: nn.Module, step: Step, edit: Surgery) -> None:
     check_step(model, step)
     modules = dict(model.named_modules())
     kept: dict[str, dict[str, int]] = {}
+    edit.kept_positions.clear()  # this step's positions only (a replay applies every step in one surgery)
     for cut in step.cuts:
         kept.setdefault(cut.module, {})[cut.param] = len(cut.keep)
-        if not cut.param.startswith("#"):
+        if cut.param.startswith("#"):
+            edit.kept_positions[(cut.module, cut.param)] = cut.keep
+        else:
             edit.cut(modules[cut.module], cut.param, cut.dim, cut.keep, where=cut.module)
     edit.apply_cuts()
     for name, handler_name in step.updates.items():

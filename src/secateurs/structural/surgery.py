@@ -47,6 +47,9 @@ class Surgery:
         self._undo: list[Callable[[], None]] = []
         self._cuts: dict[int, tuple[Tensor, dict[int, Tensor], str]] = {}
         self._holders: dict[int, list[tuple[nn.Module, str]]] = {}
+        #: ``(module, '#port')`` -> the positions that stay, for parameter-less ports whose handler needs
+        #: to know *which* units stayed (alibi heads keep their slopes), not only how many
+        self.kept_positions: dict[tuple[str, str], Tensor] = {}
 
     # -- cutting tensors --------------------------------------------------------------------
     def cut(self, module: nn.Module, name: str, dim: int, keep: Tensor, where: str = "") -> None:
@@ -122,6 +125,11 @@ class Surgery:
 
         self._undo.append(undo)
         return param
+
+    def add_forward_pre_hook(self, module: nn.Module, hook: Callable) -> None:
+        """``module.register_forward_pre_hook(hook, with_kwargs=True)``, removed again on undo."""
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        self._undo.append(handle.remove)
 
     def replace(self, qualname: str, new: nn.Module) -> None:
         """Put ``new`` where ``qualname`` is."""

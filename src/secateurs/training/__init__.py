@@ -2,8 +2,9 @@
 ``Pruner.regularize()`` (penalties: L1, network slimming, group lasso, L0 gates, sparse variational
 dropout, movement scores); the minimal loop here exists for the CLI, the demo and the benchmarks only."""
 
-from . import gates, group_lasso, movement  # noqa: F401  (registration)
+from . import fbs, gates, group_lasso, movement  # noqa: F401  (registration)
 from .callbacks import hf_trainer_callback, lightning_callback, reset_optimizer_state
+from .fbs import FBSLasso
 from .finetune import accuracy, train
 from .gates import HardConcreteGate, L0Gates, SparseVariationalDropout, VariationalDropoutGate, gates_to_masks
 from .group_lasso import GroupLasso, ZeroGroups, remove_zero_groups
@@ -12,6 +13,7 @@ from .regularizers import L1, REGULARIZERS, BNScaleL1, RegularizationReport, Reg
 
 __all__ = [
     "BNScaleL1",
+    "FBSLasso",
     "GroupLasso",
     "HardConcreteGate",
     "L0Gates",
