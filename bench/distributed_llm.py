@@ -7,7 +7,7 @@ token calibration; its "perplexity" only checks that both runs compute the same 
 the 1-process ones. Each process uses one thread, so 2 processes use 2 cores. Also runs the CLI
 (``torchrun ... -m secateurs prune``) on pydoc-llama-12m and compares its output with the 1-process weights.
 
-    .venv/bin/python bench/distributed_llm.py [--nsamples 32] [--eval-windows 40]
+    .venv/bin/python bench/distributed_llm.py [--nsamples 32] [--eval-windows 40] [--methods wanda,sparsegpt,owl,flap]
 """
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ RANDOM = {
     "vocab_size": 8192,
     "num_hidden_layers": 8,
     "max_position_embeddings": 256,
+}
+
+
+#: what ``--methods`` names: prune_llm's method and options (OWL: Wanda with OWL's layer-wise sparsities; FLAP and
+#: ShortGPT remove heads/neurons and whole blocks, so their "masks" compare the shapes left)
+METHODS = {
+    "wanda": ("wanda", {"sparsity": 0.5}),
+    "sparsegpt": ("sparsegpt", {"sparsity": 0.5}),
+    "owl": ("wanda", {"sparsity": 0.5, "allocation": "owl"}),
+    "flap": ("flap", {"sparsity": 0.2}),
+    "shortgpt": ("shortgpt", {"sparsity": 0.25}),
 }
 
 
@@ -77,7 +88,8 @@ def worker(args: argparse.Namespace) -> None:
     model = _model(args.model)
     calibration = _calibration(args.model, args.nsamples)
     start = time.perf_counter()
-    prune_llm(model, args.method, 0.5, calibration=calibration, batch_size=1, progress=False)
+    method, options = METHODS[args.method]
+    prune_llm(model, method, calibration=calibration, batch_size=1, progress=False, **options)
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ranks = [rss]
@@ -178,6 +190,8 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
     left, right = load_file(a), load_file(b)
+    if left.keys() != right.keys() or any(left[k].shape != right[k].shape for k in left):
+        return float("inf")  # other units or blocks removed
     return max(float((left[k] - right[k]).abs().max()) for k in left)
 
 
@@ -233,7 +247,13 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--eval-windows", dest="eval_windows", type=int, default=40)
     parser.add_argument("--models", default="pydoc-llama-12m,random-llama-75m")
+    parser.add_argument("--methods", default="wanda,sparsegpt", help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--name", default="distributed_llm", help="bench/results/<name>.json")
+    parser.add_argument("--no-cli", dest="cli", action="store_false", help="skip the torchrun CLI check")
     args = parser.parse_args()
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
     if args.worker:
         worker(args)
         return
@@ -248,7 +268,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="secateurs-distributed-"))
     try:
         for model in args.models.split(","):
-            for method in ("wanda", "sparsegpt"):
+            for method in args.methods.split(","):
                 results = {}
                 for processes in (1, 2):
                     results[processes] = run(model, method, processes, args, work / f"{model}-{method}-{processes}")
@@ -260,12 +280,13 @@ def main() -> None:
                     one / "weights.safetensors", two / "weights.safetensors"
                 )
                 payload["runs"] += [results[1], results[2]]
-        payload["cli"] = cli_check(args, work, work / "pydoc-llama-12m-wanda-1")
-        print(json.dumps(payload["cli"]), flush=True)
+        if args.cli and (work / "pydoc-llama-12m-wanda-1").exists():
+            payload["cli"] = cli_check(args, work, work / "pydoc-llama-12m-wanda-1")
+            print(json.dumps(payload["cli"]), flush=True)
     finally:
         payload["load_end"] = os.getloadavg()
         shutil.rmtree(work, ignore_errors=True)
-    write_results("distributed_llm", payload)
+    write_results(args.name, payload)
     print(table(payload))
 
 

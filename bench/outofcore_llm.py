@@ -8,6 +8,7 @@ side by side, in alternating order, and the two outputs are compared tensor by t
 files are deleted at the end.
 
     .venv/bin/python bench/outofcore_llm.py [--big-layers 272] [--small-layers 4] [--repeats 2] [--keep]
+        [--skip-big | --skip-small] [--threads 2] [--name outofcore_llm]
 """
 
 from __future__ import annotations
@@ -90,12 +91,14 @@ def worker(args: argparse.Namespace) -> dict:
     options = dict(calibration=segments, batch_size=args.batch_size, progress=False)
     start = time.perf_counter()
     if args.worker == "disk":
+        from secateurs.memory import resident_kib
         from secateurs.outofcore import prune_from_disk
 
-        log = Path(args.out + ".progress")  # to follow a long run: the last finished block and the time so far
+        log = Path(args.out + ".progress")  # to follow a long run: each finished block, the time and the memory
 
         def note(i: int) -> None:
-            log.write_text(f"block {i} done at {time.perf_counter() - start:.0f} s\n")
+            with log.open("a") as handle:
+                handle.write(f"block {i} done at {time.perf_counter() - start:.0f} s {resident_kib()}\n")
 
         prune_from_disk(args.model, args.out, "sparsegpt", 0.5, after_block=note, **options)
     else:
@@ -139,6 +142,19 @@ def _run(kind: str, model: Path, out: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+def _small(payload: dict, args: argparse.Namespace) -> None:
+    """Out-of-core vs in memory on a model that fits, in alternating order."""
+    small = WORK / "small"
+    payload["small_bytes"] = make_model(small, args.small_layers)
+    runs: dict[str, list[dict]] = {"disk": [], "memory": []}
+    for r in range(args.repeats):
+        for kind in ("disk", "memory") if r % 2 == 0 else ("memory", "disk"):
+            runs[kind].append(_run(kind, small, WORK / f"small-{kind}", args))
+            print(kind, runs[kind][-1], flush=True)
+    payload["small"] = runs
+    payload["small_same_output"] = _same_output(WORK / "small-disk", WORK / "small-memory")
+
+
 def _same_output(a: Path, b: Path) -> bool:
     from safetensors import safe_open
 
@@ -169,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--skip-small", action="store_true", help="only the big out-of-core run (its peak RSS)")
+    parser.add_argument("--name", help="bench/results/<name>.json (default outofcore_llm, outofcore_llm_big alone)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -192,23 +210,17 @@ def main() -> None:
             print("big model written", payload["big_bytes"], flush=True)
             payload["big"] = _run("disk", big, WORK / "big-disk", args)
             payload["big"]["rss_share_of_model"] = payload["big"]["peak_rss_bytes"] / payload["big_bytes"]
+            payload["big"]["per_block"] = (WORK / "big-disk.progress").read_text().splitlines()  # time, /proc memory
             print("big", payload["big"], flush=True)
             shutil.rmtree(big, ignore_errors=True)  # 8 GB: gone before the small runs
             shutil.rmtree(WORK / "big-disk", ignore_errors=True)
-        small = WORK / "small"
-        payload["small_bytes"] = make_model(small, args.small_layers)
-        runs: dict[str, list[dict]] = {"disk": [], "memory": []}
-        for r in range(args.repeats):
-            for kind in ("disk", "memory") if r % 2 == 0 else ("memory", "disk"):
-                runs[kind].append(_run(kind, small, WORK / f"small-{kind}", args))
-                print(kind, runs[kind][-1], flush=True)
-        payload["small"] = runs
-        payload["small_same_output"] = _same_output(WORK / "small-disk", WORK / "small-memory")
+        if not args.skip_small:
+            _small(payload, args)
     finally:
         payload["load_end"] = os.getloadavg()
         if not args.keep:
             shutil.rmtree(WORK, ignore_errors=True)
-    write_results("outofcore_llm", payload)
+    write_results(args.name or ("outofcore_llm_big" if args.skip_small else "outofcore_llm"), payload)
     print(table(payload))
 
 
@@ -222,7 +234,7 @@ def table(p: dict) -> str:
         "| model | run | wall s (each run) | peak RSS GiB | RSS / model size |",
         "|---|---|---|---|---|",
     ]
-    for kind in ("disk", "memory"):
+    for kind in ("disk", "memory") if "small" in p else ():
         runs = p["small"][kind]
         walls = ", ".join(f"{r['seconds']:.0f}" for r in runs)
         lines.append(
@@ -237,7 +249,8 @@ def table(p: dict) -> str:
             f"| {p['big_bytes'] / gib:.2f} GiB ({p['big_bytes'] / 1e9:.2f} GB) | out-of-core | {b['seconds']:.0f} | "
             f"{b['peak_rss_bytes'] / gib:.2f} | {b['rss_share_of_model']:.3f} |"
         )
-    lines.append(f"\nout-of-core output == in-memory output (small model, every tensor): {p['small_same_output']}")
+    if "small" in p:
+        lines.append(f"\nout-of-core output == in-memory output (small model, every tensor): {p['small_same_output']}")
     return "\n".join(lines)
 
 

@@ -180,6 +180,13 @@ def _all_sum(group: Group, tensors: list[Tensor], step: str) -> None:
                 offset += t.numel()
 
 
+def add_over_ranks(group: Group, tensors: Sequence[Tensor], step: str) -> None:
+    """Add ``tensors`` (sums and their counts, in the same order on every rank) over the ranks, in place; what a
+    method running its own calibration passes (ShortGPT's block influence) gets as ``Evidence.sum_over_ranks``."""
+    _check_same_layout(group, [f"{t.dtype}{tuple(t.shape)}" for t in tensors], step)
+    _all_sum(group, list(tensors), step)
+
+
 def reduce_evidence(
     group: Group, activations: Mapping[str, ActivationStats], hessians: Mapping[str, HessianAccumulator], step: str
 ) -> None:

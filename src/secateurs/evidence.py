@@ -14,7 +14,7 @@ Nothing about the model is changed: buffers (BatchNorm running statistics), ``.g
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
@@ -172,6 +172,9 @@ class Evidence:
     inverses: dict[tuple, InverseFactor | EigenFactor] = field(default_factory=dict, repr=False)
     #: per target: the dampening its Hessian finally took and how many retries that needed (for the report)
     dampening: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
+    #: a distributed run: adds sums made over this rank's calibration share over every rank, in place (a
+    #: method running its own passes, e.g. ShortGPT, adds its sums and counts with it); None in one process
+    sum_over_ranks: Callable[[Sequence[Tensor]], None] | None = field(default=None, repr=False)
 
     def hessian(self, target: Target) -> HessianAccumulator:
         found = self.hessians.get(target.name)

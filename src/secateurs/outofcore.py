@@ -6,8 +6,10 @@ activations. Then each repeated block in turn is read from the memory-mapped saf
 (``safe_open``, one file handle per block, closed after), pruned by the block runner's own stages
 (:func:`secateurs.runners.blocks.prune_block`: statistics from its captured inputs, score, allocate,
 select, apply), run over the calibration activations to give the next block's inputs, written to its
-own output shard and freed (back to the meta device). Peak memory is one block, its statistics and
-the resident tensors -- not the model.
+own output shard and freed (back to the meta device, and the heap's freed pages handed back to the system:
+:func:`secateurs.memory.release_freed_memory`). Peak memory is one block, its statistics and the resident
+tensors -- not the model. An allocation that observes the dense model (OWL) gets a dense pass over every
+block from disk first.
 
 Every finished block leaves, in a work directory beside the output (``<out>.partial``), its shard, the
 activations it produced and a manifest written atomically last; an interrupted run started again with
@@ -30,19 +32,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .blocks import BlockInputs, capture_inputs, find_blocks
+from .blocks import BlockInputs, capture_inputs
 from .distributed import fingerprint
 from .errors import ConfigError, StateError
+from .evidence import Evidence, gather_block
 from .io import atomic_path, move_dir_into_place, refuse_existing
 from .llm.api import calibration_segments
 from .llm.config import LLMPruneConfig
+from .memory import release_freed_memory
+from .ondisk import INDEX, Checkpoint, onload, skeleton
 from .pipeline import Context, Data, check
 from .progress import progress as progress_bar
 from .runners.blocks import block_targets, propagate, prune_block, to_device_inputs
 from .scope import resolve
 
 MANIFEST = "manifest.json"
-INDEX = "model.safetensors.index.json"
 
 
 class OutOfSpaceError(StateError, OSError):
@@ -61,101 +65,6 @@ class OutOfCoreResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# -- the checkpoint on disk -----------------------------------------------------------------------------
-class Checkpoint:
-    """A safetensors checkpoint read lazily: which file holds each tensor, and its size, from the headers."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        index = self.directory / INDEX
-        single = self.directory / "model.safetensors"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif single.is_file():
-            weight_map = dict.fromkeys(_header(single), "model.safetensors")
-        else:
-            raise ConfigError(
-                f"{self.directory} holds no safetensors checkpoint (model.safetensors or {INDEX}); out-of-core "
-                "pruning reads safetensors only (convert a .bin checkpoint with "
-                "save_pretrained(safe_serialization=True))"
-            )
-        self.files: dict[str, str] = dict(weight_map)
-        self.nbytes: dict[str, int] = {}
-        self.shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for file in sorted(set(self.files.values())):
-            for name, entry in _header(self.directory / file).items():
-                start, end = entry["data_offsets"]
-                self.nbytes[name] = end - start
-                self.shapes[name] = (entry["dtype"], tuple(entry["shape"]))
-
-    def read(self, names: list[str], device: torch.device) -> dict[str, Tensor]:
-        """The named tensors, copied out of the memory-mapped files (closed again afterwards: pages of a
-        file left mapped would count as resident memory)."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
-        out = {}
-        for file, members in by_file.items():
-            with safe_open(str(self.directory / file), framework="pt", device="cpu") as handle:
-                for name in members:
-                    out[name] = handle.get_tensor(name).to(device)
-        return out
-
-    def fingerprint(self) -> str:
-        shapes = {k: [dtype, list(shape)] for k, (dtype, shape) in sorted(self.shapes.items())}
-        files = {f: _stat(self.directory / f) for f in sorted(set(self.files.values()))}
-        return fingerprint({"shapes": shapes, "files": files})
-
-
-def _stat(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return header
-
-
-# -- the skeleton --------------------------------------------------------------------------------------
-def skeleton(directory: Path, checkpoint: Checkpoint, blocks_name: str | None) -> tuple[nn.Module, str, list]:
-    """The model with every weight on the meta device except those outside the blocks, read from disk."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(directory)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.eval()
-    container, blocks = find_blocks(model, blocks_name)
-    outside = [n for n in checkpoint.files if not n.startswith(container + ".")]
-    for name, value in checkpoint.read(outside, torch.device("cpu")).items():
-        set_module_tensor_to_device(model, name, "cpu", value=value)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    meta = [n for n, t in model.state_dict().items() if t.is_meta and not n.startswith(container + ".")]
-    if meta:
-        raise ConfigError(f"the checkpoint in {directory} lacks {', '.join(meta[:5])}; is it a complete model?")
-    return model, container, blocks
-
-
-def _onload(model: nn.Module, prefix: str, checkpoint: Checkpoint, device: torch.device) -> None:
-    from accelerate.utils import set_module_tensor_to_device
-
-    names = [n for n in checkpoint.files if n.startswith(prefix)]
-    for name, value in checkpoint.read(names, device).items():
-        set_module_tensor_to_device(model, name, device, value=value)
-    left = [n for n, t in model.state_dict().items() if n.startswith(prefix) and t.is_meta]
-    if left:
-        raise ConfigError(f"the checkpoint has no {', '.join(left[:5])}; is it a complete model?")
 
 
 class _Stand(nn.Module):
@@ -202,7 +111,7 @@ def _capture(
 ) -> BlockInputs:
     """The first block's inputs and every block's calls, from one forward per batch shape through the first block
     (read from disk for this, and freed after) and its stand-ins."""
-    _onload(model, f"{container}.0.", checkpoint, torch.device("cpu"))
+    onload(model, f"{container}.0.", checkpoint, torch.device("cpu"))
     stack = model.get_submodule(container)
     first_output: list = []
     keep = blocks[0].register_forward_hook(_keep_first(first_output))
@@ -286,7 +195,7 @@ def prune_from_disk(
     checkpoint = Checkpoint(model_dir)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model, container, blocks = skeleton(model_dir, checkpoint, config.blocks)
-    block_targets(model, config, allow_meta=True)  # a scope reaching outside the blocks: refused now
+    run = _RunPlans.of(model, config)  # a scope reaching outside the blocks: refused now
     batches: list[Tensor] = []
     if config.needs:
         if calibration is None:
@@ -298,6 +207,10 @@ def prune_from_disk(
              "calibration": fingerprint(torch.cat(batches)) if batches else None, "blocks": len(blocks)}  # fmt: skip
     check_space(work, sum(checkpoint.nbytes.values()), _written(work))  # before the work directory is made
     manifest = _resume_state(work, stamp)
+    if config.allocation_.needs and manifest.get("observed") is None:  # OWL: a dense pass over every block first
+        manifest["observed"] = _observe(model, container, blocks, checkpoint, config, run, batches, device, progress)
+        _write_json(work / MANIFEST, manifest)
+    run.observed = manifest.get("observed") or {}
     inputs = _capture(model, container, blocks, batches, checkpoint) if batches else None
     if inputs is not None and device != torch.device("cpu"):
         inputs = to_device_inputs(inputs, device)
@@ -305,7 +218,7 @@ def prune_from_disk(
     if first > 0 and inputs is not None:
         _load_inputs(work / manifest["activations"], inputs)
     for i in progress_bar(range(first, len(blocks)), f"{config.criterion_.name} blocks (from disk)", progress):
-        manifest["layers"] += _prune_one(model, container, blocks[i], i, checkpoint, config, inputs, device, work)
+        manifest["layers"] += _prune_one(model, container, blocks[i], i, checkpoint, config, run, inputs, device, work)
         previous = manifest.get("activations")
         if inputs is not None and i + 1 < len(blocks):
             manifest["activations"] = f"activations-{i:05d}.safetensors"
@@ -314,6 +227,7 @@ def prune_from_disk(
         _write_json(work / MANIFEST, manifest)  # last: the block counts as done only once all of it is on disk
         if previous and previous != manifest.get("activations"):
             (work / previous).unlink(missing_ok=True)
+        release_freed_memory()  # else the heap keeps every block's freed pages: 4.5 GiB resident for 8 GB read
         if after_block is not None:
             after_block(i)
     _finish(model, container, checkpoint, model_dir, work, out, overwrite)
@@ -330,11 +244,6 @@ def _refuse_unsupported(config: LLMPruneConfig) -> None:
         raise ConfigError(
             f"out-of-core pruning writes the pruned weights with their zeros; mode={config.mode_!r} keeps masks beside "
             "the weights: use mode='bake' (or 'reconstruct')"
-        )
-    if config.allocation_.needs:
-        raise ConfigError(
-            f"allocation {config.allocation_.name!r} observes the whole dense model before pruning, a second pass "
-            "over every block; out-of-core pruning makes one pass: use a uniform allocation, or prune in memory"
         )
 
 
@@ -358,23 +267,82 @@ def _written(work: Path) -> int:
     return sum(p.stat().st_size for p in work.glob("block-*.safetensors")) if work.exists() else 0
 
 
+@dataclass
+class _RunPlans:
+    """The whole run's targets (blocks on disk: meta), which an allocation sizes each block's layers against
+    (ERK, OWL), each target's block, and the dense model's observations (OWL's outlier ratios)."""
+
+    plans: list[Any]
+    layer_of: dict[str, str]
+    observed: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module, config: LLMPruneConfig) -> _RunPlans:
+        container, blocks, targets, _ = block_targets(model, config, allow_meta=True)
+        owner = {id(m): i for i, b in enumerate(blocks) for m in b.modules()}
+        return cls(config.plans(targets), {t.name: f"{container}.{owner[id(t.module)]}" for t in targets})
+
+    def context(self, plans: list[Any]) -> Context:
+        """A block's context: each of its plans sized against the same plan's targets over the whole run."""
+        whole = {t.name: plan.targets for plan in self.plans for t in plan.targets}
+        return Context(all_targets={id(p): whole[p.targets[0].name] for p in plans}, observed=self.observed,
+                       layer_of=self.layer_of)  # fmt: skip
+
+
+def _block_plans(model: nn.Module, block: nn.Module, config: LLMPruneConfig) -> list[Any]:
+    """The plans of the block just read (its targets resolved on its real weights)."""
+    owned = {id(m) for m in block.modules()}
+    return config.plans([t for t in resolve(model, config.scope_, allow_meta=True) if id(t.module) in owned])
+
+
+def _observe(
+    model: nn.Module, container: str, blocks: list, checkpoint: Checkpoint, config: LLMPruneConfig, run: _RunPlans,
+    batches: list[Tensor], device: torch.device, show: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The dense pass an observing allocation (OWL) needs before anything is pruned: every block read, observed
+    and run over the activations, in turn. Its observations go into the manifest (plain data: a resumed run
+    skips this pass), so an allocation whose observations are not plain data is refused."""
+    allocation = config.allocation_
+    watched = {t.name for t in config.observed_targets(run.plans)}
+    inputs = _capture(model, container, blocks, batches, checkpoint)
+    if device != torch.device("cpu"):
+        inputs = to_device_inputs(inputs, device)
+    observed: dict[str, Any] = {}
+    for i in progress_bar(range(len(blocks)), f"{allocation.name} observations (from disk)", show):
+        onload(model, f"{container}.{i}.", checkpoint, device)
+        try:
+            targets = [t for p in _block_plans(model, blocks[i], config) for t in p.targets if t.name in watched]
+            if targets:
+                activations, hessians = gather_block(blocks[i], i, targets, inputs, allocation.needs)
+                evidence = Evidence(model=blocks[i], targets=targets, activations=activations, hessians=hessians)
+                observed.update(allocation.observe(targets, evidence, run.layer_of))
+            if i + 1 < len(blocks):
+                propagate(blocks[i], i, inputs)
+        finally:
+            blocks[i].to("meta")
+        release_freed_memory()
+    if json.loads(json.dumps(observed, default=repr)) != observed:
+        raise ConfigError(
+            f"allocation {allocation.name!r} observes values that are not plain data (numbers, strings), which an "
+            "out-of-core run keeps in its manifest to resume; prune in memory"
+        )
+    return observed
+
+
 def _prune_one(
     model: nn.Module, container: str, block: nn.Module, index: int, checkpoint: Checkpoint, config: LLMPruneConfig,
-    inputs: BlockInputs | None, device: torch.device, work: Path,
+    run: _RunPlans, inputs: BlockInputs | None, device: torch.device, work: Path,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Read block ``index``, prune it, propagate the activations, write its shard, free it."""
     from safetensors.torch import save_file
 
     prefix = f"{container}.{index}."
-    _onload(model, prefix, checkpoint, device)
+    onload(model, prefix, checkpoint, device)
     try:
-        owned = {id(m) for m in block.modules()}
-        targets = [t for t in resolve(model, config.scope_, allow_meta=True) if id(t.module) in owned]
-        plans = config.plans(targets)
+        plans = _block_plans(model, block, config)
         targets = [t for plan in plans for t in plan.targets]
         check(plans, config, Data(batches=[inputs] if inputs is not None else []))
-        context = Context(all_targets={id(p): p.targets for p in plans},
-                          layer_of={t.name: f"{container}.{index}" for t in targets})  # fmt: skip
+        context = run.context(plans)
         results, _ = prune_block(block, index, targets, plans, inputs, config, context, config.target_needs(plans))
         if inputs is not None:
             propagate(block, index, inputs)

@@ -30,6 +30,14 @@ def segments() -> torch.Tensor:
     return torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(0))
 
 
+#: (file name, method, options) of the runs whose activation statistics are added over the ranks
+STATISTICS_RUNS = [
+    ("owl", "wanda", {"sparsity": 0.6, "allocation": "owl"}),
+    ("flap", "flap", {"sparsity": 0.3}),
+    ("shortgpt", "shortgpt", {"sparsity": 0.5}),
+]
+
+
 def block0_hessian(rank: int) -> torch.Tensor:
     """The Hessian of block 0's q_proj from this rank's shard, added over the ranks (one process: all segments)."""
     model = tiny("llama")
@@ -65,6 +73,14 @@ def main(scenario: str, out: Path) -> None:
             save_file(
                 {k: v.contiguous() for k, v in model.state_dict().items()}, out / f"sparsegpt24-{rank}.safetensors"
             )
+        elif scenario == "statistics":  # OWL's observations, FLAP's fluctuations, ShortGPT's block influence
+            for name, method, options in STATISTICS_RUNS:
+                model = tiny("llama")
+                prune_llm(model, method, calibration=segments(), batch_size=2, progress=False, **options)
+                state = {k: v.contiguous() for k, v in model.state_dict().items()}
+                save_file(state, out / f"{name}-{rank}.safetensors")
+        elif scenario == "refused":  # a removal whose statistics are not sums: refused alike on every rank
+            prune_llm(tiny("llama"), "taylor", 0.3, mode="remove", calibration=segments(), batch_size=2, progress=False)
         elif scenario == "mismatch":
             prune_llm(tiny("llama"), "wanda", 0.5 if rank == 0 else 0.6, calibration=segments(), progress=False)
         elif scenario == "die":

@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("transformers")
 from safetensors.torch import load_file
 from tests.llm.conftest import tiny
-from tests.scaling._rank_worker import block0_hessian, segments
+from tests.scaling._rank_worker import STATISTICS_RUNS, block0_hessian, segments
 
 from secateurs import distributed
 from secateurs.llm import prune_llm
@@ -87,6 +87,36 @@ def test_torchrun_two_ranks_give_the_single_process_masks(tmp_path):
 
 
 @pytest.mark.slow
+def test_owl_flap_and_shortgpt_statistics_added_over_two_ranks_give_the_single_process_result(tmp_path):
+    # OWL's outlier ratios, FLAP's input fluctuations (sums, sums of squares, token counts) and ShortGPT's block
+    # influence (sums of 1 - cos, token counts) are added over the ranks, so the same units and blocks go
+    done = _torchrun("statistics", tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name, method, options in STATISTICS_RUNS:
+        model = tiny("llama")
+        prune_llm(model, method, calibration=segments(), batch_size=2, progress=False, **options)
+        single = model.state_dict()
+        ranks = [load_file(tmp_path / f"{name}-{r}.safetensors") for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys() == single.keys(), f"{name}: other blocks removed"
+        for key, tensor in ranks[0].items():
+            assert torch.equal(tensor, ranks[1][key]), f"{name}: ranks differ on {key}"
+            assert tensor.shape == single[key].shape, f"{name}: {key} lost other units than in one process"
+            assert torch.equal(tensor == 0, single[key] == 0), f"{name}: mask of {key} differs from one process"
+            # float64 sums added in another order: FLAP's compensating biases may differ in the last bits
+            torch.testing.assert_close(tensor, single[key], rtol=1e-6, atol=1e-7, msg=f"{name}: {key}")
+    shortgpt = load_file(tmp_path / "shortgpt-0.safetensors")
+    assert len({k.split(".")[2] for k in shortgpt if k.startswith("model.layers.")}) < len(tiny("llama").model.layers)
+
+
+@pytest.mark.slow
+def test_a_removal_whose_statistics_are_not_sums_is_refused_on_every_rank(tmp_path):
+    assert _two_ranks("refused", tmp_path) == [2, 2]
+    messages = [(tmp_path / f"error-{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "removal by 'taylor' reads ['data_passes'], which are not added over ranks" in messages[0]
+
+
+@pytest.mark.slow
 def test_ranks_that_disagree_are_refused_on_every_rank_with_one_message(tmp_path):
     assert _two_ranks("mismatch", tmp_path) == [2, 2]
     messages = [(tmp_path / f"error-{r}.txt").read_text() for r in (0, 1)]
@@ -145,3 +175,23 @@ def test_backend_is_nccl_for_cuda_where_torch_has_it_else_gloo():
 def test_a_single_process_has_no_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.detect() is None
+
+
+def test_block_influence_adds_each_share_s_sums_and_token_counts_before_the_mean():
+    # ShortGPT under two ranks, in one process: rank 0 scores 3 batches, "rank 1" 1 batch of another length; the
+    # mean over all tokens (not the mean of the two ranks' means) is the single-process block influence
+    from secateurs.structural.layers import _influence_sums, block_influence
+
+    model = tiny("llama")
+    blocks = list(model.model.layers)
+    batches = [*segments()[:6].split(2), segments()[6:, :16]]
+    other = _influence_sums(model, blocks, batches[3:], False)
+
+    def add_other_rank(tensors):
+        for mine, theirs in zip(tensors, other):
+            mine += theirs
+
+    shared = block_influence(model, blocks, batches[:3], sum_over_ranks=add_other_rank)
+    assert torch.equal(shared, block_influence(model, blocks, batches))
+    mean_of_means = (block_influence(model, blocks, batches[:3]) + block_influence(model, blocks, batches[3:])) / 2
+    assert not torch.allclose(shared, mean_of_means)

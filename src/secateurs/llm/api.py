@@ -22,11 +22,12 @@ from ..calibration import model_tokenizer as _default_tokenizer
 from ..calibration import resolve_seqlen, sample_segments
 from ..distributed import Group, agree, detect, fingerprint, shard
 from ..errors import ConfigError, DataRequiredError
-from ..evidence import DATA_NEEDS
+from ..evidence import DATA_NEEDS, HOOKED, Need
 from ..guards import outside_inference_mode
 from ..pipeline import Data
 from ..report import Report
 from ..runners import run
+from ..structural.criteria import as_group_criterion
 from ..structural.report import StructuralReport
 from .config import LLMPruneConfig
 from .moe import MoEBlock, expert_statistics, find_moe_blocks, starved_experts, unfused_experts
@@ -131,9 +132,9 @@ def prune_llm(
             segments, seqlen = calibration_segments(model, calibration, tokenizer, config)
             batches = list(batched(segments, config.batch_size))
             calibrated = {"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)}
+    data = Data.from_user(config, batches, None, None, progress, allow_collapse)  # example inputs: the first segment
     if group is not None:
-        batches = _shard(batches, group, config)
-    data = Data.from_user(config, batches, None, None, progress, allow_collapse)
+        data.batches = _shard(data.batches, group, config)
     data.group = group
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
@@ -177,12 +178,31 @@ def run_fingerprint(model: nn.Module, method: str, sparsity: Any, options: Mappi
 
 
 def _shard(batches: list[Any], group: Group, config: LLMPruneConfig) -> list[Any]:
-    if config.runner_.name != "blocks":
+    """This rank's share of the batches; refused for a method whose statistics are not sums added over ranks."""
+    refusal = _not_distributable(config)
+    if refusal:
         raise ConfigError(
-            f"a distributed run ({group.world} ranks) spreads the block runner's calibration; {config.method!r} runs "
-            f"on the whole model (runner={config.runner_.name!r}): run it in one process"
+            f"a distributed run ({group.world} ranks) adds statistics over the ranks; {refusal}: run it in one process"
         )
     return shard(batches, group) if batches else batches
+
+
+def _not_distributable(config: LLMPruneConfig) -> str | None:
+    """Why ``config`` cannot spread its calibration over ranks (None: it can). The block runner's evidence and a
+    removal's hooked statistics (FLAP) are sums with counts, added over the ranks; a removal criterion running
+    its own passes declares whether it adds them (``passes_add_over_ranks``: ShortGPT)."""
+    if config.runner_.name == "blocks":
+        return None
+    if not config.application_.structural:
+        return f"{config.method!r} runs on the whole model (runner={config.runner_.name!r})"
+    criterion = as_group_criterion(config.criterion_)
+    own = criterion.needs - HOOKED
+    if own and not (own == {Need.DATA_PASSES} and criterion.passes_add_over_ranks):
+        return f"removal by {criterion.name!r} reads {sorted(n.value for n in own)}, which are not added over ranks"
+    solver = config.solver_
+    if solver is not None and solver.needs - HOOKED:
+        return f"solver {solver.name!r} reads {sorted(n.value for n in solver.needs - HOOKED)}, not added over ranks"
+    return None
 
 
 def _prune_with_experts(

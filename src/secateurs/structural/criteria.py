@@ -59,6 +59,10 @@ class GroupCriterion(Criterion):
         """The group form of an element criterion (group forms override to copy its options)."""
         return cls()
 
+    #: its own calibration passes (``Need.DATA_PASSES``) add their sums over the ranks of a distributed run
+    #: (through ``Evidence.sum_over_ranks``); hooked statistics (``Need.ACTIVATIONS`` ...) are added by the runner
+    passes_add_over_ranks: ClassVar[bool] = False
+
     #: what the criterion reads, for the error when a group offers none of it (see :meth:`_views`)
     reads: ClassVar[str] = ""
 
@@ -351,10 +355,11 @@ class ShortGPT(GroupCriterion):
 
     name = "shortgpt"
     needs = frozenset({Need.DATA_PASSES})
+    passes_add_over_ranks = True
     granularities = ("layer",)
     default_pattern = "layer"
 
     def block_scores(
         self, model: nn.Module, blocks: Sequence[nn.Module], evidence: Evidence, removing: int | None = None
     ) -> Tensor:
-        return block_influence(model, blocks, evidence.batches, evidence.show_progress)
+        return block_influence(model, blocks, evidence.batches, evidence.show_progress, evidence.sum_over_ranks)

@@ -7,7 +7,7 @@ model is a plain, shallower model (``num_hidden_layers`` updated for transformer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,10 +33,26 @@ def _hidden(x: Any) -> Tensor | None:
 
 
 def block_influence(
-    model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[Any], show_progress: bool = False
-) -> Tensor:
+    model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[Any], show_progress: bool = False,
+    sum_over_ranks: Callable[[Sequence[Tensor]], None] | None = None,
+) -> Tensor:  # fmt: skip
     """ShortGPT (Men et al. 2024, arXiv:2403.03853): ``BI_i = 1 - mean_t cos(x_i,t, x_{i+1},t)``
-    over every calibration token, from hooks on each block's input and output hidden states."""
+    over every calibration token, from hooks on each block's input and output hidden states.
+    ``sum_over_ranks``: a distributed run adds every rank's sums and token counts before the mean, so each
+    rank's share weighs by the tokens it saw."""
+    sums, counts = _influence_sums(model, blocks, batches, show_progress)
+    if sum_over_ranks is not None:
+        sum_over_ranks([sums, counts])
+    if bool((counts == 0).any()):
+        missing = [i for i in range(len(blocks)) if counts[i] == 0]
+        raise StructureError(f"blocks {missing} never received a hidden state of their output's shape")
+    return sums / counts
+
+
+def _influence_sums(
+    model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[Any], show_progress: bool
+) -> tuple[Tensor, Tensor]:
+    """Per block: the sum of ``1 - cos`` over the tokens of ``batches`` and their number (float64)."""
     if not batches:
         raise DataRequiredError("block influence needs calibration batches (calibration=...)")
     sums = torch.zeros(len(blocks), dtype=torch.float64)
@@ -75,10 +91,7 @@ def block_influence(
     finally:
         for h in handles:
             h.remove()
-    if bool((counts == 0).any()):
-        missing = [i for i in range(len(blocks)) if counts[i] == 0]
-        raise StructureError(f"blocks {missing} never received a hidden state of their output's shape")
-    return sums / counts
+    return sums, counts
 
 
 def layer_step(container: str, removed: Sequence[int]) -> Step:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import inspect
 import time
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import PruneConfig
+from ..distributed import add_over_ranks, reduce_evidence
 from ..errors import DataRequiredError, ScopeError, StructureError
 from ..evidence import GRADIENT_NEEDS, Need, gather, preserved
 from ..guards import refuse_inference_weights
@@ -150,6 +152,8 @@ def score_groups(
     evidence = make_evidence(model, targets, config, data)
     with preserved(model, targets):
         gather(evidence, needs)
+        if data.group is not None:  # this rank's share: every rank's sums and token counts added
+            reduce_evidence(data.group, evidence.activations, evidence.hessians, f"{criterion.name} statistics")
         ev = GroupEvidence(model, groups, evidence, modules, sparsity=config.final_sparsity)
         return ev, criterion.group_scores(ev)
 
@@ -204,6 +208,8 @@ def _blocks(model, config, data) -> tuple[Step, list[str]]:
     n = layers.how_many(len(blocks), config.final_sparsity, config.structural_.keep_at_least)
     require_data(criterion.needs, f"method {criterion.name!r}", data)
     evidence = make_evidence(model, [], config, data)
+    if data.group is not None:
+        evidence.sum_over_ranks = partial(add_over_ranks, data.group, step=f"{criterion.name} block scores")
     # criteria written before ``removing`` existed keep their three-argument signature
     budget = {"removing": n} if "removing" in inspect.signature(criterion.block_scores).parameters else {}
     scores = criterion.block_scores(model, blocks, evidence, **budget)
