@@ -21,6 +21,7 @@ from torch import nn
 MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
             "MODEL_FOR_MASKED_LM_MAPPING_NAMES")  # fmt: skip
 VOCAB = 64
+MAX_PARAMETERS = 5_000_000  # a tiny config builds well under 1M; far above that, a nested config was missed
 
 # every spelling transformers configs use for the same small sizes
 TINY: dict[str, Any] = {
@@ -78,6 +79,13 @@ def build(arch: Arch, seed: int = 0) -> nn.Module:
 
     cls = getattr(transformers, arch.class_name)
     config = tiny_config(arch.model_type)
+    with torch.device("meta"):  # sized first: a config whose nested sub-configs keep full sizes is not built
+        size = sum(p.numel() for p in cls(config).parameters())
+    if size > MAX_PARAMETERS:
+        raise ValueError(
+            f"the tiny config of {arch.model_type} still has {size:,} parameters (sizes in nested sub-configs "
+            f"are not shrunk); not built (the cap is {MAX_PARAMETERS:,})"
+        )
     torch.manual_seed(seed)
     model = cls(config).eval()
     return model
