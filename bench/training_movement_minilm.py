@@ -21,18 +21,22 @@ The cubic schedule has the paper's warm-ups: dense for the first 10% of the step
 target at 70%, then fine-tuning at the target. Writes bench/results/<--name>.json.
 
     .venv/bin/python bench/training_movement_minilm.py --methods dense magnitude movement --seeds 0
+
+Cells can run in separate processes (``--name`` per process); ``--merge NAME ...`` then reads their
+JSONs, prints the table and writes them together as bench/results/training_movement_minilm.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 import torch
 
 import secateurs
-from _common import machine, write_results
+from _common import RESULTS, machine, write_results
 from secateurs.training import train
 from segment_pairs import PairClassifier, batches, evaluate, pairs
 from structural_models import SHARED, minilm, minilm_tokenizer
@@ -95,6 +99,26 @@ def run(method: str, target: float, seed: int, data, dev, args) -> dict:
     return row
 
 
+def merge(names: list[str]) -> None:
+    """One table from the JSONs of several processes (same protocol: their args must agree)."""
+    parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    protocol = {k: v for k, v in parts[0]["args"].items() if k in ("steps", "batch", "max_length", "lr", "score_lr")}
+    for n, part in zip(names, parts, strict=True):
+        other = {k: part["args"][k] for k in protocol}
+        if other != protocol:
+            raise SystemExit(f"{n} ran another protocol: {other} vs {protocol}")
+    rows = sorted((r for p in parts for r in p["rows"]),
+                  key=lambda r: (r["seed"], r["method"], r.get("target", r.get("strength", 0.0))))  # fmt: skip
+    print("| seed | method | target or lambda | sparsity | dev accuracy | dev loss | train loss (first 10, last 20) |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        level = f"lambda {r['strength']:g}" if "strength" in r else f"{r['target']:.0%}"
+        print(f"| {r['seed']} | {r['method']} | {level} | {r['sparsity']:.1%} | {r['dev_accuracy']:.2%} | "
+              f"{r['dev_loss']:.4f} | {r['train_loss_first10']:.3f} -> {r['train_loss_last20']:.3f} |")  # fmt: skip
+    write_results("training_movement_minilm", {"machines": [p["machine"] for p in parts], "args": parts[0]["args"],
+                                               "parts": names, "rows": rows})  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "movement"])
@@ -110,7 +134,10 @@ def main() -> None:
     parser.add_argument("--initial-score", type=float, default=0.1)
     parser.add_argument("--dev-pairs", type=int, default=1024)
     parser.add_argument("--name", default="training_movement_minilm")
+    parser.add_argument("--merge", nargs="+", metavar="NAME", help="print and join the results of these runs")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge)
     torch.set_num_threads(1)
     tokenizer = minilm_tokenizer()
     rows = []
