@@ -11,7 +11,7 @@ Learning rate of the VD phase (``--lr-schedules``): ``constant`` 1e-3, or ``line
 LeNet-300-100 script (bayesgroup/variational-dropout-sparsifies-dnn, ``optpolicy.lr_linear``):
 1e-3 for the first half, then linearly down to 0 at the end. Both start from the same dense model.
 
-    .venv/bin/python bench/training_sparse_vd.py [--seeds 3] [--dense-steps 1500] [--vd-steps 3000]
+    .venv/bin/python bench/training_sparse_vd.py [--seeds 0 1 2] [--dense-steps 1500] [--vd-steps 3000]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def one_seed(seed: int, data, dense_steps: int, vd_steps: int, schedules: list[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dense-steps", type=int, default=1500)
     parser.add_argument("--vd-steps", type=int, default=3000)
     parser.add_argument("--lr-schedules", nargs="+", choices=["constant", "linear"], default=["constant", "linear"])
@@ -96,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_digits()
     rows = []
-    for seed in range(args.seeds):
+    for seed in args.seeds:
         for row in one_seed(seed, data, args.dense_steps, args.vd_steps, args.lr_schedules):
             rows.append(row)
             print(f"seed {seed} lr {row['lr_schedule']}: dense {row['dense_accuracy']:.4f}, sparse VD "
