@@ -1,114 +1,162 @@
 """Movement vs magnitude pruning while fine-tuning the pretrained MiniLM encoder (Sanh et al. 2020).
 
-Task (built from the text available here): distil the dense all-MiniLM-L6-v2 into a pruned copy of
-itself, i.e. fine-tune the pruned student to reproduce the dense model's sentence embeddings
-(mean-pooled, normalised) on sentences of ``pydoc-calib.txt``; loss ``1 - cos(student, teacher)``.
-Both methods prune every Linear of the six encoder blocks (the default scope: embeddings and
-pooler stay dense) to 50%, 80% and 90% on the same cubic schedule (GMP's, the paper's too), with
-the same optimizer (Adam), batches and steps:
+Task (``segment_pairs.py``): "does segment B directly follow segment A?" on Python-docs text, a
+cross-encoder (``[CLS] a [SEP] b [SEP]``, max 64 tokens) with a fresh two-class head on the
+mean-pooled all-MiniLM-L6-v2 encoder; half the negatives are non-adjacent segments of the same
+section. Train pairs from ``pydoc-calib.txt``, dev pairs from ``pydoc-test.txt`` (no shared
+document). The initial loss is ln 2, so the movement scores have a signal from the first step.
 
-- **magnitude**: ``Pruner(model, 'magnitude', s, schedule=cubic)``;
-- **movement** (hard): ``Pruner(model, 'movement', s, regularizer='movement', schedule=cubic)``:
-  ``pruner.regularize()`` accumulates ``S += -W * dL/dW`` between backward and the optimizer step.
+Every arm fine-tunes the same pretrained encoder with the same batches, steps, Adam learning rate
+and seed; the pruned scope is every Linear of the six encoder blocks (36 matrices, 10.6M weights;
+embeddings and the head stay dense), each matrix pruned to the target (the paper's local top-v):
 
-Quality: mean cosine similarity of the pruned student's embeddings to the dense model's on
-``--held-out`` (128) held-out sentences of ``pydoc-test.txt``. The paper's finding to check: movement beats magnitude at
-high sparsity, magnitude wins at low sparsity. Writes bench/results/training_movement_minilm.json.
+- **dense**: no pruning (the reference);
+- **magnitude**: ``Pruner(model, 'magnitude', s, schedule=cubic)`` (gradual magnitude pruning);
+- **movement** (hard): ``Pruner(model, 'movement', s, regularizer='movement', schedule=cubic)``;
+- **soft_movement**: ``Pruner(model, regularizer='soft_movement', strength=lambda)`` with the
+  strength on the same cubic ramp and the scores at their own learning rate (the paper: 1e-2);
+  its sparsity is not set but reached, so each lambda is reported at the sparsity it reached.
 
-    .venv/bin/python bench/training_movement_minilm.py [--steps 40] [--batch 8] [--held-out 128]
+The cubic schedule has the paper's warm-ups: dense for the first 10% of the steps, cubic up to the
+target at 70%, then fine-tuning at the target. Writes bench/results/<--name>.json.
+
+    .venv/bin/python bench/training_movement_minilm.py --methods dense magnitude movement --seeds 0
+
+Cells can run in separate processes (``--name`` per process); ``--merge NAME ...`` then reads their
+JSONs, prints the table and writes them together as bench/results/training_movement_minilm.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 import torch
 
 import secateurs
-from _common import machine, write_results
-from structural_models import SHARED, embed, minilm, minilm_tokenizer, sentences
+from _common import RESULTS, machine, write_results
+from secateurs.training import train
+from segment_pairs import PairClassifier, batches, evaluate, pairs
+from structural_models import SHARED, minilm, minilm_tokenizer
 
-SPARSITIES = (0.5, 0.8, 0.9)
-
-
-def pooled(model, batch) -> torch.Tensor:
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
+SCOPE = {"include": ["encoder.encoder.layer"], "skip_last": False}
 
 
-def held_out_batches(tokenizer, count: int) -> list[dict]:
-    text = sentences(SHARED / "data" / "pydoc-test.txt", count)
-    out = []
-    for i in range(0, len(text), 32):
-        b = tokenizer(text[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        out.append({k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    return out
+def schedule(steps: int) -> dict:
+    start, end = steps // 10 // 5 * 5, int(steps * 0.7) // 5 * 5
+    return {"kind": "cubic", "start": start, "end": end, "every": 5}
 
 
-def fidelity(model, batches, teacher) -> dict:
-    sims = torch.cat([(embed(model, b) * t).sum(-1) for b, t in zip(batches, teacher, strict=True)])
-    return {"sentences": len(sims), "cosine_mean": float(sims.mean()), "cosine_min": float(sims.min())}
+def optimizer_for(pruner, lr: float, score_lr: float):
+    """Adam; soft movement's scores in their own group at ``score_lr`` (the paper's separate rate)."""
+    reg = getattr(pruner.config, "regularizer_", None) if pruner is not None else None
+    scores = reg.score_parameters() if reg is not None and reg.name == "soft_movement" else []
+    ids = {id(p) for p in scores}
+
+    def make(params):
+        rest = [p for p in params if id(p) not in ids]
+        groups = [{"params": rest, "lr": lr}] + ([{"params": scores, "lr": score_lr}] if scores else [])
+        return torch.optim.Adam(groups)
+
+    return make
 
 
-def run(method: str, sparsity: float, batches, targets, steps: int) -> dict:
-    model = minilm()
-    end = int(steps * 0.7) // 5 * 5  # prune over the first 70% of the steps, then fine-tune at the final sparsity
-    schedule = {"kind": "cubic", "start": 0, "end": end, "every": 5}
-    extra = {"regularizer": "movement"} if method == "movement" else {}
-    pruner = secateurs.Pruner(model, method, sparsity, schedule=schedule, **extra)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-5)
-    model.train()
+def encoder_sparsity(model) -> float:
+    """Zeros the encoder blocks' Linear layers compute with now (masks and gates included)."""
+    total = zeros = 0
+    for module in model.encoder.encoder.layer.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += module.weight.numel()
+            zeros += int((module.weight.detach() == 0).sum())
+    return zeros / total
+
+
+def run(method: str, target: float, seed: int, data, dev, args) -> dict:
+    model = PairClassifier(minilm(), seed)
+    pruner = None
+    if method in ("magnitude", "movement"):
+        extra = {"regularizer": "movement"} if method == "movement" else {}
+        pruner = secateurs.Pruner(model, method, target, schedule=schedule(args.steps), scope=SCOPE, **extra)
+    elif method == "soft_movement":
+        ramp = schedule(args.steps)
+        options = {"strength": target, "initial_score": args.initial_score,
+                   "strength_schedule": {"kind": "cubic", "start": ramp["start"], "end": ramp["end"]}}  # fmt: skip
+        pruner = secateurs.Pruner(model, regularizer="soft_movement", scope=SCOPE, regularizer_options=options)
+    torch.manual_seed(seed)
     t = time.perf_counter()
-    losses = []
-    for step in range(steps):
-        batch, target = batches[step % len(batches)], targets[step % len(batches)]
-        optimizer.zero_grad(set_to_none=True)
-        loss = (1 - (pooled(model, batch) * target).sum(-1)).mean()
-        loss.backward()
-        if method == "movement":
-            pruner.regularize()
-        optimizer.step()
-        pruner.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    report = pruner.report()
-    return {"method": method, "sparsity": sparsity, "reached": report.sparsity, "seconds": time.perf_counter() - t,
-            "final_loss": sum(losses[-10:]) / 10, "model": model}  # fmt: skip
+    losses = train(model, data, args.steps, optimizer_for(pruner, args.lr, args.score_lr), pruner=pruner)
+    seconds = time.perf_counter() - t
+    reached = encoder_sparsity(model)
+    row = {"method": method, "seed": seed, "seconds": seconds, "sparsity": reached,
+           "train_loss_first10": sum(losses[:10]) / 10, "train_loss_last20": sum(losses[-20:]) / 20}  # fmt: skip
+    if method == "soft_movement":
+        row["strength"] = target
+    else:
+        row["target"] = target
+    row.update({f"dev_{k}": v for k, v in evaluate(model, dev).items()})
+    return row
+
+
+def merge(names: list[str]) -> None:
+    """One table from the JSONs of several processes (same protocol: their args must agree)."""
+    parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    protocol = {k: v for k, v in parts[0]["args"].items() if k in ("steps", "batch", "max_length", "lr", "score_lr")}
+    for n, part in zip(names, parts, strict=True):
+        other = {k: part["args"][k] for k in protocol}
+        if other != protocol:
+            raise SystemExit(f"{n} ran another protocol: {other} vs {protocol}")
+    rows = sorted((r for p in parts for r in p["rows"]),
+                  key=lambda r: (r["seed"], r["method"], r.get("target", r.get("strength", 0.0))))  # fmt: skip
+    print("| seed | method | target or lambda | sparsity | dev accuracy | dev loss | train loss (first 10, last 20) |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        level = f"lambda {r['strength']:g}" if "strength" in r else f"{r['target']:.0%}"
+        print(f"| {r['seed']} | {r['method']} | {level} | {r['sparsity']:.1%} | {r['dev_accuracy']:.2%} | "
+              f"{r['dev_loss']:.4f} | {r['train_loss_first10']:.3f} -> {r['train_loss_last20']:.3f} |")  # fmt: skip
+    write_results("training_movement_minilm", {"machines": [p["machine"] for p in parts], "args": parts[0]["args"],
+                                               "parts": names, "rows": rows})  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--held-out", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "movement"])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9])
+    parser.add_argument("--strengths", nargs="+", type=float, default=[1e-6, 1e-5, 1e-4],
+                        help="soft movement's lambdas (its sparsity is reached, not set)")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--score-lr", type=float, default=1e-2)
+    parser.add_argument("--initial-score", type=float, default=0.1)
+    parser.add_argument("--dev-pairs", type=int, default=1024)
+    parser.add_argument("--name", default="training_movement_minilm")
+    parser.add_argument("--merge", nargs="+", metavar="NAME", help="print and join the results of these runs")
     args = parser.parse_args()
-    torch.manual_seed(0)
+    if args.merge:
+        return merge(args.merge)
     torch.set_num_threads(1)
     tokenizer = minilm_tokenizer()
-    dense = minilm()
-    train = sentences(SHARED / "data" / "pydoc-calib.txt", args.batch * 40)
-    batches, targets = [], []
-    for i in range(0, len(train), args.batch):
-        b = tokenizer(train[i : i + args.batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        b = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        batches.append(b)
-        targets.append(embed(dense, b))
-    held_out = held_out_batches(tokenizer, args.held_out)
-    teacher = [embed(dense, b) for b in held_out]
     rows = []
-    for sparsity in SPARSITIES:
-        for method in ("magnitude", "movement"):
-            row = run(method, sparsity, batches, targets, args.steps)
-            row.update(fidelity(row.pop("model"), held_out, teacher))
-            rows.append(row)
-            print(f"{sparsity:.0%} {method:>9}: cosine to dense {row['cosine_mean']:.4f} "
-                  f"(min {row['cosine_min']:.4f}), "
-                  f"train loss {row['final_loss']:.4f}, {row['seconds']:.0f} s", flush=True)  # fmt: skip
-    write_results("training_movement_minilm", {"machine": machine(), "loadavg": os.getloadavg(), "args": vars(args),
-                                               "rows": rows})  # fmt: skip
+    for seed in args.seeds:
+        train_pairs = pairs(SHARED / "data" / "pydoc-calib.txt", args.steps * args.batch, 20, seed)
+        data = batches(tokenizer, train_pairs, args.batch, args.max_length)
+        dev = batches(tokenizer, pairs(SHARED / "data" / "pydoc-test.txt", args.dev_pairs, 20, 1000), 64,
+                      args.max_length)  # fmt: skip
+        for method in args.methods:
+            levels = [0.0] if method == "dense" else args.strengths if method == "soft_movement" else args.sparsities
+            for level in levels:
+                row = run(method, level, seed, data, dev, args)
+                row["loadavg"] = os.getloadavg()
+                rows.append(row)
+                print(f"seed {seed} {method:>13} {level:g}: encoder sparsity {row['sparsity']:.1%}, dev accuracy "
+                      f"{row['dev_accuracy']:.2%}, dev loss {row['dev_loss']:.4f}, train loss "
+                      f"{row['train_loss_first10']:.3f} -> {row['train_loss_last20']:.3f}, {row['seconds']:.0f} s, "
+                      f"load {row['loadavg'][0]:.1f}", flush=True)  # fmt: skip
+                write_results(args.name, {"machine": machine(), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -262,6 +262,54 @@ def test_hard_movement_scores_accumulate_minus_w_times_grad_and_prune_the_lowest
     assert int(mask.sum()) == 15 and bool(mask.flatten()[kept].all())
 
 
+def test_hard_movement_scores_of_masked_weights_use_the_masked_weights_gradient():
+    # Sanh et al. 2020: the straight-through estimator hands every score dL/dW' (W' = W * M), so a pruned
+    # weight's score keeps moving; dL/dW itself is zero there under the mask
+    model = mlp()
+    x, y = task()
+    pruner = secateurs.Pruner(model, "movement", 0.5, regularizer="movement", scope=["2"],
+                              schedule={"kind": "oneshot", "at": 0})  # fmt: skip
+    F.cross_entropy(model(x), y).backward()
+    pruner.regularize()
+    pruner.step()  # masked now
+    model.zero_grad()
+    weight = model[2].parametrizations.weight.original
+    before = secateurs.criteria.movement.movement_scores(weight).clone()
+    weight = weight.detach()
+    masked = torch.where(model[2].parametrizations.weight[0].mask, weight, 0.0).requires_grad_()
+    hidden = model[1](model[0](x))
+    F.cross_entropy(model[4](model[3](F.linear(hidden, masked, model[2].bias))), y).backward()
+    expected = before - weight * masked.grad
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pruner.regularize()
+    after = secateurs.criteria.movement.movement_scores(model[2].parametrizations.weight.original)
+    torch.testing.assert_close(after, expected)
+    pruned = ~model[2].parametrizations.weight[0].mask
+    assert bool((after[pruned] != before[pruned]).any())
+
+
+def test_hard_movement_brings_back_a_pruned_weight_whose_score_rose():
+    model = mlp()
+    x, y = task()
+    pruner = secateurs.Pruner(model, "movement", 0.5, regularizer="movement", scope=["2"],
+                              schedule={"kind": "cubic", "start": 0, "end": 2, "every": 1})  # fmt: skip
+    for _ in range(2):  # steps 0 (sparsity 0) and 1 (0.4375 of the final 0.5 on the cubic ramp)
+        F.cross_entropy(model(x), y).backward()
+        pruner.regularize()
+        pruner.step()
+    mask = model[2].parametrizations.weight[0].mask.clone()
+    assert int(mask.sum()) == 30 - 13
+    value = model[2].parametrizations.weight.original.detach().clone()
+    scores = secateurs.criteria.movement.movement_scores(model[2].parametrizations.weight.original)
+    revived = int((~mask).flatten().nonzero()[0])
+    scores.view(-1)[revived] = scores.max() + 1.0  # its movement now outranks every kept weight's
+    pruner.step()  # step 2: the final 50%, chosen afresh
+    new = model[2].parametrizations.weight[0].mask
+    assert bool(new.view(-1)[revived]) and int(new.sum()) == 15
+    torch.testing.assert_close(model[2].weight.detach().view(-1)[revived], value.view(-1)[revived])
+
+
 def test_movement_without_accumulated_scores_says_which_regularizer_to_use():
     with pytest.raises(secateurs.errors.DataRequiredError, match="regularizer='movement'"):
         secateurs.Pruner(mlp(), "movement", 0.5).prune_to(0.5)

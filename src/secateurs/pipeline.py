@@ -166,7 +166,8 @@ def select(
     plan: Plan, targets: Sequence[Target], scores: dict[str, Tensor], sparsity: float, context: Context
 ) -> tuple[dict[str, Tensor], dict[str, float] | None]:  # fmt: skip
     """Keep-masks (stored weight shape, bool) from scores: pattern units, allocation, exact selection.
-    Units already pruned by an existing mask stay pruned and count toward the budget. Also returns
+    Units already pruned by an existing mask stay pruned and count toward the budget, unless the
+    criterion ``reselects`` (then the masks are chosen afresh from every unit). Also returns
     the fraction the allocation set per target, when it sets one."""
     criterion, pattern, comparison = plan.criterion, plan.pattern, plan.comparison
     unit_scores: dict[str, Tensor] = {}
@@ -180,7 +181,7 @@ def select(
         else:
             units = pattern.units(score3, comparison, criterion.reduction)
         unit_scores[t.name] = units
-        existing = current_mask(t)
+        existing = None if criterion.reselects else current_mask(t)
         alive[t.name] = None if existing is None else to_canonical(existing, t.layout).to(units.device)
         dead[t.name] = None
         if existing is not None:

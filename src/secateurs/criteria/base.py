@@ -55,6 +55,9 @@ class Criterion(ABC):
     scores_embeddings: ClassVar[bool] = True
     #: its scores are accumulated during training (a Pruner with a regularizer), so a one-shot prune refuses it
     from_training: ClassVar[bool] = False
+    #: every scheduled step chooses its masks afresh from all the weights, so a pruned weight whose score
+    #: has risen comes back (movement pruning's top-v of scores that keep training); otherwise masks only grow
+    reselects: ClassVar[bool] = False
 
     def scores(self, evidence: Evidence) -> dict[str, Tensor]:
         """Importance per target name, canonical ``(O, S, I)`` layout."""

@@ -1,12 +1,15 @@
 """Movement pruning's criterion (Sanh, Wolf & Rush 2020, arXiv:2005.07683): keep the weights that move
 away from zero during fine-tuning.
 
-Hard movement pruning scores each weight by ``S = -sum_t dL/dW_t * W_t`` accumulated over the
-training steps (the paper's eq. 6 with a plain SGD step: the score grows when the weight and its
-update point the same way, i.e. the weight moves away from zero), then keeps the top-k on a cubic
-schedule. The scores are accumulated between ``loss.backward()`` and ``optimizer.step()`` by the
-``'movement'`` regularizer (:mod:`secateurs.training.movement`), which writes them to the store
-here; this criterion reads them. A criterion never runs the training loop itself.
+Hard movement pruning scores each weight by ``S = -sum_t dL/dW'_t * W_t`` accumulated over the
+training steps, ``W' = W * M`` being the masked weight the layer computes with (the paper's eq. 6
+with a plain SGD step on the scores: the straight-through estimator passes ``dL/dW'`` to every score,
+pruned weights' included; the score grows when the weight and its update point the same way, i.e.
+the weight moves away from zero), then keeps the top-v of the scores at each step of a cubic
+schedule, chosen afresh every time (``reselects``): a pruned weight whose score rises comes back.
+The scores are accumulated between ``loss.backward()`` and ``optimizer.step()`` by the ``'movement'``
+regularizer (:mod:`secateurs.training.movement`), which writes them to the store here; this
+criterion reads them. A criterion never runs the training loop itself.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Movement(Criterion):
     name = "movement"
     default_allocation = "uniform"
     from_training = True
+    reselects = True  # the paper's top-v of the current scores at every step: pruned weights can come back
 
     def score(self, target: Target, evidence: Evidence) -> Tensor:
         score = movement_scores(target.parameter)

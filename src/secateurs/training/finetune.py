@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..batches import default_loss, model_device, run_model, to_device
+from ..errors import ConfigError
 from ..progress import progress
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -26,6 +28,7 @@ def train(
     optimizer: OptimizerFactory | None = None,
     pruner: Any = None,
     show_progress: bool = False,
+    lr_factor: Callable[[int], float] | None = None,
 ) -> list[float]:
     """Train for ``steps`` optimizer steps, cycling over ``batches``.
 
@@ -34,15 +37,25 @@ def train(
     rewinds the weights (lottery tickets) the optimizer is rebuilt, as in Frankle &
     Carbin (2019), so no stale momentum leaks into the rewound network; likewise when a
     ``mode='remove'`` pruner replaces the parameters by smaller ones.
+
+    ``lr_factor(step)`` multiplies every parameter group's learning rate at each step (e.g. the
+    linear decay to zero of Molchanov et al. 2017's sparse VD runs); None keeps it constant.
     """
     make_optimizer = optimizer or adam()
     opt = make_optimizer(model.parameters())
+    base_lrs = [g["lr"] for g in opt.param_groups]
     device = model_device(model)
     regularizing = getattr(getattr(pruner, "config", None), "regularizer_", None) is not None  # a secateurs Pruner
     losses = []
     model.train()
     cycle = itertools.cycle(batches)
-    for _ in progress(range(steps), "training", show_progress):
+    for step in progress(range(steps), "training", show_progress):
+        if lr_factor is not None:
+            factor = lr_factor(step)
+            if not (math.isfinite(factor) and factor >= 0):
+                raise ConfigError(f"lr_factor({step}) must be a finite number >= 0, got {factor!r}")
+            for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = lr * factor
         batch = to_device(next(cycle), device)
         opt.zero_grad(set_to_none=True)
         loss = default_loss(model, batch)
@@ -55,6 +68,7 @@ def train(
             event = pruner.step()
             if event.rewound or event.reshaped:  # fresh start, or new (smaller) parameter tensors
                 opt = make_optimizer(model.parameters())
+                base_lrs = [g["lr"] for g in opt.param_groups]
     model.eval()
     return losses
 

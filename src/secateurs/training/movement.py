@@ -1,17 +1,21 @@
 """Movement pruning during fine-tuning (Sanh, Wolf & Rush 2020, arXiv:2005.07683), hard and soft.
 
 - **Hard** (``method='movement', regularizer='movement'``, a cubic schedule): the regularizer
-  accumulates ``S += -W * dL/dW`` at every ``pruner.regularize()`` (after ``backward()``, before the
-  optimizer changes ``W``), and the ``movement`` criterion keeps the top-k of ``S`` at each
-  scheduled step. One difference from the paper: the paper's straight-through estimator keeps
-  updating the scores of pruned weights, so they can come back; here a pruned weight's gradient
-  is zero under its mask and masks only grow, as in every secateurs schedule (GMP-style).
+  accumulates ``S += -W * dL/dW'`` at every ``pruner.regularize()`` (after ``backward()``, before the
+  optimizer changes ``W``), where ``W' = W * M`` is the masked weight the layer computes with: the
+  paper's straight-through estimator, which gives every score the gradient of the masked weight,
+  so a pruned weight's score keeps moving. The ``movement`` criterion keeps the top-v of ``S`` at
+  each scheduled step, chosen afresh from all weights (a pruned weight whose score rose comes back,
+  with the value it had when it was pruned: its own gradient is zero under the mask, as the paper's
+  ``dL/dW = M * dL/dW'``).
 - **Soft** (``regularizer='soft_movement'``): each weight gets a learned score ``S`` and the layer
   computes with ``W * 1[S > 0]``, the gradient reaching ``S`` through the straight-through
   estimator (``dL/dS = dL/dW' * W``, the paper's eq. 5); the penalty ``strength * sum sigmoid(S)``
   (the paper's L1 on the scores' sigmoid) pushes scores below the threshold. The sparsity is not
   set but comes from the strength, which the paper ramps in with a cubic schedule
-  (``strength_schedule={'kind': 'cubic', ...}``).
+  (``strength_schedule={'kind': 'cubic', ...}``). The paper trains the scores with their own,
+  much larger learning rate (1e-2 against 3e-5 for the weights): give them their own optimizer
+  parameter group (:meth:`SoftMovement.score_parameters`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..criteria.movement import accumulate, movement_scores, reset_scores
 from ..errors import ConfigError
@@ -44,7 +50,39 @@ class MovementScores(Regularizer):
     def bind(self, model: nn.Module, targets: Sequence[Target], example_inputs: Any = None) -> None:
         if not targets:
             raise ConfigError("regularizer 'movement' scores the weights in scope, and the scope selects none")
+        for handle in getattr(self, "_handles", []):  # bound again (after a removal step): hook afresh
+            handle.remove()
+        for handle in getattr(self, "_watched", {}).values():
+            handle.remove()
         self._targets = list(targets)
+        self._masked_grads: dict[str, Tensor] = {}
+        self._watched = WeakIdKeyDictionary()  # the parametrization lists already hooked
+        self._handles = [module.register_forward_pre_hook(self._watch(t.name, param))
+                         for t in self._targets for _, module, param in t.users]  # fmt: skip
+
+    def _watch(self, name: str, param: str) -> Any:
+        """Before each forward of a holder: if its weight is masked now, make the masked weight ``W'``
+        it computes with report its gradient (the straight-through ``dL/dW'``)."""
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            if not parametrize.is_parametrized(module, param):
+                return
+            chain = module.parametrizations[param]
+            if chain not in self._watched:
+                self._watched[chain] = chain.register_forward_hook(self._capture(name))
+
+        return pre_hook
+
+    def _capture(self, name: str) -> Any:
+        def forward_hook(chain: nn.Module, args: Any, masked: Tensor) -> None:
+            if masked.requires_grad:
+                masked.register_hook(lambda grad: self._add_masked_grad(name, grad))
+
+        return forward_hook
+
+    def _add_masked_grad(self, name: str, grad: Tensor) -> None:
+        seen = self._masked_grads.get(name)
+        self._masked_grads[name] = grad.detach().clone() if seen is None else seen + grad.detach()
 
     def contributions(self, strength: float) -> tuple[float, list[Contribution]]:
         return 0.0, []
@@ -53,8 +91,13 @@ class MovementScores(Regularizer):
         with torch.no_grad():
             for t in self._targets:
                 w = t.parameter
-                if w.grad is not None:
-                    accumulate(w, -(w.detach() * w.grad))
+                # dL/dW' when the weight is masked (dL/dW is zero where the mask is), else dL/dW itself
+                grad = self._masked_grads.pop(t.name, None)
+                if grad is None:
+                    grad = w.grad
+                if grad is not None:
+                    accumulate(w, -(w.detach() * grad))
+        self._masked_grads.clear()
         return 0.0
 
     def reset(self) -> None:
@@ -130,6 +173,10 @@ class SoftMovement(_GateRegularizer):
         with torch.enable_grad():
             value = sum(torch.sigmoid(g.scores).sum() for _, g in self._gated)
             return self._autograd(strength, value, [(f"{t.name}.scores", g.scores) for t, g in self._gated])
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        """The learned scores, to give them their own learning rate (the paper: 1e-2, weights 3e-5)."""
+        return [g.scores for _, g in self._gated]
 
     def group_norms(self) -> dict[str, Tensor]:
         return {t.name: torch.where(g.keep(), t.parameter.detach().abs(), 0.0) for t, g in self._gated}

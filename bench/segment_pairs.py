@@ -1,0 +1,112 @@
+"""A supervised sentence-pair task built from the Python-docs text here: "does segment B follow segment A?".
+
+The text is cut into sections at reStructuredText headings, each section's prose into segments of
+``words`` words. A positive pair is two consecutive segments of one section; a negative pair is a
+segment and either a non-adjacent segment of the *same* section (a hard negative: same topic and
+vocabulary) or a segment of another section, half and half. Labels are balanced, so chance is 50%
+and the initial loss of a fresh classification head is ln 2 (not zero, unlike self-distillation,
+where movement pruning's scores ``-W * dL/dW`` have no signal at the start). Train pairs come from
+``pydoc-calib.txt``, dev pairs from ``pydoc-test.txt``: no document (not even a line) is shared.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_HEADING = re.compile(r"([=\-*~^#\"'`+])\1{3,}")
+
+
+def sections(path: Path) -> list[list[str]]:
+    """Each section's prose words (directives, labels and heading lines dropped)."""
+    out: list[list[str]] = [[]]
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if _HEADING.fullmatch(text):
+            if out[-1]:
+                out.append([])
+            continue
+        following = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if text.startswith("..") or text.startswith(":") or _HEADING.fullmatch(following):
+            continue  # a directive, a field, or a heading's title
+        out[-1].extend(text.split())
+    return [s for s in out if s]
+
+
+def segments(path: Path, words: int) -> list[list[str]]:
+    """Each section cut into consecutive segments of ``words`` words (the short tail dropped)."""
+    return [[" ".join(s[i : i + words]) for i in range(0, len(s) - words + 1, words)] for s in sections(path)]
+
+
+def pairs(path: Path, count: int, words: int, seed: int) -> list[tuple[str, str, int]]:
+    """``count`` balanced (a, b, label) pairs, label 1 when b directly follows a."""
+    rng = random.Random(seed)
+    segs = [s for s in segments(path, words) if len(s) >= 2]
+    flat = [(i, j) for i, s in enumerate(segs) for j in range(len(s) - 1)]
+    out = []
+    while len(out) < count:
+        i, j = rng.choice(flat)
+        a = segs[i][j]
+        if len(out) % 2 == 0:
+            out.append((a, segs[i][j + 1], 1))
+            continue
+        far = [k for k in range(len(segs[i])) if abs(k - j) >= 2]
+        if far and rng.random() < 0.5:  # hard negative: same section, not adjacent
+            out.append((a, segs[i][rng.choice(far)], 0))
+        else:
+            other = rng.choice([k for k in range(len(segs)) if k != i])
+            out.append((a, rng.choice(segs[other]), 0))
+    rng.shuffle(out)
+    return out
+
+
+def batches(tokenizer, data: list[tuple[str, str, int]], size: int, max_length: int) -> list[dict]:
+    """Cross-encoder batches: ``[CLS] a [SEP] b [SEP]``, padded to the longest, with labels."""
+    out = []
+    for i in range(0, len(data), size):
+        chunk = data[i : i + size]
+        enc = tokenizer([a for a, _, _ in chunk], [b for _, b, _ in chunk], padding=True, truncation="longest_first",
+                        max_length=max_length, return_tensors="pt")  # fmt: skip
+        batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        batch["labels"] = torch.tensor([y for _, _, y in chunk])
+        out.append(batch)
+    return out
+
+
+class PairClassifier(nn.Module):
+    """A pretrained encoder, mean pooling, and a fresh linear head over two classes."""
+
+    def __init__(self, encoder: nn.Module, seed: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        torch.manual_seed(seed)
+        self.head = nn.Linear(encoder.config.hidden_size, 2)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None) -> dict:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state  # fmt: skip
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        logits = self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: list[dict]) -> dict[str, float]:
+    """Dev accuracy and mean cross-entropy, in eval mode."""
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for batch in data:
+        out = model(**batch)
+        correct += int((out["logits"].argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+        loss += float(out["loss"]) * len(batch["labels"])
+    return {"accuracy": correct / total, "loss": loss / total}
