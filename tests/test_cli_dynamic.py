@@ -64,6 +64,7 @@ def test_calibrate_save_measure_and_reuse(folder, tmp_path, capsys, monkeypatch)
         (["--calib", "calib.txt", "--levels", "0.5,1.5"], "activation sparsity must be"),
         (["--calib", "calib.txt", "--json", "x.json"], "--ppl TEXT_FILE and/or --speed"),
         (["--calib", "calib.txt", "--speed", "--rounds", "0"], "must be positive"),
+        (["--calib", "calib.txt", "--allocation", "greedy", "--max-sparsity", "0.6", "--levels", "0.7"], "above 0.600"),
     ],
 )
 def test_bad_arguments_are_refused_up_front(folder, extra, message, capsys, monkeypatch):

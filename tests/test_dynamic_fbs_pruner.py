@@ -154,3 +154,31 @@ def test_fbs_rides_along_a_trainer_run(tmp_path):
     transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[callback]).train()
     assert len(callback.penalties) == 6 and all(p > 0 for p in callback.penalties)
     assert not torch.equal(before, model.body[7].saliency.weight)
+
+
+def test_a_scoped_pruner_gated_model_saves_and_loads(tmp_path):
+    model = _cnn()
+    pruner = Pruner(model, regularizer="fbs", regularizer_options={"density": 0.5}, scope={"include": ["7"]})
+    fbs = pruner.config.regularizer_.fbs
+    assert list(fbs.layers) == ["7"]
+    x, y = _data(8)
+    train(model, [(x, y)], 2, pruner=pruner)
+    fbs.save(tmp_path / "gated.safetensors")
+    from secateurs.dynamic import load_fbs
+
+    restored = load_fbs(_cnn(), tmp_path / "gated.safetensors").model.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
+
+
+def test_gates_of_another_density_and_pruning_alongside_are_refused():
+    model = _cnn()
+    add_fbs(model, 0.25)
+    with pytest.raises(ConfigError, match="already gated by FBS at density"):
+        Pruner(model, regularizer="fbs", regularizer_options={"density": 0.5})
+    fresh = _cnn()
+    before = str(fresh)
+    with pytest.raises(ConfigError, match="cannot also prune"):
+        Pruner(fresh, "magnitude", 0.5, regularizer="fbs")
+    assert str(fresh) == before

@@ -151,6 +151,12 @@ class Pruner:
             self.targets = self._pruning.targets
         # no sparsity at all: the Pruner only drives its regularizer (learned gates, group lasso ...)
         self._prunes = not (self.config.sparsity_ is None and self.config.final_sparsity == 0.0)
+        regularizer = self.config.regularizer_
+        if self._prunes and regularizer is not None and regularizer.replaces_modules:
+            raise ConfigError(
+                f"regularizer {regularizer.name!r} replaces modules of the model when it is bound, so this Pruner "
+                "cannot also prune; build one Pruner for the regularizer (no sparsity) and prune afterwards"
+            )
         self._bind_regularizer()
         self.step_count = 0
         self.current_sparsity = 0.0

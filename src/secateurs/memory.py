@@ -19,7 +19,7 @@ from pathlib import Path
 def _malloc_trim():
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc only; musl, macOS and Windows have none
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: CDLL(None) on Windows
         return None
 
 

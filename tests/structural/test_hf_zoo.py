@@ -31,7 +31,9 @@ REFUSALS = {
     # MoE routers pick experts with top-k: expert removal belongs to the MoE issue
     "MoE routing": r"unsupported op torch\.(topk|sort|argsort|scatter|index_add|bincount|one_hot)",
     # an op the graph cannot follow (recurrent/state-space kernels, custom ops) names itself
-    "other unsupported op": r"unsupported op ",
+    "other unsupported op": r"unsupported op |the dependency graph could not follow ",
+    # the trace of a module failed (Llama 4's router returns a tuple): refused naming the module
+    "trace failure": r"tracing failed in '",
     # the pruned model was run and failed (a size read from an attribute the handler does not know):
     # the model is restored and the message names the module
     "forward check": r"the pruned model fails in",

@@ -413,7 +413,10 @@ def _local_search(model, db, sparsity, scored, loss_fn, evaluations, steps, sigm
         starts = [[1.0] * count, [1.0 / max(db.errors[b][sparsity], 1e-300) for b in range(count)]]
         best_coefficients, best_loss = starts[0], math.inf
         for coefficients in starts:  # the raw local errors, and errors normalised to 1 at the target
-            loss, _ = score(coefficients)  # type: ignore[misc]
+            result = score(coefficients)
+            if result is None:  # evaluations=1: the cap was reached by the first start
+                break
+            loss = result[0]
             if loss < best_loss:
                 best_coefficients, best_loss = coefficients, loss
         for step in range(steps):

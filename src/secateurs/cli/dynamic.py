@@ -32,9 +32,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", help="calibration text (thresholds are calibrated on it)")
     p.add_argument("--thresholds", help="a saved calibration to reuse instead of --calib")
     p.add_argument(
-        "--method", choices=("teal", "cats"), default="teal", help="teal: each block Linear's input; cats: MLP gate"
+        "--method",
+        choices=("teal", "cats"),
+        default="teal",
+        help="teal: each block Linear's input; cats: MLP gate (not with --thresholds)",
     )
-    p.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy", help="TEAL's greedy or uniform")
+    p.add_argument(
+        "--allocation",
+        choices=("greedy", "uniform"),
+        default="greedy",
+        help="TEAL's greedy or uniform (not with --thresholds)",
+    )
     p.add_argument("--sparsity", type=float, default=0.5, help="the target stored in --out (default 0.5)")
     p.add_argument("--levels", type=_levels, default=[0.25, 0.4, 0.5], help="targets to measure (default 0.25,0.4,0.5)")
     p.add_argument("--ppl", metavar="TEXT_FILE", help="held-out text: perplexity at each level")
@@ -67,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "give exactly one of --calib TEXT_FILE (calibrate) and --thresholds FILE (reuse a calibration)"
         )
-    check_target(args.sparsity)
+    greedy_limit = args.max_sparsity if args.calib and args.method == "teal" and args.allocation == "greedy" else None
+    check_target(args.sparsity, greedy_limit)  # above the greedy path's end: refused now, not after calibrating
     for level in args.levels:
-        check_target(level)
+        check_target(level, greedy_limit)
     if (args.json or args.plot) and not (args.ppl or args.speed):
         raise ConfigError("--json and --plot write the speed/quality curve: add --ppl TEXT_FILE and/or --speed")
     if args.tokens < 1 or args.rounds < 1:
@@ -92,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         segments = sample_segments(args.calib, tokenizer, args.nsamples, seqlen, seed=0)
         sparse = sparsify_activations(model, segments, method=args.method, allocation=args.allocation,
                                       max_sparsity=args.max_sparsity)  # fmt: skip
+    limit = sparse.calibration.max_sparsity()  # a reused calibration's own limit, before anything is written
+    for level in (args.sparsity, *args.levels):
+        check_target(level, limit)
     sparse.set_sparsity(args.sparsity)
     if args.out:
         sparse.save(args.out, overwrite=args.overwrite)

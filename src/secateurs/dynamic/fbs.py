@@ -247,13 +247,16 @@ def load_fbs(model: nn.Module, path: str | os.PathLike) -> FBS:
         density, layers, skip_first = float(meta["density"]), list(meta["layers"]), bool(meta["skip_first"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} holds no FBS metadata ({exc}); was it written by FBS.save()?") from exc
-    probe = add_fbs(copy.deepcopy(model), density, skip_first)
+    try:  # only the saved layers: a Pruner's scope may have gated fewer than add_fbs() would
+        probe = add_fbs(copy.deepcopy(model), density, skip_first, only=layers)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path} gates layers {layers}, which this model cannot gate ({exc})") from exc
     if list(probe.layers) != layers:
         raise CheckpointError(
             f"{path} gates layers {layers}, but this model's gated layers would be {list(probe.layers)}; "
             "is it the same architecture?"
         )
     check_state_fits(probe.model, state, str(path))
-    fbs = add_fbs(model, density, skip_first)
+    fbs = add_fbs(model, density, skip_first, only=layers)
     fbs.model.load_state_dict(state, strict=False)  # strict already checked
     return fbs

@@ -158,7 +158,7 @@ def speed_quality(
             sparse.set_sparsity(level)
             measured[level] = sparse.measure(probe)["<weighted>"] if level > 0 else 0.0
             dense_bytes, read = weight_bytes(model, sparse.layer_sparsities())
-            limits[level] = dense_bytes / read
+            limits[level] = dense_bytes / read if read else 1.0
             scores[level] = None if quality is None else float(quality())
         times: dict[float, list[float]] = {level: [] for level in levels}
         if speed:

@@ -14,6 +14,7 @@ mean contribution folded into the layer's bias (``fold.py``). Unlike compression
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import find_blocks
-from ..errors import ConfigError, choices
+from ..errors import ConfigError, SecateursWarning, choices
 from .components import KINDS, Component, ComponentError, find_components, module_map
 from .effects import Evidence, gather_evidence
 from .fold import Correction, apply_corrections, corrections
-from .persist import BiasFlags, complete_biases
+from .persist import BiasFlags, complete_biases, unsaved_biases
 from .task import Prompt, TaskError, encode_task
 
 __all__ = ["KINDS", "ComponentError", "EigenpruneReport", "TaskError", "eigenprune", "select_lowest"]
@@ -141,9 +142,23 @@ def eigenprune(
     evidence: Evidence = gather_evidence(model, found, modules, batches, batch_size, reduction)
     removed = select_lowest({c: s.score for c, s in evidence.spectra.items()}, float(fraction))
     fixes = corrections(removed, evidence, modules)
+    prefix, stack = find_blocks(model, blocks)  # before the weights change: a failure leaves them as they were
     apply_corrections(fixes, modules, sign=-1)
-    prefix, stack = find_blocks(model, blocks)
-    flags = complete_biases(model, [n for n, f in fixes.items() if f.created_bias], prefix, len(stack))
+    try:
+        flags = complete_biases(model, [n for n, f in fixes.items() if f.created_bias], prefix, len(stack))
+    except BaseException:
+        apply_corrections(fixes, modules, sign=1)
+        raise
+    created = [n for n, f in fixes.items() if f.created_bias]
+    lost = unsaved_biases(model, created) if created and hasattr(model, "config") else []
+    if lost:
+        warnings.warn(
+            f"eigenprune gave {', '.join(lost)} a bias that {type(model).__name__}.from_pretrained would not "
+            "load back (its layers are built without one), so a saved copy would silently lose the mean "
+            "ablation; use the model in memory, or report.restore(model) before saving",
+            SecateursWarning,
+            stacklevel=2,
+        )
     return EigenpruneReport(
         components=kinds,
         fraction=float(fraction),

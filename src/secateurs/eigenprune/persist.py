@@ -68,3 +68,22 @@ def complete_biases(model: nn.Module, created: list[str], block_prefix: str, blo
         setattr(config, flag, True)
         done.flags.append(flag)
     return done
+
+
+def unsaved_biases(model: nn.Module, created: list[str]) -> list[str]:
+    """The created biases that a model rebuilt from its config would not have (an architecture whose
+    layers hard-code ``bias=False``, e.g. Qwen2's ``o_proj``): ``from_pretrained`` would drop them."""
+    try:
+        with torch.device("meta"):
+            rebuilt = type(model)(model.config)
+    except Exception:  # not a config-built model: nothing says how it reloads
+        return list(created)
+    out = []
+    for name in created:
+        try:
+            bias = getattr(rebuilt.get_submodule(name), "bias", None)
+        except AttributeError:
+            bias = None
+        if bias is None:
+            out.append(name)
+    return out

@@ -99,6 +99,10 @@ def layout_of(module: nn.Module) -> tuple[Layout | None, str]:
     qw, kw = (getattr(module, n).weight.shape[0] for n in (q, k))
     norms = {n: _width_norm(module, n, width) for n, width in (("q_norm", qw), ("k_norm", kw)) if width != hd}
     norms = {n: found for n, found in norms.items() if found}
+    paired = sorted(n for n, _ in module.named_parameters(recurse=False) if n.startswith("lambda_"))
+    if paired:  # DiffLlama: values chunked in halves along the head axis, so heads i and i + H/2 are one unit
+        return None, (f"differential attention ({', '.join(paired)}): its heads are split in halves and paired, "
+                      "so one head is not a unit that can go alone")  # fmt: skip
     own = {id(p) for n in (q, k, v, o, *norms) if n is not None for p in getattr(module, n).parameters()}
     for pname, p in module.named_parameters():
         if id(p) not in own and not (p.ndim == 1 and p.shape[0] == hd):
@@ -142,14 +146,16 @@ class GenericAttentionHandler(Handler):
         if x is None:
             raise StructureError(f"{name!r} ({type(module).__name__}) was called without a hidden-states tensor")
         kv_x = next((bound[k] for k in KV_INPUTS if isinstance(bound.get(k), Tensor)), x)
+        v_x = bound["value"] if isinstance(bound.get("value"), Tensor) else kv_x  # query=, key=, value= (FSMT)
         vec = t.channel(x, -1)
         kv_vec = vec if kv_x is x else t.channel(kv_x, -1)
+        v_vec = kv_vec if v_x is kv_x else vec if v_x is x else t.channel(v_x, -1)
         heads, kv_heads, hd = lay.sizes(module)
         q_units, kv_units = _head_units(t, name, heads, kv_heads)
         q_rows = q_units.repeat_interleave(hd)
         t.port(f"{name}.{lay.q}", "weight", 1, vec, "in", name)
-        for p in (lay.k, lay.v):
-            t.port(f"{name}.{p}", "weight", 1, kv_vec, "in", name)
+        t.port(f"{name}.{lay.k}", "weight", 1, kv_vec, "in", name)
+        t.port(f"{name}.{lay.v}", "weight", 1, v_vec, "in", name)
         outs = [(lay.q, q_rows)]
         if kv_units is not None:
             outs += [(p, kv_units.repeat_interleave(hd)) for p in (lay.k, lay.v)]

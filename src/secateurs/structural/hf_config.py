@@ -44,11 +44,12 @@ def _fields(config: Any) -> list[str]:
     out: list[str] = []
     for f in SIZE_FIELDS:
         real = aliases.get(f, f)
-        if real in out or not hasattr(config, real):
+        if real in out or isinstance(getattr(type(config), real, None), property):  # derived (Falcon's head_dim)
             continue
-        if isinstance(getattr(type(config), real, None), property):  # derived (Falcon's head_dim): not a field
+        try:
+            value = getattr(config, real)
+        except Exception:  # absent, or a per-layer attribute read globally (Gemma 4 raises its own error)
             continue
-        value = getattr(config, real)
         if value is None or (isinstance(value, int) and not isinstance(value, bool)):
             out.append(real)
     return out

@@ -118,7 +118,10 @@ def _stock_reload(path: Path, plan: PruningPlan) -> nn.Module:
     cls = getattr(transformers, str(plan.base.get("hf_class")), None)
     if cls is None:
         raise StateError(f"transformers has no model class {plan.base.get('hf_class')!r}")
-    model = cls.from_pretrained(str(path))
+    model, info = cls.from_pretrained(str(path), output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:  # from_pretrained only warns, and fills what is missing with random values
+        raise CheckpointError(f"{path} does not reload exactly with {cls.__name__}.from_pretrained: {problems}")
     model.__dict__["_secateurs_plan"] = plan
     return model.eval()
 

@@ -10,7 +10,8 @@ backward (the loss value itself is untouched), and :meth:`FBSLasso.penalize`, ca
 ``pruner.regularize()`` between ``backward()`` and ``optimizer.step()``, checks the saliencies are
 finite and returns the penalty's value. The plain loop, the Trainer callback and the Lightning
 callback therefore all train FBS unchanged. Do not also add ``FBS.penalty()`` to the loss: that
-would count the lasso twice.
+would count the lasso twice. The lasso enters once per backward: with gradient accumulation over k
+micro-batches (whose losses a Trainer divides by k) its effective strength is k times ``strength``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class FBSLasso(Regularizer):
     """
 
     name = "fbs"
+    replaces_modules = True
 
     def __init__(
         self,
@@ -60,6 +62,13 @@ class FBSLasso(Regularizer):
     def bind(self, model: nn.Module, targets: Sequence[Target], example_inputs: Any = None) -> None:
         gated = {name: m for name, m in model.named_modules() if isinstance(m, FBSConv)}
         if gated:  # bound again, or a model the user gated with add_fbs: train those gates
+            densities = {m.density for m in gated.values()}
+            if densities != {self.density}:
+                raise ConfigError(
+                    f"the model is already gated by FBS at density {sorted(densities)}, but "
+                    f"regularizer_options.density is {self.density}; pass the gates' density (or "
+                    "fbs.set_density() first)"
+                )
             self.fbs = FBS(model, gated, self.skip_first)
         else:
             convs = {t.module_name for t in targets if isinstance(t.module, nn.Conv2d) and t.param_name == "weight"}
@@ -89,15 +98,22 @@ class FBSLasso(Regularizer):
         for name, layer in self._layers().items():
             s = layer.last_saliency.detach()
             if not bool(torch.isfinite(s).all()):
-                raise NonFiniteError(self._diverged("the predicted saliencies are not finite", f"{name}.saliency"))
+                raise NonFiniteError(self._diverged_in_backward(f"{name}.saliency"))
             total += float(s.abs().sum(1).mean())
         return strength * total, []
 
     def penalize(self) -> float:
         value, _ = self.contributions(self.current_strength)
         if not math.isfinite(value):
-            raise NonFiniteError(self._diverged(f"the penalty's value is {value}", "the saliencies"))
+            raise NonFiniteError(self._diverged_in_backward("the saliencies"))
         return value
+
+    def _diverged_in_backward(self, where: str) -> str:
+        """The lasso's gradient entered ``.grad`` during backward, unlike other penalties': say so."""
+        return (f"regularizer 'fbs' at step {self.step}: the predicted saliencies of {where} are not finite; "
+                "the gradients of this backward are not finite either, so skip optimizer.step() (the weights "
+                "and the optimizer are as before it) and lower the learning rate or "
+                f"regularizer_options.strength (now {self.current_strength:g})")  # fmt: skip
 
     def advance(self) -> None:
         super().advance()

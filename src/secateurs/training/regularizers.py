@@ -116,6 +116,9 @@ class Regularizer:
     that writes gradients itself, :meth:`penalize`); :meth:`proximal` and :meth:`group_norms` optional."""
 
     name: ClassVar[str]
+    #: binding replaces modules of the model (FBS wraps convolutions): the Pruner may then not also prune,
+    #: since its targets were resolved against the modules before they were wrapped
+    replaces_modules: ClassVar[bool] = False
 
     def __init__(self, strength: float = 1e-4, strength_schedule: Mapping[str, Any] | None = None) -> None:
         if not is_number(strength) or not strength >= 0 or not math.isfinite(strength):
