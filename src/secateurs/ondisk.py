@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .blocks import find_blocks
 from .distributed import fingerprint
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 INDEX = "model.safetensors.index.json"
 
@@ -31,7 +31,10 @@ class Checkpoint:
         index = self.directory / INDEX
         single = self.directory / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = dict(json.loads(index.read_text())["weight_map"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{index} is not a safetensors index with a weight_map ({exc})") from exc
         elif single.is_file():
             weight_map = dict.fromkeys(_header(single), "model.safetensors")
         else:

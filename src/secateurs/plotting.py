@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ def pyplot() -> Any:
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        if "matplotlib.pyplot" not in sys.modules:  # a session that already plots keeps its backend
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ConfigError("plots need matplotlib: pip install 'secateurs[plot]'") from e

@@ -13,17 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .models import call_object, input_shape, is_factory, load_model
+from .models import call_object, input_shape, is_factory, load_model, sparsity_list
 from .threads import add_threads_argument, apply_threads, note_oversubscription
-
-
-def _grid(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--grid takes comma-separated sparsities, e.g. 0.3,0.5,0.7; got {text!r}"
-        ) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="'package.module:factory' (returns an nn.Module) or a Hugging Face directory")
     p.add_argument("--weights", help="safetensors weights to load into a factory-built model")
     p.add_argument("--method", default=None, help="pruning method per cell (default magnitude; wanda for an LLM)")
-    p.add_argument("--grid", type=_grid, default=None, help="sparsities, e.g. 0.1,0.3,0.5,0.7,0.9 (default 0.1..0.95)")
+    p.add_argument(
+        "--grid", type=sparsity_list, default=None, help="sparsities, e.g. 0.1,0.3,0.5,0.7,0.9 (default 0.1..0.95)"
+    )
     p.add_argument(
         "--targets",
         choices=("layers", "blocks", "groups"),

@@ -13,16 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .models import sparsity_list
 from .threads import add_threads_argument, apply_threads, note_oversubscription
-
-
-def _levels(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--levels takes comma-separated sparsities, e.g. 0.25,0.4,0.5; got {text!r}"
-        ) from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="TEAL's greedy or uniform (not with --thresholds)",
     )
     p.add_argument("--sparsity", type=float, default=0.5, help="the target stored in --out (default 0.5)")
-    p.add_argument("--levels", type=_levels, default=[0.25, 0.4, 0.5], help="targets to measure (default 0.25,0.4,0.5)")
+    p.add_argument(
+        "--levels", type=sparsity_list, default=[0.25, 0.4, 0.5], help="targets to measure (default 0.25,0.4,0.5)"
+    )
     p.add_argument("--ppl", metavar="TEXT_FILE", help="held-out text: perplexity at each level")
     p.add_argument("--speed", action="store_true", help="batch-1 decode tokens/s at each level vs dense")
     p.add_argument("--tokens", type=int, default=16, help="decoded tokens per round (--speed)")

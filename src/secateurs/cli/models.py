@@ -77,6 +77,17 @@ def input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def sparsity_list(text: str) -> list[float]:
+    """``--grid`` / ``--levels 0.25,0.4,0.5``: numbers separated by commas (an argparse ``type``; the
+    range is checked by whatever uses them, with its own message)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected sparsities separated by commas, e.g. 0.3,0.5,0.7; got {text!r}"
+        ) from None
+
+
 def plan_directory(weights: str | os.PathLike) -> Path | None:
     """The structural output folder ``weights`` names (the folder, or its ``model.safetensors``), if any."""
     path = Path(weights)

@@ -12,8 +12,9 @@ the bias stays consistent with every layer.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..errors import StructureError
 from .handlers import Handler, _named, handler_for, register_handler_by_name
 from .hf_fused import _arguments
 from .surgery import Surgery
@@ -32,7 +33,9 @@ class T5AttentionHandler(Handler):
 
     def trace(self, t: Trace, name, module, args, kwargs, output):
         bound = _arguments(module, args, kwargs)
-        x = bound["hidden_states"]
+        x = bound.get("hidden_states")
+        if not isinstance(x, Tensor):
+            raise StructureError(f"{name!r} ({type(module).__name__}) was called without hidden_states")
         kv_x = bound.get("key_value_states")
         vec = t.channel(x, -1)
         kv_vec = vec if kv_x is None else t.channel(kv_x, -1)
@@ -50,10 +53,13 @@ class T5AttentionHandler(Handler):
         if module.has_relative_attention_bias:
             t.port(f"{name}.relative_attention_bias", "weight", 1, units, "out", name)
         received = bound.get("position_bias")
-        if received is not None and t.labels(received) is not None:
-            shared = t.channel(received, 1)
-            if bool((shared >= 0).all()):
-                t.couple(shared, units)  # the same bias row: head h of this layer goes with head h of the first
+        shared = t.channel(received, 1) if received is not None and t.labels(received) is not None else None
+        if shared is not None and bool((shared >= 0).all()):
+            t.couple(shared, units)  # the same bias row: head h of this layer goes with head h of the first
+        elif received is not None and not module.has_relative_attention_bias:
+            # a bias whose heads cannot be matched to this layer's: cutting either would mis-slice the other
+            t.block(units, f"{name!r} ({type(module).__name__}) reads a position bias whose heads cannot be "
+                           "matched to its own")  # fmt: skip
         t.label(output[0], -1, ids)
         if len(output) > 1 and output[1] is not None:
             t.label(output[1], 1, units)
