@@ -139,3 +139,53 @@ def test_an_unsupported_family_is_refused_before_writing(tmp_path):
     with pytest.raises(ConfigError, match="no variable-width form"):
         save_pretrained_variable(transformers.BertModel(config), tmp_path / "bert")
     assert not (tmp_path / "bert").exists()
+
+
+_FRESH_PROCESS = """
+import sys
+order = sys.argv[1]
+if order == "transformers first":
+    import transformers
+    transformers.AutoConfig  # the Auto mapping exists before secateurs is imported
+    import secateurs
+else:
+    import secateurs, transformers
+    assert "torch" not in sys.modules, "registering imported torch"
+    transformers.AutoConfig
+import torch
+assert not [m for m in sys.modules if m.startswith("transformers.models.") and ".modeling_" in m], "model code loaded"
+ids = torch.arange(24).reshape(2, 12) * 5 % 97
+for path, out in zip(sys.argv[2::2], sys.argv[3::2]):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()  # no trust_remote_code
+    assert type(model).__module__ == "secateurs.modeling_secateurs", type(model)
+    with torch.no_grad():
+        torch.save(model(ids).logits, out)
+"""
+
+
+@pytest.mark.parametrize("order", ["secateurs first", pytest.param("transformers first", marks=pytest.mark.slow)])
+def test_a_fresh_process_registers_lazily_and_loads_without_trust_remote_code(tmp_path, order):
+    """Registering imports neither torch (before the Auto mapping is used) nor any model code; the placeholder
+    builds the real classes when a saved config is read, whichever of the two packages is imported first."""
+    saved = [
+        _saved(tmp_path, _llama, "model.layers.1.mlp.down_proj"),
+        _saved(tmp_path, _gpt2, "transformer.h.1.mlp.c_fc"),
+    ]
+    argv = [order]
+    for i, (path, _) in enumerate(saved):
+        argv += [path, str(tmp_path / f"logits{i}.pt")]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, *argv], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i, (_, logits) in enumerate(saved):
+        torch.testing.assert_close(
+            torch.load(tmp_path / f"logits{i}.pt", weights_only=True), logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_the_lazy_registration_knows_every_variable_width_family():
+    from secateurs import _auto, modeling_secateurs
+
+    assert set(_auto.FAMILIES) == set(modeling_secateurs.FAMILIES)
+    assert _auto.PREFIX == modeling_secateurs.PREFIX

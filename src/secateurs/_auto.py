@@ -1,11 +1,20 @@
-"""Register the variable-width configs with transformers' Auto classes once transformers is imported.
+"""Register the variable-width configs with transformers' Auto classes once they exist.
 
 ``import secateurs`` imports no torch (the command line's ``--help`` stays fast), so the registration
-of :mod:`secateurs.modeling_secateurs` cannot run at import. It runs as soon as transformers is
-loaded, whichever is imported first: at once if transformers already is, otherwise from a one-shot
-import hook that runs after transformers' own ``__init__``. Then ``AutoModelForCausalLM.from_pretrained``
-loads a model saved by :func:`secateurs.hf_variable.save_pretrained_variable` without
-``trust_remote_code``.
+of :mod:`secateurs.modeling_secateurs` cannot run at import. It runs as soon as transformers' Auto
+config mapping (``transformers.models.auto.configuration_auto``) is loaded, whichever is imported
+first: at once if it already is, otherwise from a one-shot import hook that runs after that module.
+Then ``AutoModelForCausalLM.from_pretrained`` loads a model saved by
+:func:`secateurs.hf_variable.save_pretrained_variable` without ``trust_remote_code``.
+
+Registering costs nothing a user of transformers would not pay anyway:
+
+- ``import transformers`` is lazy (no torch, no model code); the Auto mapping imports torch (about
+  2.5 s here), so the hook waits for the mapping instead of running after ``import transformers``;
+- building the variable-width classes imports every family's config and modeling modules (about 1 s
+  more), so each family's ``model_type`` is registered with a placeholder class that builds and
+  registers the real classes the first time anything is asked of it (``AutoConfig`` reading a saved
+  ``config.json``).
 """
 
 from __future__ import annotations
@@ -16,13 +25,53 @@ import sys
 import warnings
 from typing import Any
 
+#: The families :mod:`secateurs.modeling_secateurs` makes variable-width. That file must stay
+#: self-contained (it is copied beside saved weights), so the list is repeated here; a test keeps both equal.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "opt", "gpt2")
+PREFIX = "secateurs_"
 
-def register_now() -> None:
-    """Register; a failure (e.g. a broken transformers install) is a warning, never an import error."""
-    try:
+
+class _Deferred(type):
+    """Metaclass of the placeholder registered for a family: the first use of the placeholder (an attribute
+    such as ``from_dict``, or a call) builds the real config class, registers it and the model class with
+    the Auto classes in the placeholder's stead, and answers from it."""
+
+    def real(cls) -> type:
         from . import modeling_secateurs
 
-        modeling_secateurs.register()
+        try:
+            config_class = modeling_secateurs.classes(cls.family)[0]
+        except (AttributeError, ImportError) as exc:  # raised here, not as a missing attribute of the placeholder
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"this transformers ({_version()}) cannot build the {cls.family!r} family a {cls.model_type!r} "
+                f"model was saved from ({exc}); install the transformers version it was saved with"
+            ) from exc
+        modeling_secateurs.register([cls.family])
+        return config_class
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(cls.real(), name)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls.real()(*args, **kwargs)
+
+
+def register_now() -> None:
+    """Register a placeholder per family; a failure (e.g. a broken transformers install) is a warning,
+    never an import error."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        for family in FAMILIES:
+            name = f"Deferred{family.capitalize()}Config"
+            placeholder = _Deferred(name, (), {"family": family, "model_type": PREFIX + family,
+                                               "__module__": __name__})  # fmt: skip
+            if PREFIX + family not in CONFIG_MAPPING:  # the real classes, when already built, stay
+                CONFIG_MAPPING.register(PREFIX + family, placeholder)
     except Exception as exc:
         from .errors import SecateursWarning
 
@@ -34,11 +83,20 @@ def register_now() -> None:
         )
 
 
-class _AfterTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the real loader of ``transformers`` to register after it ran."""
+def _version() -> str:
+    import transformers
+
+    return getattr(transformers, "__version__", "unknown version")
+
+
+AUTO_CONFIG = "transformers.models.auto.configuration_auto"
+
+
+class _AfterAutoConfig(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the real loader of :data:`AUTO_CONFIG` to register after it ran."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "transformers":
+        if name != AUTO_CONFIG:
             return None
         sys.meta_path.remove(self)  # one shot, and the real finders answer below
         spec = importlib.util.find_spec(name)
@@ -55,7 +113,7 @@ class _AfterTransformers(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    if "transformers" in sys.modules:
+    if AUTO_CONFIG in sys.modules:
         register_now()
-    elif not any(isinstance(f, _AfterTransformers) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterTransformers())
+    elif not any(isinstance(f, _AfterAutoConfig) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterAutoConfig())
