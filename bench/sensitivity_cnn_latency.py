@@ -2,10 +2,12 @@
 
 A ResNet-18 layout (``small_resnet``: 2 basic blocks per stage, 4 stages, base width ``--width``)
 trained briefly on scikit-learn's digits (8x8 upsampled to ``--size``, three channels). The
-sensitivity analysis removes each group of coupled channels alone at 25/50/75%, measuring the loss
-on calibration batches and the latency of the whole model timed alternately with its dense copy
-(batch of 8): the latency table, one row per group and width, kept on disk in ``--cache`` (the
-analysis's resumable ``cells.jsonl``; a rerun reuses it, ``--fresh-table`` measures it again). The
+sensitivity analysis removes each group of coupled channels alone at each sparsity of ``--grid``
+(default 25/50/75%; channel counts kept a multiple of ``--round-to``), measuring the loss on
+calibration batches: resumable cells in ``--cache``, the same for both latency modes. In
+``--latency measured`` each cell's model is then timed alternately with the dense model (batch of
+8): the latency table, one row per group and sparsity, cached there as JSON (a rerun reuses it,
+``--fresh-table`` measures it again). The
 trained model is cached there too. The knapsack solves for 0.5x dense latency, the result is
 measured, and the budget is corrected by asked/achieved for up to three rounds (``fit_budget``).
 Uniform removal is then set to the *same measured latency* (bisection on its sparsity, each step
@@ -17,11 +19,13 @@ The achieved latencies are measured again at the end, in the same run.
 
 ``--latency macs`` replaces every latency by the MACs ratio (a stand-in, for building and for the
 accuracy figures on a loaded machine where timings mean nothing); ``--latency measured`` (default)
-is the real bench. On a quiet 2-core machine, with the trained model cached:
+is the real bench. On a quiet 2-core machine, with the trained model and the analysis cells cached
+(a ``--latency macs`` run with the same settings leaves both):
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/sensitivity_cnn_latency.py --latency measured   # ~4 min
+    OMP_NUM_THREADS=1 .venv/bin/python bench/sensitivity_cnn_latency.py --latency measured \
+        --width 32 --grid 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8 --round-to 8
 
-(without the cache it first trains for ~2 min).
+(without the cache it first trains, then analyses: several times longer).
 """
 
 from __future__ import annotations
@@ -219,6 +223,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-steps", dest="train_steps", type=int, default=300)
     p.add_argument("--finetune-steps", dest="finetune_steps", type=int, default=40, help="about 2 epochs of digits")
+    p.add_argument(
+        "--finetune-lr", dest="finetune_lr", type=float, default=1e-3, help="Adam learning rate of the fine-tune"
+    )
     p.add_argument("--finetune-seeds", dest="finetune_seeds", type=int, default=3, help="fine-tunes averaged")
     p.add_argument(
         "--bn-batches",
@@ -256,6 +263,7 @@ def main() -> None:
     args = p.parse_args()
     from secateurs.analysis import fit_budget, sensitivity
     from secateurs.training import accuracy, train
+    from secateurs.training.finetune import adam
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     began = time.perf_counter()
@@ -334,7 +342,8 @@ def main() -> None:
             tuned = copy.deepcopy(pruned)
             tuned.train()
             torch.manual_seed(1 + seed)
-            train(tuned, train_batches if seed == 0 else _shuffled(train_batches, seed), args.finetune_steps)
+            order = train_batches if seed == 0 else _shuffled(train_batches, seed)
+            train(tuned, order, args.finetune_steps, optimizer=adam(args.finetune_lr))
             tuned.eval()
             tuned_accuracies.append(accuracy(tuned, test_batches))
         after = sum(tuned_accuracies) / len(tuned_accuracies)
@@ -357,6 +366,7 @@ def main() -> None:
         "round_to": args.round_to,
         "finetune_steps": args.finetune_steps,
         "finetune_seeds": args.finetune_seeds,
+        "finetune_lr": args.finetune_lr,
         "load": load,
         "budget": args.budget,
         "dense_accuracy": dense_accuracy,
@@ -374,7 +384,22 @@ def main() -> None:
         "profile": profile.to_dict(),
     }
     print(table(result))
-    write_results("sensitivity_cnn_latency" + ("" if measured else "_macs"), result)
+    write_results(_result_name(args), result)
+
+
+def _result_name(args: argparse.Namespace) -> str:
+    """``sensitivity_cnn_latency[_macs]``, plus the settings that differ from the first runs' (so a
+    run at another width, grid or budget does not overwrite their results)."""
+    name = "sensitivity_cnn_latency" + ("" if args.latency == "measured" else "_macs")
+    if args.width != 16:
+        name += f"_w{args.width}"
+    if args.grid != (0.25, 0.5, 0.75) or args.round_to != 1:
+        name += f"_g{len(args.grid)}_r{args.round_to}"
+    if args.budget != 0.5:
+        name += f"_budget{args.budget:g}"
+    if args.finetune_lr != 1e-3:
+        name += f"_lr{args.finetune_lr:g}"
+    return name
 
 
 def table(r: dict) -> str:
