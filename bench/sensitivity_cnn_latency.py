@@ -235,6 +235,7 @@ def main() -> None:
         help="calibration batches the BatchNorm statistics are re-estimated on after removal (0: none)",
     )
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--fit-rounds", dest="fit_rounds", type=int, default=5, help="fit_budget's measured rounds at most")
     p.add_argument(
         "--grid",
         type=_grid,
@@ -314,12 +315,12 @@ def main() -> None:
         return latency(_removed(model, sparsities, inputs, args.round_to))["ratio"]
 
     start = time.perf_counter()
-    sparsities, history = fit_budget(profile, {"latency": args.budget}, measure, rounds=3, tolerance=0.03)
+    sparsities, history = fit_budget(profile, {"latency": args.budget}, measure, rounds=args.fit_rounds, tolerance=0.03)
     print(f"fit rounds: {history}", flush=True)
     ours = _removed(model, sparsities, inputs, args.round_to)
 
     low, high, rounds = 0.0, 0.9, []
-    target = history[-1]["achieved"]  # uniform at the same measured latency as ours
+    target = next(h["achieved"] for h in history if h.get("chosen"))  # uniform at the same measured latency
     for _ in range(7):
         mid = (low + high) / 2
         ratio = latency(_uniform(model, mid, inputs, args.round_to))["ratio"]
@@ -378,6 +379,7 @@ def main() -> None:
         "fit_seconds": fit_seconds,
         "total_seconds": time.perf_counter() - began,
         "fit_history": history,
+        "fit_rounds": args.fit_rounds,
         "uniform_search": rounds,
         "sensitivity_sparsities": sparsities,
         "rows": rows,
