@@ -2,10 +2,12 @@
 
 A ResNet-18 layout (``small_resnet``: 2 basic blocks per stage, 4 stages, base width ``--width``)
 trained briefly on scikit-learn's digits (8x8 upsampled to ``--size``, three channels). The
-sensitivity analysis removes each group of coupled channels alone at 25/50/75%, measuring the loss
-on calibration batches and the latency of the whole model timed alternately with its dense copy
-(batch of 8): the latency table, one row per group and width, kept on disk in ``--cache`` (the
-analysis's resumable ``cells.jsonl``; a rerun reuses it, ``--fresh-table`` measures it again). The
+sensitivity analysis removes each group of coupled channels alone at each sparsity of ``--grid``
+(default 25/50/75%; channel counts kept a multiple of ``--round-to``), measuring the loss on
+calibration batches: resumable cells in ``--cache``, the same for both latency modes. In
+``--latency measured`` each cell's model is then timed alternately with the dense model (batch of
+8): the latency table, one row per group and sparsity, cached there as JSON (a rerun reuses it,
+``--fresh-table`` measures it again). The
 trained model is cached there too. The knapsack solves for 0.5x dense latency, the result is
 measured, and the budget is corrected by asked/achieved for up to three rounds (``fit_budget``).
 Uniform removal is then set to the *same measured latency* (bisection on its sparsity, each step
@@ -17,11 +19,13 @@ The achieved latencies are measured again at the end, in the same run.
 
 ``--latency macs`` replaces every latency by the MACs ratio (a stand-in, for building and for the
 accuracy figures on a loaded machine where timings mean nothing); ``--latency measured`` (default)
-is the real bench. On a quiet 2-core machine, with the trained model cached:
+is the real bench. On a quiet 2-core machine, with the trained model and the analysis cells cached
+(a ``--latency macs`` run with the same settings leaves both):
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/sensitivity_cnn_latency.py --latency measured   # ~4 min
+    OMP_NUM_THREADS=1 .venv/bin/python bench/sensitivity_cnn_latency.py --latency measured \
+        --width 32 --grid 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8 --round-to 8
 
-(without the cache it first trains for ~2 min).
+(without the cache it first trains, then analyses: several times longer).
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def _macs_ratio(dense, pruned, inputs) -> dict:
     return {"ratio": ratio, "speedup_iqr": [1 / ratio, 1 / ratio], "dense_ms": None, "pruned_ms": None}
 
 
-def _removed(model, sparsities: dict[str, float], inputs):
+def _removed(model, sparsities: dict[str, float], inputs, round_to: int = 1):
     import secateurs
 
     pruned = copy.deepcopy(model)
@@ -102,13 +106,13 @@ def _removed(model, sparsities: dict[str, float], inputs):
             mode="remove",
             allocation=allocation,
             example_inputs=inputs,
-            structural={"latency": False},
+            structural={"latency": False, "round_to": round_to},
             progress=False,
         )
     return pruned
 
 
-def _uniform(model, sparsity: float, inputs):
+def _uniform(model, sparsity: float, inputs, round_to: int = 1):
     import secateurs
 
     pruned = copy.deepcopy(model)
@@ -118,7 +122,7 @@ def _uniform(model, sparsity: float, inputs):
         sparsity,
         mode="remove",
         example_inputs=inputs,
-        structural={"latency": False},
+        structural={"latency": False, "round_to": round_to},
         progress=False,
     )
     return pruned
@@ -175,15 +179,53 @@ def _trained(args: argparse.Namespace, train_batches: list) -> tuple[nn.Module, 
     return model, seconds, False
 
 
+def _grid(text: str) -> tuple[float, ...]:
+    try:
+        grid = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grid takes sparsities like 0.2,0.4,0.6; got {text!r}") from None
+    if not grid or not all(0 < s < 1 for s in grid):
+        raise argparse.ArgumentTypeError(f"--grid sparsities must lie in (0, 1), got {text!r}")
+    return grid
+
+
 def _table_dir(args: argparse.Namespace) -> Path:
-    name = f"table_{args.latency}_w{args.width}_s{args.size}_t{args.train_steps}_b{args.batch}_bn{args.bn_batches}"
+    """The analysis cells (loss, parameters, MACs): the same in both latency modes, so a run under load
+    leaves them for the quiet run, which then only measures latencies (``_latency_table``)."""
+    name = f"table_macs_w{args.width}_s{args.size}_t{args.train_steps}_b{args.batch}_bn{args.bn_batches}"
+    if args.grid != (0.25, 0.5, 0.75) or args.round_to != 1:  # the first runs' tables keep their names
+        name += f"_g{'-'.join(f'{s:g}' for s in args.grid)}_r{args.round_to}"
     return Path(args.cache) / name
+
+
+def _latency_table(model, profile, inputs, args: argparse.Namespace) -> dict[str, float]:
+    """Each cell's whole-model latency / dense (its group removed alone, paired runs against the dense
+    model, as ``sensitivity(costs=('latency',))`` measures it), on this machine, cached as JSON in
+    ``--cache`` (``--fresh-table`` measures again)."""
+    import json
+
+    grid = "-".join(f"{s:g}" for s in args.grid)
+    name = f"latency_w{args.width}_s{args.size}_t{args.train_steps}_b{args.batch}_g{grid}_r{args.round_to}"
+    path = Path(args.cache) / f"{name}_x{args.repeats}.json"
+    if path.exists() and not args.fresh_table:
+        return json.loads(path.read_text())["ratios"]
+    table = {}
+    for cell in profile.cells:
+        pruned = _removed(model, {cell.target: cell.sparsity}, inputs, args.round_to)
+        table[f"{cell.target}@{cell.sparsity:g}"] = _latency(model, pruned, inputs, args.repeats)["ratio"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"ratios": table, "load": os.getloadavg()}, indent=1))
+    os.replace(tmp, path)
+    return table
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-steps", dest="train_steps", type=int, default=300)
     p.add_argument("--finetune-steps", dest="finetune_steps", type=int, default=40, help="about 2 epochs of digits")
+    p.add_argument(
+        "--finetune-lr", dest="finetune_lr", type=float, default=1e-3, help="Adam learning rate of the fine-tune"
+    )
     p.add_argument("--finetune-seeds", dest="finetune_seeds", type=int, default=3, help="fine-tunes averaged")
     p.add_argument(
         "--bn-batches",
@@ -193,6 +235,20 @@ def main() -> None:
         help="calibration batches the BatchNorm statistics are re-estimated on after removal (0: none)",
     )
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--fit-rounds", dest="fit_rounds", type=int, default=5, help="fit_budget's measured rounds at most")
+    p.add_argument(
+        "--grid",
+        type=_grid,
+        default=(0.25, 0.5, 0.75),
+        help="the sparsities each group may take (the knapsack's options), comma-separated",
+    )
+    p.add_argument(
+        "--round-to",
+        dest="round_to",
+        type=int,
+        default=1,
+        help="channel counts kept a multiple of this, alike in the analysis, the knapsack's model and uniform",
+    )
     p.add_argument("--width", type=int, default=16, help="base width (32: structural_models.resnet_like)")
     p.add_argument("--size", type=int, default=32, help="input side (digits upsampled from 8x8)")
     p.add_argument("--batch", type=int, default=BATCH, help="batch of the latency measurements")
@@ -208,6 +264,7 @@ def main() -> None:
     args = p.parse_args()
     from secateurs.analysis import fit_budget, sensitivity
     from secateurs.training import accuracy, train
+    from secateurs.training.finetune import adam
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     began = time.perf_counter()
@@ -236,38 +293,41 @@ def main() -> None:
         train_batches[:4],
         targets="groups",
         metric=calibrated_loss if args.bn_batches else "loss",
-        sparsities=(0.25, 0.5, 0.75),
-        costs=("params", "macs", "latency") if measured else ("params", "macs"),
+        sparsities=args.grid,
+        costs=("params", "macs"),
         example_inputs=inputs,
-        latency_repeats=args.repeats,
+        structural={"latency": False, "round_to": args.round_to},
         out=_table_dir(args),
-        overwrite=args.fresh_table,
         progress=False,
     )
-    if not measured:  # the stand-in: each cell's whole-model MACs as a ratio of dense
-        for cell in profile.cells:
-            cell.latency = cell.macs / profile.dense["macs"]
     analysis_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    measured_table = _latency_table(model, profile, inputs, args) if measured else {}
+    for cell in profile.cells:  # measured, or the stand-in: each cell's whole-model MACs as a ratio of dense
+        key = f"{cell.target}@{cell.sparsity:g}"
+        cell.latency = measured_table[key] if measured else cell.macs / profile.dense["macs"]
+    table_seconds = time.perf_counter() - start
     print(profile.table(), flush=True)
-    print(f"analysis: {len(profile.cells)} cells in {analysis_seconds:.0f} s (table in {_table_dir(args)})", flush=True)
+    print(f"analysis: {len(profile.cells)} cells in {analysis_seconds:.0f} s (in {_table_dir(args)}); latency table "
+          f"{table_seconds:.0f} s", flush=True)  # fmt: skip
 
     def measure(sparsities):
-        return latency(_removed(model, sparsities, inputs))["ratio"]
+        return latency(_removed(model, sparsities, inputs, args.round_to))["ratio"]
 
     start = time.perf_counter()
-    sparsities, history = fit_budget(profile, {"latency": args.budget}, measure, rounds=3, tolerance=0.03)
+    sparsities, history = fit_budget(profile, {"latency": args.budget}, measure, rounds=args.fit_rounds, tolerance=0.03)
     print(f"fit rounds: {history}", flush=True)
-    ours = _removed(model, sparsities, inputs)
+    ours = _removed(model, sparsities, inputs, args.round_to)
 
     low, high, rounds = 0.0, 0.9, []
-    target = history[-1]["achieved"]  # uniform at the same measured latency as ours
+    target = next(h["achieved"] for h in history if h.get("chosen"))  # uniform at the same measured latency
     for _ in range(7):
         mid = (low + high) / 2
-        ratio = latency(_uniform(model, mid, inputs))["ratio"]
+        ratio = latency(_uniform(model, mid, inputs, args.round_to))["ratio"]
         rounds.append({"sparsity": mid, "ratio": ratio})
         low, high = (mid, high) if ratio > target else (low, mid)
     best = min(rounds, key=lambda r: abs(r["ratio"] - target))
-    uniform = _uniform(model, best["sparsity"], inputs)
+    uniform = _uniform(model, best["sparsity"], inputs, args.round_to)
     fit_seconds = time.perf_counter() - start
     load.append(os.getloadavg())
 
@@ -283,7 +343,8 @@ def main() -> None:
             tuned = copy.deepcopy(pruned)
             tuned.train()
             torch.manual_seed(1 + seed)
-            train(tuned, train_batches if seed == 0 else _shuffled(train_batches, seed), args.finetune_steps)
+            order = train_batches if seed == 0 else _shuffled(train_batches, seed)
+            train(tuned, order, args.finetune_steps, optimizer=adam(args.finetune_lr))
             tuned.eval()
             tuned_accuracies.append(accuracy(tuned, test_batches))
         after = sum(tuned_accuracies) / len(tuned_accuracies)
@@ -302,8 +363,11 @@ def main() -> None:
         "batch": args.batch,
         "repeats": args.repeats,
         "bn_batches": args.bn_batches,
+        "grid": list(args.grid),
+        "round_to": args.round_to,
         "finetune_steps": args.finetune_steps,
         "finetune_seeds": args.finetune_seeds,
+        "finetune_lr": args.finetune_lr,
         "load": load,
         "budget": args.budget,
         "dense_accuracy": dense_accuracy,
@@ -311,16 +375,33 @@ def main() -> None:
         "train_seconds": train_seconds,
         "model_cached": cached,
         "analysis_seconds": analysis_seconds,
+        "latency_table_seconds": table_seconds,
         "fit_seconds": fit_seconds,
         "total_seconds": time.perf_counter() - began,
         "fit_history": history,
+        "fit_rounds": args.fit_rounds,
         "uniform_search": rounds,
         "sensitivity_sparsities": sparsities,
         "rows": rows,
         "profile": profile.to_dict(),
     }
     print(table(result))
-    write_results("sensitivity_cnn_latency" + ("" if measured else "_macs"), result)
+    write_results(_result_name(args), result)
+
+
+def _result_name(args: argparse.Namespace) -> str:
+    """``sensitivity_cnn_latency[_macs]``, plus the settings that differ from the first runs' (so a
+    run at another width, grid or budget does not overwrite their results)."""
+    name = "sensitivity_cnn_latency" + ("" if args.latency == "measured" else "_macs")
+    if args.width != 16:
+        name += f"_w{args.width}"
+    if args.grid != (0.25, 0.5, 0.75) or args.round_to != 1:
+        name += f"_g{len(args.grid)}_r{args.round_to}"
+    if args.budget != 0.5:
+        name += f"_budget{args.budget:g}"
+    if args.finetune_lr != 1e-3:
+        name += f"_lr{args.finetune_lr:g}"
+    return name
 
 
 def table(r: dict) -> str:

@@ -89,3 +89,21 @@ def test_fit_budget_corrects_the_budget_by_what_was_measured():
     _, history = fit_budget(profile, {"params": 800}, measure, rounds=4, tolerance=0.005)
     assert abs(history[-1]["achieved"] - 800) <= 0.005 * 800 < abs(history[0]["achieved"] - 800)
     assert history[1]["asked"] < history[0]["asked"]
+
+
+def test_fit_budget_returns_the_measured_round_closest_to_the_budget_when_rounds_run_out():
+    from secateurs.analysis import fit_budget
+
+    profile = _profile()
+    seen = []
+
+    def measure(sparsities):  # a cost that no correction brings within tolerance: rounds run out
+        kept = 1000 - sum(sparsities[e.name] * e.numel for e in profile.entries)
+        seen.append((dict(sparsities), kept * 1.05 + 10 * len(seen)))
+        return seen[-1][1]
+
+    chosen, history = fit_budget(profile, {"params": 800}, measure, rounds=3, tolerance=1e-5)
+    assert len(history) == len(seen) == 3
+    best = min(range(3), key=lambda i: abs(seen[i][1] - 800))
+    assert chosen == seen[best][0]  # a solution that was measured, never the next unmeasured correction
+    assert [bool(h.get("chosen")) for h in history] == [i == best for i in range(3)]

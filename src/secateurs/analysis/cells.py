@@ -591,20 +591,24 @@ def fit_budget(
     """Where the profile's costs are not exactly additive (channel removal shares weights between
     neighbouring groups; latency is measured): solve, let ``measure(sparsities)`` report the real
     total (e.g. latency of the pruned model), and re-solve with the budget corrected by the ratio of
-    asked to achieved, a few rounds (SPDY re-measures its candidates the same way). Returns the last
-    per-entry sparsities and the history of (asked, predicted, achieved)."""
+    asked to achieved, a few rounds (SPDY re-measures its candidates the same way). Returns the
+    per-entry sparsities of the measured round closest to the budget (marked ``chosen`` in the
+    history of (asked, predicted, achieved)): never a solution that was not measured."""
     ((kind, target),) = budget.items()
-    asked, history = float(target), []
+    asked, history, measured = float(target), [], []
     allocated = solve_budget(profile, kind, asked)
-    for _ in range(rounds):
+    for round_ in range(rounds):
         achieved = float(measure(allocated.sparsities))
         history.append({"asked": asked, "predicted": allocated.predicted, "achieved": achieved})
-        if abs(achieved - target) <= tolerance * abs(target):
+        measured.append(allocated.sparsities)
+        if abs(achieved - target) <= tolerance * abs(target) or round_ == rounds - 1:
             break
-        try:  # a correction past the reachable range keeps the last solution (the history says so)
+        try:  # a correction past the reachable range keeps the measured solutions (the history says so)
             corrected = solve_budget(profile, kind, asked * target / achieved)
         except BudgetError:
             history[-1]["stopped"] = "the corrected budget is outside the profile's reachable range"
             break
         asked, allocated = asked * target / achieved, corrected
-    return allocated.sparsities, history
+    best = min(range(len(history)), key=lambda i: (abs(history[i]["achieved"] - target), -i))
+    history[best]["chosen"] = True
+    return measured[best], history

@@ -87,6 +87,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--owl", action="store_true", help="OWL outlier-weighted layer sparsities (= --allocation owl)")
     g.add_argument("--owl-m", dest="owl_m", type=float, help="OWL outlier threshold M (default 5)")
     g.add_argument("--owl-lambda", dest="owl_lambda", type=float, help="OWL sparsity spread lambda (default 0.08)")
+    g.add_argument(
+        "--search",
+        metavar="NAME",
+        help="search the per-block sparsities (averaging --sparsity) before pruning: spdy (SPDY, scored by the "
+        "calibration loss); writes the searched profile to OUT/search_profile.json",
+    )
+    g.add_argument(
+        "--search-evaluations",
+        dest="search_evaluations",
+        type=int,
+        help="with --search: candidate allocations scored, one forward pass over the calibration each (default 60)",
+    )
     g.add_argument("--blocks", help="qualified name of the repeated blocks, e.g. model.layers (default: found)")
     g.add_argument("--dampening", type=float, help="SparseGPT dampening, fraction of mean diag(H) (default 0.01)")
     g.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
@@ -193,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--{flag} {why}; it does not apply to a factory-built model ({args.model})")
     if args.data and language_model:
         raise ConfigError("--data feeds a factory-built model; a Hugging Face language model calibrates on --calib")
+    _check_search(args, recipe, language_model)
     calibration = call_object(args.data, "--data") if args.data else None
     note_oversubscription()
     if args.out_of_core:
@@ -200,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.weights)
     tokenizer = _tokenizer_if_any(args) if language_model else None
     allow = args.allow_collapse
+    searched: dict[str, str] = {}
+    if args.search:
+        recipe, searched = _searched(model, recipe, args, tokenizer)
     if language_model:
         report = prune_llm(model, **recipe, calibration=args.calib, tokenizer=tokenizer, device=args.device,
                            allow_collapse=allow)  # fmt: skip
@@ -212,12 +228,59 @@ def run(args: argparse.Namespace) -> int:
         return 0  # under torchrun every rank pruned the same model; rank 0 writes it
     print(report.table())
     files = {"report.json": report.to_json() + "\n",
-             "recipe.json": json.dumps(report.config, indent=2, default=str) + "\n"}  # fmt: skip
+             "recipe.json": json.dumps(report.config, indent=2, default=str) + "\n", **searched}  # fmt: skip
     if config.application_.structural:
         save_structural(model, args.out, tokenizer, files, args.overwrite)
     else:
         _save_sparse(model, config, args, tokenizer, files)
     return 0
+
+
+def _check_search(args: argparse.Namespace, recipe: dict[str, Any], language_model: bool) -> None:
+    """Refuse a search the run cannot do, before the model is loaded."""
+    from ..errors import ConfigError
+    from ..llm.search import SEARCHES
+
+    if args.search is None:
+        if args.search_evaluations is not None:
+            raise ConfigError("--search-evaluations applies to --search spdy")
+        return
+    if args.search not in SEARCHES:
+        raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {args.search!r}")
+    if not language_model:
+        raise ConfigError(
+            f"--search {args.search} runs the block runner on a Hugging Face language model with --calib text; "
+            f"for {args.model}, measure a profile with `secateurs analyze` and pass --profile"
+        )
+    flags = (("--profile", args.profile), ("--owl", args.owl), ("--out-of-core", args.out_of_core),
+             ("--device", args.device))  # fmt: skip
+    given = [flag for flag, on in flags if on]
+    if recipe.get("allocation") is not None and not args.profile and not args.owl:
+        given.append(f"allocation {recipe['allocation']!r}")
+    if given:
+        raise ConfigError(f"--search {args.search} chooses the per-block sparsities itself on this process's CPU; "
+                          f"drop {' and '.join(given)}")  # fmt: skip
+    if recipe.get("sparsity") is None:
+        raise ConfigError(f"--search {args.search} needs the average sparsity to allocate: pass --sparsity, e.g. 0.7")
+    if args.search_evaluations is not None and args.search_evaluations < 1:
+        raise ConfigError(f"--search-evaluations must be an integer >= 1, got {args.search_evaluations}")
+    if args.calib is None:
+        raise ConfigError(f"--search {args.search} scores candidates on calibration text: pass --calib calib.txt")
+
+
+def _searched(model: Any, recipe: dict[str, Any], args: argparse.Namespace, tokenizer: Any):
+    """The recipe with the searched allocation, and the profile's file for the output directory."""
+    from ..llm.search import search_allocation
+
+    evaluations = args.search_evaluations if args.search_evaluations is not None else 60
+    result = search_allocation(model, recipe, calibration=args.calib, tokenizer=tokenizer, search=args.search,
+                               evaluations=evaluations)  # fmt: skip
+    shares = " ".join(f"{s:.2f}" for s in result.sparsities.values())
+    print(f"{args.search} search: block sparsities {shares}; calibration loss {result.loss:.4f} "
+          f"(uniform {result.uniform_loss:.4f})")  # fmt: skip
+    profile = result.profile.to_dict()
+    recipe = {**recipe, "allocation": "sensitivity", "allocation_options": {"profile": profile}}
+    return recipe, {"search_profile.json": json.dumps(profile, indent=2) + "\n"}
 
 
 def _writes(language_model: bool) -> bool:

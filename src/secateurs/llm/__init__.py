@@ -13,6 +13,7 @@ from .api import prune_llm
 from .cloze import cloze_task
 from .config import LLMPruneConfig
 from .perplexity import Perplexity, perplexity
+from .search import search_allocation
 from .structured import prune_heads_and_neurons, remove_layers
 from .zeroshot import zero_shot
 
@@ -26,5 +27,6 @@ __all__ = [
     "prune_heads_and_neurons",
     "prune_llm",
     "remove_layers",
+    "search_allocation",
     "zero_shot",
 ]

@@ -1,0 +1,78 @@
+"""`secateurs prune <hf-dir> --search spdy`: the searched allocation is the one pruned, its profile is written
+and reproduces the prune under --profile, and bad search flags are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from secateurs.cli import main
+
+from .conftest import tiny
+from .test_cli import TEXT, _tokenizer
+
+FLAGS = ["--method", "wanda", "--nsamples", "8", "--seqlen", "32", "--format", "hf"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny("llama").save_pretrained(path)
+    _tokenizer(96).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_search_spdy_prunes_the_searched_allocation_and_its_profile_reproduces_it(model_dir, calib, tmp_path, capsys):
+    searched = tmp_path / "searched"
+    args = ["prune", str(model_dir), *FLAGS, "--sparsity", "0.6", "--calib", str(calib), "--search", "spdy",
+            "--search-evaluations", "4", "--out", str(searched)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    line = next(t for t in printed.splitlines() if t.startswith("spdy search: block sparsities"))
+    chosen = [float(v) for v in line.split("block sparsities ")[1].split(";")[0].split()]
+    report = json.loads((searched / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.6, abs=0.01)  # each row of 32 columns rounds its count
+    for layer in report["layers"]:  # every layer of block b at the searched sparsity of block b
+        block = int(layer["name"].split(".")[2])
+        assert layer["sparsity"] == pytest.approx(chosen[block], abs=0.02), layer["name"]
+    profile = json.loads((searched / "search_profile.json").read_text())
+    assert profile["metric"] == "spdy_damage" and profile["settings"]["evaluations"] == 4
+    again = tmp_path / "again"  # the written profile, passed back with --profile, prunes the same weights
+    assert main(["prune", str(model_dir), *FLAGS, "--sparsity", "0.6", "--calib", str(calib), "--profile",
+                 str(searched / "search_profile.json"), "--out", str(again)]) == 0  # fmt: skip
+    assert (again / "model.safetensors").read_bytes() == (searched / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sparsity", "0.6", "--search", "obc"], "--search must be one of spdy, got 'obc'"),
+        (["--search", "spdy"], "sparsity is required"),
+        (["--sparsity", "0.6", "--search", "spdy", "--owl"], "drop --owl"),
+        (["--sparsity", "0.6", "--search", "spdy", "--allocation", "erk"], "drop allocation 'erk'"),
+        (["--sparsity", "0.6", "--search-evaluations", "3"], "--search-evaluations applies to --search spdy"),
+        (["--sparsity", "0.6", "--search", "spdy", "--search-evaluations", "0"], "must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_search_flags_are_refused_before_anything_is_written(model_dir, calib, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir), *FLAGS, "--calib", str(calib), *extra, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_search_refuses_a_factory_model_and_points_to_analyze(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["prune", "secateurs.demo:trained_mlp", "--data", "secateurs.demo.data:calibration_batches",
+            "--sparsity", "0.5", "--search", "spdy", "--out", str(out)]  # fmt: skip
+    assert main(args) == 2
+    assert "secateurs analyze" in capsys.readouterr().err and not out.exists()
