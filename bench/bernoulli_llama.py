@@ -34,17 +34,26 @@ import torch
 
 from _common import machine, write_results
 
-PAPER = {"init_spread": 0.8, "eps": 1e-3, "baseline": "moving_average", "estimator": "score",
-         "update": "max_normalised", "lr": 0.05, "eval_every": 0}  # the first implementation (before 2026-12-01)
+PAPER = {
+    "init_spread": 0.8,
+    "eps": 1e-3,
+    "baseline": "moving_average",
+    "estimator": "score",
+    "update": "max_normalised",
+    "lr": 0.05,
+    "eval_every": 0,
+}  # the first implementation (before 2026-12-01)
 RUNS = {  # name -> prune() options (search settings not given here come from the command line or the defaults)
     "flap": {"method": "flap"},
     "bernoulli init (flap ranks, steps=0)": {"method": "bernoulli", "method_options": {"steps": 0}},
     "bernoulli search (defaults)": {"method": "bernoulli", "method_options": {}},
     "bernoulli search (first implementation: max-normalised step, moving average)": {
-        "method": "bernoulli", "method_options": dict(PAPER),
+        "method": "bernoulli",
+        "method_options": dict(PAPER),
     },
     "bernoulli init (first implementation, steps=0)": {
-        "method": "bernoulli", "method_options": {**PAPER, "steps": 0},
+        "method": "bernoulli",
+        "method_options": {**PAPER, "steps": 0},
     },
 }
 

@@ -160,10 +160,10 @@ class Bernoulli(GroupCriterion):
     #: read a held-out loss of the same mask while the ablation hooks are in place)
     monitor: Callable[[int, Tensor, Callable[[Tensor], None]], None] | None = None
 
-    def __init__(self, steps: int = 200, samples: int = 4, lr: float = 0.02, baseline_decay: float = 0.9,
+    def __init__(self, steps: int = 200, samples: int = 4, lr: float = 0.05, baseline_decay: float = 0.9,
                  init: str = "flap", init_spread: float = 5.0, baseline: str = "leave_one_out",
-                 estimator: str = "standardised", update: str = "adam", eps: float = 0.0,
-                 eval_every: int = 10) -> None:  # fmt: skip
+                 estimator: str = "standardised", update: str = "max_normalised", eps: float = 0.0,
+                 eval_every: int = 25) -> None:  # fmt: skip
         for key, value, low in (("steps", steps, 0), ("samples", samples, 2), ("eval_every", eval_every, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"method_options.{key} must be an integer >= {low}, got {value!r}")
