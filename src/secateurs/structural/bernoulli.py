@@ -4,23 +4,28 @@ Every prunable unit (an attention head, or a whole GQA group with ``structural={
 an MLP neuron) gets a keep probability ``theta``. A step draws ``K`` masks ``m ~ Bernoulli(theta)``,
 runs the model on a calibration batch with the dropped units replaced by their calibration mean
 (the mean ablation that bias compensation makes permanent), and moves ``theta`` along the policy
-gradient (REINFORCE, the paper's eq. 6): ``g = 1/K sum_k (L(m_k) - b) (m_k - theta) / (theta (1 - theta))``
-with ``b`` a moving average of the losses. No autograd graph is built through the model: the passes
-run under ``torch.no_grad`` and the gradient is this closed form. The step is ``lr * g / max|g|``
-(``lr`` is the largest change of a probability per step, whatever the loss scale); then ``theta`` is
-projected onto the budget ``sum_u theta_u params_u = (1 - sparsity) sum_u params_u`` within
-``[eps, 1 - eps]`` (the paper's projection), so the expected kept size is the target and each layer
-finds its own ratio. ``theta`` starts from a metric (FLAP by default, or Wanda-sp: Wanda's
-``|W| ||x||`` summed over a unit) mapped from its global rank.
+gradient (REINFORCE, the paper's eq. 6): ``g = 1/K sum_k (L(m_k) - b) s(m_k)``. No autograd graph is
+built through the model: the passes run under ``torch.no_grad`` and the gradient is this closed form.
+The step is ``lr * g / max|g|`` (``lr`` is the largest change of a probability per step, whatever the
+loss scale); then ``theta`` is projected onto the budget ``sum_u theta_u params_u = (1 - sparsity)
+sum_u params_u`` within ``[eps, 1 - eps]`` (the paper's projection), so the expected kept size is the
+target and each layer finds its own ratio. ``theta`` starts from a metric (FLAP by default, or Wanda-sp:
+Wanda's ``|W| ||x||`` summed over a unit) mapped from its global rank.
+
+Defaults that differ from the paper, because with it the search learned nothing here (bench/RESULTS.md,
+issue 15, third pass): ``baseline='leave_one_out'`` (each sample's loss minus the mean of the step's
+other samples on the same batch; the paper's moving average lets the batch-to-batch loss swings
+through), ``estimator='standardised'`` (``s = (m - theta) / sqrt(theta (1 - theta))``, the authors'
+released code, instead of the score's ``1/(theta (1 - theta))``), ``init_spread=5`` with ``eps=0`` (only
+a band of units near the budget's threshold is uncertain), and ``eval_every=25``: the deterministic mask
+that ``mode='remove'`` would build is measured on all calibration batches and the best one is kept.
 
 The score is the learned ``theta``: the pipeline's global allocation keeps the most probable units to
 the budget, and ``mode='remove'`` cuts the rest (heads per KV group, rounding and refusals as usual).
 
-Options beyond the paper: ``baseline='leave_one_out'`` (each sample's loss minus the mean of the
-step's other samples on the same batch) and ``estimator='natural'`` (the score times the Fisher
-inverse, ``m - theta``). With ``pattern='layer'`` the same search runs over whole blocks (a dropped
-block is the identity; initialised from ShortGPT's block influence) and the least probable blocks
-are deleted.
+Other options: ``estimator='score'|'natural'``, ``update='sgd'|'adam'|'rms_normalised'``. With
+``pattern='layer'`` the same search runs over whole blocks (a dropped block is the identity;
+initialised from ShortGPT's block influence) and the least probable blocks are deleted.
 """
 
 from __future__ import annotations
