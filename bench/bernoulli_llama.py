@@ -8,8 +8,11 @@ forward passes, REINFORCE with a moving-average baseline, mean ablation, bias co
 end). Each run is its own subprocess, so the peak RSS is that run's. Perplexity: Wanda/SparseGPT
 protocol on non-overlapping 256-token windows of pydoc-test.txt. Writes bench/results/bernoulli_llama.json.
 
-    .venv/bin/python bench/bernoulli_llama.py [--steps 40] [--samples 4] [--windows 20] [--nsamples 8]
-        [--runs 0,1,2,3,4,5] [--threads 2] [--name bernoulli_llama]
+    .venv/bin/python bench/bernoulli_llama.py [--steps N] [--samples K] [--lr LR] [--windows 20] [--nsamples 8]
+        [--runs 0,1,2,3,4] [--threads 2] [--name bernoulli_llama]
+
+Without --steps/--samples/--lr the search runs with the method's defaults (200 steps, K = 4, Adam on a
+band of uncertain units, leave-one-out baseline, best calibration mask kept; see docs/subspace.md).
 
 The prune wall time is also given as CPU seconds of the process (meaningful on a busy machine).
 ``--pattern layer`` compares whole-block removal instead: ShortGPT's block influence, the block
@@ -31,19 +34,27 @@ import torch
 
 from _common import machine, write_results
 
-RUNS = {  # name -> prune() options (search settings not given here come from the command line)
+PAPER = {
+    "init_spread": 0.8,
+    "eps": 1e-3,
+    "baseline": "moving_average",
+    "estimator": "score",
+    "update": "max_normalised",
+    "lr": 0.05,
+    "eval_every": 0,
+}  # the first implementation (before 2026-12-01)
+RUNS = {  # name -> prune() options (search settings not given here come from the command line or the defaults)
     "flap": {"method": "flap"},
     "bernoulli init (flap ranks, steps=0)": {"method": "bernoulli", "method_options": {"steps": 0}},
-    "bernoulli search (paper: moving-average baseline)": {"method": "bernoulli", "method_options": {}},
-    "bernoulli search (leave-one-out baseline, natural gradient)": {
+    "bernoulli search (defaults)": {"method": "bernoulli", "method_options": {}},
+    "bernoulli search (first implementation: max-normalised step, moving average)": {
         "method": "bernoulli",
-        "method_options": {"baseline": "leave_one_out", "estimator": "natural"},
+        "method_options": dict(PAPER),
     },
-    "bernoulli search (leave-one-out baseline)": {
+    "bernoulli init (first implementation, steps=0)": {
         "method": "bernoulli",
-        "method_options": {"baseline": "leave_one_out"},
+        "method_options": {**PAPER, "steps": 0},
     },
-    "bernoulli search (natural gradient)": {"method": "bernoulli", "method_options": {"estimator": "natural"}},
 }
 
 BLOCK_RUNS = {  # --pattern layer: whole blocks
@@ -70,7 +81,8 @@ def worker(args: argparse.Namespace) -> dict:
     model = llama()
     options = json.loads(args.options)
     if options.get("method") == "bernoulli" and "steps" not in options.get("method_options", {}):
-        options["method_options"] = {"steps": args.steps, "samples": args.samples, "lr": args.lr,
+        given = {"steps": args.steps, "samples": args.samples, "lr": args.lr}
+        options["method_options"] = {**{k: v for k, v in given.items() if v is not None},
                                      **options.get("method_options", {})}  # fmt: skip
     before = sum(p.numel() for p in model.parameters())
     start, cpu = time.perf_counter(), time.process_time()
@@ -90,9 +102,9 @@ def worker(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratios", default="0.2,0.4")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=None, help="default: the method's")
+    parser.add_argument("--samples", type=int, default=None, help="default: the method's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the method's")
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--worker", action="store_true")
@@ -109,9 +121,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     load_start = os.getloadavg()
-    common = ["--steps", str(args.steps), "--samples", str(args.samples), "--lr", str(args.lr), "--windows",
-              str(args.windows), "--nsamples", str(args.nsamples), "--threads", str(args.threads),
-              "--pattern", args.pattern]  # fmt: skip
+    given = [(f"--{k}", str(getattr(args, k))) for k in ("steps", "samples", "lr") if getattr(args, k) is not None]
+    common = [*(x for pair in given for x in pair), "--windows", str(args.windows), "--nsamples", str(args.nsamples),
+              "--threads", str(args.threads), "--pattern", args.pattern]  # fmt: skip
 
     def run(ratio: float, options: dict) -> dict:
         cmd = [sys.executable, __file__, "--worker", "--ratio", str(ratio), "--options", json.dumps(options), *common]

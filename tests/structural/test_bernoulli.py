@@ -109,9 +109,12 @@ def test_leave_one_out_baseline_cancels_the_batch_and_natural_estimator_is_bound
     expected = ((torch.tensor([-1.0, 1.0])[:, None]) * (masks - theta)).mean(0)
     assert torch.allclose(shifted, expected)
     assert float(shifted.abs().max()) <= 1.0  # no 1/(theta (1 - theta)) blow-up near the bounds
-    plain = Bernoulli()  # the paper's: moving-average baseline, score function
+    plain = Bernoulli(baseline="moving_average", estimator="score")  # the paper's equation
     expected = ((losses - 2.5)[:, None] * (masks - theta) / (theta * (1 - theta))).mean(0)
     assert torch.allclose(plain._gradient(masks, losses, theta, moving=2.5), expected)
+    authors = Bernoulli(baseline="moving_average", estimator="standardised")  # the authors' released code
+    expected = ((losses - 2.5)[:, None] * (masks - theta) / (theta * (1 - theta)).sqrt()).mean(0)
+    assert torch.allclose(authors._gradient(masks, losses, theta, moving=2.5), expected)
     with pytest.raises(ConfigError, match="baseline must be one of"):
         Bernoulli(baseline="median")
     with pytest.raises(ConfigError, match="estimator must be one of"):
@@ -137,15 +140,15 @@ def test_whole_block_masks_skip_blocks_during_the_search_and_remove_them(monkeyp
         raise AssertionError("a backward pass ran")
 
     monkeypatch.setattr(torch.Tensor, "backward", no_backward)
-    crit = Bernoulli(steps=5, samples=3, lr=0.1)
+    crit = Bernoulli(steps=5, samples=3, lr=0.1, eval_every=0)  # the samples only: theta_ is what is kept
     original = crit._search
 
-    def spy(model_, evidence, theta, cost, budget, apply):
+    def spy(model_, evidence, theta, cost, budget, apply, *rest):
         def watched(mask):
             skipped.append(mask.clone())
             apply(mask)
 
-        return original(model_, evidence, theta, cost, budget, watched)
+        return original(model_, evidence, theta, cost, budget, watched, *rest)
 
     crit._search = spy
     dense = copy.deepcopy(model)
@@ -203,3 +206,83 @@ def test_a_block_criterion_without_the_removal_count_still_works():
     secateurs.prune(model, method=Oldest(), sparsity=0.25, pattern="layer", mode="remove", calibration=_calibration(),
                     progress=False, structural={"latency": False})  # fmt: skip
     assert len(model.model.layers) == 3 and model.model.layers[0] is second
+
+
+def _toy_search(options: dict, seed: int, theta=None):
+    """Eight units, keep three; dropping unit u costs ``w[u]`` (the best three: 5, 6, 7), on four batches of
+    very different difficulty (an offset up to 3, ten times the largest unit effect)."""
+    import types
+
+    from torch import nn
+
+    from secateurs.structural.bernoulli import Bernoulli
+
+    w = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4], dtype=torch.float64)
+    offsets = [0.0, 3.0, 1.0, 2.5]
+    state = {}
+
+    def loss_fn(model, batch):
+        return torch.tensor(offsets[int(batch)] + float((w * (1 - state["m"])).sum()))
+
+    ev = types.SimpleNamespace(batches=[torch.tensor(i) for i in range(4)], loss_fn=loss_fn,
+                               generator=torch.Generator().manual_seed(seed), show_progress=False)  # fmt: skip
+    cost = torch.ones(8, dtype=torch.float64)
+    crit = Bernoulli(**options)
+    start = project_to_budget(torch.full_like(cost, 0.5) if theta is None else theta, cost, 3.0, crit.eps)
+
+    def top3(t):
+        return torch.zeros(8, dtype=torch.float64).index_fill_(0, torch.argsort(t, descending=True)[:3], 1.0)
+
+    out = crit._search(nn.Linear(1, 1), ev, start, cost, 3.0, lambda m: state.__setitem__("m", m), top3)
+    return crit, out, top3
+
+
+OLD_DEFAULTS = {
+    "update": "max_normalised",
+    "estimator": "score",
+    "baseline": "moving_average",
+    "eps": 1e-3,
+    "lr": 0.05,
+    "init_spread": 0.8,
+    "eval_every": 0,
+}  # the first implementation (before 2026-12-01)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_default_search_finds_the_known_optimum(seed):
+    crit, out, _ = _toy_search({"steps": 150}, seed)  # from uniform probabilities
+    assert sorted(torch.argsort(crit.theta_, descending=True)[:3].tolist()) == [5, 6, 7]  # the last probabilities
+    assert sorted(torch.argsort(out, descending=True)[:3].tolist()) == [5, 6, 7]  # and the kept ones
+    # the first implementation does not get there: the batch offsets swamp its moving baseline
+    old, _, _ = _toy_search({**OLD_DEFAULTS, "steps": 150}, seed)
+    assert sorted(torch.argsort(old.theta_, descending=True)[:3].tolist()) != [5, 6, 7]
+
+
+def test_the_kept_probabilities_are_the_best_measured_deterministic_mask():
+    # a search that wanders (the old max-normalised step, moving baseline) from a start that keeps the optimum
+    start = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9, 0.9], dtype=torch.float64)
+    options = {"steps": 60, "update": "max_normalised", "estimator": "score", "baseline": "moving_average",
+               "eps": 1e-3, "lr": 0.2, "eval_every": 5}  # fmt: skip
+    crit, out, _ = _toy_search(options, 0, start)
+    measured = [loss for _, _, loss in crit.trace_]
+    assert len(measured) == 1 + 60 // 5 and crit.trace_[0][0] == 0
+    assert crit.best_loss_ == min(measured) <= measured[0]
+    assert measured[-1] > crit.best_loss_  # the search did end on a worse mask: the rule is what kept the best
+    assert sorted(torch.argsort(out, descending=True)[:3].tolist()) == [5, 6, 7]
+    off, _, _ = _toy_search({**options, "eval_every": 0}, 0, start)  # without the rule: the last probabilities
+    assert not hasattr(off, "best_loss_") and off.trace_ == []
+
+
+def test_the_search_measures_exactly_the_model_that_remove_builds():
+    from secateurs.structural.bernoulli import Bernoulli, search_loss
+
+    model = _llama()
+    crit = Bernoulli(steps=6, samples=3, eval_every=2)
+    secateurs.prune(model, method=crit, sparsity=0.3, mode="remove", calibration=_calibration(), progress=False,
+                    structural={"latency": False, "gqa": "kv_groups"})  # fmt: skip
+    assert [s for s, _, _ in crit.trace_] == [0, 2, 4, 6]
+    with torch.no_grad():
+        cut = sum(float(search_loss(model, b)) for b in _calibration()) / len(_calibration())
+    # mean ablation during the search == removal with bias compensation afterwards, to float tolerance
+    assert cut == pytest.approx(crit.best_loss_, abs=1e-4)
+    assert crit.best_loss_ <= crit.trace_[0][2]

@@ -154,7 +154,12 @@ def score_groups(
         gather(evidence, needs)
         if data.group is not None:  # this rank's share: every rank's sums and token counts added
             reduce_evidence(data.group, evidence.activations, evidence.hessians, f"{criterion.name} statistics")
-        ev = GroupEvidence(model, groups, evidence, modules, sparsity=config.final_sparsity)
+        opts, sparsity, allocation = config.structural_, config.final_sparsity, config.allocation_
+
+        def decide(s: dict[str, Tensor]) -> dict[str, Tensor]:  # exactly the choice remove_structures makes
+            return select(groups, s, prune_counts(groups, s, allocation, sparsity, opts))
+
+        ev = GroupEvidence(model, groups, evidence, modules, sparsity=sparsity, decide=decide)
         return ev, criterion.group_scores(ev)
 
 

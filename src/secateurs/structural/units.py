@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ class GroupEvidence:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     #: the run's target sparsity, for criteria that search under the budget (Bernoulli masks)
     sparsity: float | None = None
+    #: the run's own choice from scores: ``scores -> {group: removed unit indices}`` (allocation, bounds,
+    #: rounding, GQA rows), so a search can measure exactly the model that ``mode='remove'`` would build
+    decide: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:
