@@ -38,7 +38,7 @@ import torch
 import secateurs
 from _common import RESULTS, machine, write_results
 from secateurs.training import train
-from segment_pairs import PairClassifier, batches, evaluate, pairs
+from segment_pairs import BiEncoderClassifier, PairClassifier, batches, bi_batches, evaluate, pairs, same_section_pairs
 from structural_models import SHARED, minilm, minilm_tokenizer
 
 SCOPE = {"include": ["encoder.encoder.layer"], "skip_last": False}
@@ -73,10 +73,26 @@ def encoder_sparsity(model) -> float:
     return zeros / total
 
 
+def task_data(tokenizer, args, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train batches (``pydoc-calib.txt``, ``seed``) and dev batches (``pydoc-test.txt``, fixed seed) of ``--task``."""
+    calib, test = SHARED / "data" / "pydoc-calib.txt", SHARED / "data" / "pydoc-test.txt"
+    count = args.steps * args.batch
+    if args.task == "adjacent":
+        train_pairs, dev_pairs = pairs(calib, count, 20, seed), pairs(test, args.dev_pairs, 20, 1000)
+        make = batches
+    else:
+        train_pairs = same_section_pairs(calib, count, 20, seed, args.near)
+        dev_pairs = same_section_pairs(test, args.dev_pairs, 20, 1000, args.near)
+        make = bi_batches
+    return make(tokenizer, train_pairs, args.batch, args.max_length), make(tokenizer, dev_pairs, 64, args.max_length)
+
+
 def run(method: str, target: float, seed: int, data, dev, args) -> dict:
-    model = PairClassifier(minilm(), seed)
+    model = (PairClassifier if args.task == "adjacent" else BiEncoderClassifier)(minilm(), seed)
     pruner = None
-    if method in ("magnitude", "movement"):
+    if method == "frozen":  # the reference: only the head learns, so the pretrained embeddings as they are
+        model.encoder.requires_grad_(False)
+    elif method in ("magnitude", "movement"):
         extra = {"regularizer": "movement"} if method == "movement" else {}
         pruner = secateurs.Pruner(model, method, target, schedule=schedule(args.steps), scope=SCOPE, **extra)
     elif method == "soft_movement":
@@ -102,9 +118,10 @@ def run(method: str, target: float, seed: int, data, dev, args) -> dict:
 def merge(names: list[str]) -> None:
     """One table from the JSONs of several processes (same protocol: their args must agree)."""
     parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
-    protocol = {k: v for k, v in parts[0]["args"].items() if k in ("steps", "batch", "max_length", "lr", "score_lr")}
+    keys = ("task", "near", "steps", "batch", "max_length", "lr", "score_lr")
+    protocol = {k: parts[0]["args"].get(k, "adjacent" if k == "task" else None) for k in keys}
     for n, part in zip(names, parts, strict=True):
-        other = {k: part["args"][k] for k in protocol}
+        other = {k: part["args"].get(k, "adjacent" if k == "task" else None) for k in keys}
         if other != protocol:
             raise SystemExit(f"{n} ran another protocol: {other} vs {protocol}")
     rows = sorted((r for p in parts for r in p["rows"]),
@@ -121,7 +138,12 @@ def merge(names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "movement"])
+    parser.add_argument("--task", choices=["same_section", "adjacent"], default="same_section")
+    parser.add_argument(
+        "--near", type=int, default=3, help="same_section: negatives from at most this many sections away"
+    )
+    parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "movement"],
+                        choices=["frozen", "dense", "magnitude", "movement", "soft_movement"])  # fmt: skip
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9])
     parser.add_argument("--strengths", nargs="+", type=float, default=[1e-6, 1e-5, 1e-4],
                         help="soft movement's lambdas (its sparsity is reached, not set)")  # fmt: skip
@@ -142,12 +164,15 @@ def main() -> None:
     tokenizer = minilm_tokenizer()
     rows = []
     for seed in args.seeds:
-        train_pairs = pairs(SHARED / "data" / "pydoc-calib.txt", args.steps * args.batch, 20, seed)
-        data = batches(tokenizer, train_pairs, args.batch, args.max_length)
-        dev = batches(tokenizer, pairs(SHARED / "data" / "pydoc-test.txt", args.dev_pairs, 20, 1000), 64,
-                      args.max_length)  # fmt: skip
+        data, dev = task_data(tokenizer, args, seed)
         for method in args.methods:
-            levels = [0.0] if method == "dense" else args.strengths if method == "soft_movement" else args.sparsities
+            levels = (
+                [0.0]
+                if method in ("dense", "frozen")
+                else args.strengths
+                if method == "soft_movement"
+                else args.sparsities
+            )
             for level in levels:
                 row = run(method, level, seed, data, dev, args)
                 row["loadavg"] = os.getloadavg()
