@@ -102,6 +102,43 @@ def same_section_pairs(path: Path, count: int, words: int, seed: int, near: int)
     return out
 
 
+def word_order(path: Path, count: int, words: int, seed: int) -> list[tuple[str, int]]:
+    """``count`` balanced (segment, label) examples, label 1 when the words are in their original order.
+
+    A negative is a segment with its words randomly permuted (never the identity): the same words,
+    so a bag of words cannot tell them apart, and mean-pooled sentence embeddings, trained to be
+    about topic, barely can. Telling grammar from word salad does not depend on the document, so
+    what is learned on one file carries over to another (the same-section task did not).
+    """
+    rng = random.Random(seed)
+    flat = [seg for section in segments(path, words) for seg in section]
+    out = []
+    while len(out) < count:
+        text = rng.choice(flat)
+        if len(out) % 2 == 0:
+            out.append((text, 1))
+            continue
+        tokens = text.split()
+        shuffled = tokens[:]
+        while shuffled == tokens:
+            rng.shuffle(shuffled)
+        out.append((" ".join(shuffled), 0))
+    rng.shuffle(out)
+    return out
+
+
+def single_batches(tokenizer, data: list[tuple[str, int]], size: int, max_length: int) -> list[dict]:
+    """Single-segment batches (``[CLS] text [SEP]``), padded to the longest, with labels."""
+    out = []
+    for i in range(0, len(data), size):
+        chunk = data[i : i + size]
+        enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")  # fmt: skip
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    "labels": torch.tensor([y for _, y in chunk])})  # fmt: skip
+    return out
+
+
 def batches(tokenizer, data: list[tuple[str, str, int]], size: int, max_length: int) -> list[dict]:
     """Cross-encoder batches: ``[CLS] a [SEP] b [SEP]``, padded to the longest, with labels."""
     out = []
@@ -138,7 +175,7 @@ def mean_pool(encoder: nn.Module, input_ids, attention_mask, token_type_ids=None
 
 
 class PairClassifier(nn.Module):
-    """A pretrained encoder, mean pooling, and a fresh linear head over two classes."""
+    """A pretrained encoder, mean pooling, and a fresh linear head over two classes (one or two segments)."""
 
     def __init__(self, encoder: nn.Module, seed: int) -> None:
         super().__init__()

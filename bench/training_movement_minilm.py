@@ -38,7 +38,17 @@ import torch
 import secateurs
 from _common import RESULTS, machine, write_results
 from secateurs.training import train
-from segment_pairs import BiEncoderClassifier, PairClassifier, batches, bi_batches, evaluate, pairs, same_section_pairs
+from segment_pairs import (
+    BiEncoderClassifier,
+    PairClassifier,
+    batches,
+    bi_batches,
+    evaluate,
+    pairs,
+    same_section_pairs,
+    single_batches,
+    word_order,
+)
 from structural_models import SHARED, minilm, minilm_tokenizer
 
 SCOPE = {"include": ["encoder.encoder.layer"], "skip_last": False}
@@ -77,6 +87,11 @@ def task_data(tokenizer, args, seed: int) -> tuple[list[dict], list[dict]]:
     """Train batches (``pydoc-calib.txt``, ``seed``) and dev batches (``pydoc-test.txt``, fixed seed) of ``--task``."""
     calib, test = SHARED / "data" / "pydoc-calib.txt", SHARED / "data" / "pydoc-test.txt"
     count = args.steps * args.batch
+    if args.task == "word_order":
+        train_data, dev_data = word_order(calib, count, 20, seed), word_order(test, args.dev_pairs, 20, 1000)
+        return single_batches(tokenizer, train_data, args.batch, args.max_length), single_batches(
+            tokenizer, dev_data, 64, args.max_length
+        )
     if args.task == "adjacent":
         train_pairs, dev_pairs = pairs(calib, count, 20, seed), pairs(test, args.dev_pairs, 20, 1000)
         make = batches
@@ -88,7 +103,7 @@ def task_data(tokenizer, args, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def run(method: str, target: float, seed: int, data, dev, args) -> dict:
-    model = (PairClassifier if args.task == "adjacent" else BiEncoderClassifier)(minilm(), seed)
+    model = (BiEncoderClassifier if args.task == "same_section" else PairClassifier)(minilm(), seed)
     pruner = None
     if method == "frozen":  # the reference: only the head learns, so the pretrained embeddings as they are
         model.encoder.requires_grad_(False)
@@ -138,7 +153,7 @@ def merge(names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["same_section", "adjacent"], default="same_section")
+    parser.add_argument("--task", choices=["word_order", "same_section", "adjacent"], default="word_order")
     parser.add_argument(
         "--near", type=int, default=3, help="same_section: negatives from at most this many sections away"
     )

@@ -14,7 +14,16 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from segment_pairs import BiEncoderClassifier, bi_batches, evaluate, pairs, same_section_pairs, segments
+from segment_pairs import (
+    BiEncoderClassifier,
+    bi_batches,
+    evaluate,
+    pairs,
+    same_section_pairs,
+    segments,
+    single_batches,
+    word_order,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CALIB, TEST = DATA / "pydoc-calib.txt", DATA / "pydoc-test.txt"
@@ -54,6 +63,28 @@ def test_same_section_refuses_negative_near(tmp_path: Path) -> None:
         same_section_pairs(_doc(tmp_path), 10, 20, seed=0, near=-1)
 
 
+def test_word_order_labels_mean_what_they_say(tmp_path: Path) -> None:
+    path = _doc(tmp_path)
+    real = {seg for section in segments(path, 20) for seg in section}
+    out = word_order(path, 200, 20, seed=0)
+    assert Counter(y for _, y in out) == {0: 100, 1: 100}
+    assert out == word_order(path, 200, 20, seed=0) and out != word_order(path, 200, 20, seed=1)
+    for text, label in out:
+        if label:
+            assert text in real
+        else:  # the words of one real segment, in another order
+            assert text not in real
+            assert any(sorted(text.split()) == sorted(seg.split()) for seg in real)
+
+
+@needs_data
+def test_word_order_balanced_and_train_dev_disjoint() -> None:
+    train, dev = word_order(CALIB, 400, 20, 0), word_order(TEST, 400, 20, 1000)
+    assert Counter(y for _, y in train) == Counter(y for _, y in dev) == {0: 200, 1: 200}
+    train_words = {" ".join(sorted(t.split())) for t, _ in train}
+    assert not train_words & {" ".join(sorted(t.split())) for t, _ in dev}  # not even as a permutation
+
+
 @needs_data
 @pytest.mark.parametrize("make", ["same_section", "adjacent"])
 def test_balanced_deterministic_and_train_dev_disjoint(make: str) -> None:
@@ -86,6 +117,8 @@ def test_bi_encoder_batches_and_classifier(tmp_path: Path) -> None:
     assert [len(b["labels"]) for b in batch] == [4, 4, 2]
     assert set(batch[0]) == {"labels", "a_input_ids", "a_attention_mask", "b_input_ids", "b_attention_mask"}
     assert batch[0]["a_input_ids"].shape == (4, 22)  # [CLS], 20 words, [SEP]: no word was split or lost
+    single = single_batches(tokenizer, word_order(_doc(tmp_path), 6, 20, seed=0), 4, max_length=64)
+    assert set(single[0]) == {"labels", "input_ids", "attention_mask"} and single[0]["input_ids"].shape == (4, 22)
     out = model(**batch[0])
     assert out["logits"].shape == (4, 2) and torch.isfinite(out["loss"])
     result = evaluate(model, batch)
