@@ -195,6 +195,8 @@ def _table_dir(args: argparse.Namespace) -> Path:
     name = f"table_macs_w{args.width}_s{args.size}_t{args.train_steps}_b{args.batch}_bn{args.bn_batches}"
     if args.grid != (0.25, 0.5, 0.75) or args.round_to != 1:  # the first runs' tables keep their names
         name += f"_g{'-'.join(f'{s:g}' for s in args.grid)}_r{args.round_to}"
+    if args.cell_finetune:
+        name += f"_ft{args.cell_finetune}_lr{args.finetune_lr:g}"
     return Path(args.cache) / name
 
 
@@ -233,6 +235,13 @@ def main() -> None:
         type=int,
         default=10,
         help="calibration batches the BatchNorm statistics are re-estimated on after removal (0: none)",
+    )
+    p.add_argument(
+        "--cell-finetune",
+        dest="cell_finetune",
+        type=int,
+        default=0,
+        help="score each analysis cell after this many fine-tuning steps (NetAdapt's short-term fine-tune; 0: none)",
     )
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--fit-rounds", dest="fit_rounds", type=int, default=5, help="fit_budget's measured rounds at most")
@@ -281,6 +290,11 @@ def main() -> None:
 
     def calibrated_loss(m: nn.Module) -> float:  # a cell's metric: loss after the BatchNorms are re-estimated
         _reestimate_batchnorm(m, bn_batches)
+        if args.cell_finetune:  # on a copy, on batches the loss below does not read
+            m = copy.deepcopy(m).train()
+            torch.manual_seed(0)
+            train(m, train_batches[4:], args.cell_finetune, optimizer=adam(args.finetune_lr))
+            m.eval()
         with torch.no_grad():
             return sum(float(F.cross_entropy(m(x), y)) for x, y in train_batches[:4]) / 4
 
@@ -292,7 +306,7 @@ def main() -> None:
         model,
         train_batches[:4],
         targets="groups",
-        metric=calibrated_loss if args.bn_batches else "loss",
+        metric=calibrated_loss if args.bn_batches or args.cell_finetune else "loss",
         sparsities=args.grid,
         costs=("params", "macs"),
         example_inputs=inputs,
@@ -368,6 +382,7 @@ def main() -> None:
         "finetune_steps": args.finetune_steps,
         "finetune_seeds": args.finetune_seeds,
         "finetune_lr": args.finetune_lr,
+        "cell_finetune": args.cell_finetune,
         "load": load,
         "budget": args.budget,
         "dense_accuracy": dense_accuracy,
@@ -401,6 +416,8 @@ def _result_name(args: argparse.Namespace) -> str:
         name += f"_budget{args.budget:g}"
     if args.finetune_lr != 1e-3:
         name += f"_lr{args.finetune_lr:g}"
+    if args.cell_finetune:
+        name += f"_cellft{args.cell_finetune}"
     return name
 
 
