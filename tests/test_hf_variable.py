@@ -160,6 +160,13 @@ for path, out in zip(sys.argv[2::2], sys.argv[3::2]):
     assert type(model).__module__ == "secateurs.modeling_secateurs", type(model)
     with torch.no_grad():
         torch.save(model(ids).logits, out)
+from secateurs import modeling_secateurs  # a class built directly, not through a placeholder, is registered too
+config = modeling_secateurs.SecateursOPTConfig(vocab_size=97, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                               num_attention_heads=2, word_embed_proj_dim=16)
+assert type(transformers.AutoModelForCausalLM.from_config(config)).__name__ == "SecateursOPTForCausalLM"
+import pickle
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+pickle.dumps(CONFIG_MAPPING)  # placeholders pickle by reference
 """
 
 

@@ -48,8 +48,7 @@ class _Deferred(type):
                 f"this transformers ({_version()}) cannot build the {cls.family!r} family a {cls.model_type!r} "
                 f"model was saved from ({exc}); install the transformers version it was saved with"
             ) from exc
-        modeling_secateurs.register([cls.family])
-        return config_class
+        return config_class  # classes() has registered it and its model class in the placeholder's stead
 
     def __getattr__(cls, name: str) -> Any:
         if name.startswith("__"):
@@ -64,14 +63,16 @@ def register_now() -> None:
     """Register a placeholder per family; a failure (e.g. a broken transformers install) is a warning,
     never an import error."""
     try:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
         for family in FAMILIES:
+            if family not in CONFIG_MAPPING_NAMES or PREFIX + family in CONFIG_MAPPING:
+                continue  # a family this transformers lacks; or registered already (the real classes stay)
             name = f"Deferred{family.capitalize()}Config"
             placeholder = _Deferred(name, (), {"family": family, "model_type": PREFIX + family,
                                                "__module__": __name__})  # fmt: skip
-            if PREFIX + family not in CONFIG_MAPPING:  # the real classes, when already built, stay
-                CONFIG_MAPPING.register(PREFIX + family, placeholder)
+            globals()[name] = placeholder  # pickles by reference, as transformers' mapping pickles its classes
+            CONFIG_MAPPING.register(PREFIX + family, placeholder)
     except Exception as exc:
         from .errors import SecateursWarning
 

@@ -106,7 +106,14 @@ def classes(family: str) -> tuple[type, type]:
                                                    "__module__": __name__})  # fmt: skip
     model_class.__qualname__ = model_name
     _CACHE[family] = (config_class, model_class)
+    if __name__ == "secateurs.modeling_secateurs":  # the installed package (not a copy beside saved weights):
+        _register(config_class, model_class)  # every class it builds is known to the Auto classes
     return config_class, model_class
+
+
+def _register(config_class: type, model_class: type) -> None:
+    transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
 
 
 _CACHE: dict[str, tuple[type, type]] = {}
@@ -134,5 +141,4 @@ def register(families: Any = None) -> None:
             config_class, model_class = classes(family)
         except (AttributeError, ImportError):  # an older transformers without this family
             continue
-        transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        _register(config_class, model_class)
