@@ -107,3 +107,16 @@ def test_fit_budget_returns_the_measured_round_closest_to_the_budget_when_rounds
     best = min(range(3), key=lambda i: abs(seen[i][1] - 800))
     assert chosen == seen[best][0]  # a solution that was measured, never the next unmeasured correction
     assert [bool(h.get("chosen")) for h in history] == [i == best for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "returns", "message"),
+    [({"rounds": 0}, 800.0, "rounds"), ({"tolerance": -1.0}, 800.0, "tolerance"),
+     ({}, float("nan"), "round 0"), ({}, 0.0, "round 0")],
+)  # fmt: skip
+def test_fit_budget_refuses_bad_rounds_tolerance_and_measurements(kwargs, returns, message):
+    from secateurs.analysis import fit_budget
+    from secateurs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        fit_budget(_profile(), {"params": 800}, lambda s: returns, **kwargs)

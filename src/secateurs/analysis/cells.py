@@ -594,11 +594,20 @@ def fit_budget(
     asked to achieved, a few rounds (SPDY re-measures its candidates the same way). Returns the
     per-entry sparsities of the measured round closest to the budget (marked ``chosen`` in the
     history of (asked, predicted, achieved)): never a solution that was not measured."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"fit_budget: rounds must be an integer >= 1, got {rounds!r}")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ConfigError(f"fit_budget: tolerance must be a finite number >= 0, got {tolerance!r}")
     ((kind, target),) = budget.items()
     asked, history, measured = float(target), [], []
     allocated = solve_budget(profile, kind, asked)
     for round_ in range(rounds):
         achieved = float(measure(allocated.sparsities))
+        if not math.isfinite(achieved) or achieved <= 0:
+            raise ConfigError(
+                f"fit_budget: measure() returned {achieved!r} for round {round_} ({kind}); it must return the "
+                "pruned model's total as a finite positive number"
+            )
         history.append({"asked": asked, "predicted": allocated.predicted, "achieved": achieved})
         measured.append(allocated.sparsities)
         if abs(achieved - target) <= tolerance * abs(target) or round_ == rounds - 1:
