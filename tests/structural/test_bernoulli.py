@@ -270,7 +270,7 @@ def test_the_kept_probabilities_are_the_best_measured_deterministic_mask():
     assert measured[-1] > crit.best_loss_  # the search did end on a worse mask: the rule is what kept the best
     assert sorted(torch.argsort(out, descending=True)[:3].tolist()) == [5, 6, 7]
     off, _, _ = _toy_search({**options, "eval_every": 0}, 0, start)  # without the rule: the last probabilities
-    assert not hasattr(off, "best_loss_") and off.trace_ == []
+    assert off.best_loss_ is None and off.trace_ == []
 
 
 def test_the_search_measures_exactly_the_model_that_remove_builds():
@@ -286,3 +286,14 @@ def test_the_search_measures_exactly_the_model_that_remove_builds():
     # mean ablation during the search == removal with bias compensation afterwards, to float tolerance
     assert cut == pytest.approx(crit.best_loss_, abs=1e-4)
     assert crit.best_loss_ <= crit.trace_[0][2]
+
+
+def test_the_best_mask_rule_is_off_with_a_solver_the_search_does_not_model():
+    from secateurs.errors import SecateursWarning
+    from secateurs.structural.bernoulli import Bernoulli
+
+    crit = Bernoulli(steps=4, samples=2, eval_every=2)
+    with pytest.warns(SecateursWarning, match="solver='bias_compensation'"):
+        secateurs.prune(_llama(), method=crit, sparsity=0.3, mode="remove", calibration=_calibration(), progress=False,
+                        solver="none", structural={"latency": False, "gqa": "kv_groups"})  # fmt: skip
+    assert crit.trace_ == [] and crit.best_loss_ is None

@@ -31,6 +31,7 @@ initialised from ShortGPT's block influence) and the least probable blocks are d
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from ..batches import default_loss, logits_of, model_device, model_inputs, run_model, to_device
 from ..criteria import make_criterion
 from ..criteria.base import register
-from ..errors import ConfigError, DataRequiredError
+from ..errors import ConfigError, DataRequiredError, SecateursWarning
 from ..evidence import Evidence, Need, preserved
 from ..progress import progress
 from ..selection import keep_mask
@@ -261,9 +262,18 @@ class Bernoulli(GroupCriterion):
             for g, m in zip(ev.groups, mask.split(sizes)):
                 ablation.masks[g.name] = m.float()
 
+        chosen = None
+        if self.eval_every > 0 and ev.solver == "bias_compensation":
+            chosen = lambda t: self._chosen(ev, t, sizes, cost, budget)  # noqa: E731
+        elif self.eval_every > 0:  # mean ablation is the model bias compensation builds, not another solver's
+            warnings.warn(
+                f"method 'bernoulli' keeps the best measured mask only with solver='bias_compensation' (its "
+                f"mean-ablated search is that model); with solver={ev.solver!r} it returns the last probabilities",
+                SecateursWarning,
+                stacklevel=2,
+            )
         try:
-            theta = self._search(ev.model, ev.evidence, self._initial(ev, cost, budget), cost, budget, apply,
-                                 lambda t: self._chosen(ev, t, sizes, cost, budget))  # fmt: skip
+            theta = self._search(ev.model, ev.evidence, self._initial(ev, cost, budget), cost, budget, apply, chosen)
         finally:
             ablation.remove()
         return {g.name: t for g, t in zip(ev.groups, theta.split(sizes))}
@@ -388,9 +398,10 @@ class Bernoulli(GroupCriterion):
         finally:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
-        if not all(math.isfinite(v) for v in self.history_):
+        if not all(math.isfinite(v) for v in self.history_) or not all(math.isfinite(t[2]) for t in self.trace_):
             raise ConfigError("the Bernoulli search saw non-finite losses; check the calibration batches")
         self.theta_ = theta
+        self.best_loss_ = None
         if best is not None:
             self.best_loss_ = best[0]
             theta = best[1]

@@ -159,7 +159,8 @@ def score_groups(
         def decide(s: dict[str, Tensor]) -> dict[str, Tensor]:  # exactly the choice remove_structures makes
             return select(groups, s, prune_counts(groups, s, allocation, sparsity, opts))
 
-        ev = GroupEvidence(model, groups, evidence, modules, sparsity=sparsity, decide=decide)
+        ev = GroupEvidence(model, groups, evidence, modules, sparsity=sparsity, decide=decide,
+                           solver=solver.name if solver is not None else None)  # fmt: skip
         return ev, criterion.group_scores(ev)
 
 

@@ -66,6 +66,8 @@ class GroupEvidence:
     #: the run's own choice from scores: ``scores -> {group: removed unit indices}`` (allocation, bounds,
     #: rounding, GQA rows), so a search can measure exactly the model that ``mode='remove'`` would build
     decide: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    #: the run's removal solver (``None``: none), whose model a search's measurements stand for
+    solver: str | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:
