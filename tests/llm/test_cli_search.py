@@ -39,6 +39,7 @@ def test_search_spdy_prunes_the_searched_allocation_and_its_profile_reproduces_i
     printed = capsys.readouterr().out
     line = next(t for t in printed.splitlines() if t.startswith("spdy search: block sparsities"))
     chosen = [float(v) for v in line.split("block sparsities ")[1].split(";")[0].split()]
+    assert len(set(chosen)) > 1  # not the uniform allocation: the check below tells the searched one apart
     report = json.loads((searched / "report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.6, abs=0.01)  # each row of 32 columns rounds its count
     for layer in report["layers"]:  # every layer of block b at the searched sparsity of block b
@@ -76,3 +77,20 @@ def test_search_refuses_a_factory_model_and_points_to_analyze(tmp_path, capsys):
             "--sparsity", "0.5", "--search", "spdy", "--out", str(out)]  # fmt: skip
     assert main(args) == 2
     assert "secateurs analyze" in capsys.readouterr().err and not out.exists()
+
+
+def test_search_that_loses_to_uniform_prunes_uniformly_and_says_so(model_dir, calib, tmp_path, capsys, monkeypatch):
+    import types
+
+    from secateurs.llm import search
+
+    found = types.SimpleNamespace(sparsities={"a": 0.5, "b": 0.7}, loss=2.0, uniform_loss=1.0, profile=None)
+    monkeypatch.setattr(search, "search_allocation", lambda *a, **k: found)
+    out = tmp_path / "out"
+    args = ["prune", str(model_dir), *FLAGS, "--sparsity", "0.6", "--calib", str(calib), "--search", "spdy",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "pruning uniformly" in capsys.readouterr().err
+    assert not (out / "search_profile.json").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert len({round(layer["sparsity"], 2) for layer in report["layers"]}) == 1  # one sparsity everywhere

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,10 @@ def _searched(model: Any, recipe: dict[str, Any], args: argparse.Namespace, toke
     shares = " ".join(f"{s:.2f}" for s in result.sparsities.values())
     print(f"{args.search} search: block sparsities {shares}; calibration loss {result.loss:.4f} "
           f"(uniform {result.uniform_loss:.4f})")  # fmt: skip
+    if result.uniform_loss <= result.loss:  # the search found nothing better than its baseline: do not use it
+        print(f"{args.search} search: uniform allocation scored no worse than the searched one; pruning uniformly "
+              "and writing no search profile", file=sys.stderr)  # fmt: skip
+        return recipe, {}
     profile = result.profile.to_dict()
     recipe = {**recipe, "allocation": "sensitivity", "allocation_options": {"profile": profile}}
     return recipe, {"search_profile.json": json.dumps(profile, indent=2) + "\n"}
