@@ -11,8 +11,9 @@ protocol on non-overlapping 256-token windows of pydoc-test.txt. Writes bench/re
     .venv/bin/python bench/bernoulli_llama.py [--steps N] [--samples K] [--lr LR] [--windows 20] [--nsamples 8]
         [--runs 0,1,2,3,4] [--threads 2] [--name bernoulli_llama]
 
-Without --steps/--samples/--lr the search runs with the method's defaults (200 steps, K = 4, Adam on a
-band of uncertain units, leave-one-out baseline, best calibration mask kept; see docs/subspace.md).
+Without --steps/--samples/--lr the search runs with the method's defaults (200 steps, K = 4, the max-normalised
+step on a band of uncertain units, leave-one-out baseline, standardised estimator, best calibration mask
+kept; see docs/subspace.md).
 
 The prune wall time is also given as CPU seconds of the process (meaningful on a busy machine).
 ``--pattern layer`` compares whole-block removal instead: ShortGPT's block influence, the block

@@ -122,6 +122,8 @@ def word_order(path: Path, count: int, words: int, seed: int) -> list[tuple[str,
             out.append((text, 1))
             continue
         tokens = text.split()
+        if len(set(tokens)) < 2:  # no permutation differs from the original: not a usable negative
+            continue
         shuffled = tokens[:]
         while shuffled == tokens:
             rng.shuffle(shuffled)

@@ -411,7 +411,13 @@ def _result_name(args: argparse.Namespace) -> str:
     if args.width != 16:
         name += f"_w{args.width}"
     if args.grid != (0.25, 0.5, 0.75) or args.round_to != 1:
-        name += f"_g{len(args.grid)}_r{args.round_to}"
+        # the count alone for the 8-point grid (the name its results were written under), else the grid itself
+        grid = (
+            len(args.grid)
+            if args.grid == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+            else "-".join(f"{s:g}" for s in args.grid)
+        )
+        name += f"_g{grid}_r{args.round_to}"
     if args.budget != 0.5:
         name += f"_budget{args.budget:g}"
     if args.finetune_lr != 1e-3:
