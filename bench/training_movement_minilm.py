@@ -110,12 +110,16 @@ def task_data(tokenizer, args, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def run(method: str, target: float, seed: int, data, dev, args) -> dict:
+    name = method
     model = (BiEncoderClassifier if args.task == "same_section" else PairClassifier)(minilm(), seed)
     pruner = None
     if method == "frozen":  # the reference: only the head learns, so the pretrained embeddings as they are
         model.encoder.requires_grad_(False)
-    elif method in ("magnitude", "movement"):
-        extra = {"regularizer": "movement"} if method == "movement" else {}
+    elif method in ("magnitude", "movement", "movement_adam"):
+        extra = {} if method == "magnitude" else {"regularizer": "movement"}
+        if method == "movement_adam":  # the scores take Adam's steps, as the authors' released code trains them
+            extra["regularizer_options"] = {"score_update": "adam"}
+        method = "magnitude" if method == "magnitude" else "movement"
         pruner = secateurs.Pruner(model, method, target, schedule=schedule(args.steps), scope=SCOPE, **extra)
     elif method == "soft_movement":
         ramp = schedule(args.steps)
@@ -127,7 +131,7 @@ def run(method: str, target: float, seed: int, data, dev, args) -> dict:
     losses = train(model, data, args.steps, optimizer_for(pruner, args.lr, args.score_lr), pruner=pruner)
     seconds = time.perf_counter() - t
     reached = encoder_sparsity(model)
-    row = {"method": method, "seed": seed, "seconds": seconds, "sparsity": reached,
+    row = {"method": name, "seed": seed, "seconds": seconds, "sparsity": reached,
            "train_loss_first10": sum(losses[:10]) / 10, "train_loss_last20": sum(losses[-20:]) / 20}  # fmt: skip
     if method == "soft_movement":
         row["strength"] = target
@@ -164,8 +168,8 @@ def main() -> None:
     parser.add_argument(
         "--near", type=int, default=3, help="same_section: negatives from at most this many sections away"
     )
-    parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "movement"],
-                        choices=["frozen", "dense", "magnitude", "movement", "soft_movement"])  # fmt: skip
+    methods = ["frozen", "dense", "magnitude", "movement", "movement_adam", "soft_movement"]
+    parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "movement"], choices=methods)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9])
     parser.add_argument("--strengths", nargs="+", type=float, default=[1e-6, 1e-5, 1e-4],
                         help="soft movement's lambdas (its sparsity is reached, not set)")  # fmt: skip

@@ -262,6 +262,33 @@ def test_hard_movement_scores_accumulate_minus_w_times_grad_and_prune_the_lowest
     assert int(mask.sum()) == 15 and bool(mask.flatten()[kept].all())
 
 
+def test_hard_movement_scores_with_adam_steps_match_adam_by_hand():
+    # the authors' released code trains the scores with Adam: S takes -m_hat / (sqrt(v_hat) + eps) on dL/dS = W * dL/dW
+    model = mlp()
+    x, y = task()
+    options = {"score_update": "adam"}
+    pruner = secateurs.Pruner(model, "movement", 0.5, regularizer="movement", scope=["2"],
+                              regularizer_options=options, schedule={"kind": "oneshot", "at": 2})  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    m = torch.zeros_like(model[2].weight)
+    v, expected = torch.zeros_like(m), torch.zeros_like(m)
+    for t in (1, 2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        g = model[2].weight.detach() * model[2].weight.grad
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        expected -= (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        pruner.regularize()
+        optimizer.step()
+    scores = secateurs.criteria.movement.movement_scores(model[2].weight)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+    plain = secateurs.Pruner(mlp(), "movement", 0.5, regularizer="movement", scope=["2"])
+    assert "score_update" not in plain.config.regularizer_.options()
+    with pytest.raises(secateurs.errors.ConfigError, match="score_update"):
+        secateurs.Pruner(mlp(), "movement", 0.5, regularizer="movement", scope=["2"],
+                         regularizer_options={"score_update": "rms"})  # fmt: skip
+
+
 def test_hard_movement_scores_of_masked_weights_use_the_masked_weights_gradient():
     # Sanh et al. 2020: the straight-through estimator hands every score dL/dW' (W' = W * M), so a pruned
     # weight's score keeps moving; dL/dW itself is zero there under the mask

@@ -43,15 +43,31 @@ class MovementScores(Regularizer):
     adds no gradient (``strength`` is unused). Pair it with ``method='movement'``."""
 
     name = "movement"
+    UPDATES = ("sum", "adam")
 
-    def __init__(self, strength: float = 0.0, strength_schedule: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, strength: float = 0.0, strength_schedule: Mapping[str, Any] | None = None,
+                 score_update: str = "sum") -> None:  # fmt: skip
+        """``score_update='sum'``: ``S`` is the raw sum of ``-W * dL/dW'`` (the paper's eq., SGD on the
+        scores); ``'adam'``: ``S`` takes Adam's normalised steps on ``dL/dS = W * dL/dW'`` (betas 0.9, 0.999),
+        as the authors' released code trains its scores, so each score's steps are scaled by its own
+        history and large weights do not fill both ends of the ranking. The ranking does not depend on the
+        scores' learning rate (they all start at 0), so there is none to set."""
         super().__init__(strength, strength_schedule)
+        if score_update not in self.UPDATES:
+            raise ConfigError(f"regularizer_options.score_update must be one of {self.UPDATES}, got {score_update!r}")
+        self.score_update = score_update
+        self._adam: dict[str, tuple[Tensor, Tensor, int]] = {}
+
+    def options(self) -> dict[str, Any]:
+        extra = {"score_update": self.score_update} if self.score_update != "sum" else {}
+        return {**super().options(), **extra}
 
     def bind(self, model: nn.Module, targets: Sequence[Target], example_inputs: Any = None) -> None:
         if not targets:
             raise ConfigError("regularizer 'movement' scores the weights in scope, and the scope selects none")
         for handle in getattr(self, "_handles", []):  # bound again (after a removal step): hook afresh
             handle.remove()
+        self._adam = {}
         for handle in getattr(self, "_watched", {}).values():
             handle.remove()
         self._targets = list(targets)
@@ -96,12 +112,23 @@ class MovementScores(Regularizer):
                 if grad is None:
                     grad = w.grad
                 if grad is not None:
-                    accumulate(w, -(w.detach() * grad))
+                    accumulate(w, -self._step(t.name, w.detach() * grad))
         self._masked_grads.clear()
         return 0.0
 
+    def _step(self, name: str, grad: Tensor) -> Tensor:
+        """The descent step on ``S`` for ``dL/dS = grad``: the gradient itself, or Adam's normalised step."""
+        if self.score_update == "sum":
+            return grad
+        g = grad.float()
+        m, v, t = self._adam.get(name, (torch.zeros_like(g), torch.zeros_like(g), 0))
+        m, v, t = m.mul_(0.9).add_(g, alpha=0.1), v.mul_(0.999).addcmul_(g, g, value=0.001), t + 1
+        self._adam[name] = (m, v, t)
+        return (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+
     def reset(self) -> None:
-        """Forget the accumulated scores."""
+        """Forget the accumulated scores (and Adam's moments)."""
+        self._adam.clear()
         for t in self._targets:
             reset_scores(t.parameter)
 
