@@ -115,11 +115,11 @@ def run(method: str, target: float, seed: int, data, dev, args) -> dict:
     pruner = None
     if method == "frozen":  # the reference: only the head learns, so the pretrained embeddings as they are
         model.encoder.requires_grad_(False)
-    elif method in ("magnitude", "movement", "movement_adam"):
-        extra = {} if method == "magnitude" else {"regularizer": "movement"}
+    elif method in ("magnitude", "random", "movement", "movement_adam"):  # random: a control for the selection
+        extra = {} if method in ("magnitude", "random") else {"regularizer": "movement"}
         if method == "movement_adam":  # the scores take Adam's steps, as the authors' released code trains them
             extra["regularizer_options"] = {"score_update": "adam"}
-        method = "magnitude" if method == "magnitude" else "movement"
+        method = method if method in ("magnitude", "random") else "movement"
         pruner = secateurs.Pruner(model, method, target, schedule=schedule(args.steps), scope=SCOPE, **extra)
     elif method == "soft_movement":
         ramp = schedule(args.steps)
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument(
         "--near", type=int, default=3, help="same_section: negatives from at most this many sections away"
     )
-    methods = ["frozen", "dense", "magnitude", "movement", "movement_adam", "soft_movement"]
+    methods = ["frozen", "dense", "magnitude", "random", "movement", "movement_adam", "soft_movement"]
     parser.add_argument("--methods", nargs="+", default=["dense", "magnitude", "movement"], choices=methods)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8, 0.9])
     parser.add_argument("--strengths", nargs="+", type=float, default=[1e-6, 1e-5, 1e-4],
