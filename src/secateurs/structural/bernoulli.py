@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..adam import adam_direction
 from ..batches import default_loss, logits_of, model_device, model_inputs, run_model, to_device
 from ..criteria import make_criterion
 from ..criteria.base import register
@@ -229,14 +230,9 @@ class Bernoulli(GroupCriterion):
             score = score / spread.sqrt().clamp_min(1e-6)
         return (centred[:, None] * score).mean(0)
 
-    def _chosen(self, ev: GroupEvidence, theta: Tensor, sizes: list[int], cost: Tensor, budget: float) -> Tensor:
+    def _chosen(self, ev: GroupEvidence, theta: Tensor, sizes: list[int]) -> Tensor:
         """The 0/1 mask ``mode='remove'`` would cut for scores ``theta``: the run's own allocation and rounding
-        (``ev.decide``), or, for evidence built by hand without it, the most probable units to the budget."""
-        if ev.decide is None:
-            keep = torch.zeros_like(theta)
-            order = torch.argsort(theta, descending=True, stable=True)
-            keep[order[cost[order].cumsum(0) <= budget + 1e-9]] = 1.0
-            return keep
+        (``ev.decide``)."""
         removed = ev.decide({g.name: t for g, t in zip(ev.groups, theta.split(sizes))})
         parts = []
         for g, n in zip(ev.groups, sizes):
@@ -263,8 +259,8 @@ class Bernoulli(GroupCriterion):
                 ablation.masks[g.name] = m.float()
 
         chosen = None
-        if self.eval_every > 0 and ev.solver == "bias_compensation":
-            chosen = lambda t: self._chosen(ev, t, sizes, cost, budget)  # noqa: E731
+        if self.eval_every > 0 and ev.solver == "bias_compensation" and ev.decide is not None:
+            chosen = lambda t: self._chosen(ev, t, sizes)  # noqa: E731
         elif self.eval_every > 0:  # mean ablation is the model bias compensation builds, not another solver's
             warnings.warn(
                 f"method 'bernoulli' keeps the best measured mask only with solver='bias_compensation' (its "
@@ -330,10 +326,7 @@ class Bernoulli(GroupCriterion):
             moving = grad != 0
             rms = grad[moving].pow(2).mean().sqrt() if bool(moving.any()) else grad.new_tensor(1.0)
             return theta - lr * grad / rms.clamp_min(1e-12)
-        b1, b2 = 0.9, 0.999
-        m = state["m"] = b1 * state.get("m", torch.zeros_like(grad)) + (1 - b1) * grad
-        v = state["v"] = b2 * state.get("v", torch.zeros_like(grad)) + (1 - b2) * grad**2
-        return theta - lr * (m / (1 - b1 ** (step + 1))) / ((v / (1 - b2 ** (step + 1))).sqrt() + 1e-12)
+        return theta - lr * adam_direction(state, grad, 1e-12)
 
     def _search(
         self, model: nn.Module, evidence: Evidence, theta: Tensor, cost: Tensor, budget: float,

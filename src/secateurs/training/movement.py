@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..adam import adam_direction
 from ..criteria.movement import accumulate, movement_scores, reset_scores
 from ..errors import ConfigError
 from ..masking import Gate, current_mask
@@ -56,7 +57,7 @@ class MovementScores(Regularizer):
         if score_update not in self.UPDATES:
             raise ConfigError(f"regularizer_options.score_update must be one of {self.UPDATES}, got {score_update!r}")
         self.score_update = score_update
-        self._adam: dict[str, tuple[Tensor, Tensor, int]] = {}
+        self._adam: dict[str, dict] = {}  # per target: Adam's moments (adam_direction's state)
 
     def options(self) -> dict[str, Any]:
         extra = {"score_update": self.score_update} if self.score_update != "sum" else {}
@@ -120,11 +121,7 @@ class MovementScores(Regularizer):
         """The descent step on ``S`` for ``dL/dS = grad``: the gradient itself, or Adam's normalised step."""
         if self.score_update == "sum":
             return grad
-        g = grad.float()
-        m, v, t = self._adam.get(name, (torch.zeros_like(g), torch.zeros_like(g), 0))
-        m, v, t = m.mul_(0.9).add_(g, alpha=0.1), v.mul_(0.999).addcmul_(g, g, value=0.001), t + 1
-        self._adam[name] = (m, v, t)
-        return (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        return adam_direction(self._adam.setdefault(name, {}), grad.float(), 1e-8)
 
     def reset(self) -> None:
         """Forget the accumulated scores (and Adam's moments)."""
