@@ -99,22 +99,28 @@ for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
-def test_saved_models_load_with_trust_remote_code_where_secateurs_is_not_installed(tmp_path):
+def _load_in_a_fresh_process(tmp_path, script: str, *first: str) -> None:
+    """Save a FLAP + low-rank Llama and GPT-2, run ``script`` in a fresh interpreter with ``first`` and then
+    (path, logits file) pairs, and check the logits it computed from each loaded model equal the originals."""
     saved = [
         _saved(tmp_path, _llama, "model.layers.1.mlp.down_proj"),
         _saved(tmp_path, _gpt2, "transformer.h.1.mlp.c_fc"),
     ]
-    argv = []
+    argv = list(first)
     for i, (path, _) in enumerate(saved):
         argv += [path, str(tmp_path / f"logits{i}.pt")]
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_SECATEURS, *argv], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     for i, (_, logits) in enumerate(saved):
         torch.testing.assert_close(
             torch.load(tmp_path / f"logits{i}.pt", weights_only=True), logits, rtol=1e-5, atol=1e-5
         )
+
+
+def test_saved_models_load_with_trust_remote_code_where_secateurs_is_not_installed(tmp_path):
+    _load_in_a_fresh_process(tmp_path, _WITHOUT_SECATEURS)
 
 
 def test_save_structured_writes_the_variable_config_for_a_flap_model(tmp_path):
@@ -174,21 +180,7 @@ pickle.dumps(CONFIG_MAPPING)  # placeholders pickle by reference
 def test_a_fresh_process_registers_lazily_and_loads_without_trust_remote_code(tmp_path, order):
     """Registering imports neither torch (before the Auto mapping is used) nor any model code; the placeholder
     builds the real classes when a saved config is read, whichever of the two packages is imported first."""
-    saved = [
-        _saved(tmp_path, _llama, "model.layers.1.mlp.down_proj"),
-        _saved(tmp_path, _gpt2, "transformer.h.1.mlp.c_fc"),
-    ]
-    argv = [order]
-    for i, (path, _) in enumerate(saved):
-        argv += [path, str(tmp_path / f"logits{i}.pt")]
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, *argv], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    for i, (_, logits) in enumerate(saved):
-        torch.testing.assert_close(
-            torch.load(tmp_path / f"logits{i}.pt", weights_only=True), logits, rtol=1e-5, atol=1e-5
-        )
+    _load_in_a_fresh_process(tmp_path, _FRESH_PROCESS, order)
 
 
 def test_the_lazy_registration_knows_every_variable_width_family():

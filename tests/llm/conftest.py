@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -95,3 +97,33 @@ def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# The command-line tests' tiny Llama directory (with a BPE tokenizer trained on TEXT) and calibration file.
+TEXT = "".join(f"def function_{i}(x):\n    return x * {i} + len('pruning')\n\n" for i in range(400))
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"], show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny("llama").save_pretrained(path)
+    _tokenizer(96).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return path

@@ -11,35 +11,7 @@ import torch
 from secateurs.cli import main
 from secateurs.export import SPARSE_FILE, load_sparse
 
-from .conftest import assert_same_bits, state_bits, tiny
-
-TEXT = "".join(f"def function_{i}(x):\n    return x * {i} + len('pruning')\n\n" for i in range(400))
-
-
-def _tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"], show_progress=False)
-    tok.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    tiny("llama").save_pretrained(path)
-    _tokenizer(96).save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib(tmp_path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return path
+from .conftest import TEXT, assert_same_bits, state_bits
 
 
 def test_prune_sparsegpt_writes_hf_and_compressed_checkpoints(model_dir, calib, tmp_path, capsys):

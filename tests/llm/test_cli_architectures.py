@@ -9,8 +9,7 @@ import torch
 from secateurs.cli import main
 from secateurs.export import load_sparse
 
-from .conftest import ARCHITECTURES, tiny
-from .test_cli import TEXT, _tokenizer
+from .conftest import ARCHITECTURES, TEXT, _tokenizer, tiny
 
 CASES = [(name, tied) for name in ARCHITECTURES for tied in (True, False)]
 

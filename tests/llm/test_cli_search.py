@@ -4,31 +4,12 @@ and reproduces the prune under --profile, and bad search flags are refused befor
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from secateurs.cli import main
 
-from .conftest import tiny
-from .test_cli import TEXT, _tokenizer
-
 FLAGS = ["--method", "wanda", "--nsamples", "8", "--seqlen", "32", "--format", "hf"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    tiny("llama").save_pretrained(path)
-    _tokenizer(96).save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib(tmp_path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def test_search_spdy_prunes_the_searched_allocation_and_its_profile_reproduces_it(model_dir, calib, tmp_path, capsys):

@@ -90,7 +90,7 @@ def test_cli_flap_saves_a_loadable_directory_and_eval_reads_it(tmp_path, capsys)
     from secateurs.cli import main
     from secateurs.export import load_sparse
 
-    from .test_cli import TEXT, _tokenizer
+    from .conftest import TEXT, _tokenizer
 
     src = tmp_path / "tiny"
     tiny("llama").save_pretrained(src)
