@@ -18,7 +18,8 @@ other samples on the same batch; the paper's moving average lets the batch-to-ba
 through), ``estimator='standardised'`` (``s = (m - theta) / sqrt(theta (1 - theta))``, the authors'
 released code, instead of the score's ``1/(theta (1 - theta))``), ``init_spread=5`` with ``eps=0`` (only
 a band of units near the budget's threshold is uncertain), and ``eval_every=25``: the deterministic mask
-that ``mode='remove'`` would build is measured on all calibration batches and the best one is kept.
+that ``mode='remove'`` would build is measured on all calibration batches and the best one no larger
+than the initial mask (in kept parameters) is kept.
 
 The score is the learned ``theta``: the pipeline's global allocation keeps the most probable units to
 the budget, and ``mode='remove'`` cuts the rest (heads per KV group, rounding and refusals as usual).
@@ -337,8 +338,9 @@ class Bernoulli(GroupCriterion):
         With ``eval_every > 0`` (beyond the paper, which keeps its last probabilities) the deterministic
         mask ``chosen(theta)`` (the units ``mode='remove'`` would keep) is measured on all calibration
         batches at the start, every ``eval_every`` steps and at the end, and the probabilities whose mask
-        had the lowest calibration loss are returned: the result is never worse on the calibration data
-        than the initialisation. ``trace_`` records (step, mean sampled loss, deterministic loss)."""
+        had the lowest calibration loss among those no larger than the initial mask (kept cost, ``kept_``)
+        are returned: the result is never worse on the calibration data than the initialisation, and never
+        larger. ``trace_`` records (step, mean sampled loss, deterministic loss)."""
         self.initial_ = theta.clone()
         batches = evidence.batches
         if not batches:
@@ -349,6 +351,7 @@ class Bernoulli(GroupCriterion):
         baseline = None
         self.history_: list[float] = []
         self.trace_: list[tuple[int, float, float]] = []
+        self.kept_: list[float] = []  # per measured mask: its kept cost (in the search's units), the size rule's
         tracking = self.eval_every > 0 and chosen is not None
         best: tuple[float, Tensor] | None = None
         state: dict = {}
@@ -359,10 +362,18 @@ class Bernoulli(GroupCriterion):
             mask = chosen(theta)
             apply(mask)
             loss = sum(float(loss_fn(model, to_device(b, device))) for b in batches) / len(batches)
+            kept = float((mask.to(cost.dtype) * cost).sum())
             self.trace_.append((step, self.history_[-1] if self.history_ else float("nan"), loss))
+            self.kept_.append(kept)
             if self.monitor is not None:
                 self.monitor(step, mask, apply)
-            return (loss, theta.clone()) if best is None or loss < best[0] else best
+            if best is None:
+                return loss, theta.clone()
+            # only a mask no larger than the initial one may replace it: removal rounds whole units (a GQA
+            # group of heads is large), so masks land at slightly different sizes, and a larger mask has a
+            # lower loss for its size alone; comparing losses across sizes would quietly overspend the budget
+            fits = kept <= self.kept_[0] * (1 + 1e-9)
+            return (loss, theta.clone()) if fits and loss < best[0] else best
 
         try:
             with preserved(model, []), torch.no_grad():
