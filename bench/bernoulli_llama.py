@@ -56,6 +56,11 @@ RUNS = {  # name -> prune() options (search settings not given here come from th
         "method": "bernoulli",
         "method_options": {**PAPER, "steps": 0},
     },
+    "bernoulli init (wanda-sp ranks, steps=0)": {
+        "method": "bernoulli",
+        "method_options": {"init": "wanda", "steps": 0},
+    },
+    "bernoulli search (wanda-sp init)": {"method": "bernoulli", "method_options": {"init": "wanda"}},
 }
 
 BLOCK_RUNS = {  # --pattern layer: whole blocks

@@ -146,20 +146,21 @@ def main() -> None:
     parser.add_argument("--slim", type=float, default=0.25)
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="accuracy and sizes only (latency on a shared machine is noise)")  # fmt: skip
+    parser.add_argument("--name", default="training_group_sparsity_cnn", help="bench/results/<name>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_digits()
     rows = []
     for seed in args.seeds:
-        rows += one_seed(seed, data, args)
+        rows += [{**r, "loadavg": os.getloadavg()} for r in one_seed(seed, data, args)]
     summary = {}
     keys = ("accuracy", "params", "speedup") if args.latency else ("accuracy", "params")
     for arm in dict.fromkeys(r["arm"] for r in rows):
         own = [r for r in rows if r["arm"] == arm]
         summary[arm] = {k: statistics.median(r[k] for r in own) for k in keys}
     print(summary)
-    write_results("training_group_sparsity_cnn", {"machine": machine(), "loadavg": os.getloadavg(),
-                                                  "args": vars(args), "rows": rows, "summary": summary})  # fmt: skip
+    write_results(args.name, {"machine": machine(), "loadavg": os.getloadavg(), "args": vars(args), "rows": rows,
+                              "summary": summary})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -88,19 +88,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--strength", type=float, default=3e-6)
+    parser.add_argument("--name", default="training_l0_lenet5", help="bench/results/<name>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_digits()
     rows = []
     for seed in range(args.seeds):
         row = one_seed(seed, data, args.steps, args.strength)
+        row["loadavg"] = os.getloadavg()  # right after this seed's latency measurement
         rows.append(row)
         print(f"seed {seed}: 20-50-500 -> {row['architecture']}, accuracy dense {row['dense_accuracy']:.4f} / gated "
               f"{row['gated_accuracy']:.4f} / removed {row['removed_accuracy']:.4f}, params {row['params_dense']} -> "
               f"{row['params_removed']}, speed-up {row['latency_speedup_median']:.2f}x ({row['seconds']:.0f} s)",
               flush=True)  # fmt: skip
-    write_results("training_l0_lenet5", {"machine": machine(), "loadavg": os.getloadavg(), "args": vars(args),
-                                         "rows": rows})  # fmt: skip
+    write_results(args.name, {"machine": machine(), "loadavg": os.getloadavg(), "args": vars(args),
+                              "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":
