@@ -17,6 +17,25 @@ model (and of every analysis cell) are re-estimated on ``--bn-batches`` calibrat
 BatchNorm, EagleEye): without it any 0.5x model here falls to chance, and the raw figure is kept too.
 The achieved latencies are measured again at the end, in the same run.
 
+``--relinearize N``: the profile's costs were each measured with one group removed and all others
+dense, and they do not add up under removal (a convolution's cost is bilinear in its input and
+output widths, latency has fixed overheads), so the first solve overshoots and the asked/achieved
+correction chases it. With ``N > 0`` the first ``N`` re-solves instead re-measure every group's cost
+at dense and at each grid sparsity with all other groups at the last measured allocation
+(``secateurs.analysis.relinearize``, HALP-style) and solve the knapsack over that first-order
+expansion, asking the budget itself: 12 groups x 9 options = at most 108 extra measurements a
+round (in ``--latency measured`` each a paired dense/pruned timing of ``--repeats`` runs).
+``0`` (default) is the earlier behaviour.
+
+Uniform at the same latency: uniform removal's latency is a step function of its sparsity (with
+channel counts rounded to ``--round-to``, many groups change width at the same sparsity: with 8,
+0.643x at 38.7% removed, 0.487x at 39.4%), so it usually cannot land on the knapsack's latency. The
+bisection's measured points that bracket the knapsack's final latency most tightly, one slower and
+one faster, are both evaluated, and their accuracies are interpolated linearly in latency at the
+knapsack's latency ("uniform, interpolated"). The knapsack is *conclusively* ahead only where it
+beats the slower bracket (uniform with more latency to spend); beating the interpolation is the
+"same latency" comparison; beating only the faster bracket proves nothing.
+
 ``--latency macs`` replaces every latency by the MACs ratio (a stand-in, for building and for the
 accuracy figures on a loaded machine where timings mean nothing); ``--latency measured`` (default)
 is the real bench. On a quiet 2-core machine, with the trained model and the analysis cells cached
@@ -270,6 +289,12 @@ def main() -> None:
     )
     p.add_argument("--cache", default=str(Path(__file__).resolve().parent / ".cache" / "sensitivity_cnn_latency"))
     p.add_argument("--fresh-table", dest="fresh_table", action="store_true", help="measure the latency table again")
+    p.add_argument(
+        "--relinearize",
+        type=int,
+        default=0,
+        help="re-solves that re-measure every group's cost about the current allocation (0: the dense-context costs)",
+    )
     args = p.parse_args()
     from secateurs.analysis import fit_budget, sensitivity
     from secateurs.training import accuracy, train
@@ -329,8 +354,11 @@ def main() -> None:
         return latency(_removed(model, sparsities, inputs, args.round_to))["ratio"]
 
     start = time.perf_counter()
-    sparsities, history = fit_budget(profile, {"latency": args.budget}, measure, rounds=args.fit_rounds, tolerance=0.03)
-    print(f"fit rounds: {history}", flush=True)
+    sparsities, history = fit_budget(profile, {"latency": args.budget}, measure, rounds=args.fit_rounds,
+                                     tolerance=0.03, relinearize=args.relinearize)  # fmt: skip
+    for h in history:
+        print(f"fit round: {h}", flush=True)
+    relinearize_seconds = time.perf_counter() - start
     ours = _removed(model, sparsities, inputs, args.round_to)
 
     low, high, rounds = 0.0, 0.9, []
@@ -340,13 +368,14 @@ def main() -> None:
         ratio = latency(_uniform(model, mid, inputs, args.round_to))["ratio"]
         rounds.append({"sparsity": mid, "ratio": ratio})
         low, high = (mid, high) if ratio > target else (low, mid)
-    best = min(rounds, key=lambda r: abs(r["ratio"] - target))
-    uniform = _uniform(model, best["sparsity"], inputs, args.round_to)
+    arms = [("sensitivity (knapsack)", ours)]
+    for side, r in _brackets(rounds, target).items():
+        arms.append((f"uniform {r['sparsity']:.3f} ({side})", _uniform(model, r["sparsity"], inputs, args.round_to)))
     fit_seconds = time.perf_counter() - start
     load.append(os.getloadavg())
 
     rows = []
-    for name, pruned in (("sensitivity (knapsack)", ours), (f"uniform {best['sparsity']:.3f}", uniform)):
+    for name, pruned in arms:
         final = latency(pruned, repeats=2 * args.repeats)  # measured again, in this run
         raw = accuracy(pruned, test_batches)
         if args.bn_batches:
@@ -370,6 +399,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     load.append(os.getloadavg())
     result = {
+        "relinearize": args.relinearize,
+        "fit_and_relinearize_seconds": relinearize_seconds,
+        "uniform_interpolated": _interpolated(rows),
         "machine": machine(),
         "latency": args.latency,
         "width": args.width,
@@ -424,7 +456,38 @@ def _result_name(args: argparse.Namespace) -> str:
         name += f"_lr{args.finetune_lr:g}"
     if args.cell_finetune:
         name += f"_cellft{args.cell_finetune}"
+    if args.relinearize:
+        name += f"_relin{args.relinearize}"
     return name
+
+
+def _brackets(rounds: list[dict], target: float) -> dict[str, dict]:
+    """The bisection's measured uniform points nearest the target on each side: the slowest one at
+    or below it ('faster') and the fastest one above it ('slower'); one side may be missing."""
+    out = {}
+    slower = [r for r in rounds if r["ratio"] > target]
+    faster = [r for r in rounds if r["ratio"] <= target]
+    if slower:
+        out["slower"] = min(slower, key=lambda r: (r["ratio"], -r["sparsity"]))
+    if faster:
+        out["faster"] = max(faster, key=lambda r: (r["ratio"], -r["sparsity"]))
+    return out
+
+
+def _interpolated(rows: list[dict]) -> dict | None:
+    """Uniform's accuracies linearly interpolated in the final measured latency at the knapsack's; None
+    (with the reason) where the two brackets do not enclose it after the final re-measurement."""
+    ours = rows[0]
+    sides = {("slower" if "(slower)" in r["allocation"] else "faster"): r for r in rows[1:]}
+    if set(sides) != {"slower", "faster"}:
+        return {"reason": f"only the {', '.join(sides)} side was measured"}
+    lo, hi = sides["faster"], sides["slower"]
+    if not lo["ratio"] <= ours["ratio"] <= hi["ratio"] or hi["ratio"] == lo["ratio"]:
+        return {"reason": f"the final latencies do not enclose the knapsack's ({lo['ratio']:.3f}, {ours['ratio']:.3f}, "
+                          f"{hi['ratio']:.3f})"}  # fmt: skip
+    w = (ours["ratio"] - lo["ratio"]) / (hi["ratio"] - lo["ratio"])
+    return {"ratio": ours["ratio"], "weight_of_slower": w,
+            **{k: lo[k] + w * (hi[k] - lo[k]) for k in ("accuracy_raw", "accuracy", "accuracy_finetuned")}}  # fmt: skip
 
 
 def table(r: dict) -> str:
@@ -442,6 +505,12 @@ def table(r: dict) -> str:
             f"{row['params']} | {row.get('accuracy_raw', float('nan')):.4f} | {row['accuracy']:.4f} | "
             f"{row['accuracy_finetuned']:.4f} |"
         )
+    i = r.get("uniform_interpolated")
+    if i and "ratio" in i:
+        lines.append(f"| uniform, interpolated | {i['ratio']:.3f} | | | | {i['accuracy_raw']:.4f} | "
+                     f"{i['accuracy']:.4f} | {i['accuracy_finetuned']:.4f} |")  # fmt: skip
+    elif i:
+        lines.append(f"(uniform not interpolated: {i['reason']})")
     return "\n".join(lines)
 
 

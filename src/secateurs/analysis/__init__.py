@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .budget import Allocated, solve_budget
     from .cells import fit_budget, sensitivity
+    from .expansion import Expansion, relinearize, solve_expansion
     from .knapsack import BudgetError, Option, solve
     from .profile import Cell, Entry, ProfileMismatchError, SensitivityProfile
     from .saliencies import SaliencyCheck, saliency, saliency_check, spearman
@@ -29,6 +30,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "budget": ("Allocated", "solve_budget"),
     "knapsack": ("BudgetError", "Option", "solve"),
     "profile": ("Cell", "Entry", "ProfileMismatchError", "SensitivityProfile"),
+    "expansion": ("Expansion", "relinearize", "solve_expansion"),
     "saliencies": ("SaliencyCheck", "saliency", "saliency_check", "spearman"),
     "cells": ("fit_budget", "sensitivity"),
     "search": ("SearchResult", "spdy_search"),
@@ -39,17 +41,20 @@ __all__ = [
     "BudgetError",
     "Cell",
     "Entry",
+    "Expansion",
     "Option",
     "ProfileMismatchError",
     "SaliencyCheck",
     "SearchResult",
     "SensitivityProfile",
     "fit_budget",
+    "relinearize",
     "saliency",
     "saliency_check",
     "sensitivity",
     "solve",
     "solve_budget",
+    "solve_expansion",
     "spdy_search",
     "spearman",
 ]

@@ -49,6 +49,8 @@ from ..structural.pipeline import candidate_groups
 from ..threads import available_cores
 from ..trials import trial
 from .budget import solve_budget
+from .expansion import relinearize as relinearized
+from .expansion import solve_expansion
 from .knapsack import BudgetError
 from .profile import Cell, Entry, SensitivityProfile, merged_cells
 
@@ -587,20 +589,40 @@ def fit_budget(
     measure: Callable[[dict], float],
     rounds: int = 3,
     tolerance: float = 0.02,
-) -> tuple[dict[str, float], list[dict[str, float]]]:
+    relinearize: int = 0,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Where the profile's costs are not exactly additive (channel removal shares weights between
     neighbouring groups; latency is measured): solve, let ``measure(sparsities)`` report the real
-    total (e.g. latency of the pruned model), and re-solve with the budget corrected by the ratio of
-    asked to achieved, a few rounds (SPDY re-measures its candidates the same way). Returns the
-    per-entry sparsities of the measured round closest to the budget (marked ``chosen`` in the
-    history of (asked, predicted, achieved)): never a solution that was not measured."""
+    total (e.g. latency of the pruned model), and re-solve, a few ``rounds`` (SPDY re-measures its
+    candidates the same way). Each re-solve either
+
+    - *relinearises* (the first ``relinearize`` re-solves): re-measures every entry's cost at dense
+      and at each grid sparsity with all other entries at the last measured allocation, and solves
+      the knapsack over the first-order expansion about it, asking the budget itself
+      (:mod:`.expansion`, HALP-style); each such round costs ``#entries x (#grid + 1)`` extra
+      ``measure`` calls at most (fewer where an entry already sits on dense or a grid point); or
+    - *corrects* the budget asked of the last solver (the dense-context profile, or the last
+      expansion) by the ratio of asked to achieved.
+
+    Returns the per-entry sparsities of the measured round closest to the budget (marked ``chosen``
+    in the history of (asked, predicted, achieved, how it was solved, extra measurements)): never a
+    solution that was not measured."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"fit_budget: rounds must be an integer >= 1, got {rounds!r}")
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ConfigError(f"fit_budget: tolerance must be a finite number >= 0, got {tolerance!r}")
+    if isinstance(relinearize, bool) or not isinstance(relinearize, int) or relinearize < 0:
+        raise ConfigError(
+            f"fit_budget: relinearize must be an integer >= 0 (re-solves to relinearise), got {relinearize!r}"
+        )
     ((kind, target),) = budget.items()
+    if relinearize and kind == "sparsity":
+        raise ConfigError(
+            "fit_budget: relinearize applies to params, macs or latency budgets; a sparsity budget adds up"
+        )
     asked, history, measured = float(target), [], []
-    allocated = solve_budget(profile, kind, asked)
+    solver: Callable[[float], Any] = lambda value: solve_budget(profile, kind, value)  # noqa: E731
+    allocated, how, extra = solver(asked), "profile", 0
     for round_ in range(rounds):
         achieved = float(measure(allocated.sparsities))
         if not math.isfinite(achieved) or achieved <= 0:
@@ -608,16 +630,24 @@ def fit_budget(
                 f"fit_budget: measure() returned {achieved!r} for round {round_} ({kind}); it must return the "
                 "pruned model's total as a finite positive number"
             )
-        history.append({"asked": asked, "predicted": allocated.predicted, "achieved": achieved})
+        history.append({"asked": asked, "predicted": allocated.predicted, "achieved": achieved, "solved": how,
+                        "measurements": extra})  # fmt: skip
         measured.append(allocated.sparsities)
         if abs(achieved - target) <= tolerance * abs(target) or round_ == rounds - 1:
             break
-        try:  # a correction past the reachable range keeps the measured solutions (the history says so)
-            corrected = solve_budget(profile, kind, asked * target / achieved)
+        if relinearize:
+            relinearize -= 1
+            expansion = relinearized(profile, kind, allocated.sparsities, measure, total=achieved)
+            solver = lambda value, e=expansion: solve_expansion(profile, e, value)  # noqa: E731
+            next_asked, how, extra = float(target), "relinearized", expansion.measurements
+        else:
+            next_asked, how, extra = asked * target / achieved, "corrected", 0
+        try:  # a re-solve past the reachable range keeps the measured solutions (the history says so)
+            allocated = solver(next_asked)
         except BudgetError:
-            history[-1]["stopped"] = "the corrected budget is outside the profile's reachable range"
+            history[-1]["stopped"] = f"the {how} budget is outside the reachable range"
             break
-        asked, allocated = asked * target / achieved, corrected
+        asked = next_asked
     best = min(range(len(history)), key=lambda i: (abs(history[i]["achieved"] - target), -i))
     history[best]["chosen"] = True
     return measured[best], history
