@@ -18,6 +18,7 @@ schedule, the largest scale whose validation accuracy is at most ``--tolerance``
 dense model's (trained on the same reduced set). Phase ``final`` then retrains dense + VD at every
 scale on the whole training set; the row at the selected scale is the protocol's result, the other
 rows are the full grid on test, for transparency. Without ``--validation-fraction`` only ``final``.
+``--combine a.json b.json`` selects over the rows of runs that differ only in their KL scales.
 
     .venv/bin/python bench/training_sparse_vd.py [--seeds 0 1 2] [--kl-scales 1 0.5 0.25 0.1]
         [--validation-fraction 0.2] [--lr-schedules constant linear]
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from sklearn.model_selection import train_test_split
@@ -186,6 +189,34 @@ def result_name(args) -> str:
     return name
 
 
+SAME_PROTOCOL = ("seeds", "dense_steps", "vd_steps", "lr_schedules", "validation_fraction", "split_seed", "tolerance")
+
+
+def merge_runs(payloads: list[dict]) -> tuple[dict, list[dict]]:
+    """(args, rows) of several runs of one protocol over disjoint KL scales, e.g. a grid extended later.
+
+    Refuses runs that differ in anything but their scales, that share a scale, or whose dense models
+    differ (each run retrains them from the same seed, so they must agree exactly).
+    """
+    if len(payloads) < 2:
+        raise ValueError("--combine needs at least two result files")
+    first = payloads[0]["args"]
+    for other in payloads[1:]:
+        differ = [k for k in SAME_PROTOCOL if other["args"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"runs differ in {differ}: only runs of one protocol over different KL scales combine")
+    scales = [s for p in payloads for s in p["args"]["kl_scales"]]
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"runs share KL scales {sorted(scales)}: each scale must come from one run")
+    rows = [r for p in payloads for r in p["rows"]]
+    dense: dict[tuple, float] = {}
+    for r in rows:
+        for key in ("dense_accuracy", "dense_val_accuracy"):
+            if key in r and dense.setdefault((r["phase"], r["seed"], key), r[key]) != r[key]:
+                raise ValueError(f"dense models differ between runs (seed {r['seed']}, {r['phase']}, {key})")
+    return {**first, "kl_scales": sorted(scales, reverse=True)}, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -197,7 +228,15 @@ def main() -> None:
     parser.add_argument("--validation-fraction", type=float, default=None)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=0.5, help="max validation drop (points) when selecting")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="no training: select over these runs' rows")
     args = parser.parse_args()
+    if args.combine:
+        merged, rows = merge_runs([json.loads(Path(p).read_text()) for p in args.combine])
+        args = argparse.Namespace(**{**merged, "combine": args.combine})
+        summary = summarise(rows, args)
+        print(summary)
+        write_results(result_name(args), {"machine": machine(), "args": vars(args), "rows": rows, "summary": summary})
+        return
     if any(s <= 0 for s in args.kl_scales):
         parser.error(f"--kl-scales must be positive, got {args.kl_scales}")
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from secateurs.demo.data import load_digits
-from training_sparse_vd import result_name, select_scale, validation_split
+from training_sparse_vd import merge_runs, result_name, select_scale, validation_split
 
 
 def _rows(x: torch.Tensor, y: torch.Tensor) -> Counter:
@@ -81,3 +81,30 @@ def test_result_name_records_the_kl_grid_and_keeps_the_old_protocol_file():
         result_name(args(kl_scales=[1.0, 0.1], validation_fraction=0.2, lr_schedules=["linear"]))
         == "training_sparse_vd_kl1-0.1_val0.2_lr-linear"
     )
+
+
+def _run(scales, dense=0.97, **changes):
+    args = {"seeds": [0], "dense_steps": 1500, "vd_steps": 3000, "lr_schedules": ["linear"], "kl_scales": scales,
+            "validation_fraction": 0.2, "split_seed": 0, "tolerance": 0.5} | changes  # fmt: skip
+    rows = [{"phase": "select", "seed": 0, "kl_scale": s, "dense_accuracy": dense, "dense_val_accuracy": dense}
+            for s in scales]  # fmt: skip
+    return {"args": args, "rows": rows}
+
+
+def test_merge_runs_joins_a_grid_extended_by_a_second_run():
+    args, rows = merge_runs([_run([1.0, 0.1]), _run([0.05])])
+    assert args["kl_scales"] == [1.0, 0.1, 0.05]
+    assert [r["kl_scale"] for r in rows] == [1.0, 0.1, 0.05]
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (_run([0.05], vd_steps=100), "differ in"),
+        (_run([0.1]), "share KL scales"),
+        (_run([0.05], dense=0.5), "dense models differ"),
+    ],
+)
+def test_merge_runs_refuses_runs_of_different_protocols(second, message):
+    with pytest.raises(ValueError, match=message):
+        merge_runs([_run([1.0, 0.1]), second])
