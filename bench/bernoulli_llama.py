@@ -98,11 +98,36 @@ def worker(args: argparse.Namespace) -> dict:
         report = prune(model, sparsity=args.ratio, mode="remove", pattern=args.pattern, calibration=calib,
                        progress=False, structural=structural, **options)  # fmt: skip
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # of the prune, before the evaluation
+    ppl = perplexity(model, test, tokenizer, seqlen=256, progress=False)
     return {"params_before": before, "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
             "cpu_seconds": cpu, "loadavg": os.getloadavg(),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "perplexity": perplexity(model, test, tokenizer, seqlen=256, progress=False).perplexity,
+            "peak_rss_mib": peak, "perplexity": ppl.perplexity, "window_nll": ppl.window_nll,
             "removed_params": report.before.params - report.after.params if report else 0}  # fmt: skip
+
+
+#: a search and the initialisation it starts from: compared window by window on the same held-out text
+PAIRS = {
+    "bernoulli search (defaults)": "bernoulli init (flap ranks, steps=0)",
+    "bernoulli search (wanda-sp init)": "bernoulli init (wanda-sp ranks, steps=0)",
+}
+
+
+def paired(search: dict, init: dict) -> str:
+    """Search minus init, per held-out window (mean NLL per token): the mean difference, its standard
+    error over the windows, and how many windows the search predicts better. A difference of a few
+    standard errors is a real one on this text; the perplexity means alone do not say that."""
+    a, b = search.get("window_nll"), init.get("window_nll")
+    if not a or not b or len(a) != len(b):
+        return "no per-window losses to compare"
+    diff = [x - y for x, y in zip(a, b)]
+    mean = sum(diff) / len(diff)
+    se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5 if len(diff) > 1 else 0.0
+    better = sum(d < 0 for d in diff)
+    ratio = mean / se if se else 0.0
+    return (
+        f"mean NLL change {mean:+.5f} nats/token (SE {se:.5f}, {ratio:+.1f} SE); better on {better}/{len(diff)} windows"
+    )
 
 
 def main() -> None:
@@ -157,6 +182,11 @@ def main() -> None:
              "|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r['ratio']:.0%} | {r['method']} | {r['perplexity']:.2f} | {r['params']:,} | {r['seconds']:.0f} "
               f"({r['cpu_seconds']:.0f}) | {r['peak_rss_mib']:.0f} MiB |" for r in rows]  # fmt: skip
+    for r in rows:
+        init = next((i for i in rows if i["method"] == PAIRS.get(r["method"]) and i["ratio"] == r["ratio"]), None)
+        if init is not None:
+            r["vs_init"] = paired(r, init)
+            lines.append(f"\n{r['method']} vs its initialisation at {r['ratio']:.0%}: {r['vs_init']}")
     table = "\n".join(lines)
     print(table)
     save(rows, table)

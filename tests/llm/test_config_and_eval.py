@@ -85,6 +85,9 @@ def test_perplexity_is_exp_of_the_mean_nll_over_non_overlapping_windows():
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, 96), windows[:, 1:].reshape(-1))
     assert result.windows == 10 and result.tokens == 167
     assert result.perplexity == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    # each window's own mean NLL, in order (batches of 3 do not mix windows up)
+    own = F.cross_entropy(logits[:, :-1].reshape(-1, 96), windows[:, 1:].reshape(-1), reduction="none")
+    assert result.window_nll == pytest.approx(own.reshape(10, 15).mean(1).tolist(), rel=1e-5)
 
 
 def test_perplexity_refuses_masked_lms():

@@ -9,7 +9,7 @@ ones before it, with no context carried across windows. Any text file works.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,9 @@ class Perplexity:
     windows: int
     seqlen: int
     tokens: int  # tokens of the text (the tail past the last full window is not scored)
+    #: mean NLL per predicted token of each window, in order: two models scored on the same text are
+    #: compared window by window (a paired test), not only by their means
+    window_nll: list[float] = field(default_factory=list)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -62,17 +65,18 @@ def perplexity(
     device = model_device(model)
     was_training = model.training
     model.eval()
-    total = 0.0
+    sums: list[float] = []
     try:
         with torch.no_grad():
             for start in progress_bar(range(0, windows, batch_size), "perplexity", progress):
                 batch = ids[start : start + batch_size].to(device)
                 logits = model(batch, use_cache=False).logits.float()
                 nll = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
                 )
-                total += float(nll)
+                sums += nll.reshape(len(batch), -1).double().sum(1).tolist()
     finally:
         model.train(was_training)
-    mean = total / (windows * (seqlen - 1))
-    return Perplexity(math.exp(mean), mean, windows, seqlen, stream.numel())
+    mean = math.fsum(sums) / (windows * (seqlen - 1))
+    per_window = [v / (seqlen - 1) for v in sums]
+    return Perplexity(math.exp(mean), mean, windows, seqlen, stream.numel(), per_window)
