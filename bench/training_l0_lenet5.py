@@ -10,7 +10,7 @@ the architecture that comes out, accuracy (dense trained for the same steps, gat
 the latency of the removed model vs the dense one (paired, alternating runs, batch 256). Writes
 bench/results/training_l0_lenet5.json.
 
-    .venv/bin/python bench/training_l0_lenet5.py [--seeds 3] [--steps 3000] [--strength 3e-6]
+    .venv/bin/python bench/training_l0_lenet5.py [--seeds 3] [--steps 1500] [--strength 2e-5] [--name NAME]
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def one_seed(seed: int, data, steps: int, strength: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--strength", type=float, default=3e-6)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--strength", type=float, default=2e-5)
     parser.add_argument("--name", default="training_l0_lenet5", help="bench/results/<name>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
