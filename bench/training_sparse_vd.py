@@ -186,6 +186,10 @@ def result_name(args) -> str:
         name += f"_val{args.validation_fraction:g}"
     if sorted(args.lr_schedules) != ["constant", "linear"]:
         name += "_lr-" + "-".join(args.lr_schedules)
+    if list(args.seeds) != [0, 1, 2]:  # a partial run must not overwrite the three-seed protocol's file
+        name += "_s" + "-".join(str(s) for s in args.seeds)
+    if (args.dense_steps, args.vd_steps) != (1500, 3000):
+        name += f"_d{args.dense_steps}_v{args.vd_steps}"
     return name
 
 
@@ -239,6 +243,8 @@ def main() -> None:
         return
     if any(s <= 0 for s in args.kl_scales):
         parser.error(f"--kl-scales must be positive, got {args.kl_scales}")
+    if args.tolerance < 0:
+        parser.error(f"--tolerance must be >= 0 (points of validation accuracy), got {args.tolerance}")
     torch.set_num_threads(1)
     data = load_digits()
     rows = []

@@ -72,7 +72,8 @@ def test_select_scale_reports_a_miss_instead_of_hiding_it():
 
 def test_result_name_records_the_kl_grid_and_keeps_the_old_protocol_file():
     def args(**kw):
-        base = {"kl_scales": [1.0], "validation_fraction": None, "lr_schedules": ["constant", "linear"]}
+        base = {"kl_scales": [1.0], "validation_fraction": None, "lr_schedules": ["constant", "linear"],
+                "seeds": [0, 1, 2], "dense_steps": 1500, "vd_steps": 3000}  # fmt: skip
         return argparse.Namespace(**(base | kw))
 
     assert result_name(args()) == "training_sparse_vd"
@@ -81,6 +82,9 @@ def test_result_name_records_the_kl_grid_and_keeps_the_old_protocol_file():
         result_name(args(kl_scales=[1.0, 0.1], validation_fraction=0.2, lr_schedules=["linear"]))
         == "training_sparse_vd_kl1-0.1_val0.2_lr-linear"
     )
+    # a partial or shortened run never lands on the three-seed protocol's file
+    assert result_name(args(seeds=[1])) == "training_sparse_vd_s1"
+    assert result_name(args(vd_steps=300)) == "training_sparse_vd_d1500_v300"
 
 
 def _run(scales, dense=0.97, **changes):

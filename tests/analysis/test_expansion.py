@@ -88,6 +88,22 @@ def test_fit_budget_refuses_a_bad_relinearize(value):
         fit_budget(_two_groups(), {"macs": 300}, _bilinear, relinearize=value)
 
 
+def test_fit_budget_refuses_relinearising_a_sparsity_budget_and_a_profile_without_the_dense_total():
+    with pytest.raises(ConfigError, match="a sparsity budget adds up"):
+        fit_budget(_two_groups(), {"sparsity": 0.5}, _bilinear, relinearize=1)
+    with pytest.raises(ConfigError, match="no dense params total"):
+        relinearize(_two_groups(), "params", {}, _bilinear)
+
+
+def test_a_relinearised_round_past_the_reachable_range_stops_with_its_measured_rounds_and_says_so():
+    # the dense-context sum says 150 is reachable (500 - 200 - 200); the expansion about that first solve
+    # knows it is not (both at 0.5 measure 200), so the measured first round is what comes back
+    sparsities, history = fit_budget(_two_groups(), {"macs": 150}, _bilinear, rounds=3, relinearize=1)
+    assert len(history) == 1 and history[0]["chosen"]
+    assert "relinearised costs (after 3 measurements)" in history[0]["stopped"]
+    assert _bilinear(sparsities) == history[0]["achieved"] > 150
+
+
 # -- a tiny CNN whose MACs are bilinear in neighbouring widths ----------------------------------------
 @pytest.fixture(scope="module")
 def chain():

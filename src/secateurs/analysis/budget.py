@@ -29,7 +29,7 @@ class Allocated:
     budget: float  # in the budget's own unit (a sparsity, parameters, MACs, a latency ratio)
     predicted: float  # the predicted total in that unit
     damage: float  # predicted summed damage
-    grid_choice: dict[str, float]  # the knapsack's grid points, before the remainder
+    grid_choice: dict[str, float]  # the knapsack's options (grid points, or a relinearised current sparsity)
 
 
 def parse_budget(budget: Mapping[str, Any] | None, sparsity: float | None) -> tuple[str, float]:

@@ -645,7 +645,11 @@ def fit_budget(
         try:  # a re-solve past the reachable range keeps the measured solutions (the history says so)
             allocated = solver(next_asked)
         except BudgetError:
-            history[-1]["stopped"] = f"the {how} budget is outside the reachable range"
+            history[-1]["stopped"] = (
+                f"the budget is outside the reachable range of the relinearised costs (after {extra} measurements)"
+                if how == "relinearized"
+                else "the corrected budget is outside the profile's reachable range"
+            )
             break
         asked = next_asked
     best = min(range(len(history)), key=lambda i: (abs(history[i]["achieved"] - target), -i))

@@ -63,7 +63,13 @@ def relinearize(
     ``#entries x (#grid + 1)`` at most (one fewer per entry whose sparsity in ``at`` is 0 or a grid
     point), plus one for the total at ``at`` unless ``total`` (already measured there) is given.
     ``measure(sparsities)`` gets a full per-entry dict and returns the pruned model's total in the
-    budget's unit (parameters, MACs or latency / dense)."""
+    budget's unit (parameters, MACs or latency / dense).
+
+    Every cost change is taken against the one total at ``at``: with a noisy ``measure`` (latency),
+    that total's error enters the prediction once per entry the next solve changes, so measure it
+    well (pass a ``total`` averaged over repeats) or expect the prediction to be off by that much.
+    Entries left out of ``entries`` are measured dense; a sparsity in ``at`` beyond the grid's last
+    point takes that point's damage."""
     if kind not in ("params", "macs", "latency"):
         raise ConfigError(
             f"relinearize: kind must be one of params, macs, latency, got {kind!r} (a sparsity budget's costs, "
@@ -73,7 +79,12 @@ def relinearize(
     names = {e.name for e in entries}
     unknown = sorted(set(at) - names)
     if unknown:
-        raise ConfigError(f"relinearize: the allocation names {unknown[0]!r}, which is not an entry of the profile")
+        raise ConfigError(
+            f"relinearize: the allocation names {unknown[0]!r}, which is not among the entries relinearised (the "
+            "profile's, or those passed as entries=)"
+        )
+    if kind != "latency" and kind not in profile.dense:
+        raise ConfigError(f"relinearize: the profile has no dense {kind} total; analyse with costs including {kind!r}")
     for name, s in at.items():
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise ConfigError(f"relinearize: the sparsity of {name!r} must be in [0, 1), got {s!r}")
