@@ -79,20 +79,34 @@ def solve_budget(
     """The least-damage sparsity per entry (all the profile's by default) within the budget."""
     entries = list(entries if entries is not None else profile.entries)
     table = profile.options(kind, entries)
-    capacity = _to_knapsack(profile, kind, value, entries)
+    return solve_options(profile, kind, value, entries, table, "of the profile's options")
+
+
+def solve_options(
+    profile: SensitivityProfile,
+    kind: str,
+    value: float,
+    entries: Sequence[Entry],
+    table: list[list[tuple[float, Option]]],
+    where: str,
+    offset: float = 0.0,
+) -> Allocated:
+    """The exact knapsack over ``table`` (per entry, (sparsity, Option) with costs in knapsack units
+    relative to ``offset``), then the remainder handed back; ``predicted`` in the budget's unit. An
+    unreachable budget is refused with the range ``table`` reaches, ``where`` saying whose options."""
+    capacity = _to_knapsack(profile, kind, value, entries) - offset
     try:
         solution = solve([[o for _, o in opts] for opts in table], capacity, kind)
     except BudgetError as e:  # say the range in the budget's own unit
-        low = _from_knapsack(profile, kind, sum(min(o.cost for _, o in opts) for opts in table), entries)
-        high = _from_knapsack(profile, kind, sum(max(o.cost for _, o in opts) for opts in table), entries)
-        lo, hi = sorted((low, high))
+        ends = [offset + math.fsum(f(o.cost for _, o in opts) for opts in table) for f in (min, max)]
+        lo, hi = sorted(_from_knapsack(profile, kind, c, entries) for c in ends)
         raise BudgetError(
-            f"no combination of the profile's options meets the {kind} budget {value:.6g}: reachable {kind} is "
-            f"{lo:.6g} to {hi:.6g} (grid up to {max(profile.grid):g}); change the budget or analyse a wider grid"
+            f"no combination {where} meets the {kind} budget {value:.6g}: reachable {kind} is {lo:.6g} to {hi:.6g} "
+            f"(grid up to {max(profile.grid):g}); change the budget or analyse a wider grid"
         ) from e
     chosen = {e.name: table[k][j][0] for k, (e, j) in enumerate(zip(entries, solution.choices))}
     sparsities, cost, damage = _hand_back(table, entries, solution.choices, capacity - solution.cost)
-    predicted = _from_knapsack(profile, kind, solution.cost + cost, entries)
+    predicted = _from_knapsack(profile, kind, offset + solution.cost + cost, entries)
     return Allocated(sparsities, kind, value, predicted, solution.damage + damage, chosen)
 
 

@@ -24,8 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .budget import Allocated, _from_knapsack, _hand_back, _to_knapsack
-from .knapsack import BudgetError, Option, solve
+from .budget import Allocated, _to_knapsack, solve_options
+from .knapsack import Option
 from .profile import Entry, SensitivityProfile
 
 
@@ -145,20 +145,6 @@ def solve_expansion(
     """The least-damage sparsity per entry whose *expanded* total (about ``expansion.at``) meets ``value``;
     its ``predicted`` is that expanded total (exact at A and for single changes from it)."""
     entries = list(entries if entries is not None else profile.entries)
-    kind = expansion.kind
     table = expansion_options(profile, expansion, entries)
-    base = _to_knapsack(profile, kind, expansion.total, entries)
-    capacity = _to_knapsack(profile, kind, value, entries) - base
-    try:
-        solution = solve([[o for _, o in opts] for opts in table], capacity, kind)
-    except BudgetError as e:
-        ends = [base + sum(f(o.cost for _, o in opts) for opts in table) for f in (min, max)]
-        lo, hi = sorted(_from_knapsack(profile, kind, c, entries) for c in ends)
-        raise BudgetError(
-            f"no combination meets the {kind} budget {value:.6g} about the current allocation: its expansion "
-            f"reaches {lo:.6g} to {hi:.6g}; change the budget or analyse a wider grid"
-        ) from e
-    chosen = {e.name: table[k][j][0] for k, (e, j) in enumerate(zip(entries, solution.choices))}
-    sparsities, cost, damage = _hand_back(table, entries, solution.choices, capacity - solution.cost)
-    predicted = _from_knapsack(profile, kind, base + solution.cost + cost, entries)
-    return Allocated(sparsities, kind, value, predicted, solution.damage + damage, chosen)
+    base = _to_knapsack(profile, expansion.kind, expansion.total, entries)
+    return solve_options(profile, expansion.kind, value, entries, table, "about the current allocation", base)
