@@ -58,3 +58,24 @@ def ensure_venv(path: Path, pins: tuple[str, ...]) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
     return python
+
+
+def validation_split(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """(training images minus a stratified ``fraction``, that fraction as the 'test' side) - the test set is untouched.
+
+    Both returned sets keep ``data``'s test images out: selection sees only training images.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from secateurs.demo.data import Digits
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    idx_fit, idx_val = train_test_split(
+        range(len(data.y_train)), test_size=fraction, random_state=seed, stratify=data.y_train.numpy()
+    )
+    idx_fit, idx_val = torch.tensor(sorted(idx_fit)), torch.tensor(sorted(idx_val))
+    x, y = data.x_train, data.y_train
+    return Digits(x[idx_fit], y[idx_fit], data.x_test, data.y_test), Digits(
+        x[idx_val], y[idx_val], x[idx_val], y[idx_val]
+    )

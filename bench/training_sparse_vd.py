@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 import torch
-from sklearn.model_selection import train_test_split
 
 import secateurs
-from _common import machine, write_results
+from _common import machine, validation_split, write_results
 from secateurs.demo.data import Digits, load_digits
 from secateurs.demo.models import digits_mlp
 from secateurs.training import accuracy, train
@@ -65,23 +64,6 @@ def weights(model) -> tuple[int, int]:
             total += p.numel()
             nonzero += int((p != 0).sum())
     return total, nonzero
-
-
-def validation_split(data: Digits, fraction: float, seed: int) -> tuple[Digits, Digits]:
-    """(training images minus a stratified ``fraction``, that fraction as the 'test' side) - the test set is untouched.
-
-    Both returned sets keep ``data``'s test images out: selection sees only training images.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
-    idx_fit, idx_val = train_test_split(
-        range(len(data.y_train)), test_size=fraction, random_state=seed, stratify=data.y_train.numpy()
-    )
-    idx_fit, idx_val = torch.tensor(sorted(idx_fit)), torch.tensor(sorted(idx_val))
-    x, y = data.x_train, data.y_train
-    return Digits(x[idx_fit], y[idx_fit], data.x_test, data.y_test), Digits(
-        x[idx_val], y[idx_val], x[idx_val], y[idx_val]
-    )
 
 
 def select_scale(val_drops: dict[float, float], tolerance: float) -> tuple[float, bool]:
