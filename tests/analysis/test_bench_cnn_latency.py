@@ -73,7 +73,7 @@ def test_a_validation_split_holds_out_training_images_that_no_training_batch_con
     assert not any(tuple(x.flatten().tolist()) in seen for x in val_x)
     labels = torch.cat([y for _, y in val])
     assert set(labels.tolist()) == set(range(10))  # stratified: every class held out
-    plain_train, no_val, plain_test = bench._digits(8)
+    plain_train, no_val, _ = bench._digits(8)
     assert no_val is None and sum(len(y) for _, y in plain_train) == 1347
 
 
