@@ -174,3 +174,17 @@ def test_the_cli_measures_the_profile_writes_it_and_prunes_as_with_it_given(tmp_
     assert not (tmp_path / "given" / "sensitivity_profile.json").exists()  # nothing was measured there
     assert main([*common, "--grid", "0.5", "--out", "nope"]) == 2  # --grid without a sensitivity allocation
     assert not (tmp_path / "nope").exists()
+
+
+def test_the_block_runner_measures_local_block_errors_by_default_with_its_own_options(mlp, mlp_batches):
+    """runner='blocks' on a Sequential (blocks=''): each scoped layer is a block, scored by its reconstruction
+    error on its captured inputs (the blocks of other widths after the last measured one are never run)."""
+    reference = small_mlp()
+    report = secateurs.prune(mlp, "wanda", 0.5, runner="blocks", blocks="", allocation="sensitivity",
+                             allocation_options={"sparsities": [0.3, 0.6]}, calibration=mlp_batches,
+                             progress=False)  # fmt: skip
+    recorded = report.config["allocation_options"]["profile"]
+    assert recorded["metric"] == "local_error" and [e["name"] for e in recorded["entries"]] == ["0", "2"]
+    explicit = sensitivity(reference, mlp_batches, method="wanda", targets="blocks", local=True, blocks="",
+                           sparsities=(0.3, 0.6), progress=False)  # fmt: skip
+    assert _measurements(recorded) == _measurements(explicit)

@@ -495,7 +495,8 @@ def _run_local_blocks(model, spec, dense, jobs, show):
         for k, s in jobs:
             by_block.setdefault(spec.block_index[spec.entries[k].name], []).append((k, s))
         bar = progress_bar(range(len(jobs)), "sensitivity cells (local)", show)
-        for i, block in enumerate(blocks):
+        last = max(by_block, default=-1)
+        for i, block in enumerate(blocks[: last + 1]):  # past the last measured block, nothing is needed
             with torch.no_grad():
                 outs = [
                     block_output(inputs.call(i, b).invoke(block, inputs.hidden[b])) for b in range(len(inputs.hidden))
@@ -505,7 +506,7 @@ def _run_local_blocks(model, spec, dense, jobs, show):
                 cell = _measure_cell(model, spec, spec.entries[k], s, dense, None, inputs)
                 next(bar, None)
                 yield cell
-            if i + 1 < len(blocks) and any(j > i for j in by_block):
+            if i < last:
                 for b in range(len(inputs.hidden)):
                     inputs.hidden[b] = outs[b]
     finally:
