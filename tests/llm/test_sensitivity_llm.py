@@ -89,3 +89,17 @@ def test_prune_llm_measures_a_local_blocks_profile_when_none_is_given(llama, seg
     assert report.sparsity == pytest.approx(0.7, abs=0.01)
     prune_llm(twin, "wanda", 0.7, allocation="sensitivity", allocation_options={"profile": profile}, **common)
     assert_same_bits(state_bits(llama), state_bits(twin))
+
+
+def test_a_distributed_run_refuses_to_measure_a_profile_on_every_rank(llama, segments, monkeypatch):
+    from types import SimpleNamespace
+
+    import secateurs.llm.api as llm_api
+    from secateurs.errors import ConfigError
+
+    monkeypatch.setattr(llm_api, "detect", lambda *args: SimpleNamespace(world=2, writer=True))
+    monkeypatch.setattr(llm_api, "agree", lambda *args: None)
+    before = state_bits(llama)
+    with pytest.raises(ConfigError, match=r"distributed run \(2 ranks\) would measure it once per rank"):
+        prune_llm(llama, "wanda", 0.5, allocation="sensitivity", calibration=segments, seqlen=32, progress=False)
+    assert_same_bits(before, state_bits(llama))
