@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from .analysis.budget import parse_budget, solve_budget
-from .analysis.profile import SensitivityProfile
+from .analysis.profile import DEFAULT_GRID, SensitivityProfile, check_grid, check_metric
 from .criteria.activation import Wanda
 from .criteria.magnitude import lamp_normalize
-from .errors import ConfigError, choices
+from .errors import ConfigError, StateError, choices
 from .evidence import Evidence, Need
 from .patterns import Pattern
 from .registry import Registry
@@ -81,6 +81,10 @@ class Allocation:
 
     def check_targets(self, targets: Sequence[Target], kind: str = "target", hint: str = "") -> None:
         """Refuse targets this allocation cannot size (checked once, before anything is pruned)."""
+
+    def check_run(self, config: Any) -> None:
+        """Refuse a run (a resolved :class:`~secateurs.PruneConfig`) this allocation cannot serve; model-free,
+        called once when the configuration resolves."""
 
     def implied_sparsity(self) -> float | None:
         """The run's final sparsity when the allocation sets it itself (no ``sparsity`` given), else None."""
@@ -311,11 +315,53 @@ class Sensitivity(Allocation):
     the profile). A budget other than the run's sparsity replaces it, so ``sparsity`` must then be omitted.
     The profile must cover exactly the run's targets with the same shapes (refused otherwise, naming the
     first mismatch); a profile entry may be a block holding several targets, which all get its sparsity.
+
+    Without ``profile`` the front doors (``prune()``, ``Pruner``, ``prune_llm()``, ``secateurs prune``)
+    measure one on the model before anything is pruned, with the run's own method, options and calibration
+    (:func:`secateurs.analysis.measured.measure_profile`): ``sparsities`` is the grid (default 0.1 ... 0.95),
+    ``metric`` the analysis metric (``'loss'``), ``local`` scores blocks by their reconstruction error (the
+    default with ``runner='blocks'``), ``out`` a directory that keeps the cells (resumable) and
+    ``profile.json``. The run's configuration then holds the measured profile.
     """
 
     name = "sensitivity"
+    #: how a missing profile is measured (allocation_options without ``profile``)
+    MEASURE_OPTIONS: ClassVar[tuple[str, ...]] = ("sparsities", "metric", "local", "out")
 
-    def __init__(self, profile: Any, budget: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        profile: Any = None,
+        budget: Mapping[str, Any] | None = None,
+        sparsities: Sequence[float] | None = None,
+        metric: str | None = None,
+        local: bool | None = None,
+        out: str | os.PathLike | None = None,
+    ) -> None:
+        measure = {"sparsities": sparsities, "metric": metric, "local": local, "out": out}
+        if profile is not None:
+            profile = self._profile(profile, [k for k, v in measure.items() if v is not None])
+        else:
+            sparsities = check_grid(sparsities, "allocation_options.sparsities") if sparsities is not None else None
+            if metric is not None:
+                check_metric(metric, "allocation_options.metric")
+            if local is not None and not isinstance(local, bool):
+                raise ConfigError(f"allocation_options.local must be True or False, got {local!r}")
+            if out is not None and not isinstance(out, (str, os.PathLike)):
+                raise ConfigError(f"allocation_options.out must be a directory path, got {type(out).__name__}")
+        self.profile: SensitivityProfile | None = profile
+        self.sparsities, self.metric, self.local, self.out = sparsities, metric, local, out
+        self.budget = None if budget is None else dict(budget)
+        if budget is not None:
+            parse_budget(budget, None)
+        self._solved: dict[tuple[str, ...], dict[str, float]] = {}
+
+    @staticmethod
+    def _profile(profile: Any, measuring: Sequence[str]) -> SensitivityProfile:
+        if measuring:
+            raise ConfigError(
+                f"allocation_options {', '.join(measuring)} say how to measure a profile, but a profile was given; "
+                "drop them, or drop profile to measure one on this model"
+            )
         if isinstance(profile, (str, os.PathLike)):
             profile = SensitivityProfile.load(profile)
         elif isinstance(profile, Mapping):
@@ -323,7 +369,8 @@ class Sensitivity(Allocation):
         elif not isinstance(profile, SensitivityProfile):
             raise ConfigError(
                 "allocation_options.profile must be a SensitivityProfile or the path of one (JSON), got "
-                f"{type(profile).__name__}; compute one with secateurs.analysis.sensitivity(model, ...)"
+                f"{type(profile).__name__}; compute one with secateurs.analysis.sensitivity(model, ...), or leave "
+                "it out to measure one on the fly"
             )
         if profile.missing():
             target, sparsity = profile.missing()[0]
@@ -331,19 +378,24 @@ class Sensitivity(Allocation):
                 f"the sensitivity profile is unfinished: {len(profile.missing())} cells missing, the first "
                 f"{target!r} at {sparsity:g}; resume the analysis (same --out) to finish it"
             )
-        self.profile = profile
-        self.budget = None if budget is None else dict(budget)
-        if budget is not None:
-            parse_budget(budget, None)
-        self._solved: dict[tuple[str, ...], dict[str, float]] = {}
+        return profile
+
+    def with_profile(self, profile: SensitivityProfile) -> Sensitivity:
+        """This allocation (same budget) with ``profile``: what the run allocates by once one is measured."""
+        return Sensitivity(profile, self.budget)
 
     def options(self) -> dict[str, Any]:
-        return {"profile": self.profile, "budget": self.budget}
+        if self.profile is not None:  # plain data: the run's recipe rebuilds this allocation
+            return {"profile": self.profile.to_dict(), "budget": self.budget}
+        measure = {k: getattr(self, k) for k in self.MEASURE_OPTIONS if getattr(self, k) is not None}
+        return {"budget": self.budget, **{k: str(v) if k == "out" else v for k, v in measure.items()}}
 
     def to_spec(self) -> str:
         return self.name
 
     def __repr__(self) -> str:
+        if self.profile is None:
+            return f"Sensitivity(<measured on the fly: {self.options()}>)"
         entries = f"<{len(self.profile.entries)} entries of a {self.profile.model}>"
         return f"Sensitivity(profile={entries}, budget={self.budget!r})"
 
@@ -358,17 +410,56 @@ class Sensitivity(Allocation):
         if self.budget is None and sparsity is None:
             raise ConfigError("allocation 'sensitivity' needs a sparsity, or allocation_options.budget")
 
+    def check_run(self, config: Any) -> None:
+        """A profile measured on the fly prunes each cell as the run will: refuse what a cell cannot mirror."""
+        if self.profile is not None:
+            return
+        if config.overrides_:
+            raise ConfigError(
+                "overrides give some layers their own method or pattern, which one on-the-fly sensitivity profile "
+                "cannot measure; measure it with secateurs.analysis.sensitivity(...) and pass "
+                "allocation_options={'profile': ...}, or drop overrides"
+            )
+        if self.budget is not None and "latency" in self.budget and not config.application_.structural:
+            raise ConfigError(
+                "a latency budget needs measured latencies, which only channel removal changes: use mode='remove' "
+                "(masks do not change latency), or a params / macs / sparsity budget"
+            )
+        if self.local and config.runner_.name != "blocks":
+            raise ConfigError(
+                "allocation_options.local=True scores each repeated block by its reconstruction error, which needs "
+                "runner='blocks'; drop local (the whole-model metric) or prune with runner='blocks'"
+            )
+        if self.local and self.metric is not None:
+            raise ConfigError(
+                f"allocation_options.local=True scores blocks by their reconstruction error, so metric="
+                f"{self.metric!r} would be ignored; drop one of them"
+            )
+
+    def measures_locally(self, runner: str) -> bool:
+        """Whether an on-the-fly profile scores blocks by their reconstruction error: asked, or by default under
+        the block runner (which never sees the loss either) unless a metric is named."""
+        return self.local if self.local is not None else (runner == "blocks" and self.metric is None)
+
     def implied_sparsity(self) -> float | None:
         if self.budget is None:
             return None
-        return float(self.budget["sparsity"]) if "sparsity" in self.budget else max(self.profile.grid)
+        if "sparsity" in self.budget:
+            return float(self.budget["sparsity"])
+        return max(self.profile.grid if self.profile is not None else (self.sparsities or DEFAULT_GRID))
 
     def check_targets(self, targets: Sequence[Target], kind: str = "target", hint: str = "") -> None:
-        self.profile.check_targets(targets)
+        if self.profile is not None:  # a profile still to measure is measured on these very targets
+            self.profile.check_targets(targets)
 
     def target_sparsities(self, budget: Budget) -> dict[str, float]:
         """The knapsack solves the final budget once; a schedule's step gets each target's share of its final
         value (step / final sparsity), as an explicit allocation does, so masks only grow toward it."""
+        if self.profile is None:
+            raise StateError(
+                "allocation 'sensitivity' has no profile yet: the front doors (prune(), Pruner, prune_llm()) measure "
+                "it before the run; a runner called directly needs allocation_options={'profile': ...}"
+            )
         every = list(budget.all_targets or budget.targets)
         key = tuple(t.name for t in every)
         if key not in self._solved:  # the block runner asks once per block: solve the whole model once

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .analysis.measured import measure_profile
 from .batches import LossFn
 from .collapse import refuse_collapse_of
 from .config import PruneConfig
@@ -66,6 +67,7 @@ def prune(
     PruneConfig.check_keywords(options, "prune()", _CALL_KEYWORDS)
     config = PruneConfig(method=method, sparsity=sparsity, **options)
     data = Data.from_user(config, calibration, loss_fn, example_inputs, progress, allow_collapse)
+    config = measure_profile(model, config, data)  # allocation='sensitivity' without a profile: measure it now
     return run(model, config, data)
 
 
@@ -116,6 +118,11 @@ class Pruner:
     whatever the optimizer does. With ``mode='remove'`` (and ``example_inputs``) every
     scheduled step removes channels or heads for real; ``event.reshaped`` then says the
     parameters are new tensors, so rebuild the optimizer.
+
+    ``allocation='sensitivity'`` without a profile measures one here, at construction, on the model as it
+    is (dense, before any step); ``pruner.config.allocation_.profile`` holds it. To rebuild a Pruner that
+    resumes from :meth:`state_dict`, pass that profile (``allocation_options={'profile': ...}``), not the
+    trained model's new measurement.
     """
 
     @outside_inference_mode
@@ -141,6 +148,9 @@ class Pruner:
                 "pruning with prune() / prune_llm()"
             )
         self.data = Data.from_user(self.config, calibration, loss_fn, example_inputs, progress, allow_collapse)
+        # allocation='sensitivity' without a profile: measured once, here, on the model as it is before training
+        # and pruning (every step's share of the final allocation comes from it); self.config then holds it
+        self.config = measure_profile(model, self.config, self.data)
         self._removal: ScheduledRemoval | None = None
         self._pruning: Pruning | None = None
         self.targets: list[Target] = []

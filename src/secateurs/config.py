@@ -230,6 +230,7 @@ class PruneConfig(Spec):
         runner = RUNNERS.get(self._runner())()
         self._set("runner_", runner)
         runner.check(self)
+        self.allocation_.check_run(self)
 
     def _default_mode(self, criterion: Criterion) -> str:
         """The mode when the user names none: the method's own (SparseGPT reconstructs), its only one (FLAP,

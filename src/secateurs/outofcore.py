@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .analysis.measured import measures
 from .blocks import BlockInputs, capture_inputs
 from .distributed import fingerprint
 from .errors import ConfigError, StateError
@@ -244,6 +245,12 @@ def _refuse_unsupported(config: LLMPruneConfig) -> None:
         raise ConfigError(
             f"out-of-core pruning writes the pruned weights with their zeros; mode={config.mode_!r} keeps masks beside "
             "the weights: use mode='bake' (or 'reconstruct')"
+        )
+    if measures(config):
+        raise ConfigError(
+            "allocation 'sensitivity' without a profile measures one on the whole loaded model first, which "
+            "out-of-core pruning never holds; measure it (secateurs analyze --calib ... --local) and pass "
+            "allocation_options={'profile': ...} (CLI: --profile)"
         )
 
 

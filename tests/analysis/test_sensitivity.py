@@ -68,6 +68,7 @@ def test_the_profile_round_trips_through_json_and_writes_csv_and_a_ranked_table(
         ({"sparsities": (-0.1,)}, "outside"),
         ({"targets": "heads"}, "targets must be one of"),
         ({"costs": ("latency",)}, "latency cost needs targets='groups'"),
+        ({"patern": "2:4"}, r"unknown keyword\(s\) 'patern' \(did you mean 'pattern'\?\)"),
     ],
 )
 def test_a_bad_grid_or_option_is_refused_before_any_cell(mlp, mlp_batches, kwargs, message):

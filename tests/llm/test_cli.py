@@ -56,6 +56,17 @@ def test_recipe_json_written_by_prune_is_a_valid_recipe(model_dir, calib, tmp_pa
     assert_same_bits(state_bits(load_sparse(again)), state_bits(load_sparse(out)))
 
 
+def test_allocation_sensitivity_without_a_profile_measures_blocks_and_writes_the_profile(model_dir, calib, tmp_path):
+    out = tmp_path / "out"
+    common = ["prune", str(model_dir), "--sparsity", "0.6", "--calib", str(calib), "--nsamples", "4", "--seqlen", "32"]
+    assert main([*common, "--allocation", "sensitivity", "--grid", "0.4,0.6,0.8", "--out", str(out)]) == 0
+    profile = json.loads((out / "sensitivity_profile.json").read_text())
+    assert profile["metric"] == "local_error" and [e["kind"] for e in profile["entries"]] == ["block", "block"]
+    again = tmp_path / "again"
+    assert main([*common, "--profile", str(out / "sensitivity_profile.json"), "--out", str(again)]) == 0
+    assert_same_bits(state_bits(load_sparse(again)), state_bits(load_sparse(out)))
+
+
 def test_an_existing_output_is_refused_before_pruning(model_dir, calib, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -246,3 +246,11 @@ def test_mask_mode_is_refused_on_fused_experts_before_anything_changes(tokens):
     with pytest.raises(ConfigError, match="mode='bake' or 'reconstruct'"):
         prune_llm(model, "wanda", 0.5, mode="mask", calibration=tokens, progress=False)
     assert_same_bits(bits, state_bits(model))
+
+
+def test_an_unmeasured_sensitivity_profile_is_refused_on_fused_experts_before_anything_changes(tokens):
+    model = tiny_moe("mixtral")
+    bits = state_bits(model)
+    with pytest.raises(ConfigError, match="fused mixture-of-experts weights, which the analysis does not unfuse"):
+        prune_llm(model, "wanda", 0.5, allocation="sensitivity", calibration=tokens, progress=False)
+    assert_same_bits(bits, state_bits(model))

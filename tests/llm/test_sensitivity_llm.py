@@ -71,3 +71,35 @@ def test_prune_llm_allocates_blocks_by_the_profile_and_meets_the_sparsity(llama,
     damage = {e.name: mean for e, mean in profile.ranked()}
     fragile, robust = max(damage, key=damage.get), min(damage, key=damage.get)
     assert report.details.layer_sparsities[fragile] <= report.details.layer_sparsities[robust]
+
+
+def test_prune_llm_measures_a_local_blocks_profile_when_none_is_given(llama, segments):
+    """No profile: prune_llm measures the blocks' reconstruction errors (local, the block runner's default) on
+    its own calibration batches, records the profile, and prunes exactly as with that profile given."""
+    import copy
+
+    from secateurs.analysis import SensitivityProfile
+
+    twin = copy.deepcopy(llama)
+    common = dict(calibration=segments, seqlen=32, nsamples=8, progress=False)
+    report = prune_llm(llama, "wanda", 0.7, allocation="sensitivity",
+                       allocation_options={"sparsities": [0.5, 0.7, 0.9]}, **common)  # fmt: skip
+    profile = SensitivityProfile.from_dict(report.config["allocation_options"]["profile"])
+    assert profile.metric == "local_error" and [e.name for e in profile.entries] == ["model.layers.0", "model.layers.1"]
+    assert report.sparsity == pytest.approx(0.7, abs=0.01)
+    prune_llm(twin, "wanda", 0.7, allocation="sensitivity", allocation_options={"profile": profile}, **common)
+    assert_same_bits(state_bits(llama), state_bits(twin))
+
+
+def test_a_distributed_run_refuses_to_measure_a_profile_on_every_rank(llama, segments, monkeypatch):
+    from types import SimpleNamespace
+
+    import secateurs.llm.api as llm_api
+    from secateurs.errors import ConfigError
+
+    monkeypatch.setattr(llm_api, "detect", lambda *args: SimpleNamespace(world=2, writer=True))
+    monkeypatch.setattr(llm_api, "agree", lambda *args: None)
+    before = state_bits(llama)
+    with pytest.raises(ConfigError, match=r"distributed run \(2 ranks\) would measure it once per rank"):
+        prune_llm(llama, "wanda", 0.5, allocation="sensitivity", calibration=segments, seqlen=32, progress=False)
+    assert_same_bits(before, state_bits(llama))

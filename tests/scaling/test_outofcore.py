@@ -191,7 +191,8 @@ def test_no_room_for_the_output_is_refused_before_any_work(on_disk, tmp_path, mo
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"mode": "mask"}, "mode='bake'"), ({"method": "flap"}, "runs on the whole model")],
+    [({"mode": "mask"}, "mode='bake'"), ({"method": "flap"}, "runs on the whole model"),
+     ({"allocation": "sensitivity"}, "without a profile measures one on the whole loaded model")],
 )  # fmt: skip
 def test_what_one_pass_from_disk_cannot_do_is_refused(on_disk, tmp_path, options, message):
     options = {"method": "wanda", "sparsity": 0.5, **options}

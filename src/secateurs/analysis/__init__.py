@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .cells import fit_budget, sensitivity
     from .expansion import Expansion, relinearize, solve_expansion
     from .knapsack import BudgetError, Option, solve
+    from .measured import measure_profile
     from .profile import Cell, Entry, ProfileMismatchError, SensitivityProfile
     from .saliencies import SaliencyCheck, saliency, saliency_check, spearman
     from .search import SearchResult, spdy_search
@@ -33,6 +34,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "expansion": ("Expansion", "relinearize", "solve_expansion"),
     "saliencies": ("SaliencyCheck", "saliency", "saliency_check", "spearman"),
     "cells": ("fit_budget", "sensitivity"),
+    "measured": ("measure_profile",),
     "search": ("SearchResult", "spdy_search"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
@@ -48,6 +50,7 @@ __all__ = [
     "SearchResult",
     "SensitivityProfile",
     "fit_budget",
+    "measure_profile",
     "relinearize",
     "saliency",
     "saliency_check",

@@ -33,15 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import prune
 from ..batches import default_loss, logits_of, model_device, model_inputs, run_model, take, to_device
 from ..blocks import block_output, capture_inputs, find_blocks
 from ..config import PruneConfig
 from ..errors import ConfigError
 from ..evaluation import compare_latency, count_macs
+from ..guards import outside_inference_mode
 from ..io import write_text
 from ..pipeline import Data
 from ..progress import progress as progress_bar
+from ..runners import run
 from ..runners.blocks import prune_block_alone
 from ..scope import ScopeSpec, resolve
 from ..structural.graph import DependencyGraph
@@ -52,11 +53,9 @@ from .budget import solve_budget
 from .expansion import relinearize as relinearized
 from .expansion import solve_expansion
 from .knapsack import BudgetError
-from .profile import Cell, Entry, SensitivityProfile, merged_cells
+from .profile import DEFAULT_GRID, Cell, Entry, SensitivityProfile, check_grid, check_metric, merged_cells
 
-DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TARGETS = ("layers", "blocks", "groups")
-METRICS = ("loss", "perplexity", "accuracy")
 COSTS = ("params", "macs", "latency")
 BACKENDS = ("local", "processes", "ray")
 Metric = Callable[[nn.Module], float]
@@ -87,21 +86,10 @@ class _Spec:
 
 
 # -- validation ------------------------------------------------------------------------------------
-def _grid(sparsities: Iterable[float]) -> list[float]:
-    grid = list(sparsities) if not isinstance(sparsities, (str, bytes)) else None
-    if not grid:
-        raise ConfigError("sensitivity needs a non-empty grid of sparsities, e.g. sparsities=(0.1, 0.3, 0.5, 0.7, 0.9)")
-    for s in grid:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s < 1.0:
-            raise ConfigError(f"sparsity {s!r} in the grid is outside (0, 1); dense (0) is always measured")
-    return sorted({round(float(s), 9) for s in grid})
-
-
 def _check(targets: str, metric: Any, costs: Sequence[str], backend: str, workers: int, local: bool) -> None:
     if targets not in TARGETS:
         raise ConfigError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
-    if not callable(metric) and metric not in METRICS:
-        raise ConfigError(f"metric must be one of {', '.join(METRICS)} or a callable(model) -> float, got {metric!r}")
+    check_metric(metric)
     bad = [c for c in costs if c not in COSTS]
     if bad:
         raise ConfigError(f"costs must be among {', '.join(COSTS)}, got {bad[0]!r}")
@@ -237,29 +225,24 @@ def _measure_cell(
 
 
 def _prune_one(model: nn.Module, spec: _Spec, entry: Entry, sparsity: float, inputs: Any) -> None:
+    """One cell's prune, through the runners as ``prune()`` does (the analysis sits below the front doors,
+    which measure a profile on the fly with it)."""
     options = dict(spec.options)
-    common = dict(calibration=spec.calibration, loss_fn=spec.loss_fn, progress=False, allow_collapse=True)
     if spec.targets == "groups":
         structural = {"latency": False, **(options.pop("structural", None) or {})}
-        prune(
-            model,
-            spec.method,
-            mode="remove",
-            allocation={entry.name: sparsity},
-            structural=structural,
-            example_inputs=spec.example_inputs,
-            **common,
-            **options,
-        )
-        return
-    scope = ScopeSpec.from_value(options.pop("scope", None))
-    scope = {**scope.given(), "include": [entry.name]}
+        config = PruneConfig(method=spec.method, mode="remove", allocation={entry.name: sparsity},
+                             structural=structural, **options)  # fmt: skip
+    else:
+        scope = ScopeSpec.from_value(options.pop("scope", None))
+        scope = {**scope.given(), "include": [entry.name]}
+        runner = options.pop("runner", None)
+        runner = "blocks" if spec.local else runner
+        config = PruneConfig(method=spec.method, sparsity=sparsity, runner=runner, scope=scope, **options)
+    data = Data.from_user(config, spec.calibration, spec.loss_fn, spec.example_inputs, False, True)
     if spec.local:
-        config = PruneConfig(method=spec.method, sparsity=sparsity, runner="blocks", scope=scope, **options)
-        data = Data.from_user(config, spec.calibration, spec.loss_fn, spec.example_inputs, False, True)
         prune_block_alone(model, config, data, spec.block_index[entry.name], inputs)
-        return
-    prune(model, spec.method, sparsity, scope=scope, example_inputs=spec.example_inputs, **common, **options)
+    else:
+        run(model, config, data)
 
 
 def _macs(model: nn.Module, spec: _Spec, entry: Entry, dense: dict[str, Any]) -> int:
@@ -347,6 +330,7 @@ def _run_ray(model, spec, dense, jobs, workers, show, address):
 
 
 # -- the analysis ----------------------------------------------------------------------------------
+@outside_inference_mode
 def sensitivity(
     model: nn.Module,
     calibration: Iterable[Any] | None = None,
@@ -390,7 +374,8 @@ def sensitivity(
         options: :func:`secateurs.prune` options for every cell (``pattern``, ``scope``, ``mode``, ``runner``,
             ``method_options``, ``structural`` ...).
     """
-    grid = _grid(sparsities)
+    PruneConfig.check_keywords(options, "sensitivity()")
+    grid = check_grid(sparsities)
     costs = tuple(costs)
     _check(targets, metric, costs, backend, workers, local)
     batches = take(calibration, options.pop("max_batches", None))
@@ -510,7 +495,8 @@ def _run_local_blocks(model, spec, dense, jobs, show):
         for k, s in jobs:
             by_block.setdefault(spec.block_index[spec.entries[k].name], []).append((k, s))
         bar = progress_bar(range(len(jobs)), "sensitivity cells (local)", show)
-        for i, block in enumerate(blocks):
+        last = max(by_block, default=-1)
+        for i, block in enumerate(blocks[: last + 1]):  # past the last measured block, nothing is needed
             with torch.no_grad():
                 outs = [
                     block_output(inputs.call(i, b).invoke(block, inputs.hidden[b])) for b in range(len(inputs.hidden))
@@ -520,7 +506,7 @@ def _run_local_blocks(model, spec, dense, jobs, show):
                 cell = _measure_cell(model, spec, spec.entries[k], s, dense, None, inputs)
                 next(bar, None)
                 yield cell
-            if i + 1 < len(blocks) and any(j > i for j in by_block):
+            if i < last:
                 for b in range(len(inputs.hidden)):
                     inputs.hidden[b] = outs[b]
     finally:

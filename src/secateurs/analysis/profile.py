@@ -31,6 +31,29 @@ from .knapsack import Option
 
 FORMAT = "secateurs-sensitivity/1"
 BUDGETS = ("sparsity", "params", "macs", "latency")
+DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+METRICS = ("loss", "perplexity", "accuracy")
+
+
+def check_grid(sparsities: Iterable[float], name: str = "sparsities") -> list[float]:
+    """The analysis grid, sorted and deduplicated; refused when empty or outside (0, 1). Checked here, below the
+    allocation, so ``allocation='sensitivity'`` refuses a bad grid when the configuration resolves (no model)."""
+    grid = list(sparsities) if isinstance(sparsities, Iterable) and not isinstance(sparsities, (str, bytes)) else None
+    if not grid:
+        raise ConfigError(
+            f"sensitivity needs a non-empty grid of sparsities, e.g. {name}=(0.1, 0.3, 0.5, 0.7, 0.9); "
+            f"got {sparsities!r}"
+        )
+    for s in grid:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s < 1.0:
+            raise ConfigError(f"sparsity {s!r} in the grid is outside (0, 1) ({name}); dense (0) is always measured")
+    return sorted({round(float(s), 9) for s in grid})
+
+
+def check_metric(metric: Any, name: str = "metric") -> None:
+    """A metric name of the analysis or a ``callable(model) -> float``."""
+    if not callable(metric) and metric not in METRICS:
+        raise ConfigError(f"{name} must be one of {', '.join(METRICS)} or a callable(model) -> float, got {metric!r}")
 
 
 class ProfileMismatchError(ConfigError):

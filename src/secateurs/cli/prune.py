@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .help import lazy_help
-from .models import call_object, input_shape, is_factory, load_model
+from .models import call_object, input_shape, is_factory, load_model, sparsity_list
 from .threads import add_threads_argument, apply_threads, note_oversubscription
 
 # torch, the pipeline and safetensors are imported inside the functions that use them, so that
@@ -78,8 +78,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     p.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--profile", help="a sensitivity profile (secateurs analyze): allocate by it")
-    p.add_argument("--budget", type=_budget, help="with --profile: sparsity=S | params=N | macs=N | latency=RATIO")
+    p.add_argument(
+        "--profile",
+        help="a sensitivity profile (secateurs analyze): allocate by it; --allocation sensitivity without it "
+        "measures one first (written to OUT/sensitivity_profile.json)",
+    )
+    p.add_argument(
+        "--budget",
+        type=_budget,
+        help="with --profile or --allocation sensitivity: sparsity=S | params=N | macs=N | latency=RATIO",
+    )
+    p.add_argument(
+        "--grid",
+        type=sparsity_list,
+        help="with --allocation sensitivity and no --profile: the sparsities the profile measures, e.g. "
+        "0.3,0.5,0.7,0.9 (default 0.1..0.95)",
+    )
     g = p.add_argument_group("language models (Hugging Face directories; text calibration)")
     g.add_argument("--calib", help="calibration text file, cut into seeded token segments")
     g.add_argument("--nsamples", type=int, help="calibration segments (default 128)")
@@ -170,10 +184,15 @@ def recipe_from_args(args: argparse.Namespace, schema: Any) -> dict[str, Any]:
     if args.profile:
         recipe["allocation"] = "sensitivity"
         recipe["allocation_options"] = {**(recipe.get("allocation_options") or {}), "profile": args.profile}
-    if args.budget:
+    for flag, key in (("budget", "budget"), ("grid", "sparsities")):
+        value = getattr(args, flag)
+        if value is None:
+            continue
         if recipe.get("allocation") != "sensitivity":
-            raise ConfigError("--budget applies to a sensitivity allocation: pass --profile PROFILE.json")
-        recipe["allocation_options"] = {**recipe["allocation_options"], "budget": args.budget}
+            raise ConfigError(
+                f"--{flag} applies to a sensitivity allocation: pass --profile PROFILE.json or --allocation sensitivity"
+            )
+        recipe["allocation_options"] = {**(recipe.get("allocation_options") or {}), key: value}
     solver = {k: v for k, v in (("dampening", args.dampening), ("blocksize", args.blocksize)) if v is not None}
     if solver:
         recipe["solver_options"] = {**(recipe.get("solver_options") or {}), **solver}
@@ -188,6 +207,7 @@ def recipe_from_args(args: argparse.Namespace, schema: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analysis.measured import measures
     from ..api import prune
     from ..config import PruneConfig
     from ..errors import ConfigError
@@ -217,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     searched: dict[str, str] = {}
     if args.search:
         recipe, searched = _searched(model, recipe, args, tokenizer)
+    measuring = measures(config)  # allocation 'sensitivity' without a profile: the run measures one
     if language_model:
         report = prune_llm(model, **recipe, calibration=args.calib, tokenizer=tokenizer, device=args.device,
                            allow_collapse=allow)  # fmt: skip
@@ -230,6 +251,9 @@ def run(args: argparse.Namespace) -> int:
     print(report.table())
     files = {"report.json": report.to_json() + "\n",
              "recipe.json": json.dumps(report.config, indent=2, default=str) + "\n", **searched}  # fmt: skip
+    if measuring:  # the profile the run measured, to reuse with --profile
+        profile = report.config["allocation_options"]["profile"]
+        files["sensitivity_profile.json"] = json.dumps(profile, indent=1) + "\n"
     if config.application_.structural:
         save_structural(model, args.out, tokenizer, files, args.overwrite)
     else:

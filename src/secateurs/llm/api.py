@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..analysis.measured import measure_profile, measures
 from ..blocks import batched
 from ..calibration import model_tokenizer as _default_tokenizer
 from ..calibration import resolve_seqlen, sample_segments
@@ -105,6 +106,11 @@ def prune_llm(
             ranks and each layer is solved on one rank (:mod:`secateurs.distributed`); every rank ends with
             the same pruned model. A single process runs as before.
 
+    ``allocation='sensitivity'`` without ``allocation_options['profile']`` measures the blocks' profile first, on
+    the same calibration batches, by default scoring each block by its reconstruction error on its own dense
+    inputs (``local=True``, fast: no whole-model pass per cell); ``report.config['allocation_options']`` holds it.
+    A learned alternative is :func:`~secateurs.llm.search_allocation` (``secateurs prune --search spdy``).
+
     Returns a :class:`~secateurs.Report` (its ``details`` say the blocks, per-block sparsities, OWL's
     outlier ratios and SparseGPT's dampening); for removal (``'flap'``, ``'shortgpt'``) the
     :class:`~secateurs.structural.StructuralReport`.
@@ -133,12 +139,15 @@ def prune_llm(
             batches = list(batched(segments, config.batch_size))
             calibrated = {"nsamples": int(segments.shape[0]), "seqlen": int(seqlen)}
     data = Data.from_user(config, batches, None, None, progress, allow_collapse)  # example inputs: the first segment
+    experts = find_moe_blocks(model, fused_only=True)  # unknown fused experts are refused before anything changes
+    if measures(config):  # allocation='sensitivity' without a profile: measured now on these very batches
+        _refuse_measuring(group, experts, config)
+        config = measure_profile(model, config, data)
     if group is not None:
         data.batches = _shard(data.batches, group, config)
     data.group = group
     data.device = torch.device(device) if device is not None else None
     data.rollback = rollback
-    experts = find_moe_blocks(model, fused_only=True)  # unknown fused experts are refused before anything changes
     if experts and config.mode_ != "remove":
         if group is not None:  # each rank would count routed tokens on its own shard and pick its own fallbacks
             raise ConfigError(
@@ -159,6 +168,21 @@ def prune_llm(
                 stacklevel=2,
             )
     return report
+
+
+def _refuse_measuring(group: Group | None, experts: list[MoEBlock], config: LLMPruneConfig) -> None:
+    """An on-the-fly sensitivity profile is measured in one process on the model as it is."""
+    where = None
+    if group is not None:
+        where = f"a distributed run ({group.world} ranks) would measure it once per rank"
+    elif experts and config.mode_ != "remove":
+        where = f"{experts[0].name!r} holds fused mixture-of-experts weights, which the analysis does not unfuse"
+    if where is not None:
+        raise ConfigError(
+            f"allocation 'sensitivity' without a profile measures one before pruning, but {where}; measure it first "
+            "(secateurs.analysis.sensitivity, or search_allocation / `secateurs prune --search spdy`) and pass "
+            "allocation_options={'profile': ...}"
+        )
 
 
 def run_fingerprint(model: nn.Module, method: str, sparsity: Any, options: Mapping[str, Any], calibration: Any) -> dict:
