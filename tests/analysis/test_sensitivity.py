@@ -240,3 +240,21 @@ def test_no_public_name_of_the_analysis_package_is_shadowed_by_a_submodule():
     root = Path(analysis.__file__).parent
     assert not [n for n in analysis.__all__ if (root / f"{n}.py").exists()]
     assert callable(analysis.sensitivity) and callable(analysis.saliency)
+
+
+def test_a_metric_that_changes_the_model_changes_it_for_no_cell_nor_the_dense_baseline(mlp, mlp_batches):
+    """A metric may recalibrate or fine-tune what it scores (the CNN bench re-estimates BatchNorm); the dense
+    baseline is measured in a trial like every cell, so the user's model comes back as it was."""
+    before = fingerprint(mlp)
+    seen = []
+
+    def drifting_loss(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        seen.append(float(next(model.parameters()).sum()))
+        return float(sum(p.sum() for p in model.parameters()))
+
+    sensitivity(mlp, mlp_batches, sparsities=(0.5,), metric=drifting_loss, progress=False)
+    assert_unchanged(mlp, before)
+    assert len(seen) == 3  # the baseline and both cells ran, each on the model as it was

@@ -438,8 +438,9 @@ def _plain(value: Any) -> Any:
 def _dense(model: nn.Module, spec: _Spec, profile: SensitivityProfile, repeats: int) -> None:
     if spec.local:
         profile.baseline = 0.0
-    else:
-        profile.baseline = _checked(_metric(model, spec), "the dense model")
+    else:  # in a trial like every cell: a metric that recalibrates or fine-tunes must not change the model
+        with trial(model):
+            profile.baseline = _checked(_metric(model, spec), "the dense model")
     profile.dense = {"params": _nonzeros(model), "repeats": repeats}
     if spec.example_inputs is not None and "macs" in spec.costs:
         profile.dense["macs"] = _prepare_macs(model, spec)
