@@ -39,9 +39,13 @@ beats the slower bracket (uniform with more latency to spend); beating the inter
 ``--validation-fraction F`` (0.2 in the fifth pass): the dense model is trained, BatchNorm re-estimated
 and fine-tuned on the training images less a stratified share ``F``, and each cell's loss is read on
 that share. Without it the loss is read on four *training* batches, which a model that fits its
-training set (loss 2.6e-4 at width 32) scores near zero at almost every cell: 8 of the 12 groups
-cost less than 1e-3 of loss even at 80% removed, so the knapsack saw them as free and cut them
-hardest. The test images are never read before the final comparison.
+training set (loss 2.6e-4 at width 32) scores near zero at most cells: 8 of the 12 groups added
+less than 1e-3 to it at 60% removed (4 of 12 still at 80%), so the knapsack saw them as nearly free
+and cut them hardest. The test images are never read before the final comparison.
+
+``--arms-from RESULTS.json --finetune-seeds N``: the arms of that earlier run (the knapsack's allocation,
+the two uniform brackets), rebuilt from its JSON on the same dense weights (checked), fine-tuned again in
+``N`` batch orders; latencies are that run's, nothing is timed.
 
 ``--latency macs`` replaces every latency by the MACs ratio (a stand-in, for building and for the
 accuracy figures on a loaded machine where timings mean nothing); ``--latency measured`` (default)
@@ -59,6 +63,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -214,6 +219,77 @@ def _trained(args: argparse.Namespace, train_batches: list) -> tuple[nn.Module, 
     return model, seconds, False
 
 
+def _accuracies(pruned: nn.Module, train_batches: list, test_batches: list, args: argparse.Namespace) -> dict:
+    """Held-out accuracy and loss of one arm: raw, after the BatchNorm re-estimation, and after the same short
+    fine-tune in ``--finetune-seeds`` batch orders (450 test images: one is 0.22 points, so seeds are averaged).
+    ``pruned`` keeps its re-estimated BatchNorm statistics."""
+    from secateurs.training import accuracy, train
+    from secateurs.training.finetune import adam
+
+    raw = accuracy(pruned, test_batches)
+    if args.bn_batches:
+        _reestimate_batchnorm(pruned, train_batches[: args.bn_batches])
+    before = accuracy(pruned, test_batches)
+    before_loss = _test_loss(pruned, test_batches)
+    tuned_accuracies, tuned_losses = [], []
+    for seed in range(args.finetune_seeds):
+        tuned = copy.deepcopy(pruned)
+        tuned.train()
+        torch.manual_seed(1 + seed)
+        order = train_batches if seed == 0 else _shuffled(train_batches, seed)
+        train(tuned, order, args.finetune_steps, optimizer=adam(args.finetune_lr))
+        tuned.eval()
+        tuned_accuracies.append(accuracy(tuned, test_batches))
+        tuned_losses.append(_test_loss(tuned, test_batches))
+    return {
+        "accuracy_raw": raw,
+        "accuracy": before,
+        "accuracy_finetuned": sum(tuned_accuracies) / len(tuned_accuracies),
+        "accuracy_finetuned_seeds": tuned_accuracies,
+        "test_loss": before_loss,
+        "test_loss_finetuned": sum(tuned_losses) / len(tuned_losses),
+        "test_loss_finetuned_seeds": tuned_losses,
+    }
+
+
+def _reevaluate(args: argparse.Namespace, model: nn.Module, train_batches: list, test_batches: list, inputs) -> None:
+    """``--arms-from``: the arms of an earlier run (the knapsack's allocation and the bisection's two uniform
+    brackets, rebuilt exactly from its JSON), fine-tuned again in ``--finetune-seeds`` batch orders. Latencies are
+    the earlier run's, not re-measured: this settles accuracy noise without a quiet window."""
+    import json
+
+    earlier = json.loads(Path(args.arms_from).read_text())
+    for key in ("width", "size", "round_to", "bn_batches", "finetune_steps", "finetune_lr", "validation_fraction"):
+        if earlier.get(key, 0.0 if key == "validation_fraction" else None) != getattr(args, key):
+            raise SystemExit(f"--arms-from {args.arms_from}: its {key} is {earlier.get(key)!r}, this run's "
+                             f"{getattr(args, key)!r}; pass the same settings")  # fmt: skip
+    from secateurs.analysis.cells import weights_digest
+
+    if weights_digest(model) != earlier["profile"]["settings"]["weights"]:
+        raise SystemExit(f"--arms-from {args.arms_from} was run on other dense weights (another --train-steps or "
+                         "--cache?); pass the same settings")  # fmt: skip
+    target = next(h["achieved"] for h in earlier["fit_history"] if h.get("chosen"))
+    arms = [("sensitivity (knapsack)", _removed(model, earlier["sensitivity_sparsities"], inputs, args.round_to))]
+    for side, r in _brackets(earlier["uniform_search"], target).items():
+        arms.append((f"uniform {r['sparsity']:.3f} ({side})", _uniform(model, r["sparsity"], inputs, args.round_to)))
+    old_rows = {row["allocation"]: row for row in earlier["rows"]}
+    rows = []
+    for name, pruned in arms:
+        kept = {k: old_rows[name][k] for k in ("ratio", "speedup_iqr", "dense_ms", "pruned_ms", "within_10pct")}
+        params = sum(p.numel() for p in pruned.parameters())
+        if params != old_rows[name]["params"]:
+            raise SystemExit(f"{name}: {params} parameters, the earlier run had {old_rows[name]['params']}")
+        rows.append({"allocation": name, **kept, "params": params,
+                     **_accuracies(pruned, train_batches, test_batches, args)})  # fmt: skip
+        print(rows[-1], flush=True)
+    result = {**earlier, "rows": rows, "finetune_seeds": args.finetune_seeds, "arms_from": args.arms_from,
+              "reevaluated": machine(), "load_reevaluated": os.getloadavg()}  # fmt: skip
+    result["uniform_interpolated"] = _interpolated(rows)
+    print(table(result))
+    stem = re.sub(r"_seeds\d+$", "", Path(args.arms_from).stem)  # a rerun of a rerun does not stack suffixes
+    write_results(f"{stem}_seeds{args.finetune_seeds}", result)
+
+
 def _test_loss(model: nn.Module, batches: list) -> float:
     """Mean cross-entropy per test image: it still separates models where accuracy sits at the ceiling
     (99.8% is one error in 450 here)."""
@@ -334,6 +410,12 @@ def main() -> None:
         help="hold out this stratified share of the training images and score the cells' loss on it (0: the "
         "first calibration batches, which the dense model was trained on)",
     )
+    p.add_argument(
+        "--arms-from",
+        dest="arms_from",
+        default=None,
+        help="a results JSON of an earlier run: re-fine-tune its arms in --finetune-seeds orders (no timing)",
+    )
     args = p.parse_args()
     if not 0.0 <= args.validation_fraction < 1.0:
         p.error(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
@@ -351,12 +433,16 @@ def main() -> None:
     inputs = torch.cat([x for x, _ in train_batches])[: args.batch]
     print(f"{'cached model' if cached else f'trained in {train_seconds:.0f} s'}: dense accuracy {dense_accuracy:.4f}",
           flush=True)  # fmt: skip
+    if args.arms_from:
+        _reevaluate(args, model, train_batches, test_batches, inputs)
+        return
     measured = args.latency == "measured"
 
     bn_batches = train_batches[: args.bn_batches]
 
     def calibrated_loss(m: nn.Module) -> float:  # a cell's metric: loss after the BatchNorms are re-estimated
-        _reestimate_batchnorm(m, bn_batches)
+        if args.bn_batches:
+            _reestimate_batchnorm(m, bn_batches)
         if args.cell_finetune:  # on a copy, on batches the loss below does not read
             m = copy.deepcopy(m).train()
             torch.manual_seed(0)
@@ -375,7 +461,7 @@ def main() -> None:
         model,
         train_batches[:4],
         targets="groups",
-        metric=calibrated_loss if args.bn_batches or args.cell_finetune else "loss",
+        metric=calibrated_loss if args.bn_batches or args.cell_finetune or val_batches else "loss",
         sparsities=args.grid,
         costs=("params", "macs"),
         example_inputs=inputs,
@@ -421,29 +507,10 @@ def main() -> None:
     rows = []
     for name, pruned in arms:
         final = latency(pruned, repeats=2 * args.repeats)  # measured again, in this run
-        raw = accuracy(pruned, test_batches)
-        if args.bn_batches:
-            _reestimate_batchnorm(pruned, bn_batches)
-        before = accuracy(pruned, test_batches)
-        before_loss = _test_loss(pruned, test_batches)
-        tuned_accuracies, tuned_losses = [], []
-        for seed in range(args.finetune_seeds):  # 450 test images: one image is 0.22 points, so average seeds
-            tuned = copy.deepcopy(pruned)
-            tuned.train()
-            torch.manual_seed(1 + seed)
-            order = train_batches if seed == 0 else _shuffled(train_batches, seed)
-            train(tuned, order, args.finetune_steps, optimizer=adam(args.finetune_lr))
-            tuned.eval()
-            tuned_accuracies.append(accuracy(tuned, test_batches))
-            tuned_losses.append(_test_loss(tuned, test_batches))
-        after = sum(tuned_accuracies) / len(tuned_accuracies)
         params = sum(p.numel() for p in pruned.parameters())
         within = abs(final["ratio"] - args.budget) <= 0.1 * args.budget
         row = {"allocation": name, **final, "within_10pct": within, "params": params}
-        rows.append({**row, "accuracy_raw": raw, "accuracy": before, "accuracy_finetuned": after,
-                     "accuracy_finetuned_seeds": tuned_accuracies, "test_loss": before_loss,
-                     "test_loss_finetuned": sum(tuned_losses) / len(tuned_losses),
-                     "test_loss_finetuned_seeds": tuned_losses})  # fmt: skip
+        rows.append({**row, **_accuracies(pruned, train_batches, test_batches, args)})
         print(rows[-1], flush=True)
     load.append(os.getloadavg())
     result = {

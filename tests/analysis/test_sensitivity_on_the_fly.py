@@ -188,3 +188,20 @@ def test_the_block_runner_measures_local_block_errors_by_default_with_its_own_op
     explicit = sensitivity(reference, mlp_batches, method="wanda", targets="blocks", local=True, blocks="",
                            sparsities=(0.3, 0.6), progress=False)  # fmt: skip
     assert _measurements(recorded) == _measurements(explicit)
+
+
+def test_a_method_given_as_a_criterion_object_measures_and_records_its_options(mlp_batches, tmp_path):
+    """A criterion instance carries its own options: the cells must not be handed the run's method_options
+    beside it, and the resumable directory records the instance as data (name and fields), not the object."""
+    from secateurs.criteria import Wanda
+
+    fly, given = small_mlp(), small_mlp()
+    report = secateurs.prune(fly, Wanda(), 0.6, allocation="sensitivity", calibration=mlp_batches, progress=False,
+                             allocation_options={"sparsities": list(GRID), "out": str(tmp_path / "a")})  # fmt: skip
+    profile = sensitivity(given, mlp_batches, method="wanda", sparsities=GRID, progress=False)
+    secateurs.prune(given, "wanda", 0.6, allocation="sensitivity", allocation_options={"profile": profile},
+                    calibration=mlp_batches, progress=False)  # fmt: skip
+    assert _same_state(fly, given)
+    saved = json.loads((tmp_path / "a" / "profile.json").read_text())
+    assert saved["settings"]["method"]["name"] == "wanda"
+    json.dumps(report.config["allocation_options"]["profile"])  # the recorded profile is plain data

@@ -103,3 +103,15 @@ def test_a_distributed_run_refuses_to_measure_a_profile_on_every_rank(llama, seg
     with pytest.raises(ConfigError, match=r"distributed run \(2 ranks\) would measure it once per rank"):
         prune_llm(llama, "wanda", 0.5, allocation="sensitivity", calibration=segments, seqlen=32, progress=False)
     assert_same_bits(before, state_bits(llama))
+
+
+def test_a_device_run_refuses_to_measure_its_profile_on_the_models_own_device(llama, segments):
+    """device= moves the prune's blocks, not the analysis's cells: measuring them on the CPU while the prune runs
+    on the accelerator would be silently many times slower, so it is refused before anything changes."""
+    from secateurs.errors import ConfigError
+
+    before = state_bits(llama)
+    with pytest.raises(ConfigError, match=r"device='cpu' moves only the prune's blocks there"):
+        prune_llm(llama, "wanda", 0.5, allocation="sensitivity", calibration=segments, seqlen=32, device="cpu",
+                  progress=False)  # fmt: skip
+    assert_same_bits(before, state_bits(llama))

@@ -1,7 +1,7 @@
 """Layer sensitivity: prune one target at a time, alone, over a grid of sparsities, and measure.
 
-Each *cell* (one target at one sparsity) is a :func:`secateurs.trial`: prune with the front door
-(any method, pattern, mode; channel removal for groups), measure the metric and the costs, and put
+Each *cell* (one target at one sparsity) is a :func:`secateurs.trial`: prune through the runners as
+the front door does (any method, pattern, mode; channel removal for groups), measure the metric and the costs, and put
 the model back exactly (Distiller's sensitivity analysis, done with the one pipeline instead of a
 separate pruner). Targets are
 
@@ -391,7 +391,7 @@ def sensitivity(
     higher = (metric == "accuracy") or bool(getattr(metric, "higher_is_better", False))
     name = "local_error" if local else (metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
     settings = {
-        "method": method,
+        "method": method if isinstance(method, str) else _described(method),
         "targets": targets,
         "local": local,
         "options": _plain(options),
@@ -428,6 +428,12 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def _described(method: Any) -> dict[str, Any]:
+    """A criterion object as JSON-able data: its name and public fields (a resume must use the same ones)."""
+    fields = {k: v for k, v in vars(method).items() if not k.startswith("_")}
+    return {"name": getattr(method, "name", type(method).__name__), "options": _plain(fields)}
 
 
 def _plain(value: Any) -> Any:

@@ -72,6 +72,8 @@ def _cell_options(config: PruneConfig, targets: str, local: bool) -> dict[str, A
     """The run's resolved options as :func:`sensitivity` takes them for ``targets``."""
     resolved = config.to_dict()
     options = {k: resolved[k] for k in _CELL_OPTIONS if resolved.get(k) is not None}
+    if not isinstance(config.method, str):  # a criterion object carries its own options (to_dict lists them)
+        options.pop("method_options", None)
     if targets == "groups":
         options.pop("mode")  # a group's cell removes (mode='remove') by itself
         # the cell's report times nothing (a latency budget's costs are timed by the analysis itself)

@@ -141,7 +141,7 @@ def prune_llm(
     data = Data.from_user(config, batches, None, None, progress, allow_collapse)  # example inputs: the first segment
     experts = find_moe_blocks(model, fused_only=True)  # unknown fused experts are refused before anything changes
     if measures(config):  # allocation='sensitivity' without a profile: measured now on these very batches
-        _refuse_measuring(group, experts, config)
+        _refuse_measuring(group, experts, config, device)
         config = measure_profile(model, config, data)
     if group is not None:
         data.batches = _shard(data.batches, group, config)
@@ -170,10 +170,14 @@ def prune_llm(
     return report
 
 
-def _refuse_measuring(group: Group | None, experts: list[MoEBlock], config: LLMPruneConfig) -> None:
-    """An on-the-fly sensitivity profile is measured in one process on the model as it is."""
+def _refuse_measuring(
+    group: Group | None, experts: list[MoEBlock], config: LLMPruneConfig, device: torch.device | str | None
+) -> None:
+    """An on-the-fly sensitivity profile is measured in one process on the model as it is, where it is."""
     where = None
-    if group is not None:
+    if device is not None:  # the cells would run on the model's own device, silently slower than the prune
+        where = f"device={str(device)!r} moves only the prune's blocks there, not the analysis's cells"
+    elif group is not None:
         where = f"a distributed run ({group.world} ranks) would measure it once per rank"
     elif experts and config.mode_ != "remove":
         where = f"{experts[0].name!r} holds fused mixture-of-experts weights, which the analysis does not unfuse"
