@@ -120,6 +120,19 @@ def test_an_interrupted_analysis_keeps_its_finished_cells_and_a_rerun_measures_o
         sensitivity(mlp, mlp_batches, metric=metric, sparsities=(0.5,), out=out, progress=False)
 
 
+def test_a_resume_on_other_calibration_batches_is_refused_naming_them(mlp, mlp_batches, tmp_path):
+    """Cells scored on other batches (another nsamples, seed or max_batches) must not be mixed with new ones."""
+    out = tmp_path / "analysis"
+    sensitivity(mlp, mlp_batches, sparsities=(0.5,), out=out, progress=False)
+    sensitivity(mlp, mlp_batches, sparsities=(0.5,), out=out, progress=False)  # the same batches: resumed
+    fewer = mlp_batches[:-1]
+    with pytest.raises(ConfigError, match=r"another settings\.batches\.calibration\.count \(3 vs 2\)"):
+        sensitivity(mlp, fewer, sparsities=(0.5,), out=out, progress=False)
+    shifted = [(x + 1, y) for x, y in mlp_batches]
+    with pytest.raises(ConfigError, match=r"another settings\.batches\.calibration"):
+        sensitivity(mlp, shifted, sparsities=(0.5,), out=out, progress=False)
+
+
 def test_two_local_processes_give_the_same_profile_as_one(mlp, mlp_batches):
     one = sensitivity(mlp, mlp_batches, sparsities=GRID, progress=False)
     two = sensitivity(mlp, mlp_batches, sparsities=GRID, workers=2, backend="processes", progress=False)

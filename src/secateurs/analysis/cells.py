@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -397,6 +397,8 @@ def sensitivity(
         "options": _plain(options),
         "costs": list(costs),
         "weights": weights_digest(model),
+        # a resumed analysis must score the same batches: another calibration (nsamples, seed, max_batches) is refused
+        "batches": {"calibration": batches_digest(batches), "evaluation": batches_digest(evaluation)},
     }
     profile = SensitivityProfile(type(model).__name__, name, higher, 0.0, grid, spec.entries, settings=settings)
     done = _resume(out, profile, overwrite)
@@ -428,6 +430,33 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def batches_digest(batches: Sequence[Any]) -> dict[str, Any]:
+    """How many batches and a fingerprint of their tensors (strided samples of each, as the distributed
+    start-up check does: cheap on big calibration sets) and other leaves."""
+    from ..distributed import fingerprint_tensor
+
+    digest = hashlib.sha256()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(fingerprint_tensor(value).encode())
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                digest.update(f"{key}:".encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"[{len(value)}".encode())
+            for item in value:
+                walk(item)
+        else:
+            digest.update(repr(value).encode() if isinstance(value, (str, int, float, bool, type(None))) else
+                          type(value).__name__.encode())  # fmt: skip
+
+    for batch in batches:
+        walk(batch)
+    return {"count": len(batches), "digest": digest.hexdigest()[:16]}
 
 
 def _described(method: Any) -> dict[str, Any]:
@@ -531,6 +560,16 @@ def _header(profile: SensitivityProfile) -> dict[str, Any]:
     }
 
 
+def _first_difference(key: str, theirs: Any, ours: Any) -> tuple[str, Any, Any]:
+    """The first place two saved headers differ, as a dotted key (``settings.batches.calibration``)."""
+    while isinstance(theirs, dict) and isinstance(ours, dict):
+        sub = next((k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)), None)
+        if sub is None:
+            break
+        key, theirs, ours = f"{key}.{sub}", theirs.get(sub), ours.get(sub)
+    return key, theirs, ours
+
+
 def _start_dir(out: str | os.PathLike, profile: SensitivityProfile, overwrite: bool) -> None:
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
@@ -551,9 +590,10 @@ def _resume(out: str | os.PathLike | None, profile: SensitivityProfile, overwrit
     mine = json.loads(json.dumps(_header(profile)))
     for key in mine:
         if saved.get(key) != mine[key]:
+            where, theirs, ours = _first_difference(key, saved.get(key), mine[key])
             raise ConfigError(
-                f"{str(out)!r} holds an analysis with another {key} ({str(saved.get(key))[:120]} vs "
-                f"{str(mine[key])[:120]}); use another directory, or overwrite=True (--overwrite) to start afresh"
+                f"{str(out)!r} holds an analysis with another {where} ({str(theirs)[:120]} vs {str(ours)[:120]}); "
+                "use another directory, delete it, or pass overwrite=True (--overwrite) to start afresh"
             )
     cells = []
     for line in (Path(out) / "cells.jsonl").read_text().splitlines():
