@@ -271,3 +271,17 @@ def test_a_metric_that_changes_the_model_changes_it_for_no_cell_nor_the_dense_ba
     sensitivity(mlp, mlp_batches, sparsities=(0.5,), metric=drifting_loss, progress=False)
     assert_unchanged(mlp, before)
     assert len(seen) == 3  # the baseline and both cells ran, each on the model as it was
+
+
+def test_keywords_a_cell_sets_itself_are_refused_or_dropped_by_name(cnn, cnn_batches, mlp, mlp_batches):
+    before = fingerprint(cnn)
+    with pytest.raises(ConfigError, match=r"mode='bake' does not apply"):
+        sensitivity(cnn, cnn_batches, targets="groups", sparsities=(0.5,), mode="bake", progress=False)
+    with pytest.raises(ConfigError, match="drop allocation="):
+        sensitivity(cnn, cnn_batches, targets="groups", sparsities=(0.5,), allocation="uniform", progress=False)
+    with pytest.raises(ConfigError, match="drop sparsity="):
+        sensitivity(mlp, mlp_batches, sparsities=(0.5,), sparsity=0.5, progress=False)
+    assert_unchanged(cnn, before)
+    said = sensitivity(cnn, cnn_batches, targets="groups", sparsities=(0.5,), mode="remove", progress=False)
+    plain = sensitivity(cnn, cnn_batches, targets="groups", sparsities=(0.5,), progress=False)
+    assert [c.metric for c in said.cells] == [c.metric for c in plain.cells]

@@ -108,6 +108,20 @@ def _check(targets: str, metric: Any, costs: Sequence[str], backend: str, worker
         )
 
 
+def _own_keywords(targets: str, options: dict[str, Any]) -> None:
+    """What every cell sets itself: its sparsity; for groups also the mode (removal) and the allocation (the
+    one group). ``mode='remove'`` with groups says what the cells do anyway and is dropped."""
+    if "sparsity" in options:
+        raise ConfigError("sensitivity() sets each cell's sparsity from the grid: drop sparsity=, use sparsities=")
+    if targets == "groups":
+        if options.get("mode", "remove") != "remove":
+            raise ConfigError(f"targets='groups' removes channels (mode='remove'); mode={options['mode']!r} does not "
+                              "apply: drop mode=, or use targets='layers' for masks")  # fmt: skip
+        options.pop("mode", None)
+        if "allocation" in options:
+            raise ConfigError("targets='groups' prunes one group per cell (its own allocation): drop allocation=")
+
+
 # -- entries ---------------------------------------------------------------------------------------
 def _entries(model: nn.Module, spec: _Spec) -> list[Entry]:
     options = spec.options
@@ -378,6 +392,7 @@ def sensitivity(
     grid = check_grid(sparsities)
     costs = tuple(costs)
     _check(targets, metric, costs, backend, workers, local)
+    _own_keywords(targets, options)
     batches = take(calibration, options.pop("max_batches", None))
     evaluation = take(evaluation, None) if evaluation is not None else batches
     if not callable(metric) and not local and not evaluation:
