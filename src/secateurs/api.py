@@ -297,10 +297,18 @@ class Pruner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("config") != self.config.to_dict():
+        saved, mine = state.get("config"), self.config.to_dict()
+        if saved != mine:
+            differing = sorted(k for k in set(saved or {}) | set(mine) if (saved or {}).get(k) != mine.get(k))
+            if differing == ["allocation_options"] and "profile" in ((saved or {}).get("allocation_options") or {}):
+                raise StateError(  # the saved config holds a whole profile: point at it, do not print it
+                    "this pruner state was saved with another sensitivity profile (a Pruner measures one at "
+                    "construction, and the trained model measures differently); rebuild the Pruner with the saved "
+                    "one: allocation_options={'profile': state['config']['allocation_options']['profile'], ...}"
+                )
             raise StateError(
-                "this pruner state was saved with a different configuration; build the Pruner with "
-                f"the saved config: {state.get('config')}"
+                f"this pruner state was saved with a different configuration ({', '.join(differing)} differ); "
+                f"build the Pruner with the saved config: {saved}"
             )
         self.step_count = int(state["step_count"])
         self.current_sparsity = float(state["current_sparsity"])

@@ -13,7 +13,7 @@ import secateurs
 from conftest import assert_unchanged, fingerprint, small_cnn, small_mlp
 from secateurs.analysis import SensitivityProfile, sensitivity
 from secateurs.analysis.cells import CellError
-from secateurs.errors import ConfigError, DataRequiredError
+from secateurs.errors import ConfigError, DataRequiredError, StateError
 
 GRID = (0.2, 0.5, 0.8)
 
@@ -127,6 +127,28 @@ def test_the_pruner_measures_once_at_construction_on_the_dense_model(mlp_batches
         given.step()
     assert _same_state(model, reference)
     assert pruner.report().sparsity == pytest.approx(0.6, abs=3 / pruner.report().target_params)
+    # resuming with a profile measured again (here on other batches) is refused, pointing at the saved one
+    state = pruner.state_dict()
+    again = secateurs.Pruner(small_mlp(), "magnitude", 0.6, allocation="sensitivity", schedule=schedule,
+                             allocation_options={"sparsities": list(GRID)}, calibration=mlp_batches[:2])  # fmt: skip
+    with pytest.raises(StateError, match=r"another sensitivity profile .*allocation_options=\{'profile'") as caught:
+        again.load_state_dict(state)
+    assert len(str(caught.value)) < 400  # the profile is pointed at, not printed
+    before = fingerprint(model)
+    with pytest.raises(ConfigError, match=r"already carries a mask .*pass the profile that run measured"):
+        secateurs.Pruner(model, "magnitude", 0.6, allocation="sensitivity", schedule=schedule,
+                         allocation_options={"sparsities": list(GRID)}, calibration=mlp_batches)  # fmt: skip
+    assert_unchanged(model, before)
+    resumed = secateurs.Pruner(
+        model,
+        "magnitude",
+        0.6,
+        allocation="sensitivity",
+        schedule=schedule,
+        allocation_options={"profile": state["config"]["allocation_options"]["profile"]},
+    )
+    resumed.load_state_dict(state)
+    assert resumed.step_count == pruner.step_count
 
 
 def test_a_recipe_allocates_by_a_profile_measured_under_a_params_budget(mlp, mlp_batches, tmp_path):
