@@ -15,6 +15,8 @@ from secateurs.analysis import SensitivityProfile, sensitivity
 from secateurs.analysis.cells import CellError
 from secateurs.errors import ConfigError, DataRequiredError, StateError
 
+from .test_cli_analyze import MODELS  # the CLI's importable model and batches, one copy
+
 GRID = (0.2, 0.5, 0.8)
 
 
@@ -161,22 +163,6 @@ def test_a_recipe_allocates_by_a_profile_measured_under_a_params_budget(mlp, mlp
                              progress=False)  # fmt: skip
     assert abs(report.nonzeros - budget) <= 3  # rounding: one unit per layer
     assert report.config["allocation_options"]["budget"] == {"params": budget}
-
-
-MODELS = """
-import torch
-from torch import nn
-
-
-def net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-
-
-def batches():
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
-"""
 
 
 def test_the_cli_measures_the_profile_writes_it_and_prunes_as_with_it_given(tmp_path, monkeypatch):
