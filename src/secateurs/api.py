@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .analysis.measured import measure_profile
+from .analysis.measured import measure_profile, measures
 from .batches import LossFn
 from .collapse import refuse_collapse_of
 from .config import PruneConfig
 from .errors import ConfigError, SecateursWarning, StateError
 from .guards import outside_inference_mode
-from .masking import all_or_nothing
+from .masking import all_or_nothing, masked_targets
 from .masking import bake as bake_all
 from .pipeline import Data, check
 from .report import Report
@@ -150,6 +150,14 @@ class Pruner:
         self.data = Data.from_user(self.config, calibration, loss_fn, example_inputs, progress, allow_collapse)
         # allocation='sensitivity' without a profile: measured once, here, on the model as it is before training
         # and pruning (every step's share of the final allocation comes from it); self.config then holds it
+        if measures(self.config) and masked_targets(model):  # a checkpoint of a scheduled run, being resumed
+            raise ConfigError(
+                "allocation 'sensitivity' without a profile: a Pruner measures one at construction on the dense "
+                f"model, but {masked_targets(model)[0].name!r} already carries a mask (a checkpoint of a scheduled "
+                "run?); to resume, pass the profile that run measured (allocation_options={'profile': "
+                "state['config']['allocation_options']['profile']}), or measure one with "
+                "secateurs.analysis.sensitivity(model, ...) and pass it"
+            )
         self.config = measure_profile(model, self.config, self.data)
         self._removal: ScheduledRemoval | None = None
         self._pruning: Pruning | None = None
@@ -297,14 +305,15 @@ class Pruner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved, mine = state.get("config"), self.config.to_dict()
+        saved, mine = state.get("config") or {}, self.config.to_dict()
         if saved != mine:
-            differing = sorted(k for k in set(saved or {}) | set(mine) if (saved or {}).get(k) != mine.get(k))
-            if differing == ["allocation_options"] and "profile" in ((saved or {}).get("allocation_options") or {}):
+            differing = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            profiles = [(c.get("allocation_options") or {}).get("profile") for c in (saved, mine)]
+            if profiles[0] is not None and profiles[0] != profiles[1]:
                 raise StateError(  # the saved config holds a whole profile: point at it, do not print it
-                    "this pruner state was saved with another sensitivity profile (a Pruner measures one at "
-                    "construction, and the trained model measures differently); rebuild the Pruner with the saved "
-                    "one: allocation_options={'profile': state['config']['allocation_options']['profile'], ...}"
+                    f"this pruner state was saved with another configuration ({', '.join(differing)} differ), "
+                    "including another sensitivity profile (a Pruner measures one at construction); rebuild the "
+                    "Pruner with the saved configuration: state['config'], whose allocation_options hold that profile"
                 )
             raise StateError(
                 f"this pruner state was saved with a different configuration ({', '.join(differing)} differ); "

@@ -105,13 +105,17 @@ def test_a_distributed_run_refuses_to_measure_a_profile_on_every_rank(llama, seg
     assert_same_bits(before, state_bits(llama))
 
 
-def test_a_device_run_refuses_to_measure_its_profile_on_the_models_own_device(llama, segments):
+def test_a_device_run_refuses_to_measure_its_profile_off_that_device(llama, segments):
     """device= moves the prune's blocks, not the analysis's cells: measuring them on the CPU while the prune runs
-    on the accelerator would be silently many times slower, so it is refused before anything changes."""
+    on an accelerator would be silently many times slower, so it is refused before anything changes; on the
+    model's own device it measures as usual."""
     from secateurs.errors import ConfigError
 
     before = state_bits(llama)
-    with pytest.raises(ConfigError, match=r"device='cpu' moves only the prune's blocks there"):
-        prune_llm(llama, "wanda", 0.5, allocation="sensitivity", calibration=segments, seqlen=32, device="cpu",
+    with pytest.raises(ConfigError, match=r"its cells run where the model is \(cpu\), not on device='meta'"):
+        prune_llm(llama, "wanda", 0.5, allocation="sensitivity", calibration=segments, seqlen=32, device="meta",
                   progress=False)  # fmt: skip
     assert_same_bits(before, state_bits(llama))
+    report = prune_llm(llama, "wanda", 0.7, allocation="sensitivity", allocation_options={"sparsities": [0.5, 0.9]},
+                       calibration=segments, seqlen=32, nsamples=8, device="cpu", progress=False)  # fmt: skip
+    assert report.sparsity == pytest.approx(0.7, abs=0.01)

@@ -413,7 +413,10 @@ def sensitivity(
         "costs": list(costs),
         "weights": weights_digest(model),
         # a resumed analysis must score the same batches: another calibration (nsamples, seed, max_batches) is refused
-        "batches": {"calibration": batches_digest(batches), "evaluation": batches_digest(evaluation)},
+        "batches": {
+            "calibration": (seen := batches_digest(batches)),
+            "evaluation": seen if evaluation is batches else batches_digest(evaluation),
+        },
     }
     profile = SensitivityProfile(type(model).__name__, name, higher, 0.0, grid, spec.entries, settings=settings)
     done = _resume(out, profile, overwrite)
@@ -449,7 +452,8 @@ def weights_digest(model: nn.Module) -> str:
 
 def batches_digest(batches: Sequence[Any]) -> dict[str, Any]:
     """How many batches and a fingerprint of their tensors (strided samples of each, as the distributed
-    start-up check does: cheap on big calibration sets) and other leaves."""
+    start-up check does: cheap on big calibration sets) and plain leaves (strings, numbers). Other objects
+    (numpy arrays, custom types) count by type only, and a callable metric's own data is not seen."""
     from ..distributed import fingerprint_tensor
 
     digest = hashlib.sha256()
@@ -606,9 +610,14 @@ def _resume(out: str | os.PathLike | None, profile: SensitivityProfile, overwrit
     for key in mine:
         if saved.get(key) != mine[key]:
             where, theirs, ours = _first_difference(key, saved.get(key), mine[key])
+            why = ""
+            if where.startswith("settings.batches"):  # say what usually causes it before the advice to start afresh
+                why = (" (other batches: another seed, nsamples or max_batches, or an unseeded shuffled DataLoader, "
+                       "which gives other batches every run: pass a fixed list to resume; or a directory written "
+                       "before the batches were recorded)")  # fmt: skip
             raise ConfigError(
-                f"{str(out)!r} holds an analysis with another {where} ({str(theirs)[:120]} vs {str(ours)[:120]}); "
-                "use another directory, delete it, or pass overwrite=True (--overwrite) to start afresh"
+                f"{str(out)!r} holds an analysis with another {where} ({str(theirs)[:120]} vs {str(ours)[:120]})"
+                f"{why}; use another directory, delete it, or pass overwrite=True (--overwrite) to start afresh"
             )
     cells = []
     for line in (Path(out) / "cells.jsonl").read_text().splitlines():

@@ -22,8 +22,7 @@ from torch import nn
 
 from ..allocation import Sensitivity
 from ..config import PruneConfig
-from ..errors import ConfigError, DataRequiredError
-from ..masking import masked_targets
+from ..errors import DataRequiredError
 from ..pipeline import Data
 from .cells import sensitivity
 from .profile import DEFAULT_GRID
@@ -49,14 +48,6 @@ def measure_profile(model: nn.Module, config: PruneConfig, data: Data) -> PruneC
     metric = allocation.metric or "loss"
     budget = allocation.budget or {}
     _refuse_missing_data(data, local, metric, budget)
-    masked = masked_targets(model)
-    if masked:  # a model a Pruner already stepped (resumed from a checkpoint) measures differently, or not at all
-        raise ConfigError(
-            f"allocation 'sensitivity' without a profile measures one on the dense model, but {masked[0].name!r} "
-            "already carries a mask (an earlier prune, or a checkpoint of a scheduled run): pass the profile that "
-            "run measured (allocation_options={'profile': state['config']['allocation_options']['profile']}), "
-            "or secateurs.unmask(model) to start again from the dense weights"
-        )
     profile = sensitivity(
         model,
         data.batches,

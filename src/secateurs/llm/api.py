@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis.measured import measure_profile, measures
+from ..batches import model_device
 from ..blocks import batched
 from ..calibration import model_tokenizer as _default_tokenizer
 from ..calibration import resolve_seqlen, sample_segments
@@ -141,7 +142,7 @@ def prune_llm(
     data = Data.from_user(config, batches, None, None, progress, allow_collapse)  # example inputs: the first segment
     experts = find_moe_blocks(model, fused_only=True)  # unknown fused experts are refused before anything changes
     if measures(config):  # allocation='sensitivity' without a profile: measured now on these very batches
-        _refuse_measuring(group, experts, config, device)
+        _refuse_measuring(model, group, experts, config, device)
         config = measure_profile(model, config, data)
     if group is not None:
         data.batches = _shard(data.batches, group, config)
@@ -170,15 +171,33 @@ def prune_llm(
     return report
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when the current device is 0."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None) != (b.index is None):
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 def _refuse_measuring(
-    group: Group | None, experts: list[MoEBlock], config: LLMPruneConfig, device: torch.device | str | None
+    model: nn.Module,
+    group: Group | None,
+    experts: list[MoEBlock],
+    config: LLMPruneConfig,
+    device: torch.device | str | None,
 ) -> None:
     """An on-the-fly sensitivity profile is measured in one process on the model as it is, where it is."""
     where = None
-    if device is not None:  # the cells would run on the model's own device, silently slower than the prune
-        where = f"device={str(device)!r} moves only the prune's blocks there, not the analysis's cells"
-    elif group is not None:
+    own = model_device(model)
+    if group is not None:
         where = f"a distributed run ({group.world} ranks) would measure it once per rank"
+    elif device is not None and not _same_device(torch.device(device), own):
+        where = (
+            f"its cells run where the model is ({own}), not on device={str(device)!r} where the blocks are pruned "
+            f"(move the model to {str(device)!r} first if it fits, or expect a slow measurement there)"
+        )
     elif experts and config.mode_ != "remove":
         where = f"{experts[0].name!r} holds fused mixture-of-experts weights, which the analysis does not unfuse"
     if where is not None:
