@@ -79,3 +79,20 @@ def validation_split(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return Digits(x[idx_fit], y[idx_fit], data.x_test, data.y_test), Digits(
         x[idx_val], y[idx_val], x[idx_val], y[idx_val]
     )
+
+
+def paired_windows(a: list[float] | None, b: list[float] | None, name: str = "first") -> str:
+    """``a`` minus ``b``, per held-out window (mean NLL per token of the same windows): the mean difference,
+    its standard error over the windows, and on how many windows ``a`` predicts better. A difference of a few
+    standard errors is a real one on this text; perplexity means alone do not say that."""
+    if not a or not b or len(a) != len(b):
+        return "no per-window losses to compare"
+    diff = [x - y for x, y in zip(a, b)]
+    mean = sum(diff) / len(diff)
+    se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5 if len(diff) > 1 else 0.0
+    better = sum(d < 0 for d in diff)
+    ratio = mean / se if se else 0.0
+    return (
+        f"mean NLL change {mean:+.5f} nats/token (SE {se:.5f}, {ratio:+.1f} SE); {name} better on "
+        f"{better}/{len(diff)} windows"
+    )

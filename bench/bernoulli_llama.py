@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from _common import machine, write_results
+from _common import machine, paired_windows, write_results
 
 PAPER = {
     "init_spread": 0.8,
@@ -114,20 +114,8 @@ PAIRS = {
 
 
 def paired(search: dict, init: dict) -> str:
-    """Search minus init, per held-out window (mean NLL per token): the mean difference, its standard
-    error over the windows, and how many windows the search predicts better. A difference of a few
-    standard errors is a real one on this text; the perplexity means alone do not say that."""
-    a, b = search.get("window_nll"), init.get("window_nll")
-    if not a or not b or len(a) != len(b):
-        return "no per-window losses to compare"
-    diff = [x - y for x, y in zip(a, b)]
-    mean = sum(diff) / len(diff)
-    se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5 if len(diff) > 1 else 0.0
-    better = sum(d < 0 for d in diff)
-    ratio = mean / se if se else 0.0
-    return (
-        f"mean NLL change {mean:+.5f} nats/token (SE {se:.5f}, {ratio:+.1f} SE); better on {better}/{len(diff)} windows"
-    )
+    """Search minus init, window by window (``_common.paired_windows``)."""
+    return paired_windows(search.get("window_nll"), init.get("window_nll"), "search")
 
 
 def main() -> None:

@@ -56,6 +56,12 @@ def _segments(nsamples: int, seqlen: int):
 
 
 def _ppl(model, eval_windows: int | None) -> float:
+    return _evaluated(model, eval_windows).perplexity
+
+
+def _evaluated(model, eval_windows: int | None):
+    """``secateurs.llm.perplexity`` on the first ``eval_windows`` windows of 256 tokens of the held-out text
+    (its ``window_nll`` lets two models be compared window by window)."""
     from transformers import AutoTokenizer
 
     from secateurs.calibration import token_stream
@@ -64,7 +70,7 @@ def _ppl(model, eval_windows: int | None) -> float:
     stream = token_stream(str(TEST), AutoTokenizer.from_pretrained(MODEL))
     if eval_windows:
         stream = stream[: eval_windows * 256]
-    return perplexity(model, stream, seqlen=256, batch_size=8, progress=False).perplexity
+    return perplexity(model, stream, seqlen=256, batch_size=8, progress=False)
 
 
 def worker(args: argparse.Namespace) -> dict:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_results
-from llm_pruning import CALIB, MODEL, _ppl, _segments
+from _common import machine, paired_windows, write_results
+from llm_pruning import CALIB, MODEL, _evaluated, _ppl, _segments
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -104,8 +104,10 @@ def _prune(method: str, segments: torch.Tensor, eval_windows: int, **options) ->
     start = time.perf_counter()
     report = prune_llm(model, method, 0.7, calibration=segments, progress=False, **options)
     seconds = time.perf_counter() - start
+    evaluated = _evaluated(model, eval_windows)
     r = {
-        "perplexity": _ppl(model, eval_windows),
+        "perplexity": evaluated.perplexity,
+        "window_nll": evaluated.window_nll,
         "sparsity": report.sparsity,
         "seconds": seconds,
         "block_sparsities": report.block_sparsities,
@@ -172,6 +174,11 @@ def main() -> None:
             row["profile_table"] = profile.table()
             results[f"sensitivity ({kind})"] = row
         for name, r in results.items():
+            if name.startswith("sensitivity"):  # window by window against the baselines, on the same text
+                r["vs_uniform"] = paired_windows(r.get("window_nll"), results["uniform"].get("window_nll"), name)
+                r["vs_owl"] = paired_windows(r.get("window_nll"), results["owl"].get("window_nll"), name)
+                print(f"{method} {name} vs uniform: {r['vs_uniform']}\n{method} {name} vs OWL: {r['vs_owl']}",
+                      flush=True)  # fmt: skip
             rows.append({"method": method, "allocation": name, **r})
         _write(args, rows, dense, load)  # after each method: a partial run keeps what it measured
     print(table(rows, dense))
