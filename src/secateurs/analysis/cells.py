@@ -35,7 +35,7 @@ from torch import nn
 
 from ..batches import default_loss, logits_of, model_device, model_inputs, run_model, take, to_device
 from ..blocks import block_output, capture_inputs, find_blocks
-from ..config import PruneConfig
+from ..config import PruneConfig, _public
 from ..errors import ConfigError
 from ..evaluation import compare_latency, count_macs
 from ..guards import outside_inference_mode
@@ -480,8 +480,7 @@ def batches_digest(batches: Sequence[Any]) -> dict[str, Any]:
 
 def _described(method: Any) -> dict[str, Any]:
     """A criterion object as JSON-able data: its name and public fields (a resume must use the same ones)."""
-    fields = {k: v for k, v in vars(method).items() if not k.startswith("_")}
-    return {"name": getattr(method, "name", type(method).__name__), "options": _plain(fields)}
+    return {"name": getattr(method, "name", type(method).__name__), "options": _plain(_public(method))}
 
 
 def _plain(value: Any) -> Any:

@@ -19,7 +19,9 @@ def plot_curves(profile: SensitivityProfile, path: str | os.PathLike, top: int =
         ax.plot(xs, ys, marker="o", markersize=3, label=entry.name)
     ax.set_xlabel("sparsity of the target alone")
     ax.set_ylabel(profile.metric)
-    ax.set_title(f"sensitivity of {profile.model} ({profile.settings.get('method', '')})")
+    method = profile.settings.get("method", "")
+    method = method.get("name", "") if isinstance(method, dict) else method  # a criterion object: its name
+    ax.set_title(f"sensitivity of {profile.model} ({method})")
     ax.legend(fontsize=6, ncol=2)
     return save_png(fig, path, overwrite)
 
