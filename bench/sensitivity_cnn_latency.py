@@ -102,17 +102,15 @@ def _digits(size: int, validation_fraction: float = 0.0):
     val = None
     if validation_fraction:
         d, held = validation_split(d, validation_fraction, seed=0)
-        val = [(_up(held.x_train[i : i + 64], size), held.y_train[i : i + 64]) for i in range(0, len(held.y_train), 64)]
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(d.x_train), generator=g)
-    train = [(_up(d.x_train[order[i : i + 64]], size), d.y_train[order[i : i + 64]]) for i in range(0, len(order), 64)]
-    test = [(_up(d.x_test[i : i + 150], size), d.y_test[i : i + 150]) for i in range(0, len(d.x_test), 150)]
-    return train, val, test
+        val = _batches(held.x_train, held.y_train, size, 64)
+    order = torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(0))
+    return _batches(d.x_train[order], d.y_train[order], size, 64), val, _batches(d.x_test, d.y_test, size, 150)
 
 
-def _up(x: torch.Tensor, size: int) -> torch.Tensor:
-    """8x8 digits to ``size`` x ``size``, three channels."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int, batch: int) -> list:
+    """(images, labels) batches in order, the 8x8 digits upsampled to ``size`` x ``size`` on three channels."""
+    up = F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return [(up[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
 
 
 def _latency(dense, pruned, inputs, repeats=25):
@@ -230,7 +228,7 @@ def _accuracies(pruned: nn.Module, train_batches: list, test_batches: list, args
     if args.bn_batches:
         _reestimate_batchnorm(pruned, train_batches[: args.bn_batches])
     before = accuracy(pruned, test_batches)
-    before_loss = _test_loss(pruned, test_batches)
+    before_loss = _mean_loss(pruned, test_batches)
     tuned_accuracies, tuned_losses = [], []
     for seed in range(args.finetune_seeds):
         tuned = copy.deepcopy(pruned)
@@ -240,7 +238,7 @@ def _accuracies(pruned: nn.Module, train_batches: list, test_batches: list, args
         train(tuned, order, args.finetune_steps, optimizer=adam(args.finetune_lr))
         tuned.eval()
         tuned_accuracies.append(accuracy(tuned, test_batches))
-        tuned_losses.append(_test_loss(tuned, test_batches))
+        tuned_losses.append(_mean_loss(tuned, test_batches))
     return {
         "accuracy_raw": raw,
         "accuracy": before,
@@ -269,9 +267,7 @@ def _reevaluate(args: argparse.Namespace, model: nn.Module, train_batches: list,
         raise SystemExit(f"--arms-from {args.arms_from} was run on other dense weights (another --train-steps or "
                          "--cache?); pass the same settings")  # fmt: skip
     target = next(h["achieved"] for h in earlier["fit_history"] if h.get("chosen"))
-    arms = [("sensitivity (knapsack)", _removed(model, earlier["sensitivity_sparsities"], inputs, args.round_to))]
-    for side, r in _brackets(earlier["uniform_search"], target).items():
-        arms.append((f"uniform {r['sparsity']:.3f} ({side})", _uniform(model, r["sparsity"], inputs, args.round_to)))
+    arms = _arms(model, earlier["sensitivity_sparsities"], earlier["uniform_search"], target, inputs, args.round_to)
     old_rows = {row["allocation"]: row for row in earlier["rows"]}
     rows = []
     for name, pruned in arms:
@@ -290,9 +286,9 @@ def _reevaluate(args: argparse.Namespace, model: nn.Module, train_batches: list,
     write_results(f"{stem}_seeds{args.finetune_seeds}", result)
 
 
-def _test_loss(model: nn.Module, batches: list) -> float:
-    """Mean cross-entropy per test image: it still separates models where accuracy sits at the ceiling
-    (99.8% is one error in 450 here)."""
+def _mean_loss(model: nn.Module, batches: list) -> float:
+    """Mean cross-entropy per image (a short last batch weighs what it holds). On the test images it still
+    separates models where accuracy sits at the ceiling (99.8% is one error in 450 here)."""
     model.eval()
     with torch.no_grad():
         total = sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in batches)
@@ -449,9 +445,7 @@ def main() -> None:
             train(m, train_batches if val_batches else train_batches[4:], args.cell_finetune,
                   optimizer=adam(args.finetune_lr))  # fmt: skip
             m.eval()
-        with torch.no_grad():  # per image, so a short last validation batch weighs what it holds
-            total = sum(float(F.cross_entropy(m(x), y, reduction="sum")) for x, y in scored)
-            return total / sum(len(y) for _, y in scored)
+        return _mean_loss(m, scored)
 
     def latency(pruned, repeats=args.repeats) -> dict:
         return _latency(model, pruned, inputs, repeats) if measured else _macs_ratio(model, pruned, inputs)
@@ -489,7 +483,6 @@ def main() -> None:
     for h in history:
         print(f"fit round: {h}", flush=True)
     relinearize_seconds = time.perf_counter() - start
-    ours = _removed(model, sparsities, inputs, args.round_to)
 
     low, high, rounds = 0.0, 0.9, []
     target = next(h["achieved"] for h in history if h.get("chosen"))  # uniform at the same measured latency
@@ -498,9 +491,7 @@ def main() -> None:
         ratio = latency(_uniform(model, mid, inputs, args.round_to))["ratio"]
         rounds.append({"sparsity": mid, "ratio": ratio})
         low, high = (mid, high) if ratio > target else (low, mid)
-    arms = [("sensitivity (knapsack)", ours)]
-    for side, r in _brackets(rounds, target).items():
-        arms.append((f"uniform {r['sparsity']:.3f} ({side})", _uniform(model, r["sparsity"], inputs, args.round_to)))
+    arms = _arms(model, sparsities, rounds, target, inputs, args.round_to)
     fit_seconds = time.perf_counter() - start
     load.append(os.getloadavg())
 
@@ -577,6 +568,15 @@ def _result_name(args: argparse.Namespace) -> str:
     if args.relinearize:
         name += f"_relin{args.relinearize}"
     return name + _val_tag(args)
+
+
+def _arms(model, sparsities: dict, rounds: list, target: float, inputs, round_to: int) -> list[tuple[str, nn.Module]]:
+    """The compared models: the knapsack's allocation, and uniform removal at the bisection's two measured
+    points that bracket the knapsack's latency (``_brackets``)."""
+    arms = [("sensitivity (knapsack)", _removed(model, sparsities, inputs, round_to))]
+    for side, r in _brackets(rounds, target).items():
+        arms.append((f"uniform {r['sparsity']:.3f} ({side})", _uniform(model, r["sparsity"], inputs, round_to)))
+    return arms
 
 
 def _brackets(rounds: list[dict], target: float) -> dict[str, dict]:

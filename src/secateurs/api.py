@@ -150,10 +150,11 @@ class Pruner:
         self.data = Data.from_user(self.config, calibration, loss_fn, example_inputs, progress, allow_collapse)
         # allocation='sensitivity' without a profile: measured once, here, on the model as it is before training
         # and pruning (every step's share of the final allocation comes from it); self.config then holds it
-        if measures(self.config) and masked_targets(model):  # a checkpoint of a scheduled run, being resumed
+        masked = masked_targets(model) if measures(self.config) else []
+        if masked:  # a checkpoint of a scheduled run, being resumed
             raise ConfigError(
                 "allocation 'sensitivity' without a profile: a Pruner measures one at construction on the dense "
-                f"model, but {masked_targets(model)[0].name!r} already carries a mask (a checkpoint of a scheduled "
+                f"model, but {masked[0].name!r} already carries a mask (a checkpoint of a scheduled "
                 "run?); to resume, pass the profile that run measured (allocation_options={'profile': "
                 "state['config']['allocation_options']['profile']}), or measure one with "
                 "secateurs.analysis.sensitivity(model, ...) and pass it"

@@ -173,12 +173,13 @@ def prune_llm(
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` and ``cuda:0`` are one device when the current device is 0."""
-    if a.type != b.type:
-        return False
-    if a.type == "cuda" and (a.index is None) != (b.index is None):
-        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index
+
+    def indexed(d: torch.device) -> torch.device:
+        if d.type == "cuda" and d.index is None:
+            return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        return d
+
+    return indexed(a) == indexed(b)
 
 
 def _refuse_measuring(
